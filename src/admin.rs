@@ -1,0 +1,463 @@
+//! The operator's listener: health, metrics, the JSON API, and webhook intake.
+//!
+//! Kept off the proxy listeners so it can stay on a private address. When an admin token is
+//! configured every request needs it, except the webhook endpoints, which check the webhook
+//! secret instead (Harbor can send only one `Authorization` header).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backfill::{self, BackfillRequest, Progress, TagRow};
+use crate::body::{self, ProxyBody};
+use crate::config::{Config, Secret};
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
+use crate::queue::{Job, JobFilter, JobOrigin, JobState, Queue, TargetCounts, now_ms};
+use crate::registry_client::{ErrorKind, read_limited};
+use crate::tee::Tee;
+use crate::webhooks;
+
+/// The largest webhook or API request body accepted.
+const MAX_REQUEST_BODY: usize = 1024 * 1024;
+
+/// `GET /api/v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// Per-target counts.
+    pub targets: Vec<TargetCounts>,
+    /// The most recent failed jobs.
+    pub recent_failures: Vec<Job>,
+    /// When this was computed (ms).
+    pub now: i64,
+}
+
+/// `GET /api/v1/jobs`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobPage {
+    /// The jobs, newest first.
+    pub jobs: Vec<Job>,
+    /// Pass as `before` for the next page; absent on the last page.
+    pub next_before: Option<i64>,
+}
+
+/// `GET /api/v1/jobs/{id}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobDetail {
+    /// The job.
+    pub job: Job,
+    /// Its attempts, oldest first.
+    pub attempts: Vec<crate::queue::Attempt>,
+}
+
+/// `GET /api/v1/repositories/{name}/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RepositoryStatus {
+    /// Harbor repository.
+    pub repository: String,
+    /// Every tag: Harbor's digest and each target's.
+    pub tags: Vec<TagRow>,
+}
+
+/// `POST /api/v1/backfills` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackfillBody {
+    /// Harbor project.
+    pub project: String,
+    /// Only this target.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Compare only.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The admin API's state.
+pub struct Admin {
+    token: Option<Secret>,
+    webhook_secret: Option<Secret>,
+    queue: Arc<Queue>,
+    tee: Arc<Tee>,
+    mirror: Arc<Mirror>,
+    metrics: Arc<Metrics>,
+    backfills: Mutex<BTreeMap<u64, Arc<Mutex<Progress>>>>,
+    next_backfill: AtomicU64,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+type Answer = Response<ProxyBody>;
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Answer {
+    let bytes = serde_json::to_vec_pretty(value).expect("API types serialize");
+    let mut r = Response::new(body::full(bytes));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Answer {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    let mut r = Response::new(body::full(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, content_type.parse().expect("static"));
+    r
+}
+
+fn query_map(query: Option<&str>) -> BTreeMap<String, String> {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+impl Admin {
+    /// Wires the API to the running parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &Config,
+        queue: Arc<Queue>,
+        tee: Arc<Tee>,
+        mirror: Arc<Mirror>,
+        metrics: Arc<Metrics>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Admin {
+        Admin {
+            token: config.admin.as_ref().and_then(|a| a.token.clone()),
+            webhook_secret: config.webhook_secret.clone(),
+            queue,
+            tee,
+            mirror,
+            metrics,
+            backfills: Mutex::new(BTreeMap::new()),
+            next_backfill: AtomicU64::new(1),
+            tasks,
+            cancel,
+        }
+    }
+
+    /// Serves one admin request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Answer, Infallible> {
+        let path = req.uri().path().to_string();
+        let is_webhook = path.starts_with("/api/v1/webhooks/");
+        if !is_webhook
+            && let Some(token) = &self.token
+        {
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !presented
+                .is_some_and(|p| webhooks::constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
+            {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "admin token required: send Authorization: Bearer <token>",
+                );
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+                return Ok(r);
+            }
+        }
+        let answer = self.route(req, &path).await;
+        Ok(answer)
+    }
+
+    async fn route(&self, req: Request<Incoming>, path: &str) -> Answer {
+        let method = req.method().clone();
+        let query = query_map(req.uri().query());
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => text(StatusCode::OK, "text/plain", "ok\n"),
+            (&Method::GET, ["readyz"]) => self.ready().await,
+            (&Method::GET, ["metrics"]) => self.render_metrics().await,
+            (&Method::GET, ["api", "v1", "status"]) => self.status().await,
+            (&Method::GET, ["api", "v1", "jobs"]) => self.jobs(&query).await,
+            (&Method::POST, ["api", "v1", "jobs", "retry"]) => self.retry_all(&query).await,
+            (&Method::GET, ["api", "v1", "jobs", id]) => self.job(id).await,
+            (&Method::POST, ["api", "v1", "jobs", id, "retry"]) => self.retry(id).await,
+            (&Method::GET, ["api", "v1", "repositories", rest @ .., "status"]) if !rest.is_empty() => {
+                self.repository_status(&rest.join("/")).await
+            }
+            (&Method::POST, ["api", "v1", "backfills"]) => self.start_backfill(req).await,
+            (&Method::GET, ["api", "v1", "backfills"]) => self.list_backfills(),
+            (&Method::GET, ["api", "v1", "backfills", id]) => self.backfill(id),
+            (&Method::POST, ["api", "v1", "webhooks", sender @ ("harbor" | "registry")]) => {
+                self.webhook(sender, req).await
+            }
+            _ => error(StatusCode::NOT_FOUND, format!("no such admin endpoint: {method} {path}")),
+        }
+    }
+
+    async fn ready(&self) -> Answer {
+        if let Err(e) = self.queue.ping().await {
+            return error(StatusCode::SERVICE_UNAVAILABLE, format!("queue: {e}"));
+        }
+        match self.mirror.upstream().ping().await {
+            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),
+            // An answer of any kind proves Harbor is reachable.
+            Err(e) if !matches!(e.kind, ErrorKind::Unreachable(_) | ErrorKind::Timeout) => {
+                text(StatusCode::OK, "text/plain", "ready\n")
+            }
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+
+    async fn render_metrics(&self) -> Answer {
+        let counts = self.queue.counts().await.unwrap_or_default();
+        let mut all = counts.clone();
+        for t in self.mirror.targets() {
+            if !all.iter().any(|c| c.target == t.name()) {
+                all.push(TargetCounts {
+                    target: t.name().to_string(),
+                    ..Default::default()
+                });
+            }
+        }
+        text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            self.metrics.render(&all, now_ms()),
+        )
+    }
+
+    async fn status(&self) -> Answer {
+        let result = async {
+            let mut targets = self.queue.counts().await?;
+            for t in self.mirror.targets() {
+                if !targets.iter().any(|c| c.target == t.name()) {
+                    targets.push(TargetCounts {
+                        target: t.name().to_string(),
+                        ..Default::default()
+                    });
+                }
+            }
+            let recent_failures = self
+                .queue
+                .list(JobFilter {
+                    state: Some(JobState::Failed),
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await?;
+            Ok::<_, crate::queue::QueueError>(Status {
+                targets,
+                recent_failures,
+                now: now_ms(),
+            })
+        }
+        .await;
+        match result {
+            Ok(s) => json(StatusCode::OK, &s),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+
+    async fn jobs(&self, q: &BTreeMap<String, String>) -> Answer {
+        let state = match q.get("state").map(|s| JobState::parse(s)) {
+            Some(None) => return error(StatusCode::BAD_REQUEST, "state must be pending, running, done, skipped or failed"),
+            Some(s) => s,
+            None => None,
+        };
+        let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50u32);
+        let filter = JobFilter {
+            state,
+            target: q.get("target").cloned(),
+            repository: q.get("repository").cloned(),
+            project: q.get("project").cloned(),
+            before_id: q.get("before").and_then(|b| b.parse().ok()),
+            limit,
+        };
+        match self.queue.list(filter).await {
+            Ok(jobs) => {
+                let next_before = (jobs.len() as u32 == limit.clamp(1, 1000))
+                    .then(|| jobs.last().map(|j| j.id))
+                    .flatten();
+                json(StatusCode::OK, &JobPage { jobs, next_before })
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+
+    async fn job(&self, id: &str) -> Answer {
+        let Ok(id) = id.parse::<i64>() else {
+            return error(StatusCode::BAD_REQUEST, "job id must be a number");
+        };
+        match (self.queue.get(id).await, self.queue.attempts(id).await) {
+            (Ok(Some(job)), Ok(attempts)) => json(StatusCode::OK, &JobDetail { job, attempts }),
+            (Ok(None), _) => error(StatusCode::NOT_FOUND, format!("no job {id}")),
+            (Err(e), _) | (_, Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+
+    async fn retry(&self, id: &str) -> Answer {
+        let Ok(id) = id.parse::<i64>() else {
+            return error(StatusCode::BAD_REQUEST, "job id must be a number");
+        };
+        match self.queue.retry(id).await {
+            Ok(true) => json(StatusCode::OK, &serde_json::json!({ "retried": 1 })),
+            Ok(false) => error(
+                StatusCode::CONFLICT,
+                format!("job {id} does not exist or is still pending or running"),
+            ),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+
+    async fn retry_all(&self, q: &BTreeMap<String, String>) -> Answer {
+        if q.get("state").map(String::as_str).unwrap_or("failed") != "failed" {
+            return error(StatusCode::BAD_REQUEST, "only state=failed can be retried in bulk");
+        }
+        match self.queue.retry_failed(q.get("target").cloned()).await {
+            Ok(n) => json(StatusCode::OK, &serde_json::json!({ "retried": n })),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+
+    async fn repository_status(&self, repository: &str) -> Answer {
+        let upstream = self.mirror.upstream();
+        let tags = match upstream.tags(repository).await {
+            Ok(t) => t,
+            Err(e) => return error(StatusCode::BAD_GATEWAY, e.to_string()),
+        };
+        let mut rows = Vec::new();
+        for tag in tags {
+            rows.push(backfill::compare_tag(upstream, self.mirror.targets(), repository, &tag).await);
+        }
+        json(
+            StatusCode::OK,
+            &RepositoryStatus {
+                repository: repository.to_string(),
+                tags: rows,
+            },
+        )
+    }
+
+    async fn start_backfill(&self, req: Request<Incoming>) -> Answer {
+        let bytes = match read_limited(req.into_body(), MAX_REQUEST_BODY).await {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        };
+        let body: BackfillBody = match serde_json::from_slice(&bytes) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"project\": ..., \"target\"?: ..., \"dry_run\"?: bool}}: {e}")),
+        };
+        if let Some(t) = &body.target
+            && !self.mirror.targets().iter().any(|x| x.name() == t)
+        {
+            return error(StatusCode::BAD_REQUEST, format!("no target named {t}"));
+        }
+        let id = self.next_backfill.fetch_add(1, Ordering::Relaxed);
+        let progress = Arc::new(Mutex::new(Progress {
+            id,
+            project: body.project.clone(),
+            target: body.target.clone(),
+            dry_run: body.dry_run,
+            state: "running".into(),
+            started_at: now_ms(),
+            ..Default::default()
+        }));
+        self.backfills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, progress.clone());
+        let request = BackfillRequest {
+            project: body.project,
+            target: body.target,
+            dry_run: body.dry_run,
+            origin: JobOrigin::Backfill,
+        };
+        let (mirror, cancel, task_progress) = (self.mirror.clone(), self.cancel.clone(), progress.clone());
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = backfill::run(&mirror, &request, &task_progress) => {}
+            }
+        });
+        let snapshot = progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        json(StatusCode::ACCEPTED, &snapshot)
+    }
+
+    fn list_backfills(&self) -> Answer {
+        let all: Vec<Progress> = self
+            .backfills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|p| p.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect();
+        json(StatusCode::OK, &all)
+    }
+
+    fn backfill(&self, id: &str) -> Answer {
+        let found = id.parse::<u64>().ok().and_then(|id| {
+            self.backfills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned()
+        });
+        match found {
+            Some(p) => json(StatusCode::OK, &*p.lock().unwrap_or_else(|p| p.into_inner())),
+            None => error(StatusCode::NOT_FOUND, format!("no backfill {id}")),
+        }
+    }
+
+    async fn webhook(&self, sender: &str, req: Request<Incoming>) -> Answer {
+        let Some(secret) = &self.webhook_secret else {
+            return error(
+                StatusCode::FORBIDDEN,
+                "webhooks are disabled: set [webhooks] secret_env (or secret_file) in regtee's config",
+            );
+        };
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !webhooks::authorized(auth, secret) {
+            return error(StatusCode::UNAUTHORIZED, "wrong or missing webhook secret");
+        }
+        let bytes = match read_limited(req.into_body(), MAX_REQUEST_BODY).await {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+        };
+        let parsed = if sender == "harbor" {
+            webhooks::harbor(&bytes)
+        } else {
+            webhooks::registry(&bytes)
+        };
+        let writes = match parsed {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(sender, error = %e, "rejected a webhook payload");
+                return error(StatusCode::BAD_REQUEST, e.to_string());
+            }
+        };
+        let mut armed = 0;
+        for write in &writes {
+            match self.tee.record_from(write, JobOrigin::Webhook).await {
+                Ok(n) => armed += n,
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        }
+        tracing::info!(sender, events = writes.len(), jobs = armed, "webhook accepted");
+        json(
+            StatusCode::OK,
+            &serde_json::json!({ "events": writes.len(), "jobs": armed }),
+        )
+    }
+}

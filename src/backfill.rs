@@ -1,0 +1,433 @@
+//! Comparing Harbor with targets, tag by tag, and queueing what differs.
+//!
+//! One comparison serves four features: `regtee sync` (backfill a project), the periodic
+//! reconcile, `regtee diff` (the cutover report) and the per-repository status API. It uses
+//! HEAD requests only, so a project already in sync finishes fast.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::TargetConfig;
+use crate::mirror::{Mirror, Target};
+use crate::queue::{JobKind, JobOrigin, NewJob, now_ms};
+use crate::registry_client::{RegistryClient, RegistryError};
+
+/// HEAD requests in flight at once during a comparison.
+const COMPARE_PARALLELISM: usize = 8;
+
+/// One tag as seen on one target.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetView {
+    /// Target name.
+    pub target: String,
+    /// The repository there (after namespace mapping).
+    pub repository: String,
+    /// Its digest there, if the tag exists.
+    pub digest: Option<String>,
+    /// What the comparison concludes.
+    pub status: TagStatus,
+}
+
+/// How a tag on a target compares with Harbor.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TagStatus {
+    /// Same digest.
+    InSync,
+    /// Missing on the target.
+    Missing,
+    /// Another digest on the target.
+    Different,
+    /// Another digest on the target, left alone because `overwrite = false`.
+    Conflict,
+    /// The target's filters do not take this repository or tag.
+    NotMirrored,
+    /// The target could not be asked.
+    Error,
+}
+
+/// One tag: Harbor's digest and every target's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TagRow {
+    /// Harbor repository.
+    pub repository: String,
+    /// Tag.
+    pub tag: String,
+    /// Harbor's digest (None if the tag vanished while comparing).
+    pub harbor: Option<String>,
+    /// Each target's view.
+    pub targets: Vec<TargetView>,
+    /// Errors met while comparing this tag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+impl TagRow {
+    /// Whether every target that mirrors this tag has Harbor's digest.
+    pub fn in_sync(&self) -> bool {
+        self.targets
+            .iter()
+            .all(|t| matches!(t.status, TagStatus::InSync | TagStatus::NotMirrored))
+    }
+}
+
+/// A backfill's request.
+#[derive(Clone, Debug)]
+pub struct BackfillRequest {
+    /// The Harbor project.
+    pub project: String,
+    /// Only this target (all when None).
+    pub target: Option<String>,
+    /// Compare only; queue nothing.
+    pub dry_run: bool,
+    /// Backfill or reconcile.
+    pub origin: JobOrigin,
+}
+
+/// A backfill's progress and result.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Id, for the API.
+    pub id: u64,
+    /// The Harbor project.
+    pub project: String,
+    /// Only this target, if set.
+    pub target: Option<String>,
+    /// Whether nothing is queued.
+    pub dry_run: bool,
+    /// `running`, `finished` or `failed`.
+    pub state: String,
+    /// Repositories found.
+    pub repositories: usize,
+    /// Repositories whose tags were listed.
+    pub repositories_done: usize,
+    /// Tags found.
+    pub tags: usize,
+    /// Tags compared so far.
+    pub tags_compared: usize,
+    /// (tag, target) pairs already equal.
+    pub in_sync: usize,
+    /// (tag, target) pairs queued (or that would be, in a dry run).
+    pub queued: usize,
+    /// (tag, target) pairs left alone (overwrite = false).
+    pub skipped: usize,
+    /// (tag, target) pairs that could not be compared.
+    pub failed: usize,
+    /// The first errors, for people.
+    pub errors: Vec<String>,
+    /// Start time (ms).
+    pub started_at: i64,
+    /// End time (ms).
+    pub finished_at: Option<i64>,
+}
+
+/// The repositories of a Harbor project: Harbor's API, or the catalog of a plain registry.
+pub async fn project_repositories(
+    upstream: &RegistryClient,
+    project: &str,
+) -> Result<Vec<String>, RegistryError> {
+    if let Some(repos) = upstream.harbor_repositories(project).await? {
+        return Ok(repos);
+    }
+    let prefix = format!("{project}/");
+    Ok(upstream
+        .catalog()
+        .await?
+        .into_iter()
+        .filter(|r| r.starts_with(&prefix))
+        .collect())
+}
+
+/// Every project in the catalog.
+pub async fn all_projects(upstream: &RegistryClient) -> Result<Vec<String>, RegistryError> {
+    let mut projects: Vec<String> = upstream
+        .catalog()
+        .await?
+        .into_iter()
+        .filter_map(|r| r.split_once('/').map(|(p, _)| p.to_string()))
+        .collect();
+    projects.sort();
+    projects.dedup();
+    Ok(projects)
+}
+
+/// Compares one tag with each target.
+pub async fn compare_tag(
+    upstream: &RegistryClient,
+    targets: &[Arc<Target>],
+    repository: &str,
+    tag: &str,
+) -> TagRow {
+    let mut row = TagRow {
+        repository: repository.to_string(),
+        tag: tag.to_string(),
+        harbor: None,
+        targets: Vec::new(),
+        errors: Vec::new(),
+    };
+    match upstream.manifest_head(repository, tag).await {
+        Ok(head) => row.harbor = head.map(|h| h.digest.to_string()),
+        Err(e) => {
+            row.errors.push(e.to_string());
+            return row;
+        }
+    }
+    for target in targets {
+        let policy = &target.config.policy;
+        let target_repo = policy.target_repository(repository);
+        let mut view = TargetView {
+            target: target.name().to_string(),
+            repository: target_repo.clone(),
+            digest: None,
+            status: TagStatus::NotMirrored,
+        };
+        if policy.wants_repository(repository) && policy.wants_tag(tag) {
+            match target.client.manifest_head(&target_repo, tag).await {
+                Ok(head) => {
+                    view.digest = head.map(|h| h.digest.to_string());
+                    view.status = match (&view.digest, &row.harbor) {
+                        (None, _) => TagStatus::Missing,
+                        (Some(t), Some(h)) if t == h => TagStatus::InSync,
+                        (Some(_), _) if !target.config.overwrite => TagStatus::Conflict,
+                        (Some(_), _) => TagStatus::Different,
+                    };
+                }
+                Err(e) => {
+                    view.status = TagStatus::Error;
+                    row.errors.push(e.to_string());
+                }
+            }
+        }
+        row.targets.push(view);
+    }
+    row
+}
+
+/// Compares every tag of every repository of `project`, reporting events as they happen.
+pub async fn compare_project(
+    upstream: &RegistryClient,
+    targets: &[Arc<Target>],
+    project: &str,
+    mut on_progress: impl FnMut(ProjectEvent) + Send,
+) -> Result<(), RegistryError> {
+    let repositories: Vec<String> = project_repositories(upstream, project)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            targets
+                .iter()
+                .any(|t| t.config.policy.wants_repository(r))
+        })
+        .collect();
+    on_progress(ProjectEvent::Repositories(repositories.len()));
+    for repository in &repositories {
+        let tags = match upstream.tags(repository).await {
+            Ok(tags) => tags,
+            Err(e) => {
+                on_progress(ProjectEvent::Error(e.to_string()));
+                continue;
+            }
+        };
+        on_progress(ProjectEvent::Tags(tags.len()));
+        let mut rows = stream::iter(tags)
+            .map(|tag: String| async move {
+                compare_tag(upstream, targets, repository, &tag).await
+            })
+            .buffer_unordered(COMPARE_PARALLELISM);
+        while let Some(row) = rows.next().await {
+            on_progress(ProjectEvent::Row(row));
+        }
+        on_progress(ProjectEvent::RepositoryDone);
+    }
+    Ok(())
+}
+
+/// What [`compare_project`] reports as it goes.
+pub enum ProjectEvent {
+    /// How many repositories will be compared.
+    Repositories(usize),
+    /// A repository's tag count.
+    Tags(usize),
+    /// One compared tag.
+    Row(TagRow),
+    /// A repository finished.
+    RepositoryDone,
+    /// Something could not be listed.
+    Error(String),
+}
+
+/// Runs a backfill: compares, then queues a manifest job for each tag a target lacks or holds
+/// with another digest (unless `overwrite = false`). `progress` is updated as it goes.
+pub async fn run(mirror: &Mirror, request: &BackfillRequest, progress: &Mutex<Progress>) {
+    let targets: Vec<Arc<Target>> = mirror
+        .targets()
+        .iter()
+        .filter(|t| request.target.as_deref().is_none_or(|n| n == t.name()))
+        .cloned()
+        .collect();
+    let mut jobs: Vec<NewJob> = Vec::new();
+    let result = compare_project(mirror.upstream(), &targets, &request.project, |event| {
+        let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            ProjectEvent::Repositories(n) => p.repositories = n,
+            ProjectEvent::Tags(n) => p.tags += n,
+            ProjectEvent::RepositoryDone => p.repositories_done += 1,
+            ProjectEvent::Error(e) => {
+                p.failed += 1;
+                p.note_error(e);
+            }
+            ProjectEvent::Row(row) => {
+                p.tags_compared += 1;
+                for view in &row.targets {
+                    match view.status {
+                        TagStatus::InSync => p.in_sync += 1,
+                        TagStatus::Missing | TagStatus::Different => {
+                            p.queued += 1;
+                            if let Some(digest) = &row.harbor {
+                                jobs.push(NewJob {
+                                    target: view.target.clone(),
+                                    kind: JobKind::Manifest,
+                                    repository: row.repository.clone(),
+                                    tag: Some(row.tag.clone()),
+                                    digest: Some(digest.clone()),
+                                    mount_from: None,
+                                    origin: request.origin,
+                                });
+                            }
+                        }
+                        TagStatus::Conflict => p.skipped += 1,
+                        TagStatus::Error => p.failed += 1,
+                        TagStatus::NotMirrored => {}
+                    }
+                }
+                for e in row.errors {
+                    p.note_error(e);
+                }
+            }
+        }
+    })
+    .await;
+    let enqueued = if request.dry_run {
+        Ok(0)
+    } else {
+        mirror.queue().enqueue(jobs).await.map_err(|e| e.to_string())
+    };
+    let p = {
+        let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+        p.finished_at = Some(now_ms());
+        p.state = "finished".into();
+        if let Err(e) = &result {
+            p.state = "failed".into();
+            p.errors.insert(0, e.to_string());
+        }
+        if let Err(e) = &enqueued {
+            p.state = "failed".into();
+            p.errors.insert(0, format!("could not queue jobs: {e}"));
+        }
+        p.clone()
+    };
+    tracing::info!(
+        project = %p.project,
+        target = p.target.as_deref().unwrap_or("all"),
+        dry_run = p.dry_run,
+        state = %p.state,
+        repositories = p.repositories,
+        tags = p.tags,
+        in_sync = p.in_sync,
+        queued = p.queued,
+        skipped = p.skipped,
+        failed = p.failed,
+        "{} of project {} finished",
+        match request.origin {
+            JobOrigin::Reconcile => "reconcile",
+            _ => "backfill",
+        },
+        p.project
+    );
+}
+
+impl Progress {
+    /// Keeps the first 20 errors.
+    fn note_error(&mut self, e: String) {
+        if self.errors.len() < 20 {
+            self.errors.push(e);
+        }
+    }
+}
+
+/// The projects a target mirrors: its mapped projects, else every project in the catalog its
+/// include/exclude rules take.
+pub async fn projects_for(
+    upstream: &RegistryClient,
+    target: &TargetConfig,
+) -> Result<Vec<String>, RegistryError> {
+    let mapped: Vec<String> = target.policy.mapped_projects().map(str::to_string).collect();
+    if !mapped.is_empty() {
+        return Ok(mapped);
+    }
+    let mut projects: Vec<String> = upstream
+        .catalog()
+        .await?
+        .into_iter()
+        .filter(|r| target.policy.wants_repository(r))
+        .filter_map(|r| r.split_once('/').map(|(p, _)| p.to_string()))
+        .collect();
+    projects.sort();
+    projects.dedup();
+    Ok(projects)
+}
+
+/// Starts the periodic reconcile of each target that has a `reconcile_interval`.
+pub fn spawn_reconcilers(
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+    targets: &[TargetConfig],
+    mirror: Arc<Mirror>,
+) {
+    for target in targets {
+        let Some(interval) = target.reconcile_interval else {
+            continue;
+        };
+        let interval = interval.max(Duration::from_secs(1));
+        let (cancel, mirror, target) = (cancel.clone(), mirror.clone(), target.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(interval) => {}
+                }
+                let projects = match projects_for(mirror.upstream(), &target).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(target = %target.endpoint.name, error = %e, "reconcile could not list projects; trying again next interval");
+                        continue;
+                    }
+                };
+                for project in projects {
+                    let request = BackfillRequest {
+                        project: project.clone(),
+                        target: Some(target.endpoint.name.clone()),
+                        dry_run: false,
+                        origin: JobOrigin::Reconcile,
+                    };
+                    let progress = Mutex::new(Progress {
+                        project,
+                        target: request.target.clone(),
+                        started_at: now_ms(),
+                        state: "running".into(),
+                        ..Default::default()
+                    });
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = run(&mirror, &request, &progress) => {}
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,214 @@
+//! Bodies on their way through regtee: boxed, counted, and cut when they stall.
+//!
+//! Bodies are never collected whole. [`Tracked`] forwards frames as they come, counting bytes for
+//! the request log and metrics, signalling when the last byte has passed, and failing a stream
+//! that makes no progress for the idle timeout. It measures only time spent waiting on the
+//! stream itself, so a slow reader on the other side never trips it.
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+/// The error type of every body regtee produces.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streaming body of any origin.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body with no bytes.
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A body of bytes already in hand (small things: manifests, JSON, error bodies).
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Boxes any body whose errors convert to [`BoxError`].
+pub fn boxed<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// A stream that made no progress for too long.
+#[derive(Debug, thiserror::Error)]
+#[error("body made no progress for {0:?}")]
+pub struct IdleTimeout(pub Duration);
+
+/// Wraps a body to count, time out and signal its end. Build with [`Tracked::new`].
+pub struct Tracked<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    waiting: bool,
+    finished: Option<watch::Sender<bool>>,
+    _guard: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl<B> Tracked<B> {
+    /// Counts bytes into `bytes`.
+    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
+        Tracked {
+            inner,
+            bytes,
+            idle: None,
+            waiting: false,
+            finished: None,
+            _guard: None,
+        }
+    }
+
+    /// Fails the stream when the inner body stays pending this long.
+    pub fn idle_timeout(mut self, limit: Duration) -> Self {
+        self.idle = Some((limit, Box::pin(tokio::time::sleep(limit))));
+        self
+    }
+
+    /// Sets `true` on the channel once the last byte has been handed on.
+    pub fn signal_end(mut self, finished: watch::Sender<bool>) -> Self
+    where
+        B: Body,
+    {
+        if self.inner.is_end_stream() {
+            finished.send_replace(true);
+        }
+        self.finished = Some(finished);
+        self
+    }
+
+    /// Keeps `guard` alive for as long as the body; its `Drop` runs when the body is done with.
+    pub fn hold(mut self, guard: Arc<dyn Any + Send + Sync>) -> Self {
+        self._guard = Some(guard);
+        self
+    }
+
+    fn mark_finished(&self) {
+        if let Some(tx) = &self.finished {
+            tx.send_replace(true);
+        }
+    }
+}
+
+impl<B> Body for Tracked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if !this.waiting {
+            this.waiting = true;
+            if let Some((limit, sleep)) = this.idle.as_mut() {
+                sleep.as_mut().reset(Instant::now() + *limit);
+            }
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
+                if let Some(data) = frame.data_ref() {
+                    this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if this.inner.is_end_stream() {
+                    this.mark_finished();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.waiting = false;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.waiting = false;
+                this.mark_finished();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if let Some((limit, sleep)) = this.idle.as_mut()
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Err(IdleTimeout(*limit).into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.mark_finished();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn counts_bytes_and_signals_the_end() {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = watch::channel(false);
+        let body = Tracked::new(Full::new(Bytes::from_static(b"12345")), bytes.clone()).signal_end(tx);
+        let collected = body.collect().await.unwrap().to_bytes();
+        assert_eq!(collected.len(), 5);
+        assert_eq!(bytes.load(Ordering::Relaxed), 5);
+        assert!(*rx.borrow());
+    }
+
+    #[tokio::test]
+    async fn empty_body_is_finished_at_once() {
+        let (tx, rx) = watch::channel(false);
+        let _body = Tracked::new(Empty::<Bytes>::new(), Arc::default()).signal_end(tx);
+        assert!(*rx.borrow());
+    }
+
+    /// A body that never yields, like a client that stopped sending.
+    struct Stalled;
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_stream_is_cut() {
+        let body = Tracked::new(Stalled, Arc::default()).idle_timeout(Duration::from_secs(5));
+        let err = body.collect().await.unwrap_err();
+        assert!(err.to_string().contains("no progress"), "{err}");
+    }
+}

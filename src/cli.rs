@@ -1,0 +1,689 @@
+//! The commands people type: status, jobs, retry, sync, diff, check.
+//!
+//! When a regtee server holds the state directory, commands go through its admin API (the
+//! only safe way to touch a live queue); when none runs, they open the state directory
+//! themselves. Output is a table for people, or JSON with `--json`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode, header};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::admin::{BackfillBody, JobPage, Status};
+use crate::backfill::{self, BackfillRequest, ProjectEvent, Progress, TagRow, TagStatus};
+use crate::body;
+use crate::config::{AdminConfig, Config, ClientTls};
+use crate::http_client::{self, HttpClient};
+use crate::metrics::Metrics;
+use crate::mirror::{Mirror, Target};
+use crate::queue::{Job, JobFilter, JobOrigin, JobState, Queue, TargetCounts, now_ms};
+use crate::registry_client::{ErrorKind, RegistryClient, RegistryError, read_limited};
+use crate::state_lock::StateLock;
+
+/// A command that could not do its work.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+fn cli_err(e: impl std::fmt::Display) -> CliError {
+    CliError(e.to_string())
+}
+
+/// A running server's admin API.
+struct AdminClient {
+    base: String,
+    token: Option<crate::config::Secret>,
+    http: HttpClient,
+}
+
+impl AdminClient {
+    fn new(admin: &AdminConfig) -> Result<AdminClient, CliError> {
+        let mut addr = admin.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip([127, 0, 0, 1].into());
+        }
+        Ok(AdminClient {
+            base: format!("http://{addr}"),
+            token: admin.token.clone(),
+            http: http_client::build(
+                &ClientTls::default(),
+                Duration::from_secs(5),
+                Duration::from_secs(10),
+            )
+            .map_err(cli_err)?,
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, CliError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.expose()));
+        }
+        let request = request
+            .body(body.map(body::full).unwrap_or_else(body::empty))
+            .map_err(cli_err)?;
+        let response = self.http.request(request).await.map_err(|e| {
+            CliError(format!(
+                "cannot reach regtee's admin API at {}: {} (is `regtee serve` running with this config?)",
+                self.base,
+                crate::proxy::error_chain(&e)
+            ))
+        })?;
+        let status = response.status();
+        let bytes = read_limited(response.into_body(), 64 * 1024 * 1024)
+            .await
+            .map_err(cli_err)?;
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(CliError(
+                "the admin API wants a token: set [admin] token_env/token_file in this config as the server has it".into(),
+            ));
+        }
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(CliError(format!("admin API: {status}: {message}")));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| CliError(format!("admin API answer: {e}")))
+    }
+}
+
+/// Where the CLI gets its answers.
+enum Backend {
+    Api(Box<AdminClient>),
+    Local(Arc<Queue>),
+}
+
+fn backend(config: &Config) -> Result<Backend, CliError> {
+    if StateLock::is_held(&config.state.dir) {
+        let admin = config.admin.as_ref().ok_or_else(|| {
+            CliError(format!(
+                "a regtee server is using {} but has no [admin] listener to ask: add one to the config",
+                config.state.dir.display()
+            ))
+        })?;
+        return Ok(Backend::Api(Box::new(AdminClient::new(admin)?)));
+    }
+    Ok(Backend::Local(Arc::new(
+        Queue::open(&config.state.dir).map_err(cli_err)?,
+    )))
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("API types serialize")
+    );
+}
+
+/// A duration like `3m 12s` for people.
+pub fn human_age(ms: i64) -> String {
+    let secs = (ms / 1000).max(0) as u64;
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m {}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h {}m", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d {}h", secs / 86_400, (secs % 86_400) / 3600),
+    }
+}
+
+fn short_digest(d: Option<&str>) -> String {
+    match d {
+        Some(d) => {
+            let (alg, hex) = d.split_once(':').unwrap_or(("", d));
+            format!("{alg}:{}", &hex[..hex.len().min(12)])
+        }
+        None => "-".to_string(),
+    }
+}
+
+fn job_subject(job: &Job) -> String {
+    match (&job.tag, &job.digest) {
+        (Some(t), _) => format!("{}:{t}", job.repository),
+        (None, Some(d)) => format!("{}@{}", job.repository, short_digest(Some(d))),
+        (None, None) => job.repository.clone(),
+    }
+}
+
+/// `regtee status`.
+pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
+    let status = match backend(config)? {
+        Backend::Api(api) => api.call::<Status>(Method::GET, "/api/v1/status", None).await?,
+        Backend::Local(queue) => {
+            let mut targets = queue.counts().await.map_err(cli_err)?;
+            for t in &config.targets {
+                if !targets.iter().any(|c| c.target == t.endpoint.name) {
+                    targets.push(TargetCounts {
+                        target: t.endpoint.name.clone(),
+                        ..Default::default()
+                    });
+                }
+            }
+            Status {
+                targets,
+                recent_failures: queue
+                    .list(JobFilter {
+                        state: Some(JobState::Failed),
+                        limit: 10,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(cli_err)?,
+                now: now_ms(),
+            }
+        }
+    };
+    if as_json {
+        print_json(&status);
+        return Ok(0);
+    }
+    println!(
+        "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8}  OLDEST UNFINISHED",
+        "TARGET", "PENDING", "RUNNING", "DONE", "SKIPPED", "FAILED"
+    );
+    for c in &status.targets {
+        println!(
+            "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8}  {}",
+            c.target,
+            c.pending,
+            c.running,
+            c.done,
+            c.skipped,
+            c.failed,
+            c.oldest_pending_at
+                .map(|t| human_age(status.now - t))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    if !status.recent_failures.is_empty() {
+        println!("\nrecent failures (retry with `regtee retry --failed` once fixed):");
+        for j in &status.recent_failures {
+            println!(
+                "  #{:<6} {:<10} {:<8} {}: {}",
+                j.id,
+                j.target,
+                kind_name(j),
+                job_subject(j),
+                j.detail
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn kind_name(job: &Job) -> &'static str {
+    match job.kind {
+        crate::queue::JobKind::Blob => "blob",
+        crate::queue::JobKind::Manifest => "manifest",
+        crate::queue::JobKind::Delete => "delete",
+    }
+}
+
+/// `regtee jobs`.
+pub async fn jobs(config: &Config, filter: JobFilter, as_json: bool) -> Result<i32, CliError> {
+    let page = match backend(config)? {
+        Backend::Api(api) => {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            if let Some(s) = filter.state {
+                q.append_pair("state", s.as_str());
+            }
+            if let Some(t) = &filter.target {
+                q.append_pair("target", t);
+            }
+            if let Some(r) = &filter.repository {
+                q.append_pair("repository", r);
+            }
+            if let Some(p) = &filter.project {
+                q.append_pair("project", p);
+            }
+            if let Some(b) = filter.before_id {
+                q.append_pair("before", &b.to_string());
+            }
+            q.append_pair("limit", &filter.limit.to_string());
+            api.call::<JobPage>(Method::GET, &format!("/api/v1/jobs?{}", q.finish()), None)
+                .await?
+        }
+        Backend::Local(queue) => {
+            let limit = filter.limit;
+            let jobs = queue.list(filter).await.map_err(cli_err)?;
+            let next_before = (jobs.len() as u32 == limit.clamp(1, 1000))
+                .then(|| jobs.last().map(|j| j.id))
+                .flatten();
+            JobPage { jobs, next_before }
+        }
+    };
+    if as_json {
+        print_json(&page);
+        return Ok(0);
+    }
+    println!(
+        "{:<7} {:<8} {:<12} {:<8} {:<44} {:>4} {:>8}  DETAIL",
+        "ID", "STATE", "TARGET", "KIND", "WHAT", "TRY", "AGE"
+    );
+    let now = now_ms();
+    for j in &page.jobs {
+        println!(
+            "{:<7} {:<8} {:<12} {:<8} {:<44} {:>4} {:>8}  {}",
+            j.id,
+            j.state.as_str(),
+            j.target,
+            kind_name(j),
+            job_subject(j),
+            j.attempts,
+            human_age(now - j.created_at),
+            j.detail
+        );
+    }
+    if let Some(next) = page.next_before {
+        println!("(more: add --before {next})");
+    }
+    Ok(0)
+}
+
+/// `regtee retry ID` or `regtee retry --failed`.
+pub async fn retry(
+    config: &Config,
+    id: Option<i64>,
+    target: Option<String>,
+) -> Result<i32, CliError> {
+    let retried: u64 = match (backend(config)?, id) {
+        (Backend::Api(api), Some(id)) => {
+            let v: serde_json::Value = api
+                .call(Method::POST, &format!("/api/v1/jobs/{id}/retry"), None)
+                .await?;
+            v["retried"].as_u64().unwrap_or(0)
+        }
+        (Backend::Api(api), None) => {
+            let path = match &target {
+                Some(t) => format!(
+                    "/api/v1/jobs/retry?state=failed&target={}",
+                    url::form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>()
+                ),
+                None => "/api/v1/jobs/retry?state=failed".into(),
+            };
+            let v: serde_json::Value = api.call(Method::POST, &path, None).await?;
+            v["retried"].as_u64().unwrap_or(0)
+        }
+        (Backend::Local(queue), Some(id)) => {
+            if !queue.retry(id).await.map_err(cli_err)? {
+                return Err(CliError(format!(
+                    "job {id} does not exist or is still pending or running"
+                )));
+            }
+            1
+        }
+        (Backend::Local(queue), None) => queue.retry_failed(target).await.map_err(cli_err)? as u64,
+    };
+    println!("{retried} job(s) queued again");
+    Ok(0)
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{bar:30}] {pos}/{len} tags  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn show_progress(bar: &indicatif::ProgressBar, p: &Progress) {
+    bar.set_length(p.tags as u64);
+    bar.set_position(p.tags_compared as u64);
+    bar.set_message(format!(
+        "repos {}/{}  in sync {}  queued {}  skipped {}  failed {}",
+        p.repositories_done, p.repositories, p.in_sync, p.queued, p.skipped, p.failed
+    ));
+}
+
+fn summarize(p: &Progress, local: bool) -> i32 {
+    println!(
+        "{} {}: {} repositories, {} tags: {} in sync, {} {}, {} skipped (overwrite = false), {} failed",
+        if p.dry_run { "dry run of" } else { "sync of" },
+        p.project,
+        p.repositories,
+        p.tags,
+        p.in_sync,
+        p.queued,
+        if p.dry_run { "would be queued" } else { "queued" },
+        p.skipped,
+        p.failed
+    );
+    for e in &p.errors {
+        println!("  error: {e}");
+    }
+    if local && !p.dry_run && p.queued > 0 {
+        println!("no regtee server is running: the jobs are copied when `regtee serve` starts");
+    }
+    i32::from(p.state != "finished" || p.failed > 0)
+}
+
+/// `regtee sync PROJECT`.
+pub async fn sync(
+    config: &Config,
+    project: &str,
+    target: Option<String>,
+    dry_run: bool,
+) -> Result<i32, CliError> {
+    if let Some(t) = &target
+        && !config.targets.iter().any(|x| &x.endpoint.name == t)
+    {
+        return Err(CliError(format!("no target named {t} in the config")));
+    }
+    let bar = progress_bar();
+    let result = match backend(config)? {
+        Backend::Api(api) => {
+            let body = serde_json::to_vec(&BackfillBody {
+                project: project.to_string(),
+                target,
+                dry_run,
+            })
+            .expect("serializable");
+            let started: Progress = api.call(Method::POST, "/api/v1/backfills", Some(body)).await?;
+            loop {
+                let p: Progress = api
+                    .call(Method::GET, &format!("/api/v1/backfills/{}", started.id), None)
+                    .await?;
+                show_progress(&bar, &p);
+                if p.state != "running" {
+                    bar.finish_and_clear();
+                    break summarize(&p, false);
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        Backend::Local(queue) => {
+            let mirror = local_mirror(config, queue)?;
+            let request = BackfillRequest {
+                project: project.to_string(),
+                target: target.clone(),
+                dry_run,
+                origin: JobOrigin::Backfill,
+            };
+            let progress = Mutex::new(Progress {
+                project: project.to_string(),
+                target,
+                dry_run,
+                state: "running".into(),
+                started_at: now_ms(),
+                ..Default::default()
+            });
+            let run = backfill::run(&mirror, &request, &progress);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    () = &mut run => break,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {
+                        show_progress(&bar, &progress.lock().unwrap_or_else(|p| p.into_inner()));
+                    }
+                }
+            }
+            bar.finish_and_clear();
+            let p = progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            summarize(&p, true)
+        }
+    };
+    Ok(result)
+}
+
+fn local_mirror(config: &Config, queue: Arc<Queue>) -> Result<Mirror, CliError> {
+    let upstream = Arc::new(RegistryClient::new(&config.upstream.endpoint).map_err(cli_err)?);
+    Mirror::new(queue, upstream, &config.targets, Arc::new(Metrics::new())).map_err(cli_err)
+}
+
+/// `regtee diff [PROJECT...]`: exit 0 when every mirrored tag matches, 1 when any differs,
+/// 2 when something could not be compared.
+pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Result<i32, CliError> {
+    let upstream = RegistryClient::new(&config.upstream.endpoint).map_err(cli_err)?;
+    let targets = Target::all(&config.targets).map_err(cli_err)?;
+    let projects = if projects.is_empty() {
+        backfill::all_projects(&upstream)
+            .await
+            .map_err(|e| CliError(format!("cannot list Harbor projects ({e}); name them: regtee diff PROJECT...")))?
+    } else {
+        projects
+    };
+    let mut rows: Vec<TagRow> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    for project in &projects {
+        let listed = backfill::compare_project(&upstream, &targets, project, |e| match e {
+            ProjectEvent::Row(row) => rows.push(row),
+            ProjectEvent::Error(e) => errors.push(e),
+            _ => {}
+        })
+        .await;
+        if let Err(e) = listed {
+            errors.push(e.to_string());
+        }
+    }
+    rows.sort_by(|a, b| (&a.repository, &a.tag).cmp(&(&b.repository, &b.tag)));
+    let differing = rows.iter().filter(|r| !r.in_sync()).count();
+    errors.extend(rows.iter().flat_map(|r| r.errors.iter().cloned()));
+    if as_json {
+        print_json(&serde_json::json!({
+            "projects": projects,
+            "tags": rows,
+            "differing": differing,
+            "errors": errors,
+        }));
+    } else {
+        let names: Vec<&str> = targets.iter().map(|t| t.name()).collect();
+        print!("{:<48} {:<20}", "REPOSITORY:TAG", "HARBOR");
+        for n in &names {
+            print!(" {:<30}", n.to_uppercase());
+        }
+        println!();
+        for row in &rows {
+            print!(
+                "{:<48} {:<20}",
+                format!("{}:{}", row.repository, row.tag),
+                short_digest(row.harbor.as_deref())
+            );
+            for view in &row.targets {
+                let mark = match view.status {
+                    TagStatus::InSync => "in sync",
+                    TagStatus::Missing => "MISSING",
+                    TagStatus::Different => "DIFFERENT",
+                    TagStatus::Conflict => "CONFLICT (overwrite = false)",
+                    TagStatus::NotMirrored => "not mirrored",
+                    TagStatus::Error => "ERROR",
+                };
+                let cell = match view.status {
+                    TagStatus::Missing | TagStatus::NotMirrored | TagStatus::Error => mark.to_string(),
+                    _ => format!("{} {mark}", short_digest(view.digest.as_deref())),
+                };
+                print!(" {cell:<30}");
+            }
+            println!();
+        }
+        println!(
+            "\n{} tags compared in {} project(s): {} differ",
+            rows.len(),
+            projects.len(),
+            differing
+        );
+        for e in &errors {
+            println!("error: {e}");
+        }
+    }
+    Ok(if !errors.is_empty() {
+        2
+    } else if differing > 0 {
+        1
+    } else {
+        0
+    })
+}
+
+/// One line of `regtee check`.
+struct CheckLine {
+    ok: bool,
+    what: String,
+    detail: String,
+    hint: Option<String>,
+}
+
+fn report(lines: &[CheckLine]) -> i32 {
+    for l in lines {
+        println!("{:<5} {}: {}", if l.ok { "ok" } else { "FAIL" }, l.what, l.detail);
+        if let Some(h) = &l.hint {
+            println!("      hint: {h}");
+        }
+    }
+    i32::from(lines.iter().any(|l| !l.ok))
+}
+
+fn endpoint_hint(e: &RegistryError, key: &str) -> String {
+    match (&e.kind, e.class()) {
+        (_, "tls") => format!(
+            "the certificate is not trusted: set {key}.ca_file to the CA that signed it (or insecure_skip_verify = true for labs)"
+        ),
+        (ErrorKind::Unreachable(_), _) | (ErrorKind::Timeout, _) => format!(
+            "check {key}.url, DNS and firewalls from this host"
+        ),
+        (ErrorKind::Unauthorized(_), _) => format!(
+            "the username or password is wrong: fix {key}.username and {key}.password(_env/_file)"
+        ),
+        (ErrorKind::Denied(_), _) => "the account exists but lacks rights: grant it access".to_string(),
+        _ => "see the error above".to_string(),
+    }
+}
+
+/// `regtee check`: validates the config and tests every endpoint. Exit 1 when a check fails.
+pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32, CliError> {
+    crate::tls::install_crypto_provider();
+    let mut lines = vec![CheckLine {
+        ok: true,
+        what: "config".into(),
+        detail: format!(
+            "{} is valid ({} target(s))",
+            config_path.display(),
+            config.targets.len()
+        ),
+        hint: None,
+    }];
+    let upstream = RegistryClient::new(&config.upstream.endpoint).map_err(cli_err)?;
+    let up = &config.upstream.endpoint;
+    match upstream.ping().await {
+        Ok(()) => lines.push(CheckLine {
+            ok: true,
+            what: format!("upstream {}", up.origin),
+            detail: format!(
+                "reachable, TLS ok, {}",
+                if up.credentials.is_some() {
+                    "credentials accepted"
+                } else {
+                    "anonymous access accepted"
+                }
+            ),
+            hint: None,
+        }),
+        Err(e) => lines.push(CheckLine {
+            ok: false,
+            what: format!("upstream {}", up.origin),
+            detail: e.kind.to_string(),
+            hint: Some(endpoint_hint(&e, "upstream")),
+        }),
+    }
+    for (i, target) in config.targets.iter().enumerate() {
+        let key = format!("targets[{i}]");
+        let name = &target.endpoint.name;
+        let client = RegistryClient::new(&target.endpoint).map_err(cli_err)?;
+        let what = format!("target {name} {}", target.endpoint.origin);
+        if let Err(e) = client.ping().await {
+            lines.push(CheckLine {
+                ok: false,
+                what,
+                detail: e.kind.to_string(),
+                hint: Some(endpoint_hint(&e, &key)),
+            });
+            continue;
+        }
+        lines.push(CheckLine {
+            ok: true,
+            what,
+            detail: format!(
+                "reachable, TLS ok, {}",
+                if target.endpoint.credentials.is_some() {
+                    "credentials accepted"
+                } else {
+                    "anonymous access accepted"
+                }
+            ),
+            hint: None,
+        });
+        let mut namespaces: Vec<String> = target
+            .policy
+            .mapped_projects()
+            .map(|p| target.policy.target_namespace(p).to_string())
+            .collect();
+        if namespaces.is_empty()
+            && let Ok(projects) = backfill::projects_for(&upstream, target).await
+        {
+            namespaces = projects
+                .iter()
+                .map(|p| target.policy.target_namespace(p).to_string())
+                .collect();
+        }
+        namespaces.sort();
+        namespaces.dedup();
+        for ns in namespaces.iter().take(20) {
+            let what = format!("target {name} namespace {ns}");
+            match client.check_push(&format!("{ns}/regtee-check")).await {
+                Ok(()) => lines.push(CheckLine {
+                    ok: true,
+                    what,
+                    detail: "exists and accepts pushes".into(),
+                    hint: None,
+                }),
+                Err(e) => {
+                    let hint = match &e.kind {
+                        ErrorKind::Denied(_) | ErrorKind::NotFound { .. } | ErrorKind::Unauthorized(_) => format!(
+                            "create namespace {ns} on {name} (or fix {key}.namespaces), and let `{}` push to it",
+                            target.endpoint.credentials.as_ref().map(|c| c.username.as_str()).unwrap_or("anonymous")
+                        ),
+                        _ => endpoint_hint(&e, &key),
+                    };
+                    lines.push(CheckLine {
+                        ok: false,
+                        what,
+                        detail: e.kind.to_string(),
+                        hint: Some(hint),
+                    });
+                }
+            }
+        }
+    }
+    Ok(report(&lines))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_and_digests_for_people() {
+        assert_eq!(human_age(59_000), "59s");
+        assert_eq!(human_age(61_000), "1m 1s");
+        assert_eq!(human_age(3_600_000 * 25), "1d 1h");
+        assert_eq!(
+            short_digest(Some(&format!("sha256:{}", "ab".repeat(32)))),
+            "sha256:abababababab"
+        );
+        assert_eq!(short_digest(None), "-");
+    }
+}

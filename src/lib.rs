@@ -1,0 +1,220 @@
+//! regtee: a transparent Docker Registry v2 / OCI proxy in front of Harbor that tees every
+//! completed push to cloud registries.
+//!
+//! ```text
+//!  client ──► server ──► proxy ──────────────────────────► Harbor (upstream)
+//!                          │ completed write (route::Write)     ▲
+//!                          ▼                                    │ reads back
+//!                     tee ──► queue (SQLite) ──► mirror workers ──► targets
+//!                                 ▲
+//!        admin API / CLI ─────────┘  status, metrics, backfill, retry, webhooks
+//! ```
+//!
+//! Two paths, kept apart. The **request path** (`server`, `proxy`, `route`, `headers`, `body`)
+//! streams every request to Harbor and back; when Harbor answers a completed write it asks the
+//! `tee` to record jobs, durably, before the client sees the answer. The **mirror path**
+//! (`queue`, `mirror`, `registry_client`, `manifest`) claims jobs, copies content in dependency
+//! order, verifies digests and retries until done or clearly impossible. `admin`, `backfill`
+//! and `webhooks` feed and observe the queue.
+//!
+//! [`Instance::start`] wires everything from a [`config::Config`]; [`run`] adds a shutdown signal.
+
+pub mod admin;
+pub mod auth;
+pub mod backfill;
+pub mod body;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod demo;
+pub mod digest;
+pub mod error;
+pub mod headers;
+pub mod http_client;
+pub mod manifest;
+pub mod metrics;
+pub mod mirror;
+pub mod origin;
+pub mod proxy;
+pub mod queue;
+pub mod registry_client;
+pub mod route;
+pub mod server;
+pub mod state_lock;
+pub mod target;
+pub mod tee;
+pub mod tls;
+pub mod webhooks;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::server::ConnectionLimits;
+
+/// Why regtee could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("{0}")]
+    Bind(std::io::Error),
+    /// A certificate, key or CA file is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The job queue cannot be opened.
+    #[error(transparent)]
+    Queue(#[from] queue::QueueError),
+    /// Another regtee holds the state directory.
+    #[error(transparent)]
+    Lock(#[from] state_lock::LockError),
+    /// A target's client could not be built.
+    #[error(transparent)]
+    Registry(#[from] registry_client::RegistryError),
+}
+
+/// A running regtee: its bound addresses and the handles that stop it.
+pub struct Instance {
+    /// The plain HTTP proxy listener, if configured.
+    pub http_addr: Option<SocketAddr>,
+    /// The HTTPS proxy listener, if configured.
+    pub https_addr: Option<SocketAddr>,
+    /// The admin listener, if configured.
+    pub admin_addr: Option<SocketAddr>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    _lock: state_lock::StateLock,
+}
+
+impl Instance {
+    /// Binds every listener, opens the queue and starts the mirror workers.
+    pub async fn start(config: Config) -> Result<Instance, StartError> {
+        tls::install_crypto_provider();
+        let lock = state_lock::StateLock::acquire(&config.state.dir)?;
+        let queue = Arc::new(queue::Queue::open(&config.state.dir)?);
+        let recovered = queue.recover_interrupted().await?;
+        if recovered > 0 {
+            tracing::info!(
+                jobs = recovered,
+                "resuming jobs interrupted by the previous shutdown"
+            );
+        }
+        let metrics = Arc::new(metrics::Metrics::new());
+        let tee = Arc::new(tee::Tee::new(queue.clone(), &config.targets));
+        let proxy = Arc::new(proxy::Proxy::new(
+            &config.proxy,
+            &config.upstream,
+            Some(tee.clone()),
+            Some(metrics.clone()),
+        )?);
+        let limits = ConnectionLimits {
+            header_read_timeout: config.proxy.header_read_timeout,
+            shutdown_grace: config.proxy.shutdown_grace,
+        };
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        let mut http_addr = None;
+        if let Some(addr) = config.proxy.listen {
+            let listener = server::bind(addr).await.map_err(StartError::Bind)?;
+            http_addr = Some(listener.local_addr().map_err(StartError::Bind)?);
+            let proxy = proxy.clone();
+            tasks.spawn(server::serve(
+                listener,
+                None,
+                limits,
+                cancel.clone(),
+                move |req, conn| proxy.clone().handle(req, conn),
+            ));
+        }
+        let mut https_addr = None;
+        if let Some(tls) = &config.proxy.tls {
+            let acceptor = server::acceptor(tls::server_config(&tls.cert, &tls.key)?);
+            let listener = server::bind(tls.listen).await.map_err(StartError::Bind)?;
+            https_addr = Some(listener.local_addr().map_err(StartError::Bind)?);
+            let proxy = proxy.clone();
+            tasks.spawn(server::serve(
+                listener,
+                Some(acceptor),
+                limits,
+                cancel.clone(),
+                move |req, conn| proxy.clone().handle(req, conn),
+            ));
+        }
+
+        let upstream = Arc::new(registry_client::RegistryClient::new(
+            &config.upstream.endpoint,
+        )?);
+        let mirror = Arc::new(mirror::Mirror::new(
+            queue.clone(),
+            upstream,
+            &config.targets,
+            metrics.clone(),
+        )?);
+        mirror.spawn_workers(&tasks, &cancel);
+        backfill::spawn_reconcilers(&tasks, &cancel, &config.targets, mirror.clone());
+        queue::spawn_retention(&tasks, &cancel, queue.clone(), config.state.retention);
+
+        let mut admin_addr = None;
+        if let Some(admin_config) = &config.admin {
+            let listener = server::bind(admin_config.listen)
+                .await
+                .map_err(StartError::Bind)?;
+            admin_addr = Some(listener.local_addr().map_err(StartError::Bind)?);
+            let admin = Arc::new(admin::Admin::new(
+                &config,
+                queue.clone(),
+                tee.clone(),
+                mirror.clone(),
+                metrics.clone(),
+                tasks.clone(),
+                cancel.clone(),
+            ));
+            tasks.spawn(server::serve(
+                listener,
+                None,
+                limits,
+                cancel.clone(),
+                move |req, _conn| admin.clone().handle(req),
+            ));
+        }
+        tasks.close();
+        tracing::info!(
+            http = ?http_addr,
+            https = ?https_addr,
+            admin = ?admin_addr,
+            upstream = %config.upstream.endpoint.origin,
+            targets = config.targets.len(),
+            "regtee is serving"
+        );
+        Ok(Instance {
+            http_addr,
+            https_addr,
+            admin_addr,
+            cancel,
+            tasks,
+            _lock: lock,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, stops workers
+    /// (their unfinished jobs stay queued), and returns when everything has ended.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.wait().await;
+        tracing::info!("regtee stopped");
+    }
+}
+
+/// Runs regtee until `shutdown` completes, then drains and stops.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let instance = Instance::start(config).await?;
+    shutdown.await;
+    tracing::info!("shutdown requested: draining in-flight requests");
+    instance.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The `regtee` command: parse arguments, load the config, set up logging, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use regtee::config::{Config, LogFormat};
+use regtee::queue::{JobFilter, JobState};
+
+/// A transparent registry proxy in front of Harbor that mirrors every push to cloud registries.
+#[derive(Parser)]
+#[command(name = "regtee", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArg {
+    /// The config file.
+    #[arg(long, short = 'c', default_value = "./regtee.toml", global = true)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy, the mirror workers and the admin API.
+    Serve(ConfigArg),
+    /// Run a local demo: two registries as Harbor and cloud, regtee between them.
+    Demo {
+        /// Exit after the demo push instead of serving until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Development certificates for the HTTPS listener.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Per-target job counts, oldest unfinished job, recent failures.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only failed jobs.
+        #[arg(long)]
+        failed: bool,
+        /// Only jobs in this state (pending, running, done, skipped, failed).
+        #[arg(long, conflicts_with = "failed")]
+        state: Option<String>,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only this Harbor project.
+        #[arg(long)]
+        project: Option<String>,
+        /// Only this repository.
+        #[arg(long)]
+        repository: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Jobs with ids below this one (next page).
+        #[arg(long)]
+        before: Option<i64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue a failed (or finished) job again, or every failed job.
+    Retry {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job id.
+        #[arg(required_unless_present = "failed")]
+        id: Option<i64>,
+        /// Every failed job.
+        #[arg(long, conflicts_with = "id")]
+        failed: bool,
+        /// With --failed: only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Backfill a Harbor project: queue every tag a target lacks or holds with another digest.
+    Sync {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The Harbor project.
+        project: String,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Compare and report; queue nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Cutover report: Harbor's digest and each target's, per tag; exit 1 while any differs.
+    Diff {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Harbor projects (all in the catalog when none).
+        projects: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config and test Harbor and every target.
+    Check(ConfigArg),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a development CA and a server certificate for the given hosts.
+    Generate {
+        /// A host name or IP address clients use (repeat for several).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Output directory.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Validity of the server certificate in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+}
+
+/// Exit code for configuration errors (EX_CONFIG would be 78; 64 is EX_USAGE, as linkerd uses).
+const EXIT_CONFIG: u8 = 64;
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("regtee: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler works on Unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    regtee::tls::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
+    runtime.block_on(dispatch(cli))
+}
+
+fn code(result: anyhow::Result<i32>) -> ExitCode {
+    match result {
+        Ok(c) => ExitCode::from(c.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("regtee: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match load(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(config.log.format, &config.log.level);
+            code(
+                regtee::run(config, shutdown_signal())
+                    .await
+                    .map(|()| 0)
+                    .context("regtee could not start"),
+            )
+        }
+        Command::Demo { exit } => {
+            init_logging(LogFormat::Text, "warn");
+            code(regtee::demo::run(!exit).await.map(|()| 0).map_err(Into::into))
+        }
+        Command::Certs {
+            command: CertsCommand::Generate { hosts, out, days },
+        } => code(
+            regtee::certs::generate(&hosts, &out, days)
+                .map(|files| {
+                    println!("wrote {}", files.server_cert.display());
+                    println!("wrote {}", files.server_key.display());
+                    println!("wrote {} (trust this CA on clients)", files.ca_cert.display());
+                    println!("wrote {} (keep private)", files.ca_key.display());
+                    println!("\nset in regtee.toml:\n  tls_cert = \"{}\"\n  tls_key = \"{}\"", files.server_cert.display(), files.server_key.display());
+                    println!("\ntrust it on each Docker host:\n  sudo mkdir -p /etc/docker/certs.d/{0}:5443 && sudo cp {1} /etc/docker/certs.d/{0}:5443/ca.crt", hosts[0], files.ca_cert.display());
+                    0
+                })
+                .map_err(Into::into),
+        ),
+        Command::Status { config, json } => with_config(&config.config, |c| async move {
+            regtee::cli::status(&c, json).await
+        })
+        .await,
+        Command::Jobs {
+            config,
+            failed,
+            state,
+            target,
+            project,
+            repository,
+            limit,
+            before,
+            json,
+        } => {
+            let state = if failed {
+                Some(JobState::Failed)
+            } else {
+                match state.as_deref().map(JobState::parse) {
+                    Some(None) => {
+                        eprintln!("regtee: --state must be pending, running, done, skipped or failed");
+                        return ExitCode::from(2);
+                    }
+                    Some(s) => s,
+                    None => None,
+                }
+            };
+            let filter = JobFilter {
+                state,
+                target,
+                repository,
+                project,
+                before_id: before,
+                limit,
+            };
+            with_config(&config.config, |c| async move {
+                regtee::cli::jobs(&c, filter, json).await
+            })
+            .await
+        }
+        Command::Retry {
+            config, id, target, ..
+        } => with_config(&config.config, |c| async move {
+            regtee::cli::retry(&c, id, target).await
+        })
+        .await,
+        Command::Sync {
+            config,
+            project,
+            target,
+            dry_run,
+        } => with_config(&config.config, |c| async move {
+            regtee::cli::sync(&c, &project, target, dry_run).await
+        })
+        .await,
+        Command::Diff {
+            config,
+            projects,
+            json,
+        } => with_config(&config.config, |c| async move {
+            regtee::cli::diff(&c, projects, json).await
+        })
+        .await,
+        Command::Check(args) => {
+            let path = args.config.clone();
+            with_config(&args.config, |c| async move {
+                regtee::cli::check(&c, &path).await
+            })
+            .await
+        }
+    }
+}
+
+async fn with_config<F, Fut>(path: &std::path::Path, f: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
+{
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(config.log.format, "warn");
+    code(f(config).await.map_err(Into::into))
+}

@@ -1,0 +1,300 @@
+//! Prometheus metrics: what the proxy carried and how far behind the mirror is.
+//!
+//! Counters and histograms are updated where things happen; queue gauges (jobs by state, oldest
+//! pending age) are read from the database when Prometheus scrapes, so they can never drift
+//! from the truth.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::queue::TargetCounts;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetStateLabels {
+    target: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    target: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    target: String,
+    kind: String,
+    outcome: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+fn lag_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.05, 2.0, 16))
+}
+
+/// Every metric regtee exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    bytes: Family<DirectionLabels, Counter>,
+    upstream_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    jobs: Family<TargetStateLabels, Gauge>,
+    oldest_pending: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    mirror_lag: Family<TargetLabels, Histogram, fn() -> Histogram>,
+    failures: Family<FailureLabels, Counter>,
+    mirrored_bytes: Family<TargetLabels, Counter>,
+    outcomes: Family<OutcomeLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `regtee_` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("regtee");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Requests proxied to the upstream, by method, route kind and status",
+            requests.clone(),
+        );
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "proxy_body_bytes",
+            "Body bytes carried by the proxy; direction=in is client to upstream",
+            bytes.clone(),
+        );
+        let upstream_latency: Family<RouteLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "upstream_response_seconds",
+            "Time from receiving a request to the upstream's response head",
+            upstream_latency.clone(),
+        );
+        let jobs = Family::<TargetStateLabels, Gauge>::default();
+        registry.register(
+            "jobs",
+            "Mirror jobs by target and state (done and skipped within retention)",
+            jobs.clone(),
+        );
+        let oldest_pending = Family::default();
+        registry.register(
+            "oldest_pending_job_age_seconds",
+            "Age of the oldest unfinished job per target (0 when none)",
+            oldest_pending.clone(),
+        );
+        let mirror_lag: Family<TargetLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(lag_histogram);
+        registry.register(
+            "mirror_lag_seconds",
+            "From the push being acknowledged by Harbor to the manifest being on the target",
+            mirror_lag.clone(),
+        );
+        let failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "mirror_failures",
+            "Failed mirror attempts by target and reason class (retried or final)",
+            failures.clone(),
+        );
+        let mirrored_bytes = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "mirrored_bytes",
+            "Blob bytes uploaded to each target",
+            mirrored_bytes.clone(),
+        );
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached a final state, by target, kind and outcome",
+            outcomes.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            requests,
+            bytes,
+            upstream_latency,
+            jobs,
+            oldest_pending,
+            mirror_lag,
+            failures,
+            mirrored_bytes,
+            outcomes,
+        }
+    }
+
+    /// Called once per proxied request when its response is done.
+    pub fn observe_request(
+        &self,
+        method: &str,
+        route: &'static str,
+        status: u16,
+        bytes_in: u64,
+        bytes_out: u64,
+        upstream_latency: Option<Duration>,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+        for (direction, n) in [("in", bytes_in), ("out", bytes_out)] {
+            self.bytes
+                .get_or_create(&DirectionLabels {
+                    direction: direction.to_string(),
+                })
+                .inc_by(n);
+        }
+        if let Some(latency) = upstream_latency {
+            self.upstream_latency
+                .get_or_create(&RouteLabels {
+                    route: route.to_string(),
+                })
+                .observe(latency.as_secs_f64());
+        }
+    }
+
+    /// A manifest reached a target; `lag` runs from Harbor's acknowledgement.
+    pub fn observe_mirror_lag(&self, target: &str, lag: Duration) {
+        self.mirror_lag
+            .get_or_create(&TargetLabels {
+                target: target.to_string(),
+            })
+            .observe(lag.as_secs_f64());
+    }
+
+    /// An attempt failed with an error of class `reason`.
+    pub fn observe_failure(&self, target: &str, reason: &str) {
+        self.failures
+            .get_or_create(&FailureLabels {
+                target: target.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Blob bytes uploaded to a target.
+    pub fn observe_mirrored_bytes(&self, target: &str, bytes: u64) {
+        self.mirrored_bytes
+            .get_or_create(&TargetLabels {
+                target: target.to_string(),
+            })
+            .inc_by(bytes);
+    }
+
+    /// A job reached done, skipped or failed.
+    pub fn observe_outcome(&self, target: &str, kind: &str, outcome: &str) {
+        self.outcomes
+            .get_or_create(&OutcomeLabels {
+                target: target.to_string(),
+                kind: kind.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Renders the text exposition format, with queue gauges from `counts`.
+    pub fn render(&self, counts: &[TargetCounts], now_ms: i64) -> String {
+        self.jobs.clear();
+        self.oldest_pending.clear();
+        for c in counts {
+            for (state, n) in [
+                ("pending", c.pending),
+                ("running", c.running),
+                ("done", c.done),
+                ("skipped", c.skipped),
+                ("failed", c.failed),
+            ] {
+                self.jobs
+                    .get_or_create(&TargetStateLabels {
+                        target: c.target.clone(),
+                        state: state.to_string(),
+                    })
+                    .set(n as i64);
+            }
+            let age = c
+                .oldest_pending_at
+                .map(|t| ((now_ms - t).max(0) as f64) / 1000.0)
+                .unwrap_or(0.0);
+            self.oldest_pending
+                .get_or_create(&TargetLabels {
+                    target: c.target.clone(),
+                })
+                .set(age);
+        }
+        let mut out = String::new();
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_requests_and_queue_gauges() {
+        let m = Metrics::new();
+        m.observe_request("PUT", "manifest", 201, 10, 0, Some(Duration::from_millis(3)));
+        m.observe_mirror_lag("tcr", Duration::from_millis(800));
+        let text = m.render(
+            &[TargetCounts {
+                target: "tcr".into(),
+                pending: 2,
+                oldest_pending_at: Some(1_000),
+                ..Default::default()
+            }],
+            11_000,
+        );
+        assert!(text.contains(
+            r#"regtee_proxy_requests_total{method="PUT",route="manifest",status="201"} 1"#
+        ));
+        assert!(text.contains(r#"regtee_jobs{target="tcr",state="pending"} 2"#));
+        assert!(text.contains(r#"regtee_oldest_pending_job_age_seconds{target="tcr"} 10.0"#));
+        assert!(text.contains("regtee_mirror_lag_seconds_count{target=\"tcr\"} 1"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

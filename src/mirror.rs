@@ -1,0 +1,751 @@
+//! The mirror path: workers that claim jobs and copy content to targets, in dependency order.
+//!
+//! For a manifest, everything it references must exist on the target first: blobs (already
+//! there, mounted from another repository regtee put them in, or streamed from Harbor with the
+//! digest verified on the way), child manifests of an index, and the subject of a signature or
+//! SBOM. Then the exact manifest bytes are stored with their media type, and the digest the
+//! target reports must equal Harbor's. Each target has its own workers, so a target that is
+//! down delays only its own jobs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::stream::{self, TryStreamExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body;
+use crate::config::TargetConfig;
+use crate::digest::{Digest, VerifyingBody};
+use crate::manifest::{self, Descriptor, OCI_INDEX, References};
+use crate::metrics::Metrics;
+use crate::queue::{Job, JobKind, Outcome, Queue, now_ms};
+use crate::registry_client::{ErrorKind, FetchedManifest, RegistryClient, RegistryError};
+
+/// How deep indexes may nest (index of index of ...); deeper is treated as malformed.
+const MAX_DEPTH: usize = 4;
+
+/// Blobs of one manifest copied at once.
+const BLOB_PARALLELISM: usize = 4;
+
+/// One target: its rules and its client.
+pub struct Target {
+    /// As configured.
+    pub config: TargetConfig,
+    /// Talks to it.
+    pub client: RegistryClient,
+}
+
+impl Target {
+    /// Clients for every configured target.
+    pub fn all(configs: &[TargetConfig]) -> Result<Vec<Arc<Target>>, RegistryError> {
+        configs
+            .iter()
+            .map(|config| {
+                Ok(Arc::new(Target {
+                    client: RegistryClient::new(&config.endpoint)?,
+                    config: config.clone(),
+                }))
+            })
+            .collect()
+    }
+
+    /// The target's name.
+    pub fn name(&self) -> &str {
+        &self.config.endpoint.name
+    }
+}
+
+/// Why a job did not succeed.
+#[derive(Debug)]
+enum JobError {
+    /// A registry said no or could not be reached.
+    Registry(RegistryError),
+    /// The content itself is wrong; retrying cannot help.
+    Invalid(String),
+}
+
+impl From<RegistryError> for JobError {
+    fn from(e: RegistryError) -> Self {
+        JobError::Registry(e)
+    }
+}
+
+/// How a job ended well.
+enum Success {
+    Done {
+        target_digest: Option<String>,
+        note: String,
+    },
+    Skipped(String),
+}
+
+/// Per-key async locks whose entries disappear when nobody holds or waits for them.
+#[derive(Default)]
+struct KeyedLocks {
+    map: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+struct KeyedGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: String) -> KeyedGuard<'_> {
+        let mutex = self.map.entry(key.clone()).or_default().clone();
+        let guard = mutex.lock_owned().await;
+        KeyedGuard {
+            locks: self,
+            key,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Only the map's own reference left: nobody holds or awaits this key.
+        self.locks
+            .map
+            .remove_if(&self.key, |_, m| Arc::strong_count(m) == 1);
+    }
+}
+
+/// The mirror: targets, the queue they work from, and Harbor to read from.
+pub struct Mirror {
+    queue: Arc<Queue>,
+    upstream: Arc<RegistryClient>,
+    targets: Vec<Arc<Target>>,
+    metrics: Arc<Metrics>,
+    blob_locks: KeyedLocks,
+    tag_locks: KeyedLocks,
+    /// Target repositories where a blob is known to exist, for cross-repository mounts.
+    blob_homes: DashMap<(String, String), Vec<String>>,
+}
+
+impl Mirror {
+    /// Builds clients for every target.
+    pub fn new(
+        queue: Arc<Queue>,
+        upstream: Arc<RegistryClient>,
+        targets: &[TargetConfig],
+        metrics: Arc<Metrics>,
+    ) -> Result<Mirror, RegistryError> {
+        Ok(Mirror {
+            queue,
+            upstream,
+            targets: Target::all(targets)?,
+            metrics,
+            blob_locks: KeyedLocks::default(),
+            tag_locks: KeyedLocks::default(),
+            blob_homes: DashMap::new(),
+        })
+    }
+
+    /// The targets, in configuration order.
+    pub fn targets(&self) -> &[Arc<Target>] {
+        &self.targets
+    }
+
+    /// Harbor's client.
+    pub fn upstream(&self) -> &Arc<RegistryClient> {
+        &self.upstream
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &Arc<Queue> {
+        &self.queue
+    }
+
+    /// Starts `concurrency` workers per target; they stop when `cancel` fires.
+    pub fn spawn_workers(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
+        for target in &self.targets {
+            for _ in 0..target.config.concurrency {
+                tasks.spawn(self.clone().work(target.clone(), cancel.clone()));
+            }
+        }
+    }
+
+    async fn work(self: Arc<Self>, target: Arc<Target>, cancel: CancellationToken) {
+        let waker = self.queue.waker(target.name());
+        loop {
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            // Register for wake-ups before looking, so an enqueue in between is not missed.
+            notified.as_mut().enable();
+            match self.queue.claim(target.name()).await {
+                Ok(Some(job)) => {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            self.release(&job).await;
+                            return;
+                        }
+                        () = self.execute(&target, &job) => {}
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(target = target.name(), error = %e, "cannot read the job queue; retrying in 5s");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    }
+                }
+            }
+            let wait = match self.queue.next_due(target.name()).await {
+                Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(0, 60_000) as u64),
+                _ => Duration::from_secs(60),
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = &mut notified => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Puts a job interrupted by shutdown back in line.
+    async fn release(&self, job: &Job) {
+        let outcome = Outcome::RetryAt {
+            at: now_ms(),
+            error: "interrupted by shutdown".into(),
+            class: "shutdown".into(),
+        };
+        if let Err(e) = self.queue.finish(job.id, outcome).await {
+            tracing::warn!(job = job.id, error = %e, "could not release job; it resumes at next start");
+        }
+    }
+
+    async fn execute(&self, target: &Target, job: &Job) {
+        let result = match job.kind {
+            JobKind::Blob => self.blob_job(target, job).await,
+            JobKind::Manifest => self.manifest_job(target, job).await,
+            JobKind::Delete => self.delete_job(target, job).await,
+        };
+        let what = describe(job);
+        let outcome = match result {
+            Ok(Success::Done {
+                target_digest,
+                note,
+            }) => {
+                if job.kind == JobKind::Manifest && matches!(job.origin.as_str(), "push" | "webhook") {
+                    let lag = (now_ms() - job.created_at).max(0) as u64;
+                    self.metrics
+                        .observe_mirror_lag(target.name(), Duration::from_millis(lag));
+                }
+                self.metrics
+                    .observe_outcome(target.name(), kind_str(job.kind), "done");
+                tracing::info!(target = target.name(), job = job.id, attempts = job.attempts, "done: {what}{}", if note.is_empty() { String::new() } else { format!(" ({note})") });
+                Outcome::Done {
+                    target_digest,
+                    note,
+                }
+            }
+            Ok(Success::Skipped(reason)) => {
+                self.metrics
+                    .observe_outcome(target.name(), kind_str(job.kind), "skipped");
+                tracing::warn!(target = target.name(), job = job.id, "skipped: {what}: {reason}");
+                Outcome::Skipped { reason }
+            }
+            Err(error) => self.failure(target, job, &what, error),
+        };
+        if let Err(e) = self.queue.finish(job.id, outcome).await {
+            tracing::error!(job = job.id, error = %e, "could not record the job's outcome; it will run again after restart");
+        }
+    }
+
+    fn failure(&self, target: &Target, job: &Job, what: &str, error: JobError) -> Outcome {
+        let (retryable, class, message, retry_after) = match &error {
+            JobError::Registry(e) => (
+                e.retryable(),
+                e.class().to_string(),
+                e.to_string(),
+                match e.kind {
+                    ErrorKind::RateLimited { retry_after } => retry_after,
+                    _ => None,
+                },
+            ),
+            JobError::Invalid(m) => (false, "invalid".to_string(), m.clone(), None),
+        };
+        self.metrics.observe_failure(target.name(), &class);
+        let cfg = &target.config;
+        let attempts_left = cfg.max_attempts == 0 || job.attempts < cfg.max_attempts;
+        if retryable && attempts_left {
+            let delay = backoff(job.attempts, cfg.retry_initial, cfg.retry_max)
+                .max(retry_after.unwrap_or_default());
+            tracing::warn!(
+                target = target.name(),
+                job = job.id,
+                attempt = job.attempts,
+                retry_in = ?delay,
+                "retrying: {what}: {message}"
+            );
+            return Outcome::RetryAt {
+                at: now_ms() + delay.as_millis() as i64,
+                error: message,
+                class,
+            };
+        }
+        let reason = match &error {
+            JobError::Registry(e) => hint(e, target, job),
+            JobError::Invalid(m) => m.clone(),
+        };
+        self.metrics
+            .observe_outcome(target.name(), kind_str(job.kind), "failed");
+        tracing::error!(target = target.name(), job = job.id, class, "failed: {what}: {reason}");
+        Outcome::Failed { reason, class }
+    }
+
+    // ---- blobs ----
+
+    async fn blob_job(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
+        let digest = parse_digest(job.digest.as_deref())?;
+        let target_repo = target.config.policy.target_repository(&job.repository);
+        let mount_hint = job
+            .mount_from
+            .as_deref()
+            .filter(|from| target.config.policy.wants_repository(from))
+            .map(|from| target.config.policy.target_repository(from));
+        let how = self
+            .ensure_blob(
+                target,
+                &job.repository,
+                &target_repo,
+                &digest,
+                mount_hint.as_deref(),
+            )
+            .await?;
+        Ok(Success::Done {
+            target_digest: Some(digest.to_string()),
+            note: how.to_string(),
+        })
+    }
+
+    /// Makes sure the target repository has the blob. Returns how.
+    async fn ensure_blob(
+        &self,
+        target: &Target,
+        source_repo: &str,
+        target_repo: &str,
+        digest: &Digest,
+        mount_hint: Option<&str>,
+    ) -> Result<&'static str, JobError> {
+        let _guard = self
+            .blob_locks
+            .lock(format!("{}\n{target_repo}\n{digest}", target.name()))
+            .await;
+        if target.client.blob_exists(target_repo, digest).await?.is_some() {
+            self.remember_home(target, digest, target_repo);
+            return Ok("already present");
+        }
+        let key = (target.name().to_string(), digest.to_string());
+        let mut candidates: Vec<String> = mount_hint.map(str::to_string).into_iter().collect();
+        if let Some(homes) = self.blob_homes.get(&key) {
+            candidates.extend(homes.iter().cloned());
+        }
+        candidates.retain(|c| c != target_repo);
+        candidates.dedup();
+        for from in candidates.iter().take(3) {
+            match target.client.mount_blob(target_repo, digest, from).await {
+                Ok(true) => {
+                    self.remember_home(target, digest, target_repo);
+                    return Ok("mounted");
+                }
+                Ok(false) => {}
+                // A refused mount (no pull right on the source, say) falls back to upload.
+                Err(e) if !e.retryable() => {
+                    tracing::debug!(error = %e, "mount refused; uploading instead")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let blob = self.upstream.get_blob(source_repo, digest).await?;
+        let size = blob.size;
+        let verified = body::boxed(VerifyingBody::new(blob.body, digest.clone(), size));
+        target
+            .client
+            .upload_blob(
+                target_repo,
+                digest,
+                size,
+                verified,
+                target.config.upload_chunk_size,
+            )
+            .await?;
+        self.metrics
+            .observe_mirrored_bytes(target.name(), size.unwrap_or(0));
+        self.remember_home(target, digest, target_repo);
+        Ok("uploaded")
+    }
+
+    fn remember_home(&self, target: &Target, digest: &Digest, repo: &str) {
+        let mut homes = self
+            .blob_homes
+            .entry((target.name().to_string(), digest.to_string()))
+            .or_default();
+        if !homes.iter().any(|h| h == repo) {
+            homes.push(repo.to_string());
+            if homes.len() > 8 {
+                homes.remove(0);
+            }
+        }
+    }
+
+    // ---- manifests ----
+
+    async fn manifest_job(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
+        let repo = &job.repository;
+        let target_repo = target.config.policy.target_repository(repo);
+        let reference = job
+            .digest
+            .clone()
+            .or_else(|| job.tag.clone())
+            .ok_or_else(|| JobError::Invalid("job names neither tag nor digest".into()))?;
+        let Some(fetched) = self.upstream.get_manifest(repo, &reference).await? else {
+            return Ok(Success::Skipped(format!(
+                "gone from Harbor: {repo}:{reference} was deleted after it was pushed"
+            )));
+        };
+        // Never move a tag backwards: if Harbor's tag now names another digest, a newer job
+        // carries it; this one stores its manifest by digest only.
+        let mut tag = job.tag.clone();
+        let mut note = String::new();
+        if let (Some(t), Some(_)) = (&tag, &job.digest) {
+            let current = self.upstream.manifest_head(repo, t).await?;
+            if current.as_ref().map(|h| &h.digest) != Some(&fetched.digest) {
+                note = format!("tag {t} has moved on in Harbor; stored by digest only");
+                tag = None;
+            }
+        }
+        let _tag_guard = match &tag {
+            Some(t) => Some(
+                self.tag_locks
+                    .lock(format!("{}\n{target_repo}\n{t}", target.name()))
+                    .await,
+            ),
+            None => None,
+        };
+        if let Some(t) = &tag
+            && let Some(existing) = target.client.manifest_head(&target_repo, t).await?
+        {
+            if existing.digest == fetched.digest {
+                return Ok(Success::Done {
+                    target_digest: Some(existing.digest.to_string()),
+                    note: "already in sync".into(),
+                });
+            }
+            if !target.config.overwrite {
+                return Ok(Success::Skipped(format!(
+                    "exists: {target_repo}:{t} on {} is {}, Harbor has {} (overwrite = false)",
+                    target.name(),
+                    existing.digest,
+                    fetched.digest
+                )));
+            }
+        }
+        let stored = self
+            .store_manifest(target, repo, &target_repo, tag.as_deref(), &fetched, 0)
+            .await?;
+        Ok(Success::Done {
+            target_digest: Some(stored.to_string()),
+            note,
+        })
+    }
+
+    /// Ensures everything `fetched` references, stores it under `tag` (or its digest), checks
+    /// the digest, and maintains the referrers tag when the target needs it.
+    async fn store_manifest(
+        &self,
+        target: &Target,
+        repo: &str,
+        target_repo: &str,
+        tag: Option<&str>,
+        fetched: &FetchedManifest,
+        depth: usize,
+    ) -> Result<Digest, JobError> {
+        if depth > MAX_DEPTH {
+            return Err(JobError::Invalid(format!(
+                "{repo}@{}: indexes nest deeper than {MAX_DEPTH} levels",
+                fetched.digest
+            )));
+        }
+        let refs = manifest::references(&fetched.bytes, Some(&fetched.media_type)).map_err(|e| {
+            JobError::Invalid(format!("{repo}@{} in Harbor: {e}", fetched.digest))
+        })?;
+        self.ensure_references(target, repo, target_repo, &refs, depth)
+            .await?;
+        let reference = tag.map(str::to_string).unwrap_or_else(|| fetched.digest.to_string());
+        let media_type = if fetched.media_type.is_empty() {
+            refs.media_type.clone()
+        } else {
+            fetched.media_type.clone()
+        };
+        let put = |bytes: Bytes| {
+            target
+                .client
+                .put_manifest(target_repo, &reference, &media_type, bytes)
+        };
+        let stored = match put(fetched.bytes.clone()).await {
+            Err(e) if matches!(e.code(), Some("MANIFEST_BLOB_UNKNOWN" | "BLOB_UNKNOWN")) => {
+                // The target lost (or never committed) a blob: ensure again, then retry once.
+                tracing::info!(target = target.name(), "target reports a missing blob; ensuring blobs again: {e}");
+                self.ensure_references(target, repo, target_repo, &refs, depth)
+                    .await?;
+                put(fetched.bytes.clone()).await?
+            }
+            other => other?,
+        };
+        if let Some(reported) = &stored.digest
+            && *reported != fetched.digest
+        {
+            return Err(JobError::Invalid(format!(
+                "target {} stored {target_repo}:{reference} as {reported} but Harbor's digest is {}: the target rewrote the manifest",
+                target.name(),
+                fetched.digest
+            )));
+        }
+        if let Some(subject) = &refs.subject
+            && !stored.has_referrers_api
+        {
+            self.add_to_referrers_tag(target, target_repo, subject, fetched, &refs)
+                .await?;
+        }
+        Ok(fetched.digest.clone())
+    }
+
+    async fn ensure_references(
+        &self,
+        target: &Target,
+        repo: &str,
+        target_repo: &str,
+        refs: &References,
+        depth: usize,
+    ) -> Result<(), JobError> {
+        let blobs: Vec<Digest> = refs
+            .blobs
+            .iter()
+            .map(|d| parse_digest(Some(&d.digest)))
+            .collect::<Result<_, _>>()?;
+        stream::iter(blobs.iter().map(Ok::<_, JobError>))
+            .try_for_each_concurrent(BLOB_PARALLELISM, |digest| async move {
+                self.ensure_blob(target, repo, target_repo, digest, None)
+                    .await
+                    .map(|_| ())
+            })
+            .await?;
+        for child in &refs.children {
+            self.ensure_child(target, repo, target_repo, child, depth + 1)
+                .await?;
+        }
+        if let Some(subject) = &refs.subject {
+            // The subject goes first when Harbor has it; a dangling subject is allowed by the spec.
+            let digest = parse_digest(Some(&subject.digest))?;
+            if self.upstream.manifest_head(repo, digest.as_str()).await?.is_some() {
+                self.ensure_child(target, repo, target_repo, subject, depth + 1)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure a manifest referenced by digest exists on the target.
+    fn ensure_child<'a>(
+        &'a self,
+        target: &'a Target,
+        repo: &'a str,
+        target_repo: &'a str,
+        child: &'a Descriptor,
+        depth: usize,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), JobError>> {
+        Box::pin(async move {
+            let digest = parse_digest(Some(&child.digest))?;
+            if target
+                .client
+                .manifest_head(target_repo, digest.as_str())
+                .await?
+                .is_some()
+            {
+                return Ok(());
+            }
+            let fetched = self
+                .upstream
+                .get_manifest(repo, digest.as_str())
+                .await?
+                .ok_or_else(|| {
+                    JobError::Invalid(format!(
+                        "{repo} references {digest}, which Harbor does not have"
+                    ))
+                })?;
+            self.store_manifest(target, repo, target_repo, None, &fetched, depth)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    /// Adds a referrer to the spec's `sha256-<hex>` tag index on a target without the
+    /// referrers API.
+    async fn add_to_referrers_tag(
+        &self,
+        target: &Target,
+        target_repo: &str,
+        subject: &Descriptor,
+        referrer: &FetchedManifest,
+        refs: &References,
+    ) -> Result<(), JobError> {
+        let subject = parse_digest(Some(&subject.digest))?;
+        let tag = manifest::referrers_tag(&subject);
+        let _guard = self
+            .tag_locks
+            .lock(format!("{}\n{target_repo}\n{tag}", target.name()))
+            .await;
+        let existing = target.client.get_manifest(target_repo, &tag).await?;
+        if let Some(index) = &existing
+            && manifest::index_lists(&index.bytes, referrer.digest.as_str())
+        {
+            return Ok(());
+        }
+        let entry = Descriptor {
+            media_type: refs.media_type.clone(),
+            digest: referrer.digest.to_string(),
+            size: referrer.bytes.len() as u64,
+            urls: None,
+            artifact_type: refs.artifact_type.clone(),
+            annotations: refs.annotations.clone(),
+            platform: None,
+        };
+        let index = manifest::add_referrer(existing.as_ref().map(|m| &m.bytes[..]), entry)
+            .map_err(|e| JobError::Invalid(format!("referrers index {tag} on target: {e}")))?;
+        target
+            .client
+            .put_manifest(target_repo, &tag, OCI_INDEX, Bytes::from(index))
+            .await?;
+        Ok(())
+    }
+
+    // ---- deletes ----
+
+    async fn delete_job(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
+        let target_repo = target.config.policy.target_repository(&job.repository);
+        let reference = job
+            .digest
+            .clone()
+            .or_else(|| job.tag.clone())
+            .ok_or_else(|| JobError::Invalid("delete names neither tag nor digest".into()))?;
+        match target.client.delete_manifest(&target_repo, &reference).await {
+            Ok(true) => Ok(Success::Done {
+                target_digest: None,
+                note: "deleted".into(),
+            }),
+            Ok(false) => Ok(Success::Done {
+                target_digest: None,
+                note: "was not on the target".into(),
+            }),
+            Err(e) if matches!(e.kind, ErrorKind::Rejected { status: 400 | 405, .. }) => {
+                Ok(Success::Skipped(format!(
+                    "target {} refused to delete {target_repo}:{reference}: {e}",
+                    target.name()
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn kind_str(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Blob => "blob",
+        JobKind::Manifest => "manifest",
+        JobKind::Delete => "delete",
+    }
+}
+
+fn describe(job: &Job) -> String {
+    let what = match (&job.tag, &job.digest) {
+        (Some(t), Some(d)) => format!("{}:{t} ({d})", job.repository),
+        (Some(t), None) => format!("{}:{t}", job.repository),
+        (None, Some(d)) => format!("{}@{d}", job.repository),
+        (None, None) => job.repository.clone(),
+    };
+    format!("{} {what}", kind_str(job.kind))
+}
+
+fn parse_digest(d: Option<&str>) -> Result<Digest, JobError> {
+    let d = d.ok_or_else(|| JobError::Invalid("job has no digest".into()))?;
+    d.parse().map_err(|e| JobError::Invalid(format!("{e}")))
+}
+
+/// Capped exponential backoff with jitter: attempt n waits between half and all of
+/// `initial * 2^(n-1)`, never more than `max`.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let exp = initial.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)));
+    let ceiling = exp.min(max);
+    let half = ceiling / 2;
+    let jitter_ms = rand::random_range(0..=half.as_millis().max(1) as u64);
+    half + Duration::from_millis(jitter_ms)
+}
+
+/// A sentence a person can act on, for errors retrying cannot fix.
+fn hint(e: &RegistryError, target: &Target, job: &Job) -> String {
+    let on_upstream = e.registry == "upstream";
+    let project = job.repository.split('/').next().unwrap_or("");
+    let namespace = target.config.policy.target_namespace(project);
+    let name = target.name();
+    match (&e.kind, on_upstream) {
+        (ErrorKind::Unauthorized(_), true) => format!(
+            "Harbor rejected regtee's credentials ({e}): fix [upstream] username/password, then `regtee retry --failed`"
+        ),
+        (ErrorKind::Denied(_), true) => format!(
+            "regtee's Harbor account may not read {} ({e}): give it pull access to project {project}",
+            job.repository
+        ),
+        (ErrorKind::Unauthorized(_), false) => format!(
+            "target {name} rejected regtee's credentials ({e}): fix its username/password, then `regtee retry --failed`"
+        ),
+        (ErrorKind::Denied(_), false)
+        | (ErrorKind::NotFound { .. }, false) => format!(
+            "namespace {namespace} does not exist on target {name} or regtee may not push to it ({e}): create it there (or fix `namespaces`), then `regtee retry --failed`"
+        ),
+        (ErrorKind::Unreachable(m), _) if e.class() == "tls" => format!(
+            "TLS to {} failed ({m}): set ca_file to its CA (or insecure_skip_verify for labs)",
+            if on_upstream { "Harbor".to_string() } else { format!("target {name}") }
+        ),
+        _ => format!("{e} (gave up after {} attempts)", job.attempts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let i = Duration::from_secs(1);
+        let m = Duration::from_secs(60);
+        for attempt in 1..30 {
+            let d = backoff(attempt, i, m);
+            let ceiling = (i * 2u32.pow((attempt - 1).min(20))).min(m);
+            assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn keyed_locks_serialize_and_clean_up() {
+        let locks = Arc::new(KeyedLocks::default());
+        let g = locks.lock("a".into()).await;
+        let l2 = locks.clone();
+        let waiter = tokio::spawn(async move {
+            let _g = l2.lock("a".into()).await;
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(g);
+        waiter.await.unwrap();
+        assert!(locks.map.is_empty());
+    }
+}

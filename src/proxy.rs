@@ -1,0 +1,354 @@
+//! The request path: forward to Harbor, stream both ways, rewrite only what must point at regtee.
+//!
+//! This path has to be as transparent and as fast as a wire. Bodies stream through [`Tracked`]
+//! without being collected; upstream answers pass through unchanged except for the headers that
+//! would send the client around regtee. regtee answers on its own only when it must: 502 when
+//! Harbor cannot be reached, 504 when it does not answer in time.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use tokio::sync::watch;
+
+use crate::body::{self, ProxyBody, Tracked};
+use crate::config::{ProxyConfig, UpstreamConfig};
+use crate::error::OciError;
+use crate::headers::{self, RealmRewrite};
+use crate::http_client::{self, HttpClient, SendError};
+use crate::origin::{Origin, Scheme};
+use crate::route::{FOREIGN_TOKEN_PREFIX, Route, Write};
+use crate::tee::Tee;
+use crate::tls::TlsError;
+
+/// Facts about the client connection a request arrived on.
+#[derive(Clone, Copy, Debug)]
+pub struct Connection {
+    /// Which listener: decides the scheme of rewritten URLs.
+    pub scheme: Scheme,
+    /// The client's address, for `X-Forwarded-For`.
+    pub peer: SocketAddr,
+    /// Our address, the fallback public origin when a request has no `Host`.
+    pub local: SocketAddr,
+}
+
+/// Token realms on other origins that upstream challenges named, so clients that can reach only
+/// regtee can still log in. Only realms the upstream advertised can be relayed to: regtee is not
+/// an open proxy.
+#[derive(Default)]
+pub struct RealmRelay {
+    realms: DashMap<String, String>,
+}
+
+impl RealmRelay {
+    /// Registers a realm and returns the path that relays to it.
+    pub fn register(&self, realm: &str) -> String {
+        let id = crate::digest::Digest::sha256_of(realm.as_bytes()).hex()[..16].to_string();
+        self.realms
+            .entry(id.clone())
+            .or_insert_with(|| realm.to_string());
+        format!("{FOREIGN_TOKEN_PREFIX}{id}")
+    }
+
+    /// The realm URL for a relay id, with the client's query appended.
+    pub fn resolve(&self, id: &str, query: Option<&str>) -> Option<Uri> {
+        let realm = self.realms.get(id)?;
+        let url = match query {
+            Some(q) if !q.is_empty() => {
+                let sep = if realm.contains('?') { '&' } else { '?' };
+                format!("{}{sep}{q}", realm.value())
+            }
+            _ => realm.value().clone(),
+        };
+        url.parse().ok()
+    }
+}
+
+/// The request path's state: one per process, shared by every connection.
+pub struct Proxy {
+    upstream: Origin,
+    client: HttpClient,
+    response_timeout: Duration,
+    body_idle_timeout: Duration,
+    relay: Option<RealmRelay>,
+    tee: Option<Arc<Tee>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl Proxy {
+    /// Builds the proxy for `upstream`; `tee` records completed pushes for mirroring.
+    pub fn new(
+        proxy: &ProxyConfig,
+        upstream: &UpstreamConfig,
+        tee: Option<Arc<Tee>>,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Proxy, TlsError> {
+        let e = &upstream.endpoint;
+        Ok(Proxy {
+            upstream: e.origin.clone(),
+            client: http_client::build(&e.tls, e.connect_timeout, e.pool_idle_timeout)?,
+            response_timeout: e.response_timeout,
+            body_idle_timeout: proxy.body_idle_timeout,
+            relay: upstream.rewrite_token_realm.then(RealmRelay::default),
+            tee,
+            metrics,
+        })
+    }
+
+    /// Serves one request. Never fails: every error becomes a response.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Connection,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let (mut parts, incoming) = req.into_parts();
+        let route = Route::classify(parts.uri.path());
+        let public = headers::public_origin(conn.scheme, &parts.uri, &parts.headers, conn.local);
+        let log = Arc::new(RequestLog::new(&parts.method, &route, self.metrics.clone()));
+        let query = parts.uri.query().map(str::to_string);
+
+        let (destination, uri) = match self.destination(&route, &parts.uri) {
+            Ok(found) => found,
+            Err(error) => return Ok(log.answer(error)),
+        };
+        headers::prepare_request(&mut parts.headers, &destination, conn.peer.ip(), &public);
+        let (end_tx, end_rx) = watch::channel(false);
+        let request_body = Tracked::new(incoming, log.bytes_in.clone())
+            .idle_timeout(self.body_idle_timeout)
+            .signal_end(end_tx);
+        let method = parts.method.clone();
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let request = Request::from_parts(parts, body::boxed(request_body));
+
+        let response = match self.send(request, end_rx).await {
+            Ok(response) => response,
+            Err(error) => return Ok(log.answer(error)),
+        };
+        log.upstream_answered();
+        let status = response.status();
+        let (mut parts, upstream_body) = response.into_parts();
+
+        if let (Some(tee), Some(write)) = (
+            &self.tee,
+            Write::recognise(&method, &route, query.as_deref(), status, &parts.headers),
+        ) && let Err(e) = tee.record(&write).await
+        {
+            // Harbor has the content but the mirror would never learn of it: make the client
+            // retry rather than report a success regtee cannot keep its promise about.
+            tracing::error!(
+                error = %e,
+                repository = write.repository(),
+                "could not record a completed push for mirroring; the client was told to retry. Check the state directory's disk"
+            );
+            return Ok(log.answer(OciError::unavailable(
+                "the registry accepted the push but regtee could not record it for mirroring; retry the push",
+            )));
+        }
+
+        let relay = self.relay.as_ref().map(|r| move |realm: &str| r.register(realm));
+        let realms = match &relay {
+            Some(register) => RealmRewrite::Relay(register),
+            None => RealmRewrite::SameOriginOnly,
+        };
+        headers::rewrite_response(&mut parts.headers, &self.upstream, &public, realms);
+        log.status.store(status.as_u16(), Ordering::Relaxed);
+        let body = Tracked::new(upstream_body, log.bytes_out.clone())
+            .idle_timeout(self.body_idle_timeout)
+            .hold(log);
+        Ok(Response::from_parts(parts, body::boxed(body)))
+    }
+
+    /// Where a request goes: Harbor, or a relayed token realm.
+    fn destination(&self, route: &Route, uri: &Uri) -> Result<(Origin, Uri), OciError> {
+        if let Route::ForeignToken { id } = route {
+            let realm = self
+                .relay
+                .as_ref()
+                .and_then(|relay| relay.resolve(id, uri.query()))
+                .ok_or_else(|| {
+                    OciError::new(
+                        StatusCode::NOT_FOUND,
+                        "UNAUTHORIZED",
+                        "unknown token realm: request /v2/ again to get a fresh challenge",
+                    )
+                })?;
+            let origin = Origin::of(&realm).expect("registered realms are absolute http(s) URLs");
+            return Ok((origin, realm));
+        }
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let target = self
+            .upstream
+            .join(path)
+            .map_err(|_| OciError::new(StatusCode::BAD_REQUEST, "UNSUPPORTED", "invalid request path"))?;
+        Ok((self.upstream.clone(), target))
+    }
+
+    /// Sends upstream, turning failures into regtee's own error answers.
+    async fn send(
+        &self,
+        request: Request<ProxyBody>,
+        body_sent: watch::Receiver<bool>,
+    ) -> Result<Response<Incoming>, OciError> {
+        match http_client::send_with_deadline(&self.client, request, body_sent, self.response_timeout)
+            .await
+        {
+            Ok(response) => Ok(response),
+            Err(SendError::Failed(e)) => Err(self.explain(&e)),
+            Err(SendError::Timeout) => Err(OciError::gateway_timeout(format!(
+                "upstream {} did not answer within {:?}",
+                self.upstream, self.response_timeout
+            ))),
+        }
+    }
+
+    fn explain(&self, error: &hyper_util::client::legacy::Error) -> OciError {
+        let chain = error_chain(error);
+        if chain_has::<body::IdleTimeout>(error) {
+            return OciError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "UNAVAILABLE",
+                format!("request body stalled: {chain}"),
+            );
+        }
+        let timed_out = chain.contains("timed out") || chain.contains("deadline has elapsed");
+        let message = if error.is_connect() {
+            format!("cannot reach upstream {}: {chain}", self.upstream)
+        } else {
+            format!("upstream {} failed: {chain}", self.upstream)
+        };
+        if timed_out {
+            OciError::gateway_timeout(message)
+        } else {
+            OciError::bad_gateway(message)
+        }
+    }
+}
+
+/// All messages of an error and its sources, `: `-joined.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
+}
+
+fn chain_has<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<E>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// One request's facts; the log line (and metrics) are written when the response body is done.
+struct RequestLog {
+    method: Method,
+    kind: &'static str,
+    repository: Option<String>,
+    started: Instant,
+    upstream_latency: std::sync::OnceLock<Duration>,
+    status: AtomicU16,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl RequestLog {
+    fn new(method: &Method, route: &Route, metrics: Option<Arc<crate::metrics::Metrics>>) -> Self {
+        RequestLog {
+            method: method.clone(),
+            kind: route.kind(),
+            repository: route.repository().map(str::to_string),
+            started: Instant::now(),
+            upstream_latency: std::sync::OnceLock::new(),
+            status: AtomicU16::new(0),
+            bytes_in: Arc::default(),
+            bytes_out: Arc::default(),
+            metrics,
+        }
+    }
+
+    fn upstream_answered(&self) {
+        let _ = self.upstream_latency.set(self.started.elapsed());
+    }
+
+    /// Answers with regtee's own error; the log line is written when the response is dropped.
+    fn answer(self: Arc<Self>, error: OciError) -> Response<ProxyBody> {
+        self.status.store(error.status().as_u16(), Ordering::Relaxed);
+        tracing::warn!(
+            method = %self.method,
+            route = self.kind,
+            repository = self.repository.as_deref().unwrap_or("-"),
+            status = error.status().as_u16(),
+            "{}",
+            error.message()
+        );
+        let response = error.into_response(body::full);
+        let (parts, b) = response.into_parts();
+        let b = Tracked::new(b, self.bytes_out.clone()).hold(self);
+        Response::from_parts(parts, body::boxed(b))
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        let status = self.status.load(Ordering::Relaxed);
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        let duration = self.started.elapsed();
+        tracing::info!(
+            target: "regtee::request",
+            method = %self.method,
+            route = self.kind,
+            repository = self.repository.as_deref().unwrap_or("-"),
+            status,
+            bytes_in,
+            bytes_out,
+            duration_ms = duration.as_millis() as u64,
+            "request"
+        );
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_request(
+                self.method.as_str(),
+                self.kind,
+                status,
+                bytes_in,
+                bytes_out,
+                self.upstream_latency.get().copied(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_registers_only_what_it_saw() {
+        let relay = RealmRelay::default();
+        let path = relay.register("https://auth.example.net/token");
+        let id = path.strip_prefix(FOREIGN_TOKEN_PREFIX).unwrap();
+        assert_eq!(
+            relay.resolve(id, Some("service=reg&scope=repository%3Aa%3Apull")).unwrap(),
+            "https://auth.example.net/token?service=reg&scope=repository%3Aa%3Apull"
+        );
+        assert!(relay.resolve("0123456789abcdef", None).is_none());
+        assert_eq!(relay.register("https://auth.example.net/token"), path);
+    }
+}

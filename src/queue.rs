@@ -1,0 +1,905 @@
+//! The durable job queue: what must reach which target, and what happened when it was tried.
+//!
+//! A push Harbor acknowledged must never be lost to the mirror, so a job is committed to SQLite
+//! (WAL, `synchronous=FULL`) before the client sees its 201. Jobs are deduplicated by identity
+//! (target, kind, repository, tag, digest): the same push seen twice is one job, and a finished
+//! job seen again is re-armed. A process that dies mid-job leaves it `running`; the next start
+//! puts it back to `pending`, and because every job is idempotent, redoing it is harmless.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// What a job copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// One blob (layer or config), so the manifest finds it there.
+    Blob,
+    /// A manifest or index, with everything it references, then its tag.
+    Manifest,
+    /// Delete a manifest on the target (only when the target propagates deletes).
+    Delete,
+}
+
+impl JobKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Blob => "blob",
+            JobKind::Manifest => "manifest",
+            JobKind::Delete => "delete",
+        }
+    }
+
+    fn parse(s: &str) -> JobKind {
+        match s {
+            "blob" => JobKind::Blob,
+            "delete" => JobKind::Delete,
+            _ => JobKind::Manifest,
+        }
+    }
+}
+
+/// Where a job's state stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for a worker (possibly until its next retry time).
+    Pending,
+    /// A worker has it.
+    Running,
+    /// The target has the content, digest verified.
+    Done,
+    /// Deliberately not copied (e.g. the tag exists there with another digest and
+    /// `overwrite = false`); the detail says why.
+    Skipped,
+    /// Retrying cannot help; the detail says what a person must do.
+    Failed,
+}
+
+impl JobState {
+    /// The lowercase name used in the database, the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Skipped => "skipped",
+            JobState::Failed => "failed",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "pending" => JobState::Pending,
+            "running" => JobState::Running,
+            "done" => JobState::Done,
+            "skipped" => JobState::Skipped,
+            "failed" => JobState::Failed,
+            _ => return None,
+        })
+    }
+
+    /// Every state, in display order.
+    pub const ALL: [JobState; 5] = [
+        JobState::Pending,
+        JobState::Running,
+        JobState::Done,
+        JobState::Skipped,
+        JobState::Failed,
+    ];
+}
+
+/// What made regtee create a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobOrigin {
+    /// Seen on the wire as a completed push.
+    Push,
+    /// A backfill someone started.
+    Backfill,
+    /// The periodic comparison.
+    Reconcile,
+    /// A Harbor or registry webhook.
+    Webhook,
+}
+
+impl JobOrigin {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobOrigin::Push => "push",
+            JobOrigin::Backfill => "backfill",
+            JobOrigin::Reconcile => "reconcile",
+            JobOrigin::Webhook => "webhook",
+        }
+    }
+}
+
+/// A job to add.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewJob {
+    /// Target name.
+    pub target: String,
+    /// What to copy.
+    pub kind: JobKind,
+    /// Harbor repository.
+    pub repository: String,
+    /// Tag, if the push named one.
+    pub tag: Option<String>,
+    /// Digest, when known (a job without one resolves the tag in Harbor).
+    pub digest: Option<String>,
+    /// For blob mounts: the Harbor repository the blob came from.
+    pub mount_from: Option<String>,
+    /// Why the job exists.
+    pub origin: JobOrigin,
+}
+
+/// A job as stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    /// Stable id.
+    pub id: i64,
+    /// Target name.
+    pub target: String,
+    /// What it copies.
+    pub kind: JobKind,
+    /// Harbor repository.
+    pub repository: String,
+    /// Tag, if any.
+    pub tag: Option<String>,
+    /// Digest, if known.
+    pub digest: Option<String>,
+    /// For mounts: source repository in Harbor.
+    pub mount_from: Option<String>,
+    /// push, backfill, reconcile or webhook.
+    pub origin: String,
+    /// Current state.
+    pub state: JobState,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// When Harbor acknowledged the push (ms since the epoch); mirror lag starts here.
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+    /// Earliest next attempt (ms).
+    pub next_attempt_at: i64,
+    /// When it reached done, skipped or failed (ms).
+    pub finished_at: Option<i64>,
+    /// The outcome's reason, or the last error while retrying.
+    pub detail: String,
+    /// A short class for the last error (`unreachable`, `auth`, `denied`, ...).
+    pub error_class: String,
+    /// The digest the target reported.
+    pub target_digest: Option<String>,
+}
+
+/// One attempt at a job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attempt {
+    /// When it started (ms).
+    pub started_at: i64,
+    /// When it ended (ms).
+    pub finished_at: i64,
+    /// done, skipped, failed or retry.
+    pub result: String,
+    /// What happened.
+    pub detail: String,
+}
+
+/// How a finished attempt ended.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Copied; the target's digest.
+    Done {
+        /// As the target reported it.
+        target_digest: Option<String>,
+        /// A note for the record (e.g. "already present").
+        note: String,
+    },
+    /// Deliberately not copied.
+    Skipped {
+        /// Why, with both digests where relevant.
+        reason: String,
+    },
+    /// Retrying cannot help.
+    Failed {
+        /// What a person must do.
+        reason: String,
+        /// Short error class.
+        class: String,
+    },
+    /// Try again at a later time.
+    RetryAt {
+        /// When (ms since the epoch).
+        at: i64,
+        /// The error.
+        error: String,
+        /// Short error class.
+        class: String,
+    },
+}
+
+/// Filters for listing jobs.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    /// Only this state.
+    pub state: Option<JobState>,
+    /// Only this target.
+    pub target: Option<String>,
+    /// Only this repository.
+    pub repository: Option<String>,
+    /// Only repositories of this Harbor project.
+    pub project: Option<String>,
+    /// Only ids below this one (the next page).
+    pub before_id: Option<i64>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// Per-target counts for status displays and metrics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TargetCounts {
+    /// Target name.
+    pub target: String,
+    /// Jobs waiting.
+    pub pending: u64,
+    /// Jobs being copied.
+    pub running: u64,
+    /// Jobs done (within retention).
+    pub done: u64,
+    /// Jobs skipped (within retention).
+    pub skipped: u64,
+    /// Jobs failed.
+    pub failed: u64,
+    /// When the oldest unfinished job was created (ms), if any.
+    pub oldest_pending_at: Option<i64>,
+}
+
+/// The database could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// SQLite failed (disk full, corruption, permissions).
+    #[error("job queue database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The state directory cannot be created.
+    #[error("cannot create state directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("job queue task failed: {0}")]
+    Task(String),
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The queue: a SQLite database behind a mutex, used from blocking threads.
+pub struct Queue {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+    wakers: DashMap<String, Arc<Notify>>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    id              INTEGER PRIMARY KEY,
+    target          TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    repository      TEXT NOT NULL,
+    tag             TEXT NOT NULL DEFAULT '',
+    digest          TEXT NOT NULL DEFAULT '',
+    mount_from      TEXT NOT NULL DEFAULT '',
+    origin          TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    started_at      INTEGER,
+    finished_at     INTEGER,
+    detail          TEXT NOT NULL DEFAULT '',
+    error_class     TEXT NOT NULL DEFAULT '',
+    target_digest   TEXT NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_identity ON jobs(target, kind, repository, tag, digest);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs(target, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, finished_at);
+CREATE INDEX IF NOT EXISTS jobs_repository ON jobs(repository);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id      INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    result      TEXT NOT NULL,
+    detail      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job_id);
+"#;
+
+const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
+     attempts, created_at, updated_at, next_attempt_at, finished_at, detail, error_class, target_digest";
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+    Ok(Job {
+        id: row.get(0)?,
+        target: row.get(1)?,
+        kind: JobKind::parse(&row.get::<_, String>(2)?),
+        repository: row.get(3)?,
+        tag: non_empty(row.get(4)?),
+        digest: non_empty(row.get(5)?),
+        mount_from: non_empty(row.get(6)?),
+        origin: row.get(7)?,
+        state: JobState::parse(&row.get::<_, String>(8)?).unwrap_or(JobState::Failed),
+        attempts: row.get(9)?,
+        created_at: row.get(10)?,
+        updated_at: row.get(11)?,
+        next_attempt_at: row.get(12)?,
+        finished_at: row.get(13)?,
+        detail: row.get(14)?,
+        error_class: row.get(15)?,
+        target_digest: non_empty(row.get(16)?),
+    })
+}
+
+impl Queue {
+    /// Opens (creating if needed) `jobs.db` in `dir`, and returns interrupted jobs to pending.
+    pub fn open(dir: &Path) -> Result<Queue, QueueError> {
+        std::fs::create_dir_all(dir).map_err(|source| QueueError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("jobs.db");
+        let sql = |source| QueueError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(sql)?;
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        Ok(Queue {
+            path,
+            conn: Arc::new(Mutex::new(conn)),
+            wakers: DashMap::new(),
+        })
+    }
+
+    /// Puts jobs a dead process left `running` back to `pending`. Call once the state lock is held.
+    pub async fn recover_interrupted(&self) -> Result<usize, QueueError> {
+        let now = now_ms();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE jobs SET state = 'pending', next_attempt_at = ?1, updated_at = ?1 \
+                 WHERE state = 'running'",
+                params![now],
+            )
+        })
+        .await
+    }
+
+    /// Runs `f` on a blocking thread with the connection.
+    async fn with<T, F>(&self, f: F) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard).map_err(|source| QueueError::Sqlite { path, source })
+        })
+        .await
+        .map_err(|e| QueueError::Task(e.to_string()))?
+    }
+
+    /// The notifier workers of `target` wait on.
+    pub fn waker(&self, target: &str) -> Arc<Notify> {
+        self.wakers
+            .entry(target.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    fn wake(&self, target: &str) {
+        self.waker(target).notify_waiters();
+        self.waker(target).notify_one();
+    }
+
+    /// Adds jobs in one transaction. A job identical to a pending or running one is merged into
+    /// it; one identical to a finished job re-arms that job. Returns how many were armed.
+    pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        let targets: Vec<String> = jobs.iter().map(|j| j.target.clone()).collect();
+        let now = now_ms();
+        let armed = self
+            .with(move |c| {
+                let tx = c.transaction()?;
+                let mut armed = 0;
+                {
+                    let mut insert = tx.prepare_cached(
+                        "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
+                                           state, created_at, updated_at, next_attempt_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8, ?8) \
+                         ON CONFLICT (target, kind, repository, tag, digest) DO UPDATE SET \
+                             state = 'pending', attempts = 0, origin = excluded.origin, \
+                             mount_from = excluded.mount_from, created_at = excluded.created_at, \
+                             updated_at = excluded.updated_at, next_attempt_at = excluded.next_attempt_at, \
+                             started_at = NULL, finished_at = NULL, detail = '', error_class = '' \
+                         WHERE jobs.state NOT IN ('pending', 'running')",
+                    )?;
+                    for job in &jobs {
+                        armed += insert.execute(params![
+                            job.target,
+                            job.kind.as_str(),
+                            job.repository,
+                            job.tag.as_deref().unwrap_or(""),
+                            job.digest.as_deref().unwrap_or(""),
+                            job.mount_from.as_deref().unwrap_or(""),
+                            job.origin.as_str(),
+                            now,
+                        ])?;
+                    }
+                }
+                tx.commit()?;
+                Ok(armed)
+            })
+            .await?;
+        for target in targets {
+            self.wake(&target);
+        }
+        Ok(armed)
+    }
+
+    /// Takes the next due job of `target`, marking it running.
+    pub async fn claim(&self, target: &str) -> Result<Option<Job>, QueueError> {
+        let target = target.to_string();
+        let now = now_ms();
+        self.with(move |c| {
+            c.query_row(
+                &format!(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
+                         updated_at = ?2, started_at = ?2 \
+                     WHERE id = (SELECT id FROM jobs WHERE target = ?1 AND state = 'pending' \
+                                 AND next_attempt_at <= ?2 ORDER BY next_attempt_at, id LIMIT 1) \
+                     RETURNING {JOB_COLUMNS}"
+                ),
+                params![target, now],
+                job_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// When the next pending job of `target` becomes due (ms), if any is pending.
+    pub async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
+        let target = target.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT MIN(next_attempt_at) FROM jobs WHERE target = ?1 AND state = 'pending'",
+                params![target],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    /// Records how an attempt ended.
+    pub async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
+        let now = now_ms();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let started: i64 = tx
+                .query_row(
+                    "SELECT COALESCE(started_at, updated_at) FROM jobs WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(now);
+            let (result, detail) = match &outcome {
+                Outcome::Done {
+                    target_digest,
+                    note,
+                } => {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'done', finished_at = ?2, updated_at = ?2, \
+                         detail = ?3, error_class = '', target_digest = ?4 WHERE id = ?1",
+                        params![id, now, note, target_digest.as_deref().unwrap_or("")],
+                    )?;
+                    ("done", note.clone())
+                }
+                Outcome::Skipped { reason } => {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'skipped', finished_at = ?2, updated_at = ?2, \
+                         detail = ?3, error_class = '' WHERE id = ?1",
+                        params![id, now, reason],
+                    )?;
+                    ("skipped", reason.clone())
+                }
+                Outcome::Failed { reason, class } => {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'failed', finished_at = ?2, updated_at = ?2, \
+                         detail = ?3, error_class = ?4 WHERE id = ?1",
+                        params![id, now, reason, class],
+                    )?;
+                    ("failed", reason.clone())
+                }
+                Outcome::RetryAt { at, error, class } => {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'pending', next_attempt_at = ?2, updated_at = ?3, \
+                         detail = ?4, error_class = ?5 WHERE id = ?1",
+                        params![id, at, now, error, class],
+                    )?;
+                    ("retry", error.clone())
+                }
+            };
+            tx.execute(
+                "INSERT INTO attempts (job_id, started_at, finished_at, result, detail) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, started, now, result, detail],
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// One job.
+    pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
+        self.with(move |c| {
+            c.query_row(
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+                params![id],
+                job_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// A job's attempts, oldest first.
+    pub async fn attempts(&self, id: i64) -> Result<Vec<Attempt>, QueueError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT started_at, finished_at, result, detail FROM attempts \
+                 WHERE job_id = ?1 ORDER BY rowid",
+            )?;
+            stmt.query_map(params![id], |r| {
+                Ok(Attempt {
+                    started_at: r.get(0)?,
+                    finished_at: r.get(1)?,
+                    result: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    /// Jobs matching `filter`, newest first.
+    pub async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
+        self.with(move |c| {
+            let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(state) = filter.state {
+                sql.push_str(" AND state = ?");
+                args.push(state.as_str().to_string().into());
+            }
+            if let Some(target) = filter.target {
+                sql.push_str(" AND target = ?");
+                args.push(target.into());
+            }
+            if let Some(repository) = filter.repository {
+                sql.push_str(" AND repository = ?");
+                args.push(repository.into());
+            }
+            if let Some(project) = filter.project {
+                sql.push_str(" AND substr(repository, 1, length(?) + 1) = ? || '/'");
+                args.push(project.clone().into());
+                args.push(project.into());
+            }
+            if let Some(before) = filter.before_id {
+                sql.push_str(" AND id < ?");
+                args.push(before.into());
+            }
+            sql.push_str(" ORDER BY id DESC LIMIT ?");
+            args.push(i64::from(filter.limit.clamp(1, 1000)).into());
+            let mut stmt = c.prepare(&sql)?;
+            stmt.query_map(rusqlite::params_from_iter(args), job_from_row)?
+                .collect()
+        })
+        .await
+    }
+
+    /// Re-arms one finished (failed or skipped) job. Returns whether it was re-armed.
+    pub async fn retry(&self, id: i64) -> Result<bool, QueueError> {
+        let now = now_ms();
+        let target = self.get(id).await?.map(|j| j.target);
+        let changed = self
+            .with(move |c| {
+                c.execute(
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?2, \
+                         updated_at = ?2, finished_at = NULL \
+                     WHERE id = ?1 AND state IN ('failed', 'skipped', 'done')",
+                    params![id, now],
+                )
+            })
+            .await?;
+        if let Some(t) = target {
+            self.wake(&t);
+        }
+        Ok(changed > 0)
+    }
+
+    /// Re-arms every failed job (of one target, if given). Returns how many.
+    pub async fn retry_failed(&self, target: Option<String>) -> Result<usize, QueueError> {
+        let now = now_ms();
+        let t = target.clone();
+        let changed = self
+            .with(move |c| {
+                c.execute(
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1, \
+                         updated_at = ?1, finished_at = NULL \
+                     WHERE state = 'failed' AND (?2 IS NULL OR target = ?2)",
+                    params![now, t],
+                )
+            })
+            .await?;
+        let targets: Vec<String> = self.wakers.iter().map(|e| e.key().clone()).collect();
+        for t in targets {
+            if target.as_ref().is_none_or(|only| *only == t) {
+                self.wake(&t);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Counts per target and state, with the oldest unfinished job's age.
+    pub async fn counts(&self) -> Result<Vec<TargetCounts>, QueueError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT target, state, COUNT(*), \
+                        MIN(CASE WHEN state IN ('pending', 'running') THEN created_at END) \
+                 FROM jobs GROUP BY target, state ORDER BY target",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?.max(0) as u64,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })?;
+            let mut out: Vec<TargetCounts> = Vec::new();
+            for row in rows {
+                let (target, state, n, oldest) = row?;
+                if out.last().is_none_or(|c| c.target != target) {
+                    out.push(TargetCounts {
+                        target: target.clone(),
+                        ..Default::default()
+                    });
+                }
+                let entry = out.last_mut().expect("just pushed");
+                match JobState::parse(&state) {
+                    Some(JobState::Pending) => entry.pending = n,
+                    Some(JobState::Running) => entry.running = n,
+                    Some(JobState::Done) => entry.done = n,
+                    Some(JobState::Skipped) => entry.skipped = n,
+                    Some(JobState::Failed) => entry.failed = n,
+                    None => {}
+                }
+                if let Some(o) = oldest {
+                    entry.oldest_pending_at =
+                        Some(entry.oldest_pending_at.map_or(o, |prev| prev.min(o)));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Deletes done and skipped jobs that finished before `older_than` ago. Failed jobs stay
+    /// until someone retries them: they are work nobody has done yet.
+    pub async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
+        let cutoff = now_ms() - older_than.as_millis() as i64;
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM jobs WHERE state IN ('done', 'skipped') AND finished_at < ?1",
+                params![cutoff],
+            )
+        })
+        .await
+    }
+
+    /// A cheap query proving the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    /// The path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Purges finished jobs older than `retention` once an hour (and shortly after start).
+pub fn spawn_retention(
+    tasks: &tokio_util::task::TaskTracker,
+    cancel: &tokio_util::sync::CancellationToken,
+    queue: Arc<Queue>,
+    retention: Duration,
+) {
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        let mut wait = Duration::from_secs(60);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = Duration::from_secs(3600);
+            match queue.purge(retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, ?retention, "purged finished jobs past retention"),
+                Err(e) => tracing::warn!(error = %e, "could not purge old jobs"),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(target: &str, tag: &str, digest: &str) -> NewJob {
+        NewJob {
+            target: target.into(),
+            kind: JobKind::Manifest,
+            repository: "library/app".into(),
+            tag: Some(tag.into()),
+            digest: Some(digest.into()),
+            mount_from: None,
+            origin: JobOrigin::Push,
+        }
+    }
+
+    #[tokio::test]
+    async fn enqueue_dedups_and_rearms_finished_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path()).unwrap();
+        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
+        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 0);
+        assert_eq!(q.enqueue(vec![job("b", "v1", "d1")]).await.unwrap(), 1);
+
+        let claimed = q.claim("a").await.unwrap().unwrap();
+        assert_eq!(claimed.state, JobState::Running);
+        assert_eq!(claimed.attempts, 1);
+        assert!(q.claim("a").await.unwrap().is_none());
+        // A duplicate of a running job is merged, not duplicated.
+        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 0);
+
+        q.finish(
+            claimed.id,
+            Outcome::Done {
+                target_digest: Some("d1".into()),
+                note: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(q.get(claimed.id).await.unwrap().unwrap().state, JobState::Done);
+        // Seen again after it finished: re-armed.
+        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
+        let again = q.get(claimed.id).await.unwrap().unwrap();
+        assert_eq!((again.state, again.attempts), (JobState::Pending, 0));
+    }
+
+    #[tokio::test]
+    async fn retry_later_waits_and_interrupted_jobs_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path()).unwrap();
+        q.enqueue(vec![job("a", "v1", "d1"), job("a", "v2", "d2")])
+            .await
+            .unwrap();
+        let first = q.claim("a").await.unwrap().unwrap();
+        q.finish(
+            first.id,
+            Outcome::RetryAt {
+                at: now_ms() + 60_000,
+                error: "connection refused".into(),
+                class: "unreachable".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let second = q.claim("a").await.unwrap().unwrap();
+        assert_ne!(second.id, first.id);
+        assert!(q.claim("a").await.unwrap().is_none(), "retry is not due yet");
+        assert!(q.next_due("a").await.unwrap().unwrap() > now_ms());
+
+        drop(q);
+        let q = Queue::open(dir.path()).unwrap();
+        assert_eq!(q.recover_interrupted().await.unwrap(), 1);
+        assert_eq!(q.claim("a").await.unwrap().unwrap().id, second.id);
+        let attempts = q.attempts(first.id).await.unwrap();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].result, "retry");
+    }
+
+    #[tokio::test]
+    async fn counts_list_retry_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path()).unwrap();
+        q.enqueue(vec![job("a", "v1", "d1"), job("a", "v2", "d2")])
+            .await
+            .unwrap();
+        let j = q.claim("a").await.unwrap().unwrap();
+        q.finish(
+            j.id,
+            Outcome::Failed {
+                reason: "namespace missing".into(),
+                class: "denied".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let counts = q.counts().await.unwrap();
+        assert_eq!(counts.len(), 1);
+        assert_eq!((counts[0].pending, counts[0].failed), (1, 1));
+        assert!(counts[0].oldest_pending_at.is_some());
+
+        let failed = q
+            .list(JobFilter {
+                state: Some(JobState::Failed),
+                project: Some("library".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].detail, "namespace missing");
+        let other_project = q
+            .list(JobFilter {
+                project: Some("lib".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(other_project.is_empty());
+
+        assert_eq!(q.retry_failed(None).await.unwrap(), 1);
+        assert_eq!(q.counts().await.unwrap()[0].failed, 0);
+        assert_eq!(q.purge(Duration::ZERO).await.unwrap(), 0);
+    }
+}
