@@ -100,8 +100,10 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Answer {
     let bytes = serde_json::to_vec_pretty(value).expect("API types serialize");
     let mut r = Response::new(body::full(bytes));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "application/json".parse().expect("static"),
+    );
     r
 }
 
@@ -153,17 +155,15 @@ impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Answer, Infallible> {
         let path = req.uri().path().to_string();
         let is_webhook = path.starts_with("/api/v1/webhooks/");
-        if !is_webhook
-            && let Some(token) = &self.token
-        {
+        if !is_webhook && let Some(token) = &self.token {
             let presented = req
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
-            if !presented
-                .is_some_and(|p| webhooks::constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
-            {
+            if !presented.is_some_and(|p| {
+                webhooks::constant_time_eq(p.as_bytes(), token.expose().as_bytes())
+            }) {
                 let mut r = error(
                     StatusCode::UNAUTHORIZED,
                     "admin token required: send Authorization: Bearer <token>",
@@ -190,7 +190,9 @@ impl Admin {
             (&Method::POST, ["api", "v1", "jobs", "retry"]) => self.retry_all(&query).await,
             (&Method::GET, ["api", "v1", "jobs", id]) => self.job(id).await,
             (&Method::POST, ["api", "v1", "jobs", id, "retry"]) => self.retry(id).await,
-            (&Method::GET, ["api", "v1", "repositories", rest @ .., "status"]) if !rest.is_empty() => {
+            (&Method::GET, ["api", "v1", "repositories", rest @ .., "status"])
+                if !rest.is_empty() =>
+            {
                 self.repository_status(&rest.join("/")).await
             }
             (&Method::POST, ["api", "v1", "backfills"]) => self.start_backfill(req).await,
@@ -199,7 +201,10 @@ impl Admin {
             (&Method::POST, ["api", "v1", "webhooks", sender @ ("harbor" | "registry")]) => {
                 self.webhook(sender, req).await
             }
-            _ => error(StatusCode::NOT_FOUND, format!("no such admin endpoint: {method} {path}")),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                format!("no such admin endpoint: {method} {path}"),
+            ),
         }
     }
 
@@ -269,7 +274,12 @@ impl Admin {
 
     async fn jobs(&self, q: &BTreeMap<String, String>) -> Answer {
         let state = match q.get("state").map(|s| JobState::parse(s)) {
-            Some(None) => return error(StatusCode::BAD_REQUEST, "state must be pending, running, done, skipped or failed"),
+            Some(None) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "state must be pending, running, done, skipped or failed",
+                );
+            }
             Some(s) => s,
             None => None,
         };
@@ -320,7 +330,10 @@ impl Admin {
 
     async fn retry_all(&self, q: &BTreeMap<String, String>) -> Answer {
         if q.get("state").map(String::as_str).unwrap_or("failed") != "failed" {
-            return error(StatusCode::BAD_REQUEST, "only state=failed can be retried in bulk");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "only state=failed can be retried in bulk",
+            );
         }
         match self.queue.retry_failed(q.get("target").cloned()).await {
             Ok(n) => json(StatusCode::OK, &serde_json::json!({ "retried": n })),
@@ -336,7 +349,9 @@ impl Admin {
         };
         let mut rows = Vec::new();
         for tag in tags {
-            rows.push(backfill::compare_tag(upstream, self.mirror.targets(), repository, &tag).await);
+            rows.push(
+                backfill::compare_tag(upstream, self.mirror.targets(), repository, &tag).await,
+            );
         }
         json(
             StatusCode::OK,
@@ -354,7 +369,14 @@ impl Admin {
         };
         let body: BackfillBody = match serde_json::from_slice(&bytes) {
             Ok(b) => b,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"project\": ..., \"target\"?: ..., \"dry_run\"?: bool}}: {e}")),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "expected {{\"project\": ..., \"target\"?: ..., \"dry_run\"?: bool}}: {e}"
+                    ),
+                );
+            }
         };
         if let Some(t) = &body.target
             && !self.mirror.targets().iter().any(|x| x.name() == t)
@@ -381,7 +403,8 @@ impl Admin {
             dry_run: body.dry_run,
             origin: JobOrigin::Backfill,
         };
-        let (mirror, cancel, task_progress) = (self.mirror.clone(), self.cancel.clone(), progress.clone());
+        let (mirror, cancel, task_progress) =
+            (self.mirror.clone(), self.cancel.clone(), progress.clone());
         self.tasks.spawn(async move {
             tokio::select! {
                 () = cancel.cancelled() => {}
@@ -412,7 +435,10 @@ impl Admin {
                 .cloned()
         });
         match found {
-            Some(p) => json(StatusCode::OK, &*p.lock().unwrap_or_else(|p| p.into_inner())),
+            Some(p) => json(
+                StatusCode::OK,
+                &*p.lock().unwrap_or_else(|p| p.into_inner()),
+            ),
             None => error(StatusCode::NOT_FOUND, format!("no backfill {id}")),
         }
     }
@@ -454,7 +480,12 @@ impl Admin {
                 Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             }
         }
-        tracing::info!(sender, events = writes.len(), jobs = armed, "webhook accepted");
+        tracing::info!(
+            sender,
+            events = writes.len(),
+            jobs = armed,
+            "webhook accepted"
+        );
         json(
             StatusCode::OK,
             &serde_json::json!({ "events": writes.len(), "jobs": armed }),

@@ -25,7 +25,11 @@ impl Challenge {
             Some(i) => (&value[..i], value[i..].trim_start()),
             None => (value, ""),
         };
-        if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        if scheme.is_empty()
+            || !scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
             return None;
         }
         let mut params = Vec::new();

@@ -218,11 +218,7 @@ pub async fn compare_project(
     let repositories: Vec<String> = project_repositories(upstream, project)
         .await?
         .into_iter()
-        .filter(|r| {
-            targets
-                .iter()
-                .any(|t| t.config.policy.wants_repository(r))
-        })
+        .filter(|r| targets.iter().any(|t| t.config.policy.wants_repository(r)))
         .collect();
     on_progress(ProjectEvent::Repositories(repositories.len()));
     for repository in &repositories {
@@ -235,9 +231,9 @@ pub async fn compare_project(
         };
         on_progress(ProjectEvent::Tags(tags.len()));
         let mut rows = stream::iter(tags)
-            .map(|tag: String| async move {
-                compare_tag(upstream, targets, repository, &tag).await
-            })
+            .map(
+                |tag: String| async move { compare_tag(upstream, targets, repository, &tag).await },
+            )
             .buffer_unordered(COMPARE_PARALLELISM);
         while let Some(row) = rows.next().await {
             on_progress(ProjectEvent::Row(row));
@@ -315,7 +311,11 @@ pub async fn run(mirror: &Mirror, request: &BackfillRequest, progress: &Mutex<Pr
     let enqueued = if request.dry_run {
         Ok(0)
     } else {
-        mirror.queue().enqueue(jobs).await.map_err(|e| e.to_string())
+        mirror
+            .queue()
+            .enqueue(jobs)
+            .await
+            .map_err(|e| e.to_string())
     };
     let p = {
         let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -366,7 +366,11 @@ pub async fn projects_for(
     upstream: &RegistryClient,
     target: &TargetConfig,
 ) -> Result<Vec<String>, RegistryError> {
-    let mapped: Vec<String> = target.policy.mapped_projects().map(str::to_string).collect();
+    let mapped: Vec<String> = target
+        .policy
+        .mapped_projects()
+        .map(str::to_string)
+        .collect();
     if !mapped.is_empty() {
         return Ok(mapped);
     }

@@ -177,7 +177,8 @@ mod tests {
     async fn counts_bytes_and_signals_the_end() {
         let bytes = Arc::new(AtomicU64::new(0));
         let (tx, rx) = watch::channel(false);
-        let body = Tracked::new(Full::new(Bytes::from_static(b"12345")), bytes.clone()).signal_end(tx);
+        let body =
+            Tracked::new(Full::new(Bytes::from_static(b"12345")), bytes.clone()).signal_end(tx);
         let collected = body.collect().await.unwrap().to_bytes();
         assert_eq!(collected.len(), 5);
         assert_eq!(bytes.load(Ordering::Relaxed), 5);

@@ -48,7 +48,11 @@ pub enum CertsError {
 ///
 /// `hosts` are the names and addresses clients use; `localhost` and `127.0.0.1` are added so the
 /// same files work for local tests.
-pub fn generate(hosts: &[String], out: &Path, valid_days: i64) -> Result<GeneratedCerts, CertsError> {
+pub fn generate(
+    hosts: &[String],
+    out: &Path,
+    valid_days: i64,
+) -> Result<GeneratedCerts, CertsError> {
     let now = OffsetDateTime::now_utc();
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -71,9 +75,8 @@ pub fn generate(hosts: &[String], out: &Path, valid_days: i64) -> Result<Generat
             names.push(default.to_string());
         }
     }
-    let mut params = CertificateParams::new(names.clone()).map_err(|_| {
-        CertsError::BadHost(names.join(", "))
-    })?;
+    let mut params =
+        CertificateParams::new(names.clone()).map_err(|_| CertsError::BadHost(names.join(", ")))?;
     params
         .distinguished_name
         .push(DnType::CommonName, names[0].clone());

@@ -12,9 +12,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::admin::{BackfillBody, JobPage, Status};
-use crate::backfill::{self, BackfillRequest, ProjectEvent, Progress, TagRow, TagStatus};
+use crate::backfill::{self, BackfillRequest, Progress, ProjectEvent, TagRow, TagStatus};
 use crate::body;
-use crate::config::{AdminConfig, Config, ClientTls};
+use crate::config::{AdminConfig, ClientTls, Config};
 use crate::http_client::{self, HttpClient};
 use crate::metrics::Metrics;
 use crate::mirror::{Mirror, Target};
@@ -159,7 +159,10 @@ fn job_subject(job: &Job) -> String {
 /// `regtee status`.
 pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
     let status = match backend(config)? {
-        Backend::Api(api) => api.call::<Status>(Method::GET, "/api/v1/status", None).await?,
+        Backend::Api(api) => {
+            api.call::<Status>(Method::GET, "/api/v1/status", None)
+                .await?
+        }
         Backend::Local(queue) => {
             let mut targets = queue.counts().await.map_err(cli_err)?;
             for t in &config.targets {
@@ -332,11 +335,9 @@ pub async fn retry(
 fn progress_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{bar:30}] {pos}/{len} tags  {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} tags  {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     bar
 }
@@ -359,7 +360,11 @@ fn summarize(p: &Progress, local: bool) -> i32 {
         p.tags,
         p.in_sync,
         p.queued,
-        if p.dry_run { "would be queued" } else { "queued" },
+        if p.dry_run {
+            "would be queued"
+        } else {
+            "queued"
+        },
         p.skipped,
         p.failed
     );
@@ -393,10 +398,16 @@ pub async fn sync(
                 dry_run,
             })
             .expect("serializable");
-            let started: Progress = api.call(Method::POST, "/api/v1/backfills", Some(body)).await?;
+            let started: Progress = api
+                .call(Method::POST, "/api/v1/backfills", Some(body))
+                .await?;
             loop {
                 let p: Progress = api
-                    .call(Method::GET, &format!("/api/v1/backfills/{}", started.id), None)
+                    .call(
+                        Method::GET,
+                        &format!("/api/v1/backfills/{}", started.id),
+                        None,
+                    )
                     .await?;
                 show_progress(&bar, &p);
                 if p.state != "running" {
@@ -451,9 +462,11 @@ pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Resu
     let upstream = RegistryClient::new(&config.upstream.endpoint).map_err(cli_err)?;
     let targets = Target::all(&config.targets).map_err(cli_err)?;
     let projects = if projects.is_empty() {
-        backfill::all_projects(&upstream)
-            .await
-            .map_err(|e| CliError(format!("cannot list Harbor projects ({e}); name them: regtee diff PROJECT...")))?
+        backfill::all_projects(&upstream).await.map_err(|e| {
+            CliError(format!(
+                "cannot list Harbor projects ({e}); name them: regtee diff PROJECT..."
+            ))
+        })?
     } else {
         projects
     };
@@ -503,7 +516,9 @@ pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Resu
                     TagStatus::Error => "ERROR",
                 };
                 let cell = match view.status {
-                    TagStatus::Missing | TagStatus::NotMirrored | TagStatus::Error => mark.to_string(),
+                    TagStatus::Missing | TagStatus::NotMirrored | TagStatus::Error => {
+                        mark.to_string()
+                    }
                     _ => format!("{} {mark}", short_digest(view.digest.as_deref())),
                 };
                 print!(" {cell:<30}");
@@ -539,7 +554,12 @@ struct CheckLine {
 
 fn report(lines: &[CheckLine]) -> i32 {
     for l in lines {
-        println!("{:<5} {}: {}", if l.ok { "ok" } else { "FAIL" }, l.what, l.detail);
+        println!(
+            "{:<5} {}: {}",
+            if l.ok { "ok" } else { "FAIL" },
+            l.what,
+            l.detail
+        );
         if let Some(h) = &l.hint {
             println!("      hint: {h}");
         }
@@ -552,13 +572,15 @@ fn endpoint_hint(e: &RegistryError, key: &str) -> String {
         (_, "tls") => format!(
             "the certificate is not trusted: set {key}.ca_file to the CA that signed it (or insecure_skip_verify = true for labs)"
         ),
-        (ErrorKind::Unreachable(_), _) | (ErrorKind::Timeout, _) => format!(
-            "check {key}.url, DNS and firewalls from this host"
-        ),
+        (ErrorKind::Unreachable(_), _) | (ErrorKind::Timeout, _) => {
+            format!("check {key}.url, DNS and firewalls from this host")
+        }
         (ErrorKind::Unauthorized(_), _) => format!(
             "the username or password is wrong: fix {key}.username and {key}.password(_env/_file)"
         ),
-        (ErrorKind::Denied(_), _) => "the account exists but lacks rights: grant it access".to_string(),
+        (ErrorKind::Denied(_), _) => {
+            "the account exists but lacks rights: grant it access".to_string()
+        }
         _ => "see the error above".to_string(),
     }
 }
@@ -652,9 +674,16 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
                 }),
                 Err(e) => {
                     let hint = match &e.kind {
-                        ErrorKind::Denied(_) | ErrorKind::NotFound { .. } | ErrorKind::Unauthorized(_) => format!(
+                        ErrorKind::Denied(_)
+                        | ErrorKind::NotFound { .. }
+                        | ErrorKind::Unauthorized(_) => format!(
                             "create namespace {ns} on {name} (or fix {key}.namespaces), and let `{}` push to it",
-                            target.endpoint.credentials.as_ref().map(|c| c.username.as_str()).unwrap_or("anonymous")
+                            target
+                                .endpoint
+                                .credentials
+                                .as_ref()
+                                .map(|c| c.username.as_str())
+                                .unwrap_or("anonymous")
                         ),
                         _ => endpoint_hint(&e, &key),
                     };

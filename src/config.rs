@@ -537,10 +537,7 @@ impl Validator<'_> {
             }
         };
         if listen.is_none() && tls.is_none() {
-            return Err(self.invalid(
-                "proxy",
-                "set `listen` (HTTP), `tls_listen` (HTTPS) or both",
-            ));
+            return Err(self.invalid("proxy", "set `listen` (HTTP), `tls_listen` (HTTPS) or both"));
         }
         Ok(ProxyConfig {
             listen,
@@ -649,7 +646,10 @@ impl Validator<'_> {
             }
             TargetAuth::SwrAksk => {
                 let region = raw.region.ok_or_else(|| {
-                    self.invalid(key("region"), "auth = \"swr-aksk\" needs the SWR region, e.g. cn-north-4")
+                    self.invalid(
+                        key("region"),
+                        "auth = \"swr-aksk\" needs the SWR region, e.g. cn-north-4",
+                    )
                 })?;
                 let ak = self.secret(SecretSource {
                     key: &key("access_key"),

@@ -72,7 +72,9 @@ pub struct LocalRegistry {
 
 /// A free loopback port (bound and released; good enough for local processes).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl LocalRegistry {
@@ -135,7 +137,8 @@ impl LocalRegistry {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                let log = std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default();
                 return Err(DemoError(format!(
                     "docker-registry exited ({status}): {}",
                     log.lines().last().unwrap_or("")
@@ -223,9 +226,7 @@ pub fn sample_image(layer_sizes: &[usize]) -> SampleImage {
         }))
         .expect("json"),
     );
-    let descriptor = |media_type: &str, b: &Bytes| {
-        serde_json::json!({"mediaType": media_type, "digest": Digest::sha256_of(b).to_string(), "size": b.len()})
-    };
+    let descriptor = |media_type: &str, b: &Bytes| serde_json::json!({"mediaType": media_type, "digest": Digest::sha256_of(b).to_string(), "size": b.len()});
     let manifest = Bytes::from(
         serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
@@ -287,7 +288,9 @@ pub fn anonymous_client(name: &str, url: &str) -> Result<RegistryClient, DemoErr
 pub async fn run(keep_running: bool) -> Result<(), DemoError> {
     crate::tls::install_crypto_provider();
     let work = std::env::temp_dir().join(format!("regtee-demo-{}", std::process::id()));
-    println!("regtee demo: two local registries play Harbor and the cloud; regtee sits between them.\n");
+    println!(
+        "regtee demo: two local registries play Harbor and the cloud; regtee sits between them.\n"
+    );
     let harbor = LocalRegistry::start(&work.join("harbor"), RegistryOptions::default()).await?;
     let cloud = LocalRegistry::start(&work.join("cloud"), RegistryOptions::default()).await?;
     println!("  \"Harbor\"  {}   (docker-registry)", harbor.url());
@@ -321,7 +324,10 @@ retry_max = "2s"
         .await
         .map_err(|e| DemoError(e.to_string()))?;
     let proxy_url = format!("http://127.0.0.1:{proxy_port}");
-    println!("  regtee    {proxy_url}   (admin: http://127.0.0.1:{admin_port}, config: {})\n", config_path.display());
+    println!(
+        "  regtee    {proxy_url}   (admin: http://127.0.0.1:{admin_port}, config: {})\n",
+        config_path.display()
+    );
 
     let image = sample_image(&[512 * 1024, 2 * 1024 * 1024, 64 * 1024]);
     println!("1. pushing library/hello:1.0 (3 random layers) through regtee ...");
@@ -366,7 +372,9 @@ retry_max = "2s"
     println!("  cargo run --release -- serve --config regtee.toml\n");
     if keep_running {
         println!("regtee keeps running. Try it with any client, for example:");
-        println!("  skopeo copy --dest-tls-verify=false docker://docker.io/library/alpine:latest docker://127.0.0.1:{proxy_port}/library/alpine:latest");
+        println!(
+            "  skopeo copy --dest-tls-verify=false docker://docker.io/library/alpine:latest docker://127.0.0.1:{proxy_port}/library/alpine:latest"
+        );
         println!("  curl -s http://127.0.0.1:{admin_port}/api/v1/status");
         println!("Press Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;

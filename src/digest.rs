@@ -71,7 +71,10 @@ impl Digest {
 
     /// The sha256 digest of a byte string.
     pub fn sha256_of(bytes: &[u8]) -> Digest {
-        Digest(format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes))))
+        Digest(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(bytes))
+        ))
     }
 
     /// Whether a reference (tag or digest) is a digest.
@@ -169,7 +172,6 @@ pub enum VerifyError {
         actual: u64,
     },
 }
-
 
 /// Passes a body through, hashing it, and turns its end into an error if the digest differs.
 ///
@@ -279,9 +281,17 @@ mod tests {
         let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
         assert_eq!(d.hex(), "a".repeat(64));
         assert!("sha256:abc".parse::<Digest>().is_err());
-        assert!(format!("sha256:{}", "A".repeat(64)).parse::<Digest>().is_err());
+        assert!(
+            format!("sha256:{}", "A".repeat(64))
+                .parse::<Digest>()
+                .is_err()
+        );
         assert!(format!("md5:{}", "a".repeat(32)).parse::<Digest>().is_err());
-        assert!(format!("sha512:{}", "0".repeat(128)).parse::<Digest>().is_ok());
+        assert!(
+            format!("sha512:{}", "0".repeat(128))
+                .parse::<Digest>()
+                .is_ok()
+        );
         assert!(!Digest::is_digest("latest"));
     }
 
@@ -299,11 +309,7 @@ mod tests {
         let good = VerifyingBody::new(Full::new(data.clone()), Digest::sha256_of(&data), None);
         assert_eq!(good.collect().await.unwrap().to_bytes(), data);
 
-        let bad = VerifyingBody::new(
-            Full::new(data.clone()),
-            Digest::sha256_of(b"other"),
-            None,
-        );
+        let bad = VerifyingBody::new(Full::new(data.clone()), Digest::sha256_of(b"other"), None);
         let err = bad.collect().await.unwrap_err();
         assert!(err.to_string().contains("mismatch"), "{err}");
 

@@ -186,15 +186,12 @@ pub fn public_origin(
     headers: &HeaderMap,
     local: std::net::SocketAddr,
 ) -> Origin {
-    let host = uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        });
+    let host = uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
+        headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
     host.and_then(|h| Origin::from_host_header(scheme, &h))
         .or_else(|| Origin::from_host_header(scheme, &local.to_string()))
         .expect("a socket address is a valid authority")
@@ -214,7 +211,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "keep-alive, x-secret-hop".parse().unwrap());
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret-hop".parse().unwrap(),
+        );
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
@@ -331,7 +331,12 @@ mod tests {
             local,
         );
         assert_eq!(o.to_string(), "https://h2.example.com");
-        let o = public_origin(Scheme::Http, &"/v2/".parse().unwrap(), &HeaderMap::new(), local);
+        let o = public_origin(
+            Scheme::Http,
+            &"/v2/".parse().unwrap(),
+            &HeaderMap::new(),
+            local,
+        );
         assert_eq!(o.to_string(), "http://127.0.0.1:5000");
     }
 }

@@ -188,7 +188,10 @@ pub fn referrers_tag(subject: &Digest) -> String {
 
 /// Adds (or replaces) a referrer in a referrers tag index, returning the new index bytes.
 /// `existing` is the current index on the target, if there is one.
-pub fn add_referrer(existing: Option<&[u8]>, referrer: Descriptor) -> Result<Vec<u8>, ManifestError> {
+pub fn add_referrer(
+    existing: Option<&[u8]>,
+    referrer: Descriptor,
+) -> Result<Vec<u8>, ManifestError> {
     let mut index: serde_json::Value = match existing {
         Some(bytes) => serde_json::from_slice(bytes)?,
         None => serde_json::json!({
@@ -200,7 +203,10 @@ pub fn add_referrer(existing: Option<&[u8]>, referrer: Descriptor) -> Result<Vec
     let entry = serde_json::to_value(&referrer)?;
     let manifests = index
         .as_object_mut()
-        .map(|o| o.entry("manifests").or_insert_with(|| serde_json::json!([])))
+        .map(|o| {
+            o.entry("manifests")
+                .or_insert_with(|| serde_json::json!([]))
+        })
         .and_then(|m| m.as_array_mut());
     if let Some(list) = manifests {
         list.retain(|m| m.get("digest").and_then(|d| d.as_str()) != Some(&referrer.digest));
@@ -266,7 +272,10 @@ mod tests {
         });
         let r = references(&serde_json::to_vec(&sig).unwrap(), None).unwrap();
         assert_eq!(r.subject.unwrap().digest, d('1'));
-        assert_eq!(r.artifact_type.as_deref(), Some("application/vnd.example.sig"));
+        assert_eq!(
+            r.artifact_type.as_deref(),
+            Some("application/vnd.example.sig")
+        );
     }
 
     #[test]
@@ -279,7 +288,10 @@ mod tests {
     #[test]
     fn referrers_index_is_created_then_updated_without_duplicates() {
         let subject: Digest = d('1').parse().unwrap();
-        assert_eq!(referrers_tag(&subject), format!("sha256-{}", "1".repeat(64)));
+        assert_eq!(
+            referrers_tag(&subject),
+            format!("sha256-{}", "1".repeat(64))
+        );
         let entry = |c| Descriptor {
             media_type: OCI_MANIFEST.into(),
             digest: d(c),

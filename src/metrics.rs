@@ -278,7 +278,14 @@ mod tests {
     #[test]
     fn renders_requests_and_queue_gauges() {
         let m = Metrics::new();
-        m.observe_request("PUT", "manifest", 201, 10, 0, Some(Duration::from_millis(3)));
+        m.observe_request(
+            "PUT",
+            "manifest",
+            201,
+            10,
+            0,
+            Some(Duration::from_millis(3)),
+        );
         m.observe_mirror_lag("tcr", Duration::from_millis(800));
         let text = m.render(
             &[TargetCounts {

@@ -234,14 +234,26 @@ impl Mirror {
                 target_digest,
                 note,
             }) => {
-                if job.kind == JobKind::Manifest && matches!(job.origin.as_str(), "push" | "webhook") {
+                if job.kind == JobKind::Manifest
+                    && matches!(job.origin.as_str(), "push" | "webhook")
+                {
                     let lag = (now_ms() - job.created_at).max(0) as u64;
                     self.metrics
                         .observe_mirror_lag(target.name(), Duration::from_millis(lag));
                 }
                 self.metrics
                     .observe_outcome(target.name(), kind_str(job.kind), "done");
-                tracing::info!(target = target.name(), job = job.id, attempts = job.attempts, "done: {what}{}", if note.is_empty() { String::new() } else { format!(" ({note})") });
+                tracing::info!(
+                    target = target.name(),
+                    job = job.id,
+                    attempts = job.attempts,
+                    "done: {what}{}",
+                    if note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({note})")
+                    }
+                );
                 Outcome::Done {
                     target_digest,
                     note,
@@ -250,7 +262,11 @@ impl Mirror {
             Ok(Success::Skipped(reason)) => {
                 self.metrics
                     .observe_outcome(target.name(), kind_str(job.kind), "skipped");
-                tracing::warn!(target = target.name(), job = job.id, "skipped: {what}: {reason}");
+                tracing::warn!(
+                    target = target.name(),
+                    job = job.id,
+                    "skipped: {what}: {reason}"
+                );
                 Outcome::Skipped { reason }
             }
             Err(error) => self.failure(target, job, &what, error),
@@ -298,7 +314,12 @@ impl Mirror {
         };
         self.metrics
             .observe_outcome(target.name(), kind_str(job.kind), "failed");
-        tracing::error!(target = target.name(), job = job.id, class, "failed: {what}: {reason}");
+        tracing::error!(
+            target = target.name(),
+            job = job.id,
+            class,
+            "failed: {what}: {reason}"
+        );
         Outcome::Failed { reason, class }
     }
 
@@ -340,7 +361,12 @@ impl Mirror {
             .blob_locks
             .lock(format!("{}\n{target_repo}\n{digest}", target.name()))
             .await;
-        if target.client.blob_exists(target_repo, digest).await?.is_some() {
+        if target
+            .client
+            .blob_exists(target_repo, digest)
+            .await?
+            .is_some()
+        {
             self.remember_home(target, digest, target_repo);
             return Ok("already present");
         }
@@ -475,12 +501,13 @@ impl Mirror {
                 fetched.digest
             )));
         }
-        let refs = manifest::references(&fetched.bytes, Some(&fetched.media_type)).map_err(|e| {
-            JobError::Invalid(format!("{repo}@{} in Harbor: {e}", fetched.digest))
-        })?;
+        let refs = manifest::references(&fetched.bytes, Some(&fetched.media_type))
+            .map_err(|e| JobError::Invalid(format!("{repo}@{} in Harbor: {e}", fetched.digest)))?;
         self.ensure_references(target, repo, target_repo, &refs, depth)
             .await?;
-        let reference = tag.map(str::to_string).unwrap_or_else(|| fetched.digest.to_string());
+        let reference = tag
+            .map(str::to_string)
+            .unwrap_or_else(|| fetched.digest.to_string());
         let media_type = if fetched.media_type.is_empty() {
             refs.media_type.clone()
         } else {
@@ -494,7 +521,10 @@ impl Mirror {
         let stored = match put(fetched.bytes.clone()).await {
             Err(e) if matches!(e.code(), Some("MANIFEST_BLOB_UNKNOWN" | "BLOB_UNKNOWN")) => {
                 // The target lost (or never committed) a blob: ensure again, then retry once.
-                tracing::info!(target = target.name(), "target reports a missing blob; ensuring blobs again: {e}");
+                tracing::info!(
+                    target = target.name(),
+                    "target reports a missing blob; ensuring blobs again: {e}"
+                );
                 self.ensure_references(target, repo, target_repo, &refs, depth)
                     .await?;
                 put(fetched.bytes.clone()).await?
@@ -546,7 +576,12 @@ impl Mirror {
         if let Some(subject) = &refs.subject {
             // The subject goes first when Harbor has it; a dangling subject is allowed by the spec.
             let digest = parse_digest(Some(&subject.digest))?;
-            if self.upstream.manifest_head(repo, digest.as_str()).await?.is_some() {
+            if self
+                .upstream
+                .manifest_head(repo, digest.as_str())
+                .await?
+                .is_some()
+            {
                 self.ensure_child(target, repo, target_repo, subject, depth + 1)
                     .await?;
             }
@@ -637,7 +672,11 @@ impl Mirror {
             .clone()
             .or_else(|| job.tag.clone())
             .ok_or_else(|| JobError::Invalid("delete names neither tag nor digest".into()))?;
-        match target.client.delete_manifest(&target_repo, &reference).await {
+        match target
+            .client
+            .delete_manifest(&target_repo, &reference)
+            .await
+        {
             Ok(true) => Ok(Success::Done {
                 target_digest: None,
                 note: "deleted".into(),
@@ -646,7 +685,15 @@ impl Mirror {
                 target_digest: None,
                 note: "was not on the target".into(),
             }),
-            Err(e) if matches!(e.kind, ErrorKind::Rejected { status: 400 | 405, .. }) => {
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::Rejected {
+                        status: 400 | 405,
+                        ..
+                    }
+                ) =>
+            {
                 Ok(Success::Skipped(format!(
                     "target {} refused to delete {target_repo}:{reference}: {e}",
                     target.name()
@@ -707,13 +754,16 @@ fn hint(e: &RegistryError, target: &Target, job: &Job) -> String {
         (ErrorKind::Unauthorized(_), false) => format!(
             "target {name} rejected regtee's credentials ({e}): fix its username/password, then `regtee retry --failed`"
         ),
-        (ErrorKind::Denied(_), false)
-        | (ErrorKind::NotFound { .. }, false) => format!(
+        (ErrorKind::Denied(_), false) | (ErrorKind::NotFound { .. }, false) => format!(
             "namespace {namespace} does not exist on target {name} or regtee may not push to it ({e}): create it there (or fix `namespaces`), then `regtee retry --failed`"
         ),
         (ErrorKind::Unreachable(m), _) if e.class() == "tls" => format!(
             "TLS to {} failed ({m}): set ca_file to its CA (or insecure_skip_verify for labs)",
-            if on_upstream { "Harbor".to_string() } else { format!("target {name}") }
+            if on_upstream {
+                "Harbor".to_string()
+            } else {
+                format!("target {name}")
+            }
         ),
         _ => format!("{e} (gave up after {} attempts)", job.attempts),
     }

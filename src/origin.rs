@@ -51,7 +51,9 @@ pub enum OriginError {
     #[error("`{0}` must start with http:// or https://")]
     Scheme(String),
     /// A registry lives at the root of its host.
-    #[error("`{0}` must not have a path, query or credentials: a registry lives at the root of its host")]
+    #[error(
+        "`{0}` must not have a path, query or credentials: a registry lives at the root of its host"
+    )]
     NotRoot(String),
 }
 

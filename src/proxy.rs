@@ -151,7 +151,10 @@ impl Proxy {
             )));
         }
 
-        let relay = self.relay.as_ref().map(|r| move |realm: &str| r.register(realm));
+        let relay = self
+            .relay
+            .as_ref()
+            .map(|r| move |realm: &str| r.register(realm));
         let realms = match &relay {
             Some(register) => RealmRewrite::Relay(register),
             None => RealmRewrite::SameOriginOnly,
@@ -182,10 +185,13 @@ impl Proxy {
             return Ok((origin, realm));
         }
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let target = self
-            .upstream
-            .join(path)
-            .map_err(|_| OciError::new(StatusCode::BAD_REQUEST, "UNSUPPORTED", "invalid request path"))?;
+        let target = self.upstream.join(path).map_err(|_| {
+            OciError::new(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED",
+                "invalid request path",
+            )
+        })?;
         Ok((self.upstream.clone(), target))
     }
 
@@ -195,8 +201,13 @@ impl Proxy {
         request: Request<ProxyBody>,
         body_sent: watch::Receiver<bool>,
     ) -> Result<Response<Incoming>, OciError> {
-        match http_client::send_with_deadline(&self.client, request, body_sent, self.response_timeout)
-            .await
+        match http_client::send_with_deadline(
+            &self.client,
+            request,
+            body_sent,
+            self.response_timeout,
+        )
+        .await
         {
             Ok(response) => Ok(response),
             Err(SendError::Failed(e)) => Err(self.explain(&e)),
@@ -289,7 +300,8 @@ impl RequestLog {
 
     /// Answers with regtee's own error; the log line is written when the response is dropped.
     fn answer(self: Arc<Self>, error: OciError) -> Response<ProxyBody> {
-        self.status.store(error.status().as_u16(), Ordering::Relaxed);
+        self.status
+            .store(error.status().as_u16(), Ordering::Relaxed);
         tracing::warn!(
             method = %self.method,
             route = self.kind,
@@ -345,7 +357,9 @@ mod tests {
         let path = relay.register("https://auth.example.net/token");
         let id = path.strip_prefix(FOREIGN_TOKEN_PREFIX).unwrap();
         assert_eq!(
-            relay.resolve(id, Some("service=reg&scope=repository%3Aa%3Apull")).unwrap(),
+            relay
+                .resolve(id, Some("service=reg&scope=repository%3Aa%3Apull"))
+                .unwrap(),
             "https://auth.example.net/token?service=reg&scope=repository%3Aa%3Apull"
         );
         assert!(relay.resolve("0123456789abcdef", None).is_none());

@@ -769,7 +769,9 @@ pub fn spawn_retention(
             wait = Duration::from_secs(3600);
             match queue.purge(retention).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(jobs = n, ?retention, "purged finished jobs past retention"),
+                Ok(n) => {
+                    tracing::info!(jobs = n, ?retention, "purged finished jobs past retention")
+                }
                 Err(e) => tracing::warn!(error = %e, "could not purge old jobs"),
             }
         }
@@ -816,7 +818,10 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(q.get(claimed.id).await.unwrap().unwrap().state, JobState::Done);
+        assert_eq!(
+            q.get(claimed.id).await.unwrap().unwrap().state,
+            JobState::Done
+        );
         // Seen again after it finished: re-armed.
         assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
         let again = q.get(claimed.id).await.unwrap().unwrap();
@@ -843,7 +848,10 @@ mod tests {
         .unwrap();
         let second = q.claim("a").await.unwrap().unwrap();
         assert_ne!(second.id, first.id);
-        assert!(q.claim("a").await.unwrap().is_none(), "retry is not due yet");
+        assert!(
+            q.claim("a").await.unwrap().is_none(),
+            "retry is not due yet"
+        );
         assert!(q.next_due("a").await.unwrap().unwrap() > now_ms());
 
         drop(q);

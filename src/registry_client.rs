@@ -387,9 +387,10 @@ impl RegistryClient {
                 query.append_pair("scope", scope);
             }
         }
-        let uri: Uri = url.as_str().parse().map_err(|_| {
-            self.err(operation, ErrorKind::Protocol("bad token URL".into()))
-        })?;
+        let uri: Uri = url
+            .as_str()
+            .parse()
+            .map_err(|_| self.err(operation, ErrorKind::Protocol("bad token URL".into())))?;
         let mut request = Request::get(uri);
         if let Some(c) = &self.credentials {
             request = request.header(header::AUTHORIZATION, basic_header(c));
@@ -416,12 +417,16 @@ impl RegistryClient {
         let bytes = read_limited(response.into_body(), MAX_ERROR_BODY)
             .await
             .map_err(|e| self.err(&op, ErrorKind::Transfer(e)))?;
-        let parsed: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| {
-            self.err(&op, ErrorKind::Protocol(format!("token response: {e}")))
-        })?;
+        let parsed: TokenResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| self.err(&op, ErrorKind::Protocol(format!("token response: {e}"))))?;
         let token = parsed
             .token()
-            .ok_or_else(|| self.err(&op, ErrorKind::Protocol("token response has no token".into())))?
+            .ok_or_else(|| {
+                self.err(
+                    &op,
+                    ErrorKind::Protocol("token response has no token".into()),
+                )
+            })?
             .to_string();
         // Refresh a little early so a token never expires between check and use.
         let life = parsed.lifetime().saturating_sub(Duration::from_secs(10));
@@ -563,7 +568,14 @@ impl RegistryClient {
     pub async fn ping(&self) -> Result<(), RegistryError> {
         let op = "GET /v2/";
         let response = self
-            .call(Method::GET, self.url("/v2/"), HeaderMap::new(), RequestBody::Empty, &[], op)
+            .call(
+                Method::GET,
+                self.url("/v2/"),
+                HeaderMap::new(),
+                RequestBody::Empty,
+                &[],
+                op,
+            )
             .await?;
         if response.status().is_success() {
             Ok(())
@@ -635,7 +647,10 @@ impl RegistryClient {
                         self.err(&op, ErrorKind::Protocol("redirect without Location".into()))
                     })?;
                 url = resolve(&url, location).ok_or_else(|| {
-                    self.err(&op, ErrorKind::Protocol(format!("bad redirect `{location}`")))
+                    self.err(
+                        &op,
+                        ErrorKind::Protocol(format!("bad redirect `{location}`")),
+                    )
                 })?;
                 continue;
             }
@@ -685,14 +700,16 @@ impl RegistryClient {
                         size,
                     })),
                     // Some registries omit the digest on HEAD: compute it from the bytes.
-                    None => Ok(self
-                        .get_manifest(repository, reference)
-                        .await?
-                        .map(|m| ManifestHead {
-                            size: m.bytes.len() as u64,
-                            digest: m.digest,
-                            media_type: m.media_type,
-                        })),
+                    None => {
+                        Ok(self
+                            .get_manifest(repository, reference)
+                            .await?
+                            .map(|m| ManifestHead {
+                                size: m.bytes.len() as u64,
+                                digest: m.digest,
+                                media_type: m.media_type,
+                            }))
+                    }
                 }
             }
             StatusCode::NOT_FOUND => Ok(None),
@@ -759,7 +776,10 @@ impl RegistryClient {
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_str(media_type).map_err(|_| {
-                self.err(&op, ErrorKind::Protocol(format!("bad media type `{media_type}`")))
+                self.err(
+                    &op,
+                    ErrorKind::Protocol(format!("bad media type `{media_type}`")),
+                )
             })?,
         );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
@@ -801,7 +821,10 @@ impl RegistryClient {
                 self.url(&format!("/v2/{repository}/manifests/{reference}")),
                 HeaderMap::new(),
                 RequestBody::Empty,
-                &[format!("repository:{repository}:delete"), push_scope(repository)],
+                &[
+                    format!("repository:{repository}:delete"),
+                    push_scope(repository),
+                ],
                 &op,
             )
             .await?;
@@ -891,7 +914,10 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         let location = self.location(&response).ok_or_else(|| {
-            self.err(op, ErrorKind::Protocol("upload started without a Location".into()))
+            self.err(
+                op,
+                ErrorKind::Protocol("upload started without a Location".into()),
+            )
         })?;
         Ok((location, min_chunk))
     }
@@ -933,7 +959,14 @@ impl RegistryClient {
         }
         let url = with_query(&location, "digest", digest.as_str());
         let response = self
-            .call(Method::PUT, url, headers, last, &[push_scope(repository)], &op)
+            .call(
+                Method::PUT,
+                url,
+                headers,
+                last,
+                &[push_scope(repository)],
+                &op,
+            )
             .await?;
         if response.status() != StatusCode::CREATED {
             return Err(self.error_from(response, &op).await);
@@ -959,7 +992,9 @@ impl RegistryClient {
         chunk: u64,
         op: &str,
     ) -> Result<Uri, RegistryError> {
-        let chunk = usize::try_from(chunk).unwrap_or(usize::MAX).min(256 * 1024 * 1024);
+        let chunk = usize::try_from(chunk)
+            .unwrap_or(usize::MAX)
+            .min(256 * 1024 * 1024);
         let mut buffer = BytesMut::new();
         let mut offset: u64 = 0;
         let mut ended = false;
@@ -1145,8 +1180,11 @@ fn join_code(code: &str, message: &str) -> String {
 
 fn basic_header(c: &Credentials) -> HeaderValue {
     use base64::Engine;
-    let token = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", c.username, c.password.expose()));
+    let token = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        c.username,
+        c.password.expose()
+    ));
     let mut v = HeaderValue::from_str(&format!("Basic {token}")).expect("base64 is a valid header");
     v.set_sensitive(true);
     v
@@ -1216,9 +1254,13 @@ fn next_link(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::LINK)?.to_str().ok()?;
     value.split(',').find_map(|part| {
         let (target, params) = part.split_once(';')?;
-        params
-            .contains("rel=\"next\"")
-            .then(|| target.trim().trim_start_matches('<').trim_end_matches('>').to_string())
+        params.contains("rel=\"next\"").then(|| {
+            target
+                .trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_string()
+        })
     })
 }
 
@@ -1260,7 +1302,10 @@ mod tests {
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(
             with_query(&u, "digest", &d).to_string(),
-            format!("https://r/v2/a/blobs/uploads/1?_state=abc&digest=sha256%3A{}", "a".repeat(64))
+            format!(
+                "https://r/v2/a/blobs/uploads/1?_state=abc&digest=sha256%3A{}",
+                "a".repeat(64)
+            )
         );
     }
 
@@ -1268,7 +1313,12 @@ mod tests {
     fn error_classes_decide_retries() {
         let e = |kind| RegistryError::new("t", "op", kind);
         assert!(e(ErrorKind::Unreachable("connection refused".into())).retryable());
-        assert!(!e(ErrorKind::Unreachable("invalid peer certificate: UnknownIssuer".into())).retryable());
+        assert!(
+            !e(ErrorKind::Unreachable(
+                "invalid peer certificate: UnknownIssuer".into()
+            ))
+            .retryable()
+        );
         assert_eq!(
             e(ErrorKind::Unreachable("invalid peer certificate".into())).class(),
             "tls"

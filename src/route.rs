@@ -344,7 +344,13 @@ mod tests {
             StatusCode::CREATED,
             &HeaderMap::new(),
         );
-        assert!(matches!(w, Some(Write::Blob { mounted_from: None, .. })));
+        assert!(matches!(
+            w,
+            Some(Write::Blob {
+                mounted_from: None,
+                ..
+            })
+        ));
 
         let start = Route::classify("/v2/a/blobs/uploads/");
         let q = format!("mount={D}&from=lib%2Fbase");

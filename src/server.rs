@@ -80,11 +80,9 @@ pub async fn serve<S, F>(
             match tls {
                 None => serve_connection(stream, svc, limits, watcher).await,
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
-                        limits.header_read_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await;
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                            .await;
                     match handshake {
                         Ok(Ok(tls_stream)) => {
                             serve_connection(tls_stream, svc, limits, watcher).await
@@ -116,9 +114,7 @@ async fn serve_connection<IO, S>(
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>>
-        + Send
-        + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {

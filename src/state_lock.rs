@@ -17,7 +17,9 @@ pub struct StateLock {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another process holds it.
-    #[error("another regtee is already using state directory {0}: stop it, or give this one its own [state] dir")]
+    #[error(
+        "another regtee is already using state directory {0}: stop it, or give this one its own [state] dir"
+    )]
     Held(PathBuf),
     /// The lock file cannot be opened.
     #[error("cannot open lock file {path}: {source}")]

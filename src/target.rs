@@ -30,7 +30,9 @@ pub enum TargetPolicyError {
         message: String,
     },
     /// A mapping whose key or value is not a repository path.
-    #[error("`{0}` = `{1}`: both sides must be non-empty repository paths (lowercase, no leading or trailing `/`)")]
+    #[error(
+        "`{0}` = `{1}`: both sides must be non-empty repository paths (lowercase, no leading or trailing `/`)"
+    )]
     Namespace(String, String),
 }
 
@@ -88,8 +90,13 @@ impl TargetPolicy {
 
     /// A policy that takes everything under its own name; for tools that need no rules.
     pub fn everything() -> TargetPolicy {
-        TargetPolicy::new(BTreeMap::new(), &["**".to_string()], &[], &["**".to_string()])
-            .expect("`**` is a valid glob")
+        TargetPolicy::new(
+            BTreeMap::new(),
+            &["**".to_string()],
+            &[],
+            &["**".to_string()],
+        )
+        .expect("`**` is a valid glob")
     }
 
     /// Whether pushes to this Harbor repository go to the target.

@@ -53,10 +53,11 @@ struct HarborRepository {
 
 /// Reads a Harbor webhook payload. Events other than artifact pushes and deletes yield nothing.
 pub fn harbor(payload: &[u8]) -> Result<Vec<Write>, WebhookError> {
-    let event: HarborEvent = serde_json::from_slice(payload).map_err(|source| WebhookError::Json {
-        sender: "Harbor",
-        source,
-    })?;
+    let event: HarborEvent =
+        serde_json::from_slice(payload).map_err(|source| WebhookError::Json {
+            sender: "Harbor",
+            source,
+        })?;
     let push = match event.kind.as_str() {
         "PUSH_ARTIFACT" | "pushImage" => true,
         "DELETE_ARTIFACT" | "deleteImage" => false,
@@ -119,10 +120,11 @@ struct RegistryTarget {
 
 /// Reads a distribution notification envelope (`application/vnd.docker.distribution.events.v1+json`).
 pub fn registry(payload: &[u8]) -> Result<Vec<Write>, WebhookError> {
-    let envelope: Envelope = serde_json::from_slice(payload).map_err(|source| WebhookError::Json {
-        sender: "registry",
-        source,
-    })?;
+    let envelope: Envelope =
+        serde_json::from_slice(payload).map_err(|source| WebhookError::Json {
+            sender: "registry",
+            source,
+        })?;
     let mut writes = Vec::new();
     for event in envelope.events {
         let target = event.target;
@@ -135,7 +137,10 @@ pub fn registry(payload: &[u8]) -> Result<Vec<Write>, WebhookError> {
             .media_type
             .as_deref()
             .is_some_and(is_manifest_media_type)
-            || target.url.as_deref().is_some_and(|u| u.contains("/manifests/"));
+            || target
+                .url
+                .as_deref()
+                .is_some_and(|u| u.contains("/manifests/"));
         match event.action.as_str() {
             "push" if is_manifest => writes.push(Write::Manifest {
                 repository,

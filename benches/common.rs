@@ -1,0 +1,165 @@
+//! Shared by the benches: local registries, regtee as a process, a streaming HTTP client.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use regtee::body::ProxyBody;
+use regtee::http_client::HttpClient;
+
+pub fn client() -> HttpClient {
+    regtee::tls::install_crypto_provider();
+    regtee::http_client::build(
+        &Default::default(),
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    )
+    .unwrap()
+}
+
+/// A body that repeats `chunk` `times` times: a large blob without holding it in memory.
+pub fn repeated(chunk: Bytes, times: usize) -> ProxyBody {
+    let stream = futures_util::stream::iter(
+        (0..times).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))),
+    );
+    regtee::body::boxed(StreamBody::new(stream))
+}
+
+/// The digest of `chunk` repeated `times` times.
+pub fn repeated_digest(chunk: &[u8], times: usize) -> String {
+    let mut h = regtee::digest::Hasher::new(regtee::digest::Algorithm::Sha256);
+    for _ in 0..times {
+        h.update(chunk);
+    }
+    h.finish().to_string()
+}
+
+pub fn random_chunk(n: usize) -> Bytes {
+    let mut v = vec![0u8; n];
+    rand::fill(&mut v[..]);
+    Bytes::from(v)
+}
+
+/// Uploads a blob with POST + one streaming PUT; returns the elapsed time.
+pub async fn upload(
+    client: &HttpClient,
+    base: &str,
+    repo: &str,
+    chunk: &Bytes,
+    times: usize,
+    digest: &str,
+) -> Duration {
+    let started = Instant::now();
+    let post = http::Request::post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .body(regtee::body::empty())
+        .unwrap();
+    let resp = client.request(post).await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let location = if location.starts_with('/') {
+        format!("{base}{location}")
+    } else {
+        location
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let put = http::Request::put(format!("{location}{sep}digest={digest}"))
+        .header("content-type", "application/octet-stream")
+        .header("content-length", chunk.len() * times)
+        .body(repeated(chunk.clone(), times))
+        .unwrap();
+    let resp = client.request(put).await.unwrap();
+    assert_eq!(resp.status(), 201, "upload through {base}");
+    started.elapsed()
+}
+
+/// Downloads a blob, discarding the bytes; returns the elapsed time and the byte count.
+pub async fn download(
+    client: &HttpClient,
+    base: &str,
+    repo: &str,
+    digest: &str,
+) -> (Duration, u64) {
+    use http_body_util::BodyExt;
+    let started = Instant::now();
+    let get = http::Request::get(format!("{base}/v2/{repo}/blobs/{digest}"))
+        .body(regtee::body::empty())
+        .unwrap();
+    let resp = client.request(get).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            n += data.len() as u64;
+        }
+    }
+    (started.elapsed(), n)
+}
+
+/// regtee as a release process with a config file; killed on drop.
+pub struct RegteeProcess(pub Child);
+
+impl RegteeProcess {
+    pub fn start(config: &Path, log: &Path) -> RegteeProcess {
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_regtee"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        RegteeProcess(child)
+    }
+
+    /// Peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.0.id(), "VmHWM:")
+    }
+
+    /// Current resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.0.id(), "VmRSS:")
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for RegteeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn wait_listening(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{addr} did not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}

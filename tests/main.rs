@@ -1,0 +1,8 @@
+//! Integration tests: real distribution registries, a real token service, real skopeo.
+//! One binary, so the crate links once.
+
+mod support;
+
+mod mirror;
+mod operations;
+mod proxy;

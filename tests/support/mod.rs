@@ -1,0 +1,572 @@
+//! The test harness: real registries, a real token service, regtee in-process or as a
+//! process, skopeo as the client, and helpers that wait for conditions instead of sleeping.
+
+#![allow(dead_code)]
+
+pub mod issuer;
+pub mod layout;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use regtee::config::{ClientTls, Config, Credentials, Endpoint, Secret};
+use regtee::demo::{LocalRegistry, RegistryOptions};
+use regtee::origin::Origin;
+use regtee::registry_client::RegistryClient;
+
+use issuer::{TokenIssuer, User};
+
+pub const DEV_USER: &str = "dev";
+pub const DEV_PASSWORD: &str = "dev-password-7f3a";
+pub const ROBOT_USER: &str = "robot$regtee";
+pub const ROBOT_PASSWORD: &str = "robot-secret-91c2";
+pub const ADMIN_USER: &str = "admin";
+pub const ADMIN_PASSWORD: &str = "Harbor12345-admin";
+pub const CLOUD_USER: &str = "100012345";
+pub const CLOUD_PASSWORD: &str = "tcr-access-credential-55d1";
+
+static TRACING: Once = Once::new();
+
+/// Routes regtee's logs to the test output (shown for failing tests).
+pub fn init_tracing() {
+    TRACING.call_once(|| {
+        regtee::tls::install_crypto_provider();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "regtee=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
+pub async fn wait_until<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A registry with token auth: Harbor-like (service `harbor-registry`) or cloud-like.
+pub struct AuthRegistry {
+    pub registry: LocalRegistry,
+    pub issuer: TokenIssuer,
+}
+
+impl AuthRegistry {
+    pub fn url(&self) -> String {
+        self.registry.url()
+    }
+
+    /// A client with the given credentials, talking to the registry directly.
+    pub fn client(&self, user: &str, password: &str) -> RegistryClient {
+        client_for(&self.url(), Some((user, password)))
+    }
+}
+
+pub fn client_for(url: &str, creds: Option<(&str, &str)>) -> RegistryClient {
+    RegistryClient::new(&Endpoint {
+        name: "test-client".into(),
+        origin: Origin::parse(url).unwrap(),
+        tls: ClientTls {
+            ca_file: None,
+            insecure_skip_verify: true,
+        },
+        credentials: creds.map(|(u, p)| Credentials {
+            username: u.into(),
+            password: Secret::new(p),
+        }),
+        connect_timeout: Duration::from_secs(5),
+        response_timeout: Duration::from_secs(60),
+        pool_idle_timeout: Duration::from_secs(30),
+    })
+    .unwrap()
+}
+
+/// Harbor: token auth like Harbor's; `dev` pushes to library and team, the robot reads all.
+pub async fn start_harbor(dir: &Path) -> AuthRegistry {
+    start_harbor_with(dir, RegistryOptions::default()).await
+}
+
+pub async fn start_harbor_with(dir: &Path, mut options: RegistryOptions) -> AuthRegistry {
+    let issuer = TokenIssuer::start(
+        &dir.join("issuer"),
+        "harbor-registry",
+        &["library", "team", "other"],
+    )
+    .await;
+    let all = |actions: &[&str]| {
+        ["library", "team", "other"]
+            .iter()
+            .map(|p| {
+                (
+                    p.to_string(),
+                    actions.iter().map(|a| a.to_string()).collect(),
+                )
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    issuer.add_user(
+        DEV_USER,
+        User {
+            password: DEV_PASSWORD.into(),
+            admin: false,
+            grants: all(&["pull", "push", "delete"]),
+        },
+    );
+    issuer.add_user(
+        ROBOT_USER,
+        User {
+            password: ROBOT_PASSWORD.into(),
+            admin: true,
+            grants: BTreeMap::new(),
+        },
+    );
+    issuer.add_user(
+        ADMIN_USER,
+        User {
+            password: ADMIN_PASSWORD.into(),
+            admin: true,
+            grants: BTreeMap::new(),
+        },
+    );
+    options.token_auth = Some(issuer.registry_auth());
+    let registry = LocalRegistry::start(&dir.join("registry"), options)
+        .await
+        .unwrap();
+    AuthRegistry { registry, issuer }
+}
+
+/// A cloud registry (TCR-like): its own token service and credentials; `namespaces` exist.
+pub async fn start_cloud(dir: &Path, namespaces: &[&str]) -> AuthRegistry {
+    let issuer = TokenIssuer::start(&dir.join("issuer"), "tcr", namespaces).await;
+    issuer.add_user(
+        CLOUD_USER,
+        User {
+            password: CLOUD_PASSWORD.into(),
+            admin: true,
+            grants: BTreeMap::new(),
+        },
+    );
+    let registry = LocalRegistry::start(
+        &dir.join("registry"),
+        RegistryOptions {
+            token_auth: Some(issuer.registry_auth()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    AuthRegistry { registry, issuer }
+}
+
+/// A `[[targets]]` entry.
+#[derive(Clone)]
+pub struct TargetSpec {
+    pub name: String,
+    pub url: String,
+    pub extra: String,
+}
+
+impl TargetSpec {
+    pub fn cloud(name: &str, cloud: &AuthRegistry) -> TargetSpec {
+        TargetSpec::at(name, &cloud.url())
+    }
+
+    pub fn at(name: &str, url: &str) -> TargetSpec {
+        TargetSpec {
+            name: name.into(),
+            url: url.into(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn with(mut self, line: &str) -> TargetSpec {
+        self.extra.push_str(line);
+        self.extra.push('\n');
+        self
+    }
+}
+
+/// Builds a regtee config file for tests.
+pub struct ConfigSpec {
+    pub listen: String,
+    pub tls: Option<(String, PathBuf, PathBuf)>,
+    pub upstream: String,
+    pub upstream_extra: String,
+    pub state_dir: PathBuf,
+    pub admin: Option<String>,
+    pub admin_token: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub proxy_extra: String,
+    pub targets: Vec<TargetSpec>,
+}
+
+impl ConfigSpec {
+    pub fn new(upstream: &str, state_dir: &Path) -> ConfigSpec {
+        ConfigSpec {
+            listen: "127.0.0.1:0".into(),
+            tls: None,
+            upstream: upstream.into(),
+            upstream_extra: String::new(),
+            state_dir: state_dir.to_path_buf(),
+            admin: Some("127.0.0.1:0".into()),
+            admin_token: None,
+            webhook_secret: None,
+            proxy_extra: String::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    pub fn target(mut self, t: TargetSpec) -> ConfigSpec {
+        self.targets.push(t);
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let mut s = format!("[proxy]\nlisten = \"{}\"\n", self.listen);
+        if let Some((addr, cert, key)) = &self.tls {
+            s.push_str(&format!(
+                "tls_listen = \"{addr}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        s.push_str(&self.proxy_extra);
+        s.push_str(&format!(
+            "[upstream]\nurl = \"{}\"\nusername = \"{ROBOT_USER}\"\npassword_env = \"REGTEE_UPSTREAM_PASSWORD\"\n{}",
+            self.upstream, self.upstream_extra
+        ));
+        s.push_str(&format!(
+            "[state]\ndir = \"{}\"\n",
+            self.state_dir.display()
+        ));
+        if let Some(admin) = &self.admin {
+            s.push_str(&format!("[admin]\nlisten = \"{admin}\"\n"));
+            if self.admin_token.is_some() {
+                s.push_str("token_env = \"REGTEE_ADMIN_TOKEN\"\n");
+            }
+        }
+        if self.webhook_secret.is_some() {
+            s.push_str("[webhooks]\nsecret_env = \"REGTEE_WEBHOOK_SECRET\"\n");
+        }
+        for t in &self.targets {
+            s.push_str(&format!(
+                "[[targets]]\nname = \"{}\"\nurl = \"{}\"\nusername = \"{CLOUD_USER}\"\npassword_env = \"CLOUD_PASSWORD\"\nretry_initial = \"100ms\"\nretry_max = \"500ms\"\n{}",
+                t.name, t.url, t.extra
+            ));
+        }
+        s
+    }
+
+    /// The environment the config reads secrets from.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            (
+                "REGTEE_UPSTREAM_PASSWORD".to_string(),
+                ROBOT_PASSWORD.to_string(),
+            ),
+            ("CLOUD_PASSWORD".to_string(), CLOUD_PASSWORD.to_string()),
+        ];
+        if let Some(t) = &self.admin_token {
+            env.push(("REGTEE_ADMIN_TOKEN".into(), t.clone()));
+        }
+        if let Some(s) = &self.webhook_secret {
+            env.push(("REGTEE_WEBHOOK_SECRET".into(), s.clone()));
+        }
+        env
+    }
+
+    pub fn write(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.toml()).unwrap();
+        path.to_path_buf()
+    }
+
+    pub fn parse(&self) -> Config {
+        let env = self.env();
+        let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        Config::parse(&self.toml(), &self.state_dir.join("regtee.toml"), &lookup).unwrap()
+    }
+}
+
+/// regtee running in this process.
+pub struct Regtee {
+    instance: Option<regtee::Instance>,
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+impl Regtee {
+    pub async fn start(spec: &ConfigSpec) -> Regtee {
+        init_tracing();
+        let instance = regtee::Instance::start(spec.parse()).await.unwrap();
+        Regtee {
+            http: instance.http_addr.unwrap(),
+            https: instance.https_addr,
+            admin: instance.admin_addr,
+            instance: Some(instance),
+        }
+    }
+
+    pub fn host(&self) -> String {
+        self.http.to_string()
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin.unwrap())
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(i) = self.instance.take() {
+            i.shutdown().await;
+        }
+    }
+}
+
+/// regtee as a separate process (for SIGKILL and SIGTERM), logging to a file.
+pub struct RegteeProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl RegteeProcess {
+    pub fn spawn(config: &Path, spec: &ConfigSpec, log: &Path) -> RegteeProcess {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_regtee"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .envs(spec.env())
+            .env("RUST_LOG", "regtee=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        RegteeProcess {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RegteeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits until a TCP port accepts connections.
+pub async fn wait_listening(addr: SocketAddr) {
+    wait_until(
+        &format!("{addr} to listen"),
+        Duration::from_secs(30),
+        || async { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+    )
+    .await;
+}
+
+/// How skopeo should treat TLS on one side.
+pub enum Tls<'a> {
+    /// Plain HTTP or unverified HTTPS.
+    Off,
+    /// HTTPS verified with the CA in this directory (`ca.crt`).
+    CertDir(&'a Path),
+}
+
+pub fn skopeo(args: &[&str]) -> Output {
+    Command::new("skopeo")
+        .arg("--insecure-policy")
+        .args(args)
+        .output()
+        .expect("skopeo is installed (apt-get install skopeo)")
+}
+
+pub fn skopeo_ok(args: &[&str]) -> String {
+    let out = skopeo(args);
+    assert!(
+        out.status.success(),
+        "skopeo {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// skopeo's TLS flags; `prefix` is `dest-`, `src-` or empty.
+fn tls_args(prefix: &str, tls: &Tls<'_>) -> Vec<String> {
+    match tls {
+        Tls::Off => vec![format!("--{prefix}tls-verify=false")],
+        Tls::CertDir(dir) => vec![format!("--{prefix}cert-dir={}", dir.display())],
+    }
+}
+
+/// `skopeo copy --all --preserve-digests oci:LAYOUT:NAME docker://HOST/REPO:TAG`.
+pub fn push_layout(layout: &Path, name: &str, host: &str, repo_tag: &str, tls: Tls<'_>) -> Output {
+    let mut args: Vec<String> = vec![
+        "copy".into(),
+        "--all".into(),
+        "--preserve-digests".into(),
+        "--retry-times=0".into(),
+    ];
+    args.extend(tls_args("dest-", &tls));
+    args.push(format!("--dest-creds={DEV_USER}:{DEV_PASSWORD}"));
+    args.push(format!("oci:{}:{name}", layout.display()));
+    args.push(format!("docker://{host}/{repo_tag}"));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    skopeo(&refs)
+}
+
+pub fn push_layout_ok(layout: &Path, name: &str, host: &str, repo_tag: &str, tls: Tls<'_>) {
+    let out = push_layout(layout, name, host, repo_tag, tls);
+    assert!(
+        out.status.success(),
+        "pushing {repo_tag} to {host} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `skopeo inspect --raw`: the manifest bytes as served.
+pub fn inspect_raw(host: &str, repo_ref: &str, creds: (&str, &str), tls: Tls<'_>) -> Vec<u8> {
+    let mut args: Vec<String> = vec!["inspect".into(), "--raw".into()];
+    args.extend(tls_args("", &tls));
+    args.push(format!("--creds={}:{}", creds.0, creds.1));
+    args.push(format!("docker://{host}/{repo_ref}"));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = skopeo(&refs);
+    assert!(
+        out.status.success(),
+        "skopeo inspect {repo_ref} on {host} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Copies a manifest (with all it references) from `host` into a fresh OCI layout.
+pub fn pull_to_layout(host: &str, repo_tag: &str, dest: &Path, creds: (&str, &str), tls: Tls<'_>) {
+    let mut args: Vec<String> = vec!["copy".into(), "--all".into(), "--preserve-digests".into()];
+    args.extend(tls_args("src-", &tls));
+    args.push(format!("--src-creds={}:{}", creds.0, creds.1));
+    args.push(format!("docker://{host}/{repo_tag}"));
+    args.push(format!("oci:{}:pulled", dest.display()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = skopeo(&refs);
+    assert!(
+        out.status.success(),
+        "pulling {repo_tag} from {host} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until `repo:reference` on `registry` has `digest`.
+pub async fn wait_for_manifest(client: &RegistryClient, repo: &str, reference: &str, digest: &str) {
+    wait_until(
+        &format!("{repo}:{reference} = {digest}"),
+        Duration::from_secs(60),
+        || async {
+            match client.manifest_head(repo, reference).await {
+                Ok(Some(h)) if h.digest.as_str() == digest => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+}
+
+/// GETs JSON from the admin API.
+pub async fn admin_get(regtee: &Regtee, path: &str) -> serde_json::Value {
+    let (status, body) = http_request(&regtee.admin_url(path), "GET", None, &[]).await;
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// A plain HTTP request; returns status and body text.
+pub async fn http_request(
+    url: &str,
+    method: &str,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let client = regtee::http_client::build(
+        &ClientTls {
+            ca_file: None,
+            insecure_skip_verify: true,
+        },
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(
+            body.map(regtee::body::full)
+                .unwrap_or_else(regtee::body::empty),
+        )
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = regtee::registry_client::read_limited(resp.into_body(), 64 << 20)
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Runs the regtee binary as a CLI command.
+pub fn regtee_cli(config: &Path, spec: &ConfigSpec, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_regtee"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .envs(spec.env())
+        .output()
+        .unwrap()
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
