@@ -663,6 +663,14 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
         }
         namespaces.sort();
         namespaces.dedup();
+        if namespaces.is_empty() {
+            lines.push(CheckLine {
+                ok: true,
+                what: format!("target {name} namespaces"),
+                detail: "none mapped and Harbor lists no projects yet: nothing to check".into(),
+                hint: None,
+            });
+        }
         for ns in namespaces.iter().take(20) {
             let what = format!("target {name} namespace {ns}");
             match client.check_push(&format!("{ns}/regtee-check")).await {

@@ -162,6 +162,11 @@ impl LocalRegistry {
         format!("http://{}", self.addr)
     }
 
+    /// Where it keeps its data (distribution's filesystem storage root).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr

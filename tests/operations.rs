@@ -1,1 +1,519 @@
+//! Operating regtee: backfill, diff, reconcile, webhooks, metrics, the admin API and the CLI.
 
+use std::time::Duration;
+
+use crate::support::layout::{Layout, Written};
+use crate::support::*;
+
+/// A spec whose proxy and admin listen on fixed free ports, so the CLI can find the admin API.
+fn spec_with_ports(harbor: &AuthRegistry, state: &std::path::Path) -> ConfigSpec {
+    let mut spec = ConfigSpec::new(&harbor.url(), state);
+    spec.listen = format!("127.0.0.1:{}", regtee::demo::free_port().unwrap());
+    spec.admin = Some(format!("127.0.0.1:{}", regtee::demo::free_port().unwrap()));
+    spec
+}
+
+fn images(layout: &mut Layout, n: usize) -> Vec<Written> {
+    (0..n)
+        .map(|i| {
+            let m = layout.image(&[20_000 + i, 3_000], "amd64");
+            layout.tag(&m, &format!("i{i}"));
+            m
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backfill_copies_what_predates_regtee_diff_tells_and_a_second_run_queues_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["prod-lib", "other"]).await;
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let imgs = images(&mut layout, 4);
+    // Pushed straight to Harbor before regtee exists.
+    let pre = [
+        ("i0", "library/a:1"),
+        ("i1", "library/b:1"),
+        ("i2", "library/b:2"),
+        ("i3", "other/c:1"),
+    ];
+    for (name, repo_tag) in pre {
+        push_layout_ok(
+            &layout.dir,
+            name,
+            &harbor.registry.addr().to_string(),
+            repo_tag,
+            Tls::Off,
+        );
+    }
+    let spec = spec_with_ports(&harbor, &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud).with("namespaces = { library = \"prod-lib\" }"));
+    let config = spec.write(&work.path().join("regtee.toml"));
+
+    // The cutover report sees the gap (no server needed).
+    let out = regtee_cli(&config, &spec, &["diff", "library"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("MISSING"), "{}", text(&out));
+    let out = regtee_cli(&config, &spec, &["diff", "library", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["differing"], 3);
+
+    let regtee = Regtee::start(&spec).await;
+    let out = regtee_cli(&config, &spec, &["sync", "library", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("3 would be queued"), "{}", text(&out));
+    assert_eq!(
+        admin_get(&regtee, "/api/v1/jobs").await["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let out = regtee_cli(&config, &spec, &["sync", "library"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("2 repositories, 3 tags: 0 in sync, 3 queued"),
+        "{}",
+        text(&out)
+    );
+    let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
+    for (i, repo, tag) in [
+        (0, "prod-lib/a", "1"),
+        (1, "prod-lib/b", "1"),
+        (2, "prod-lib/b", "2"),
+    ] {
+        wait_for_manifest(&target, repo, tag, &imgs[i].digest).await;
+    }
+    // The other project was not part of this backfill.
+    assert_eq!(target.manifest_head("other/c", "1").await.unwrap(), None);
+
+    let out = regtee_cli(&config, &spec, &["sync", "library"]);
+    assert!(text(&out).contains("3 in sync, 0 queued"), "{}", text(&out));
+    let out = regtee_cli(&config, &spec, &["diff", "library"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // Per-repository status: every tag, Harbor's digest and the target's.
+    let status = admin_get(&regtee, "/api/v1/repositories/library/b/status").await;
+    let tags = status["tags"].as_array().unwrap();
+    assert_eq!(tags.len(), 2);
+    for t in tags {
+        assert_eq!(t["targets"][0]["status"], "in_sync");
+        assert_eq!(t["targets"][0]["digest"], t["harbor"]);
+        assert_eq!(t["targets"][0]["repository"], "prod-lib/b");
+    }
+    // Job history is queryable per project.
+    let jobs = admin_get(&regtee, "/api/v1/jobs?project=library").await;
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        admin_get(&regtee, "/api/v1/jobs?project=other").await["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    regtee.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_catches_pushes_that_went_around_regtee() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud).with("reconcile_interval = \"1s\""));
+    let regtee = Regtee::start(&spec).await;
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let imgs = images(&mut layout, 1);
+    push_layout_ok(
+        &layout.dir,
+        "i0",
+        &harbor.registry.addr().to_string(),
+        "library/around:1",
+        Tls::Off,
+    );
+    wait_for_manifest(
+        &cloud.client(CLOUD_USER, CLOUD_PASSWORD),
+        "library/around",
+        "1",
+        &imgs[0].digest,
+    )
+    .await;
+    let jobs = admin_get(&regtee, "/api/v1/jobs").await;
+    assert_eq!(jobs["jobs"][0]["origin"], "reconcile");
+    regtee.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_from_harbor_and_from_the_registry_become_mirrored_images() {
+    let work = tempfile::tempdir().unwrap();
+    let admin_port = regtee::demo::free_port().unwrap();
+    let secret = "hook-secret-3b9e";
+    // The registry itself notifies regtee, as a distribution behind Harbor can be told to.
+    let harbor = start_harbor_with(
+        &work.path().join("harbor"),
+        regtee::demo::RegistryOptions {
+            notification: Some(regtee::demo::Notification {
+                url: format!("http://127.0.0.1:{admin_port}/api/v1/webhooks/registry"),
+                authorization: format!("Bearer {secret}"),
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    let mut spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud));
+    spec.admin = Some(format!("127.0.0.1:{admin_port}"));
+    spec.webhook_secret = Some(secret.into());
+    let regtee = Regtee::start(&spec).await;
+    let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let imgs = images(&mut layout, 2);
+    let harbor_host = harbor.registry.addr().to_string();
+
+    // 1. Distribution's notification envelope, sent by the registry on a direct push.
+    push_layout_ok(
+        &layout.dir,
+        "i0",
+        &harbor_host,
+        "library/notified:1",
+        Tls::Off,
+    );
+    wait_for_manifest(&target, "library/notified", "1", &imgs[0].digest).await;
+
+    // 2. Harbor's webhook payload, as documented for PUSH_ARTIFACT.
+    push_layout_ok(
+        &layout.dir,
+        "i1",
+        &harbor_host,
+        "library/hooked:2",
+        Tls::Off,
+    );
+    let payload = serde_json::json!({
+        "type": "PUSH_ARTIFACT",
+        "occur_at": 1_700_000_000,
+        "operator": "admin",
+        "event_data": {
+            "resources": [{"digest": imgs[1].digest, "tag": "2", "resource_url": format!("{harbor_host}/library/hooked:2")}],
+            "repository": {"date_created": 1_700_000_000, "name": "hooked", "namespace": "library", "repo_full_name": "library/hooked", "repo_type": "private"}
+        }
+    });
+    let url = regtee.admin_url("/api/v1/webhooks/harbor");
+    let body = serde_json::to_vec(&payload).unwrap();
+    let (status, _) = http_request(
+        &url,
+        "POST",
+        Some(body.clone()),
+        &[("authorization", "Bearer wrong")],
+    )
+    .await;
+    assert_eq!(status, 401, "a wrong secret is refused");
+    let (status, answer) =
+        http_request(&url, "POST", Some(body), &[("authorization", secret)]).await;
+    assert_eq!(status, 200, "{answer}");
+    wait_for_manifest(&target, "library/hooked", "2", &imgs[1].digest).await;
+    let (status, _) = http_request(
+        &url,
+        "POST",
+        Some(b"{oops".to_vec()),
+        &[("authorization", secret)],
+    )
+    .await;
+    assert_eq!(status, 400, "a malformed payload is refused");
+    regtee.stop().await;
+}
+
+/// Parses Prometheus text format strictly enough to catch malformed output; returns samples.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            assert!(
+                line.is_empty()
+                    || line.starts_with("# HELP ")
+                    || line.starts_with("# TYPE ")
+                    || line.starts_with("# UNIT ")
+                    || line == "# EOF",
+                "bad comment line: {line}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in: {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unterminated labels: {line}");
+        }
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in: {line}"));
+        samples.push((series.to_string(), v));
+    }
+    samples
+}
+
+fn sum(samples: &[(String, f64)], prefix: &str, containing: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(s, _)| s.starts_with(prefix) && s.contains(containing))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_as_prometheus_text_and_move_when_work_happens() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud));
+    let regtee = Regtee::start(&spec).await;
+    let metrics = || async { http_request(&regtee.admin_url("/metrics"), "GET", None, &[]).await };
+    let (status, before) = metrics().await;
+    assert_eq!(status, 200);
+    let before = parse_prometheus(&before);
+    assert_eq!(sum(&before, "regtee_proxy_requests_total", ""), 0.0);
+    assert!(
+        before
+            .iter()
+            .any(|(s, _)| s == "regtee_jobs{target=\"tcr\",state=\"pending\"}")
+    );
+
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let imgs = images(&mut layout, 1);
+    push_layout_ok(&layout.dir, "i0", &regtee.host(), "library/m:1", Tls::Off);
+    wait_for_manifest(
+        &cloud.client(CLOUD_USER, CLOUD_PASSWORD),
+        "library/m",
+        "1",
+        &imgs[0].digest,
+    )
+    .await;
+    let after = wait_until(
+        "the manifest job to be counted",
+        Duration::from_secs(10),
+        || async {
+            let samples = parse_prometheus(&metrics().await.1);
+            (sum(
+                &samples,
+                "regtee_jobs_finished_total",
+                "kind=\"manifest\",outcome=\"done\"",
+            ) >= 1.0)
+                .then_some(samples)
+        },
+    )
+    .await;
+    assert!(
+        sum(
+            &after,
+            "regtee_proxy_requests_total",
+            "route=\"manifest\",status=\"201\""
+        ) >= 1.0
+    );
+    assert!(sum(&after, "regtee_proxy_body_bytes_total", "direction=\"in\"") > 20_000.0);
+    assert!(sum(&after, "regtee_upstream_response_seconds_count", "") > 0.0);
+    assert!(sum(&after, "regtee_mirror_lag_seconds_count", "tcr") >= 1.0);
+    assert!(sum(&after, "regtee_mirrored_bytes_total", "tcr") > 20_000.0);
+    assert_eq!(
+        sum(&after, "regtee_jobs{", "state=\"done\""),
+        4.0,
+        "config, 1 layer... and the manifest"
+    );
+
+    // Health and readiness.
+    assert_eq!(
+        http_request(&regtee.admin_url("/healthz"), "GET", None, &[])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http_request(&regtee.admin_url("/readyz"), "GET", None, &[])
+            .await
+            .0,
+        200
+    );
+    drop(harbor);
+    assert_eq!(
+        http_request(&regtee.admin_url("/readyz"), "GET", None, &[])
+            .await
+            .0,
+        503,
+        "Harbor is down"
+    );
+    regtee.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_token_is_enforced_and_the_cli_uses_it() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let mut spec = spec_with_ports(&harbor, &work.path().join("state"));
+    spec.admin_token = Some("admin-token-8c1f".into());
+    let config = spec.write(&work.path().join("regtee.toml"));
+    let regtee = Regtee::start(&spec).await;
+    for path in ["/api/v1/status", "/metrics", "/healthz"] {
+        let url = regtee.admin_url(path);
+        assert_eq!(
+            http_request(&url, "GET", None, &[]).await.0,
+            401,
+            "{path} without a token"
+        );
+        assert_eq!(
+            http_request(&url, "GET", None, &[("authorization", "Bearer nope")])
+                .await
+                .0,
+            401
+        );
+        assert_eq!(
+            http_request(
+                &url,
+                "GET",
+                None,
+                &[("authorization", "Bearer admin-token-8c1f")]
+            )
+            .await
+            .0,
+            200
+        );
+    }
+    let out = regtee_cli(&config, &spec, &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("TARGET"));
+    regtee.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_namespace_fails_the_job_with_a_hint_and_retry_fixes_it() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    let spec = spec_with_ports(&harbor, &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud).with("namespaces = { library = \"prod-lib\" }"));
+    let config = spec.write(&work.path().join("regtee.toml"));
+    let regtee = Regtee::start(&spec).await;
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let imgs = images(&mut layout, 1);
+    push_layout_ok(&layout.dir, "i0", &regtee.host(), "library/app:1", Tls::Off);
+    let failed = wait_until(
+        "the manifest job to fail",
+        Duration::from_secs(30),
+        || async {
+            let page = admin_get(&regtee, "/api/v1/jobs?state=failed").await;
+            page["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["kind"] == "manifest")
+                .cloned()
+        },
+    )
+    .await;
+    let detail = failed["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("namespace prod-lib does not exist on target tcr")
+            && detail.contains("create it there"),
+        "{detail}"
+    );
+    assert_eq!(failed["error_class"], "denied");
+    // One attempt: retrying cannot fix a missing namespace.
+    let detail_page = admin_get(&regtee, &format!("/api/v1/jobs/{}", failed["id"])).await;
+    assert_eq!(detail_page["attempts"].as_array().unwrap().len(), 1);
+
+    let out = regtee_cli(&config, &spec, &["status"]);
+    assert!(text(&out).contains("create it there"), "{}", text(&out));
+    let out = regtee_cli(&config, &spec, &["jobs", "--failed"]);
+    assert!(text(&out).contains("library/app:1"), "{}", text(&out));
+
+    cloud.issuer.add_project("prod-lib");
+    let out = regtee_cli(&config, &spec, &["retry", "--failed"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    wait_for_manifest(
+        &cloud.client(CLOUD_USER, CLOUD_PASSWORD),
+        "prod-lib/app",
+        "1",
+        &imgs[0].digest,
+    )
+    .await;
+    regtee.stop().await;
+    // With no server running, the CLI reads the state directory itself.
+    let out = regtee_cli(&config, &spec, &["jobs", "--json"]);
+    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        page["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["state"] == "done"),
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_a_wrong_password_and_a_missing_namespace_with_hints() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    let good = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud).with("namespaces = { library = \"library\" }"));
+    let config = good.write(&work.path().join("good.toml"));
+    let out = regtee_cli(&config, &good, &["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("ok    target tcr namespace library: exists and accepts pushes"),
+        "{}",
+        text(&out)
+    );
+
+    // A wrong password for the target.
+    let mut wrong = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud));
+    wrong.cloud_password = "not-it".into();
+    let wrong_path = wrong.write(&work.path().join("wrong.toml"));
+    let out = regtee_cli(&wrong_path, &wrong, &["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("FAIL  target tcr"), "{}", text(&out));
+    assert!(
+        text(&out).contains("hint: the username or password is wrong"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !text(&out).contains("not-it"),
+        "the password is never printed"
+    );
+
+    // A namespace that does not exist there.
+    let missing = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud).with("namespaces = { library = \"prod-lib\" }"));
+    let path = missing.write(&work.path().join("missing.toml"));
+    let out = regtee_cli(&path, &missing, &["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("FAIL  target tcr namespace prod-lib"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("hint: create namespace prod-lib on tcr"),
+        "{}",
+        text(&out)
+    );
+
+    // A config that does not parse: exit 64, one line naming the key.
+    let bad = work.path().join("bad.toml");
+    std::fs::write(&bad, format!("{}\nlisten_port = 1\n", good.toml())).unwrap();
+    let out = regtee_cli(&bad, &good, &["check"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("listen_port"), "{}", text(&out));
+}

@@ -817,6 +817,10 @@ async fn shutdown_lets_an_upload_in_flight_finish_and_refuses_new_connections() 
     let resp = client.request(start).await.unwrap();
     assert_eq!(resp.status(), 202);
     let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let resp_uuid = resp.headers()["docker-upload-uuid"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| {
@@ -841,6 +845,25 @@ async fn shutdown_lets_an_upload_in_flight_finish_and_refuses_new_connections() 
     tx.send(bytes::Bytes::copy_from_slice(&chunk[..100_000]))
         .await
         .unwrap();
+    // Wait until bytes have reached Harbor's storage: the request is mid-flight.
+    let uuid = resp_uuid.clone();
+    let partial = harbor
+        .registry
+        .data_dir()
+        .join("docker/registry/v2/repositories/library/drain/_uploads")
+        .join(&uuid)
+        .join("data");
+    wait_until(
+        "the first bytes of the upload to reach Harbor",
+        Duration::from_secs(10),
+        || async {
+            std::fs::metadata(&partial)
+                .ok()
+                .filter(|m| m.len() > 0)
+                .map(|_| ())
+        },
+    )
+    .await;
     // Shut down while the upload is half sent.
     let stopping = tokio::spawn(regtee.stop());
     wait_until("the listener to close", Duration::from_secs(10), || async {

@@ -218,6 +218,8 @@ pub struct ConfigSpec {
     pub webhook_secret: Option<String>,
     pub proxy_extra: String,
     pub targets: Vec<TargetSpec>,
+    /// What `CLOUD_PASSWORD` holds for the targets.
+    pub cloud_password: String,
 }
 
 impl ConfigSpec {
@@ -233,6 +235,7 @@ impl ConfigSpec {
             webhook_secret: None,
             proxy_extra: String::new(),
             targets: Vec::new(),
+            cloud_password: CLOUD_PASSWORD.into(),
         }
     }
 
@@ -284,7 +287,7 @@ impl ConfigSpec {
                 "REGTEE_UPSTREAM_PASSWORD".to_string(),
                 ROBOT_PASSWORD.to_string(),
             ),
-            ("CLOUD_PASSWORD".to_string(), CLOUD_PASSWORD.to_string()),
+            ("CLOUD_PASSWORD".to_string(), self.cloud_password.clone()),
         ];
         if let Some(t) = &self.admin_token {
             env.push(("REGTEE_ADMIN_TOKEN".into(), t.clone()));
