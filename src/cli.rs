@@ -76,7 +76,7 @@ impl AdminClient {
             CliError(format!(
                 "cannot reach regtee's admin API at {}: {} (is `regtee serve` running with this config?)",
                 self.base,
-                crate::proxy::error_chain(&e)
+                crate::error::error_chain(&e)
             ))
         })?;
         let status = response.status();

@@ -1,4 +1,5 @@
-//! Errors regtee itself answers with, shaped the way the OCI distribution spec shapes them.
+//! Errors regtee itself answers with, shaped the way the OCI distribution spec shapes them, and
+//! the one way regtee turns an error chain into a sentence.
 //!
 //! Upstream errors pass through byte for byte; only failures that are regtee's own (the upstream
 //! cannot be reached, answers too slowly, a push cannot be recorded) are rendered here, once, so
@@ -7,17 +8,6 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde::Serialize;
-
-/// Who caused a failure, which decides the status code and whether retrying can help.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// The request itself is wrong.
-    Client,
-    /// The registry on the other side failed or is unreachable.
-    Remote,
-    /// regtee's own machinery failed.
-    Internal,
-}
 
 /// An error response in the spec's `{"errors":[{code,message,detail}]}` form.
 #[derive(Debug, Clone)]
@@ -116,6 +106,20 @@ impl std::fmt::Display for OciError {
             self.message
         )
     }
+}
+
+/// All messages of an error and its sources, `: `-joined.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@
 //!
 //! [`Instance::start`] wires everything from a [`config::Config`]; [`run`] adds a shutdown signal.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod auth;
 pub mod backfill;
@@ -91,7 +93,8 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Binds every listener, opens the queue and starts the mirror workers.
+    /// Binds every listener, opens the queue and starts the mirror workers. Everything that can
+    /// fail (lock, queue, certificates, binds) happens before the first task starts.
     pub async fn start(config: Config) -> Result<Instance, StartError> {
         tls::install_crypto_provider();
         let lock = state_lock::StateLock::acquire(&config.state.dir)?;
@@ -103,6 +106,28 @@ impl Instance {
                 "resuming jobs interrupted by the previous shutdown"
             );
         }
+        let tls_acceptor = match &config.proxy.tls {
+            Some(t) => Some(server::acceptor(tls::server_config(&t.cert, &t.key)?)),
+            None => None,
+        };
+        let bind = |addr| async move { server::bind(addr).await.map_err(StartError::Bind) };
+        let http = match config.proxy.listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let https = match &config.proxy.tls {
+            Some(t) => Some(bind(t.listen).await?),
+            None => None,
+        };
+        let admin_listener = match &config.admin {
+            Some(a) => Some(bind(a.listen).await?),
+            None => None,
+        };
+        let local =
+            |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        let (http_addr, https_addr, admin_addr) =
+            (local(&http), local(&https), local(&admin_listener));
+
         let metrics = Arc::new(metrics::Metrics::new());
         let tee = Arc::new(tee::Tee::new(queue.clone(), &config.targets));
         let proxy = Arc::new(proxy::Proxy::new(
@@ -111,41 +136,6 @@ impl Instance {
             Some(tee.clone()),
             Some(metrics.clone()),
         )?);
-        let limits = ConnectionLimits {
-            header_read_timeout: config.proxy.header_read_timeout,
-            shutdown_grace: config.proxy.shutdown_grace,
-        };
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-
-        let mut http_addr = None;
-        if let Some(addr) = config.proxy.listen {
-            let listener = server::bind(addr).await.map_err(StartError::Bind)?;
-            http_addr = Some(listener.local_addr().map_err(StartError::Bind)?);
-            let proxy = proxy.clone();
-            tasks.spawn(server::serve(
-                listener,
-                None,
-                limits,
-                cancel.clone(),
-                move |req, conn| proxy.clone().handle(req, conn),
-            ));
-        }
-        let mut https_addr = None;
-        if let Some(tls) = &config.proxy.tls {
-            let acceptor = server::acceptor(tls::server_config(&tls.cert, &tls.key)?);
-            let listener = server::bind(tls.listen).await.map_err(StartError::Bind)?;
-            https_addr = Some(listener.local_addr().map_err(StartError::Bind)?);
-            let proxy = proxy.clone();
-            tasks.spawn(server::serve(
-                listener,
-                Some(acceptor),
-                limits,
-                cancel.clone(),
-                move |req, conn| proxy.clone().handle(req, conn),
-            ));
-        }
-
         let upstream = Arc::new(registry_client::RegistryClient::new(
             &config.upstream.endpoint,
         )?);
@@ -155,16 +145,29 @@ impl Instance {
             &config.targets,
             metrics.clone(),
         )?);
+        let limits = ConnectionLimits {
+            header_read_timeout: config.proxy.header_read_timeout,
+            shutdown_grace: config.proxy.shutdown_grace,
+        };
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        for (listener, acceptor) in [(http, None), (https, tls_acceptor)] {
+            if let Some(listener) = listener {
+                let proxy = proxy.clone();
+                tasks.spawn(server::serve(
+                    listener,
+                    acceptor,
+                    limits,
+                    cancel.clone(),
+                    move |req, conn| proxy.clone().handle(req, conn),
+                ));
+            }
+        }
         mirror.spawn_workers(&tasks, &cancel);
         backfill::spawn_reconcilers(&tasks, &cancel, &config.targets, mirror.clone());
         queue::spawn_retention(&tasks, &cancel, queue.clone(), config.state.retention);
-
-        let mut admin_addr = None;
-        if let Some(admin_config) = &config.admin {
-            let listener = server::bind(admin_config.listen)
-                .await
-                .map_err(StartError::Bind)?;
-            admin_addr = Some(listener.local_addr().map_err(StartError::Bind)?);
+        if let Some(listener) = admin_listener {
             let admin = Arc::new(admin::Admin::new(
                 &config,
                 queue.clone(),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 use regtee::config::{Config, LogFormat};
 use regtee::queue::{JobFilter, JobState};
@@ -14,21 +14,17 @@ use regtee::queue::{JobFilter, JobState};
 #[derive(Parser)]
 #[command(name = "regtee", version, about, long_about = None)]
 struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Args, Clone)]
-struct ConfigArg {
-    /// The config file.
+    /// The config file (every command takes it).
     #[arg(long, short = 'c', default_value = "./regtee.toml", global = true)]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy, the mirror workers and the admin API.
-    Serve(ConfigArg),
+    Serve,
     /// Run a local demo: two registries as Harbor and cloud, regtee between them.
     Demo {
         /// Exit after the demo push instead of serving until Ctrl-C.
@@ -42,16 +38,12 @@ enum Command {
     },
     /// Per-target job counts, oldest unfinished job, recent failures.
     Status {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// List jobs, newest first.
     Jobs {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Only failed jobs.
         #[arg(long)]
         failed: bool,
@@ -79,8 +71,6 @@ enum Command {
     },
     /// Queue a failed (or finished) job again, or every failed job.
     Retry {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The job id.
         #[arg(required_unless_present = "failed")]
         id: Option<i64>,
@@ -93,8 +83,6 @@ enum Command {
     },
     /// Backfill a Harbor project: queue every tag a target lacks or holds with another digest.
     Sync {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The Harbor project.
         project: String,
         /// Only this target.
@@ -106,8 +94,6 @@ enum Command {
     },
     /// Cutover report: Harbor's digest and each target's, per tag; exit 1 while any differs.
     Diff {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Harbor projects (all in the catalog when none).
         projects: Vec<String>,
         /// Print JSON.
@@ -115,7 +101,7 @@ enum Command {
         json: bool,
     },
     /// Validate the config and test Harbor and every target.
-    Check(ConfigArg),
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -187,9 +173,10 @@ fn code(result: anyhow::Result<i32>) -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> ExitCode {
+    let path = cli.config;
     match cli.command {
-        Command::Serve(args) => {
-            let config = match load(&args.config) {
+        Command::Serve => {
+            let config = match load(&path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -220,12 +207,11 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 })
                 .map_err(Into::into),
         ),
-        Command::Status { config, json } => with_config(&config.config, |c| async move {
+        Command::Status { json } => with_config(&path, |c| async move {
             regtee::cli::status(&c, json).await
         })
         .await,
         Command::Jobs {
-            config,
             failed,
             state,
             target,
@@ -255,40 +241,30 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 before_id: before,
                 limit,
             };
-            with_config(&config.config, |c| async move {
+            with_config(&path, |c| async move {
                 regtee::cli::jobs(&c, filter, json).await
             })
             .await
         }
-        Command::Retry {
-            config, id, target, ..
-        } => with_config(&config.config, |c| async move {
+        Command::Retry { id, target, .. } => with_config(&path, |c| async move {
             regtee::cli::retry(&c, id, target).await
         })
         .await,
         Command::Sync {
-            config,
             project,
             target,
             dry_run,
-        } => with_config(&config.config, |c| async move {
+        } => with_config(&path, |c| async move {
             regtee::cli::sync(&c, &project, target, dry_run).await
         })
         .await,
-        Command::Diff {
-            config,
-            projects,
-            json,
-        } => with_config(&config.config, |c| async move {
+        Command::Diff { projects, json } => with_config(&path, |c| async move {
             regtee::cli::diff(&c, projects, json).await
         })
         .await,
-        Command::Check(args) => {
-            let path = args.config.clone();
-            with_config(&args.config, |c| async move {
-                regtee::cli::check(&c, &path).await
-            })
-            .await
+        Command::Check => {
+            let shown = path.clone();
+            with_config(&path, |c| async move { regtee::cli::check(&c, &shown).await }).await
         }
     }
 }

@@ -309,6 +309,10 @@ impl Mirror {
             };
         }
         let reason = match &error {
+            JobError::Registry(e) if retryable => format!(
+                "{e} (gave up after {} attempts: raise max_attempts, or fix the cause and `regtee retry --failed`)",
+                job.attempts
+            ),
             JobError::Registry(e) => hint(e, target, job),
             JobError::Invalid(m) => m.clone(),
         };
@@ -765,7 +769,7 @@ fn hint(e: &RegistryError, target: &Target, job: &Job) -> String {
                 format!("target {name}")
             }
         ),
-        _ => format!("{e} (gave up after {} attempts)", job.attempts),
+        _ => e.to_string(),
     }
 }
 

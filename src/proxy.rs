@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::body::{self, ProxyBody, Tracked};
 use crate::config::{ProxyConfig, UpstreamConfig};
-use crate::error::OciError;
+use crate::error::{OciError, error_chain};
 use crate::headers::{self, RealmRewrite};
 use crate::http_client::{self, HttpClient, SendError};
 use crate::origin::{Origin, Scheme};
@@ -239,20 +239,6 @@ impl Proxy {
             OciError::bad_gateway(message)
         }
     }
-}
-
-/// All messages of an error and its sources, `: `-joined.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = e.source();
-    }
-    parts.join(": ")
 }
 
 fn chain_has<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

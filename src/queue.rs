@@ -427,55 +427,58 @@ impl Queue {
     }
 
     fn wake(&self, target: &str) {
-        self.waker(target).notify_waiters();
-        self.waker(target).notify_one();
+        let waker = self.waker(target);
+        waker.notify_waiters();
+        waker.notify_one();
     }
 
     /// Adds jobs in one transaction. A job identical to a pending or running one is merged into
     /// it; one identical to a finished job re-arms that job. Returns how many were armed.
+    ///
+    /// Once called, the jobs are committed even if the caller's future is dropped (a client
+    /// hanging up mid-push): the work runs to completion on a blocking thread, workers included.
     pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
         if jobs.is_empty() {
             return Ok(0);
         }
-        let targets: Vec<String> = jobs.iter().map(|j| j.target.clone()).collect();
+        let wakers: Vec<Arc<Notify>> = jobs.iter().map(|j| self.waker(&j.target)).collect();
         let now = now_ms();
-        let armed = self
-            .with(move |c| {
-                let tx = c.transaction()?;
-                let mut armed = 0;
-                {
-                    let mut insert = tx.prepare_cached(
-                        "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
-                                           state, created_at, updated_at, next_attempt_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8, ?8) \
-                         ON CONFLICT (target, kind, repository, tag, digest) DO UPDATE SET \
-                             state = 'pending', attempts = 0, origin = excluded.origin, \
-                             mount_from = excluded.mount_from, created_at = excluded.created_at, \
-                             updated_at = excluded.updated_at, next_attempt_at = excluded.next_attempt_at, \
-                             started_at = NULL, finished_at = NULL, detail = '', error_class = '' \
-                         WHERE jobs.state NOT IN ('pending', 'running')",
-                    )?;
-                    for job in &jobs {
-                        armed += insert.execute(params![
-                            job.target,
-                            job.kind.as_str(),
-                            job.repository,
-                            job.tag.as_deref().unwrap_or(""),
-                            job.digest.as_deref().unwrap_or(""),
-                            job.mount_from.as_deref().unwrap_or(""),
-                            job.origin.as_str(),
-                            now,
-                        ])?;
-                    }
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let mut armed = 0;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
+                                       state, created_at, updated_at, next_attempt_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8, ?8) \
+                     ON CONFLICT (target, kind, repository, tag, digest) DO UPDATE SET \
+                         state = 'pending', attempts = 0, origin = excluded.origin, \
+                         mount_from = excluded.mount_from, created_at = excluded.created_at, \
+                         updated_at = excluded.updated_at, next_attempt_at = excluded.next_attempt_at, \
+                         started_at = NULL, finished_at = NULL, detail = '', error_class = '' \
+                     WHERE jobs.state NOT IN ('pending', 'running')",
+                )?;
+                for job in &jobs {
+                    armed += insert.execute(params![
+                        job.target,
+                        job.kind.as_str(),
+                        job.repository,
+                        job.tag.as_deref().unwrap_or(""),
+                        job.digest.as_deref().unwrap_or(""),
+                        job.mount_from.as_deref().unwrap_or(""),
+                        job.origin.as_str(),
+                        now,
+                    ])?;
                 }
-                tx.commit()?;
-                Ok(armed)
-            })
-            .await?;
-        for target in targets {
-            self.wake(&target);
-        }
-        Ok(armed)
+            }
+            tx.commit()?;
+            for waker in &wakers {
+                waker.notify_waiters();
+                waker.notify_one();
+            }
+            Ok(armed)
+        })
+        .await
     }
 
     /// Takes the next due job of `target`, marking it running.

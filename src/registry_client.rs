@@ -21,10 +21,10 @@ use crate::auth::{Challenge, TokenResponse};
 use crate::body::{self, ProxyBody};
 use crate::config::{Credentials, Endpoint};
 use crate::digest::Digest;
+use crate::error::error_chain;
 use crate::http_client::{self, HttpClient, SendError};
 use crate::manifest::{ACCEPT_ALL, MAX_MANIFEST_BYTES};
 use crate::origin::Origin;
-use crate::proxy::error_chain;
 
 /// What went wrong talking to a registry, classified for retry decisions and for people.
 #[derive(Debug, Clone)]

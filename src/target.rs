@@ -14,6 +14,7 @@ pub struct TargetPolicy {
     include: GlobSet,
     exclude: GlobSet,
     tags: GlobSet,
+    every_tag: bool,
 }
 
 /// A rule that cannot work.
@@ -85,6 +86,8 @@ impl TargetPolicy {
             include: glob_set("include", include)?,
             exclude: glob_set("exclude", exclude)?,
             tags: glob_set("tags", tags)?,
+            // Tags never contain `/`, so `*` takes every tag as `**` does.
+            every_tag: tags.iter().any(|t| t == "**" || t == "*"),
         })
     }
 
@@ -107,6 +110,12 @@ impl TargetPolicy {
     /// Whether pushes of this tag go to the target (pushes by digest always do).
     pub fn wants_tag(&self, tag: &str) -> bool {
         self.tags.is_match(tag)
+    }
+
+    /// Whether every tag is taken. Only then are blobs copied before their manifest arrives:
+    /// with a tag filter, a blob may belong to an image the target will never receive.
+    pub fn takes_every_tag(&self) -> bool {
+        self.every_tag
     }
 
     /// The repository's name on the target: its project replaced by the mapped namespace.
@@ -166,6 +175,8 @@ mod tests {
     #[test]
     fn tag_filters() {
         let p = policy(&["**"], &[], &["v*", "release-**"]);
+        assert!(!p.takes_every_tag());
+        assert!(policy(&["**"], &[], &["**"]).takes_every_tag());
         assert!(p.wants_tag("v1.2.3"));
         assert!(p.wants_tag("release-2024"));
         assert!(!p.wants_tag("latest"));

@@ -57,6 +57,9 @@ impl Tee {
                     origin,
                 };
                 match write {
+                    // With a tag filter the blob may belong to an image this target never
+                    // gets; its manifest job copies the blobs it needs instead.
+                    Write::Blob { .. } if !t.policy.takes_every_tag() => None,
                     Write::Blob {
                         digest,
                         mounted_from,
@@ -103,5 +106,69 @@ impl Tee {
     pub async fn record_from(&self, write: &Write, origin: JobOrigin) -> Result<usize, QueueError> {
         let jobs = self.jobs_for(write, origin);
         self.queue.enqueue(jobs).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const D: &str = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+    fn tee(targets: &str) -> (Tee, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[proxy]\nlisten = \"127.0.0.1:1\"\n[upstream]\nurl = \"https://h\"\n{targets}"
+        );
+        let config = Config::parse(&text, &dir.path().join("r.toml"), &|_| None).unwrap();
+        let queue = Arc::new(Queue::open(dir.path()).unwrap());
+        (Tee::new(queue, &config.targets), dir)
+    }
+
+    fn names(jobs: &[NewJob]) -> Vec<(&str, JobKind)> {
+        jobs.iter().map(|j| (j.target.as_str(), j.kind)).collect()
+    }
+
+    #[test]
+    fn filters_decide_which_targets_get_jobs() {
+        let (tee, _dir) = tee(
+            "[[targets]]\nname = \"all\"\nurl = \"https://a\"\ndelete = true\n\
+             [[targets]]\nname = \"lib-v\"\nurl = \"https://b\"\ninclude = [\"library/**\"]\ntags = [\"v*\"]\n",
+        );
+        let manifest = |repo: &str, tag: &str| Write::Manifest {
+            repository: repo.into(),
+            tag: Some(tag.into()),
+            digest: Some(D.parse().unwrap()),
+        };
+        let jobs = tee.jobs_for(&manifest("library/app", "v1"), JobOrigin::Push);
+        assert_eq!(
+            names(&jobs),
+            vec![("all", JobKind::Manifest), ("lib-v", JobKind::Manifest)]
+        );
+        let jobs = tee.jobs_for(&manifest("library/app", "latest"), JobOrigin::Push);
+        assert_eq!(names(&jobs), vec![("all", JobKind::Manifest)]);
+        let jobs = tee.jobs_for(&manifest("team/app", "v1"), JobOrigin::Push);
+        assert_eq!(names(&jobs), vec![("all", JobKind::Manifest)]);
+
+        // Blobs go early only where every tag is taken.
+        let blob = Write::Blob {
+            repository: "library/app".into(),
+            digest: D.parse().unwrap(),
+            mounted_from: None,
+        };
+        assert_eq!(
+            names(&tee.jobs_for(&blob, JobOrigin::Push)),
+            vec![("all", JobKind::Blob)]
+        );
+
+        // Deletes only where delete = true.
+        let delete = Write::ManifestDeleted {
+            repository: "library/app".into(),
+            reference: D.into(),
+        };
+        let jobs = tee.jobs_for(&delete, JobOrigin::Push);
+        assert_eq!(names(&jobs), vec![("all", JobKind::Delete)]);
+        assert_eq!(jobs[0].digest.as_deref(), Some(D));
     }
 }
