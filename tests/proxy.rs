@@ -954,3 +954,56 @@ async fn logs_have_one_line_per_request_and_never_a_secret_and_sigterm_exits_cle
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_listener_speaks_http2_via_alpn_and_rewrites_for_its_own_origin() {
+    use rustls::pki_types::pem::PemObject;
+    let work = tempfile::tempdir().unwrap();
+    let files =
+        regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let mut spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"));
+    spec.tls = Some((
+        "127.0.0.1:0".into(),
+        files.server_cert.clone(),
+        files.server_key.clone(),
+    ));
+    let regtee = Regtee::start(&spec).await;
+    let port = regtee.https.unwrap().port();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(&files.ca_cert).unwrap())
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(format!("https://localhost:{port}/v2/"))
+        .body(regtee::body::empty())
+        .unwrap();
+    let response = send.send_request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 401);
+    let challenge = response.headers()["www-authenticate"].to_str().unwrap();
+    assert!(
+        challenge.contains(&format!("realm=\"https://localhost:{port}/_regtee/token/")),
+        "the realm points at the origin the client used: {challenge}"
+    );
+    regtee.stop().await;
+}
