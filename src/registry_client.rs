@@ -414,11 +414,7 @@ impl RegistryClient {
         if !status.is_success() {
             return Err(self.error_from(response, &op).await);
         }
-        let bytes = read_limited(response.into_body(), MAX_ERROR_BODY)
-            .await
-            .map_err(|e| self.err(&op, ErrorKind::Transfer(e)))?;
-        let parsed: TokenResponse = serde_json::from_slice(&bytes)
-            .map_err(|e| self.err(&op, ErrorKind::Protocol(format!("token response: {e}"))))?;
+        let parsed: TokenResponse = self.read_json(response, MAX_ERROR_BODY, &op).await?;
         let token = parsed
             .token()
             .ok_or_else(|| {
@@ -562,6 +558,41 @@ impl RegistryClient {
         self.err(operation, kind)
     }
 
+    /// Reads a JSON body of at most `limit` bytes.
+    async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        response: Response<Incoming>,
+        limit: usize,
+        operation: &str,
+    ) -> Result<T, RegistryError> {
+        let bytes = read_limited(response.into_body(), limit)
+            .await
+            .map_err(|e| self.err(operation, ErrorKind::Transfer(e)))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| self.err(operation, ErrorKind::Protocol(format!("invalid JSON: {e}"))))
+    }
+
+    /// GET or HEAD of a manifest, accepting every manifest media type.
+    async fn manifest_request(
+        &self,
+        method: Method,
+        repository: &str,
+        reference: &str,
+        operation: &str,
+    ) -> Result<Response<Incoming>, RegistryError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT_ALL));
+        self.call(
+            method,
+            self.url(&format!("/v2/{repository}/manifests/{reference}")),
+            headers,
+            RequestBody::Empty,
+            &[pull_scope(repository)],
+            operation,
+        )
+        .await
+    }
+
     // ---- operations ----
 
     /// `GET /v2/` with credentials: proves reachability, TLS and authentication.
@@ -672,25 +703,12 @@ impl RegistryClient {
         reference: &str,
     ) -> Result<Option<ManifestHead>, RegistryError> {
         let op = format!("HEAD manifest {repository}:{reference}");
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT_ALL));
         let response = self
-            .call(
-                Method::HEAD,
-                self.url(&format!("/v2/{repository}/manifests/{reference}")),
-                headers,
-                RequestBody::Empty,
-                &[pull_scope(repository)],
-                &op,
-            )
+            .manifest_request(Method::HEAD, repository, reference, &op)
             .await?;
         match response.status() {
             StatusCode::OK => {
-                let digest = response
-                    .headers()
-                    .get("docker-content-digest")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<Digest>().ok());
+                let digest = reported_digest(response.headers());
                 let media_type = content_type(response.headers());
                 let size = content_length(response.headers()).unwrap_or(0);
                 match digest {
@@ -725,17 +743,8 @@ impl RegistryClient {
         reference: &str,
     ) -> Result<Option<FetchedManifest>, RegistryError> {
         let op = format!("GET manifest {repository}:{reference}");
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT_ALL));
         let response = self
-            .call(
-                Method::GET,
-                self.url(&format!("/v2/{repository}/manifests/{reference}")),
-                headers,
-                RequestBody::Empty,
-                &[pull_scope(repository)],
-                &op,
-            )
+            .manifest_request(Method::GET, repository, reference, &op)
             .await?;
         match response.status() {
             StatusCode::OK => {}
@@ -796,11 +805,7 @@ impl RegistryClient {
         if response.status() != StatusCode::CREATED && !response.status().is_success() {
             return Err(self.error_from(response, &op).await);
         }
-        let digest = response
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+        let digest = reported_digest(response.headers());
         let has_referrers_api = response.headers().contains_key("oci-subject");
         Ok(StoredManifest {
             digest,
@@ -971,12 +976,8 @@ impl RegistryClient {
         if response.status() != StatusCode::CREATED {
             return Err(self.error_from(response, &op).await);
         }
-        match response
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(reported) if reported != digest.as_str() => Err(self.err(
+        match reported_digest(response.headers()) {
+            Some(reported) if reported != *digest => Err(self.err(
                 &op,
                 ErrorKind::Protocol(format!("registry stored {reported}, expected {digest}")),
             )),
@@ -1087,11 +1088,7 @@ impl RegistryClient {
                 _ => return Err(self.error_from(response, &op).await),
             }
             next = next_link(response.headers()).and_then(|l| resolve(&url, &l));
-            let bytes = read_limited(response.into_body(), 16 * 1024 * 1024)
-                .await
-                .map_err(|e| self.err(&op, ErrorKind::Transfer(e)))?;
-            let page: TagList = serde_json::from_slice(&bytes)
-                .map_err(|e| self.err(&op, ErrorKind::Protocol(e.to_string())))?;
+            let page: TagList = self.read_json(response, 16 << 20, &op).await?;
             tags.extend(page.tags.unwrap_or_default());
         }
         Ok(tags)
@@ -1117,11 +1114,7 @@ impl RegistryClient {
                 return Err(self.error_from(response, op).await);
             }
             next = next_link(response.headers()).and_then(|l| resolve(&url, &l));
-            let bytes = read_limited(response.into_body(), 64 * 1024 * 1024)
-                .await
-                .map_err(|e| self.err(op, ErrorKind::Transfer(e)))?;
-            let page: Catalog = serde_json::from_slice(&bytes)
-                .map_err(|e| self.err(op, ErrorKind::Protocol(e.to_string())))?;
+            let page: Catalog = self.read_json(response, 64 << 20, op).await?;
             repositories.extend(page.repositories);
         }
         Ok(repositories)
@@ -1154,10 +1147,11 @@ impl RegistryClient {
                 StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => return Ok(None),
                 _ => return Err(self.error_from(response, &op).await),
             }
-            let bytes = read_limited(response.into_body(), 16 * 1024 * 1024)
+            // Something that answers 200 with other JSON is not Harbor's API.
+            let Ok(batch) = self
+                .read_json::<Vec<HarborRepository>>(response, 16 << 20, &op)
                 .await
-                .map_err(|e| self.err(&op, ErrorKind::Transfer(e)))?;
-            let Ok(batch) = serde_json::from_slice::<Vec<HarborRepository>>(&bytes) else {
+            else {
                 return Ok(None);
             };
             let done = batch.len() < 100;
@@ -1195,6 +1189,14 @@ fn bearer_header(token: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
     v.set_sensitive(true);
     v
+}
+
+/// `Docker-Content-Digest`, when present and valid.
+fn reported_digest(headers: &HeaderMap) -> Option<Digest> {
+    headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

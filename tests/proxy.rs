@@ -172,6 +172,16 @@ const COMPARED_HEADERS: [&str; 9] = [
 ];
 
 impl Speaker {
+    /// A request with no extra headers and no body.
+    async fn bare(
+        &mut self,
+        step: &'static str,
+        method: &str,
+        path: &str,
+    ) -> (u16, http::HeaderMap, Vec<u8>) {
+        self.send(step, method, path, &[], vec![]).await
+    }
+
     /// Sends a request; `path` may be a full URL (from a Location or Link header).
     async fn send(
         &mut self,
@@ -269,32 +279,26 @@ async fn walk_the_spec(s: &mut Speaker, a: &[u8], b: &[u8], mono: &[u8]) {
     let d_whole = Digest::sha256_of(&whole).to_string();
     let d_mono = Digest::sha256_of(mono).to_string();
 
-    s.send("base", "GET", "/v2/", &[], vec![]).await;
-    s.send(
+    s.bare("base", "GET", "/v2/").await;
+    s.bare(
         "head unknown blob",
         "HEAD",
         &format!("/v2/{repo}/blobs/{unknown}"),
-        &[],
-        vec![],
     )
     .await;
-    s.send(
+    s.bare(
         "get unknown blob",
         "GET",
         &format!("/v2/{repo}/blobs/{unknown}"),
-        &[],
-        vec![],
     )
     .await;
 
     // Chunked upload with a status check in the middle.
     let (_, h, _) = s
-        .send(
+        .bare(
             "start upload",
             "POST",
             &format!("/v2/{repo}/blobs/uploads/"),
-            &[],
-            vec![],
         )
         .await;
     let loc = header(&h, "location");
@@ -308,7 +312,7 @@ async fn walk_the_spec(s: &mut Speaker, a: &[u8], b: &[u8], mono: &[u8]) {
         )
         .await;
     let loc = header(&h, "location");
-    s.send("upload status", "GET", &loc, &[], vec![]).await;
+    s.bare("upload status", "GET", &loc).await;
     let (_, h, _) = s
         .send(
             "patch chunk 2",
@@ -330,22 +334,10 @@ async fn walk_the_spec(s: &mut Speaker, a: &[u8], b: &[u8], mono: &[u8]) {
         vec![],
     )
     .await;
-    s.send(
-        "head blob",
-        "HEAD",
-        &format!("/v2/{repo}/blobs/{d_whole}"),
-        &[],
-        vec![],
-    )
-    .await;
+    s.bare("head blob", "HEAD", &format!("/v2/{repo}/blobs/{d_whole}"))
+        .await;
     let (_, _, got) = s
-        .send(
-            "get blob",
-            "GET",
-            &format!("/v2/{repo}/blobs/{d_whole}"),
-            &[],
-            vec![],
-        )
+        .bare("get blob", "GET", &format!("/v2/{repo}/blobs/{d_whole}"))
         .await;
     assert_eq!(got, whole, "blob bytes");
     s.send(
@@ -395,38 +387,26 @@ async fn walk_the_spec(s: &mut Speaker, a: &[u8], b: &[u8], mono: &[u8]) {
         )
         .await;
     }
-    s.send(
+    s.bare(
         "mount",
         "POST",
         &format!("/v2/{repo}/blobs/uploads/?mount={d_whole}&from={other_repo}"),
-        &[],
-        vec![],
     )
     .await;
     let (_, h, _) = s
-        .send(
+        .bare(
             "mount of unknown blob falls back to upload",
             "POST",
             &format!("/v2/{repo}/blobs/uploads/?mount={unknown}&from={other_repo}"),
-            &[],
-            vec![],
         )
         .await;
-    s.send(
-        "cancel upload",
-        "DELETE",
-        &header(&h, "location"),
-        &[],
-        vec![],
-    )
-    .await;
+    s.bare("cancel upload", "DELETE", &header(&h, "location"))
+        .await;
     let (_, h, _) = s
-        .send(
+        .bare(
             "start upload 2",
             "POST",
             &format!("/v2/{repo}/blobs/uploads/"),
-            &[],
-            vec![],
         )
         .await;
     s.send(
@@ -490,13 +470,7 @@ async fn walk_the_spec(s: &mut Speaker, a: &[u8], b: &[u8], mono: &[u8]) {
     // distribution 2.8 ignores n/last on tags (Harbor honours them); the catalog below
     // carries a Link either way. Whatever the upstream does, regtee must do the same.
     let (_, h, _) = s
-        .send(
-            "tags page 1",
-            "GET",
-            &format!("/v2/{repo}/tags/list?n=2"),
-            &[],
-            vec![],
-        )
+        .bare("tags page 1", "GET", &format!("/v2/{repo}/tags/list?n=2"))
         .await;
     if let Some(link) = h.get("link").and_then(|v| v.to_str().ok()) {
         let next = link
@@ -505,15 +479,12 @@ async fn walk_the_spec(s: &mut Speaker, a: &[u8], b: &[u8], mono: &[u8]) {
             .next()
             .unwrap()
             .to_string();
-        s.send("tags page 2 via Link", "GET", &next, &[], vec![])
-            .await;
+        s.bare("tags page 2 via Link", "GET", &next).await;
     }
-    s.send(
+    s.bare(
         "tags after last",
         "GET",
         &format!("/v2/{repo}/tags/list?n=2&last=v2"),
-        &[],
-        vec![],
     )
     .await;
     let missing_blob = serde_json::to_vec(&serde_json::json!({
@@ -539,52 +510,40 @@ async fn walk_the_spec(s: &mut Speaker, a: &[u8], b: &[u8], mono: &[u8]) {
         b"{not json".to_vec(),
     )
     .await;
-    s.send(
+    s.bare(
         "referrers",
         "GET",
         &format!("/v2/{repo}/referrers/{d_manifest}"),
-        &[],
-        vec![],
     )
     .await;
-    s.send(
+    s.bare(
         "delete manifest",
         "DELETE",
         &format!("/v2/{repo}/manifests/{d_manifest}"),
-        &[],
-        vec![],
     )
     .await;
-    s.send(
+    s.bare(
         "get deleted manifest",
         "GET",
         &format!("/v2/{repo}/manifests/v1"),
-        &[],
-        vec![],
     )
     .await;
-    s.send(
+    s.bare(
         "delete blob",
         "DELETE",
         &format!("/v2/{repo}/blobs/{d_whole}"),
-        &[],
-        vec![],
     )
     .await;
-    s.send(
+    s.bare(
         "head deleted blob",
         "HEAD",
         &format!("/v2/{repo}/blobs/{d_whole}"),
-        &[],
-        vec![],
     )
     .await;
-    s.send(
+    s.bare(
         "tags of unknown repository",
         "GET",
         "/v2/library/nothing-here/tags/list",
-        &[],
-        vec![],
     )
     .await;
 }
@@ -602,28 +561,8 @@ async fn every_spec_endpoint_answers_through_regtee_as_it_does_directly() {
         "repository:library/src-b:pull,push",
         "repository:library/nothing-here:pull",
     ];
-    let query: String = scopes.iter().map(|s| format!("&scope={s}")).collect();
-    let (status, body) = http_request(
-        &format!("{}?service=harbor-registry{query}", harbor.issuer.realm()),
-        "GET",
-        None,
-        &[(
-            "authorization",
-            &format!("Basic {}", base64_creds(ADMIN_USER, ADMIN_PASSWORD)),
-        )],
-    )
-    .await;
-    assert_eq!(status, 200);
-    let token = serde_json::from_str::<serde_json::Value>(&body).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let client = regtee::http_client::build(
-        &Default::default(),
-        Duration::from_secs(5),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let token = harbor.token(ADMIN_USER, ADMIN_PASSWORD, &scopes).await;
+    let client = AuthRegistry::raw_client();
     let a = layout::random_bytes(70_000);
     let b = layout::random_bytes(33_333);
     let mono = layout::random_bytes(1_000);
@@ -660,14 +599,16 @@ async fn every_spec_endpoint_answers_through_regtee_as_it_does_directly() {
         log: vec![],
         ..proxied
     };
-    let admin_token = catalog_token(&harbor).await;
+    let admin_token = harbor
+        .token(ADMIN_USER, ADMIN_PASSWORD, &["registry:catalog:*"])
+        .await;
     catalog_direct.token = admin_token.clone();
     catalog_proxied.token = admin_token;
     catalog_direct
-        .send("catalog", "GET", "/v2/_catalog?n=1", &[], vec![])
+        .bare("catalog", "GET", "/v2/_catalog?n=1")
         .await;
     catalog_proxied
-        .send("catalog", "GET", "/v2/_catalog?n=1", &[], vec![])
+        .bare("catalog", "GET", "/v2/_catalog?n=1")
         .await;
     assert_eq!(catalog_direct.log, catalog_proxied.log);
     assert!(
@@ -677,31 +618,6 @@ async fn every_spec_endpoint_answers_through_regtee_as_it_does_directly() {
             .any(|(k, _)| k == "link")
     );
     regtee.stop().await;
-}
-
-fn base64_creds(user: &str, password: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-}
-
-async fn catalog_token(harbor: &AuthRegistry) -> String {
-    let (_, body) = http_request(
-        &format!(
-            "{}?service=harbor-registry&scope=registry:catalog:*",
-            harbor.issuer.realm()
-        ),
-        "GET",
-        None,
-        &[(
-            "authorization",
-            &format!("Basic {}", base64_creds(ADMIN_USER, ADMIN_PASSWORD)),
-        )],
-    )
-    .await;
-    serde_json::from_str::<serde_json::Value>(&body).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 fn oci_error_code(body: &str) -> String {
@@ -783,33 +699,14 @@ async fn shutdown_lets_an_upload_in_flight_finish_and_refuses_new_connections() 
     let regtee = Regtee::start(&ConfigSpec::new(&harbor.url(), &work.path().join("state"))).await;
     let host = regtee.host();
     let direct = harbor.client(DEV_USER, DEV_PASSWORD);
-    // Open an upload session through regtee with the client library (which handles auth)...
-    let through = client_for(&format!("http://{host}"), Some((DEV_USER, DEV_PASSWORD)));
-    through.check_push("library/drain").await.unwrap();
-    // ...then stream a chunk slowly with a raw request using a token from the issuer.
-    let (_, body) = http_request(
-        &format!(
-            "{}?service=harbor-registry&scope=repository:library/drain:pull,push",
-            harbor.issuer.realm()
-        ),
-        "GET",
-        None,
-        &[(
-            "authorization",
-            &format!("Basic {}", base64_creds(DEV_USER, DEV_PASSWORD)),
-        )],
-    )
-    .await;
-    let token = serde_json::from_str::<serde_json::Value>(&body).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let client = regtee::http_client::build(
-        &Default::default(),
-        Duration::from_secs(5),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let token = harbor
+        .token(
+            DEV_USER,
+            DEV_PASSWORD,
+            &["repository:library/drain:pull,push"],
+        )
+        .await;
+    let client = AuthRegistry::raw_client();
     let start = http::Request::post(format!("http://{host}/v2/library/drain/blobs/uploads/"))
         .header("authorization", format!("Bearer {token}"))
         .body(regtee::body::empty())

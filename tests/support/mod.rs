@@ -76,6 +76,38 @@ impl AuthRegistry {
         self.registry.url()
     }
 
+    /// A token straight from the token service, for raw requests.
+    pub async fn token(&self, user: &str, password: &str, scopes: &[&str]) -> String {
+        use base64::Engine;
+        let mut url = format!("{}?service={}", self.issuer.realm(), self.issuer.service());
+        for scope in scopes {
+            url.push_str(&format!("&scope={scope}"));
+        }
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let (status, body) = http_request(
+            &url,
+            "GET",
+            None,
+            &[("authorization", &format!("Basic {basic}"))],
+        )
+        .await;
+        assert_eq!(status, 200, "token for {user}: {body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// A plain HTTP client for raw requests.
+    pub fn raw_client() -> regtee::http_client::HttpClient {
+        regtee::http_client::build(
+            &ClientTls::default(),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
+
     /// A client with the given credentials, talking to the registry directly.
     pub fn client(&self, user: &str, password: &str) -> RegistryClient {
         client_for(&self.url(), Some((user, password)))
