@@ -143,14 +143,17 @@ pub async fn project_repositories(
         .collect())
 }
 
-/// Every project in the catalog.
+/// Every project: Harbor's project list, or the first path component of every catalog entry.
 pub async fn all_projects(upstream: &RegistryClient) -> Result<Vec<String>, RegistryError> {
-    let mut projects: Vec<String> = upstream
-        .catalog()
-        .await?
-        .into_iter()
-        .filter_map(|r| r.split_once('/').map(|(p, _)| p.to_string()))
-        .collect();
+    let mut projects = match upstream.harbor_projects().await? {
+        Some(projects) => projects,
+        None => upstream
+            .catalog()
+            .await?
+            .into_iter()
+            .filter_map(|r| r.split_once('/').map(|(p, _)| p.to_string()))
+            .collect(),
+    };
     projects.sort();
     projects.dedup();
     Ok(projects)
@@ -360,8 +363,7 @@ impl Progress {
     }
 }
 
-/// The projects a target mirrors: its mapped projects, else every project in the catalog its
-/// include/exclude rules take.
+/// The projects a target mirrors: its mapped projects, else every project Harbor lists.
 pub async fn projects_for(
     upstream: &RegistryClient,
     target: &TargetConfig,
@@ -374,16 +376,8 @@ pub async fn projects_for(
     if !mapped.is_empty() {
         return Ok(mapped);
     }
-    let mut projects: Vec<String> = upstream
-        .catalog()
-        .await?
-        .into_iter()
-        .filter(|r| target.policy.wants_repository(r))
-        .filter_map(|r| r.split_once('/').map(|(p, _)| p.to_string()))
-        .collect();
-    projects.sort();
-    projects.dedup();
-    Ok(projects)
+    // Every project; the comparison applies the target's repository rules itself.
+    all_projects(upstream).await
 }
 
 /// Starts the periodic reconcile of each target that has a `reconcile_interval`.

@@ -230,8 +230,9 @@ struct TagList {
     tags: Option<Vec<String>>,
 }
 
+/// An item of a Harbor API list (a project or a repository).
 #[derive(Deserialize)]
-struct HarborRepository {
+struct HarborNamed {
     name: String,
 }
 
@@ -1126,12 +1127,30 @@ impl RegistryClient {
         &self,
         project: &str,
     ) -> Result<Option<Vec<String>>, RegistryError> {
-        let op = format!("list Harbor repositories of project {project}");
+        self.harbor_names(
+            &format!("/api/v2.0/projects/{project}/repositories"),
+            &format!("list Harbor repositories of project {project}"),
+        )
+        .await
+    }
+
+    /// The projects regtee's account can see, from Harbor's REST API; `None` without one.
+    /// Harbor robot accounts may not read the catalog, but they may list their projects.
+    pub async fn harbor_projects(&self) -> Result<Option<Vec<String>>, RegistryError> {
+        self.harbor_names("/api/v2.0/projects", "list Harbor projects")
+            .await
+    }
+
+    /// The `name` of every item of a paginated Harbor API list (Basic auth, as Harbor's API wants).
+    async fn harbor_names(
+        &self,
+        path: &str,
+        op: &str,
+    ) -> Result<Option<Vec<String>>, RegistryError> {
+        const PAGE: usize = 100;
         let mut names = Vec::new();
         for page in 1.. {
-            let url = self.url(&format!(
-                "/api/v2.0/projects/{project}/repositories?page={page}&page_size=100"
-            ));
+            let url = self.url(&format!("{path}?page={page}&page_size={PAGE}"));
             let mut request = Request::get(url)
                 .header(header::ACCEPT, "application/json")
                 .body(body::empty())
@@ -1141,20 +1160,20 @@ impl RegistryClient {
                     .headers_mut()
                     .insert(header::AUTHORIZATION, basic_header(c));
             }
-            let response = self.send_once(request, &op).await?;
+            let response = self.send_once(request, op).await?;
             match response.status() {
                 StatusCode::OK => {}
                 StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => return Ok(None),
-                _ => return Err(self.error_from(response, &op).await),
+                _ => return Err(self.error_from(response, op).await),
             }
             // Something that answers 200 with other JSON is not Harbor's API.
             let Ok(batch) = self
-                .read_json::<Vec<HarborRepository>>(response, 16 << 20, &op)
+                .read_json::<Vec<HarborNamed>>(response, 16 << 20, op)
                 .await
             else {
                 return Ok(None);
             };
-            let done = batch.len() < 100;
+            let done = batch.len() < PAGE;
             names.extend(batch.into_iter().map(|r| r.name));
             if done {
                 break;
