@@ -245,22 +245,51 @@ pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 impl Config {
     /// Reads and validates a config file, taking secrets from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read(path)?;
         Config::parse(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::load`], for commands that only read the queue or ask the admin API
+    /// (`status`, `jobs`, `retry`): a registry password that is not at hand does not stop
+    /// them. Secrets that cannot be found are left empty; everything else is validated.
+    pub fn load_for_queue_commands(path: &Path) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        let raw = parse_toml(&text, path)?;
+        Validator {
+            path,
+            base: path.parent().unwrap_or(Path::new(".")),
+            env: &|name| std::env::var(name).ok(),
+            secrets_required: false,
+        }
+        .config(raw)
     }
 
     /// Validates config text; relative paths are taken from the directory of `path`.
     pub fn parse(text: &str, path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
+        let raw = parse_toml(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Validator { path, base, env }.config(raw)
+        Validator {
+            path,
+            base,
+            env,
+            secrets_required: true,
+        }
+        .config(raw)
     }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_toml(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })
 }
 
 // ---- the file as written ----
@@ -397,6 +426,8 @@ struct Validator<'a> {
     path: &'a Path,
     base: &'a Path,
     env: EnvLookup<'a>,
+    /// When false, a secret that cannot be found is left empty instead of failing.
+    secrets_required: bool,
 }
 
 /// Where a secret may come from; at most one of the three may be set.
@@ -440,26 +471,31 @@ impl Validator<'_> {
         if let Some(v) = s.inline {
             return Ok(Some(Secret::new(v)));
         }
-        if let Some(var) = s.env {
-            let value = (self.env)(var).ok_or_else(|| {
+        let found = if let Some(var) = s.env {
+            (self.env)(var).ok_or_else(|| {
                 self.invalid(
                     format!("{}_env", s.key),
                     format!("environment variable {var} is not set"),
                 )
-            })?;
-            return Ok(Some(Secret::new(value)));
-        }
-        if let Some(file) = s.file {
+            })
+        } else if let Some(file) = s.file {
             let file = self.resolve_path(file);
-            let value = std::fs::read_to_string(&file).map_err(|e| {
-                self.invalid(
-                    format!("{}_file", s.key),
-                    format!("cannot read {}: {e}", file.display()),
-                )
-            })?;
-            return Ok(Some(Secret::new(value.trim_end_matches(['\r', '\n']))));
+            std::fs::read_to_string(&file)
+                .map(|v| v.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|e| {
+                    self.invalid(
+                        format!("{}_file", s.key),
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })
+        } else {
+            return Ok(None);
+        };
+        match found {
+            Ok(value) => Ok(Some(Secret::new(value))),
+            Err(_) if !self.secrets_required => Ok(Some(Secret::new(""))),
+            Err(e) => Err(e),
         }
-        Ok(None)
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -800,6 +836,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn queue_commands_do_not_need_registry_passwords() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("regtee.toml");
+        std::fs::write(
+            &path,
+            "[proxy]\nlisten = \"127.0.0.1:1\"\n[upstream]\nurl = \"https://h\"\nusername = \"u\"\npassword_env = \"REGTEE_TEST_SURELY_UNSET_VAR\"\n",
+        )
+        .unwrap();
+        assert!(Config::load(&path).is_err());
+        let c = Config::load_for_queue_commands(&path).unwrap();
+        assert_eq!(c.upstream.endpoint.credentials.unwrap().username, "u");
     }
 
     #[test]

@@ -124,7 +124,11 @@ enum CertsCommand {
 const EXIT_CONFIG: u8 = 64;
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    report(Config::load(path))
+}
+
+fn report(loaded: Result<Config, regtee::config::ConfigError>) -> Result<Config, ExitCode> {
+    loaded.map_err(|e| {
         eprintln!("regtee: {e}");
         ExitCode::from(EXIT_CONFIG)
     })
@@ -207,7 +211,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 })
                 .map_err(Into::into),
         ),
-        Command::Status { json } => with_config(&path, |c| async move {
+        Command::Status { json } => with_queue_config(&path, |c| async move {
             regtee::cli::status(&c, json).await
         })
         .await,
@@ -241,12 +245,12 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 before_id: before,
                 limit,
             };
-            with_config(&path, |c| async move {
+            with_queue_config(&path, |c| async move {
                 regtee::cli::jobs(&c, filter, json).await
             })
             .await
         }
-        Command::Retry { id, target, .. } => with_config(&path, |c| async move {
+        Command::Retry { id, target, .. } => with_queue_config(&path, |c| async move {
             regtee::cli::retry(&c, id, target).await
         })
         .await,
@@ -269,12 +273,30 @@ async fn dispatch(cli: Cli) -> ExitCode {
     }
 }
 
+/// Runs a CLI command with the full config (registry secrets needed).
 async fn with_config<F, Fut>(path: &std::path::Path, f: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
 {
-    let config = match load(path) {
+    run_cli(load(path), f).await
+}
+
+/// Runs a CLI command that only needs the queue or the admin API.
+async fn with_queue_config<F, Fut>(path: &std::path::Path, f: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
+{
+    run_cli(report(Config::load_for_queue_commands(path)), f).await
+}
+
+async fn run_cli<F, Fut>(config: Result<Config, ExitCode>, f: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
+{
+    let config = match config {
         Ok(c) => c,
         Err(code) => return code,
     };

@@ -904,3 +904,104 @@ async fn https_listener_speaks_http2_via_alpn_and_rewrites_for_its_own_origin() 
     );
     regtee.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_clients_are_cut_by_the_header_and_body_timeouts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let files =
+        regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
+    let mut spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"));
+    spec.tls = Some((
+        "127.0.0.1:0".into(),
+        files.server_cert.clone(),
+        files.server_key.clone(),
+    ));
+    spec.proxy_extra = "header_read_timeout = \"1s\"\nbody_idle_timeout = \"1s\"\n".into();
+    let regtee = Regtee::start(&spec).await;
+
+    // A client that connects and never sends a request head is disconnected.
+    let mut idle = tokio::net::TcpStream::connect(regtee.http).await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("the connection is closed, not left open")
+        .unwrap_or(0);
+    assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"));
+
+    // The same over TLS with HTTP/2 negotiated: no preface, no connection.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(<rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_file(&files.ca_cert).unwrap())
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(regtee.https.unwrap())
+        .await
+        .unwrap();
+    let mut silent = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut all = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut all)).await;
+    assert!(closed.is_ok(), "a silent HTTP/2 client is disconnected");
+
+    // A client whose body stalls mid-upload gets an OCI error, and Harbor's session survives.
+    let token = harbor
+        .token(
+            DEV_USER,
+            DEV_PASSWORD,
+            &["repository:library/stall:pull,push"],
+        )
+        .await;
+    let start = http::Request::post(format!(
+        "http://{}/v2/library/stall/blobs/uploads/",
+        regtee.host()
+    ))
+    .header("authorization", format!("Bearer {token}"))
+    .body(regtee::body::empty())
+    .unwrap();
+    let resp = AuthRegistry::raw_client().request(start).await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let location: http::Uri = resp.headers()["location"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(regtee.http).await.unwrap();
+    let head = format!(
+        "PATCH {} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\nContent-Length: 100\r\n\r\n0123456789",
+        location.path_and_query().unwrap(),
+        regtee.host()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&chunk[..n]);
+                    if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}]}") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "regtee answered a stalled body");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"UNAVAILABLE\"") && answer.contains("stalled"),
+        "{answer}"
+    );
+    regtee.stop().await;
+}
