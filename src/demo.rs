@@ -58,6 +58,8 @@ pub struct RegistryOptions {
     pub token_auth: Option<TokenAuth>,
     /// Send events here.
     pub notification: Option<Notification>,
+    /// Basic auth from this htpasswd file (bcrypt), as ECR- or ACR-style registries answer.
+    pub htpasswd: Option<PathBuf>,
     /// Listen on this port (a free one when None).
     pub port: Option<u16>,
 }
@@ -98,6 +100,12 @@ impl LocalRegistry {
                 auth.service,
                 auth.issuer,
                 auth.root_cert_bundle.display()
+            ));
+        }
+        if let Some(file) = &options.htpasswd {
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: basic-realm\n    path: {}\n",
+                file.display()
             ));
         }
         if let Some(n) = &options.notification {

@@ -425,3 +425,32 @@ async fn sigkill_during_pushes_and_during_mirroring_loses_no_acknowledged_push()
         wait_for_manifest(&target, "library/app", &format!("i{i}"), &images[i].digest).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_with_basic_auth_gets_the_push_too() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let basic =
+        start_basic_auth_registry(&work.path().join("basic"), CLOUD_USER, CLOUD_PASSWORD).await;
+    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+        .target(TargetSpec::at("acr", &basic.url()));
+    let regtee = Regtee::start(&spec).await;
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let image = layout.image(&[80_000, 9_000], "amd64");
+    layout.tag(&image, "x");
+    push_layout_ok(
+        &layout.dir,
+        "x",
+        &regtee.host(),
+        "library/basic:1",
+        Tls::Off,
+    );
+    let target = client_for(&basic.url(), Some((CLOUD_USER, CLOUD_PASSWORD)));
+    wait_for_manifest(&target, "library/basic", "1", &image.digest).await;
+    assert_blobs_equal(&target, "library/basic", &layout, &image).await;
+    // And a wrong password is a credentials failure, not a retry loop.
+    let anonymous = client_for(&basic.url(), Some((CLOUD_USER, "wrong")));
+    let err = anonymous.ping().await.unwrap_err();
+    assert_eq!(err.class(), "auth", "{err}");
+    regtee.stop().await;
+}

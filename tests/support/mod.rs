@@ -605,3 +605,20 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A registry with Basic auth (htpasswd), like registries that never issue tokens.
+pub async fn start_basic_auth_registry(dir: &Path, user: &str, password: &str) -> LocalRegistry {
+    std::fs::create_dir_all(dir).unwrap();
+    let htpasswd = dir.join("htpasswd");
+    let hash = bcrypt::hash(password, 4).unwrap();
+    std::fs::write(&htpasswd, format!("{user}:{hash}\n")).unwrap();
+    LocalRegistry::start(
+        &dir.join("registry"),
+        RegistryOptions {
+            htpasswd: Some(htpasswd),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
