@@ -164,7 +164,7 @@ impl Instance {
                 ));
             }
         }
-        mirror.spawn_workers(&tasks, &cancel);
+        mirror.spawn_workers(&tasks, &cancel, config.proxy.shutdown_grace);
         backfill::spawn_reconcilers(&tasks, &cancel, &config.targets, mirror.clone());
         queue::spawn_retention(&tasks, &cancel, queue.clone(), config.state.retention);
         if let Some(listener) = admin_listener {

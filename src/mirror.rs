@@ -162,16 +162,28 @@ impl Mirror {
         &self.queue
     }
 
-    /// Starts `concurrency` workers per target; they stop when `cancel` fires.
-    pub fn spawn_workers(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
+    /// Starts `concurrency` workers per target. When `cancel` fires they take no new job and
+    /// give the job in hand up to `grace` to finish; what is still running then goes back to
+    /// the queue.
+    pub fn spawn_workers(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        cancel: &CancellationToken,
+        grace: Duration,
+    ) {
         for target in &self.targets {
             for _ in 0..target.config.concurrency {
-                tasks.spawn(self.clone().work(target.clone(), cancel.clone()));
+                tasks.spawn(self.clone().work(target.clone(), cancel.clone(), grace));
             }
         }
     }
 
-    async fn work(self: Arc<Self>, target: Arc<Target>, cancel: CancellationToken) {
+    async fn work(
+        self: Arc<Self>,
+        target: Arc<Target>,
+        cancel: CancellationToken,
+        grace: Duration,
+    ) {
         let waker = self.queue.waker(target.name());
         loop {
             let notified = waker.notified();
@@ -180,14 +192,16 @@ impl Mirror {
             notified.as_mut().enable();
             match self.queue.claim(target.name()).await {
                 Ok(Some(job)) => {
+                    let execution = self.execute(&target, &job);
+                    tokio::pin!(execution);
                     tokio::select! {
-                        () = cancel.cancelled() => {
-                            self.release(&job).await;
-                            return;
-                        }
-                        () = self.execute(&target, &job) => {}
+                        () = &mut execution => continue,
+                        () = cancel.cancelled() => {}
                     }
-                    continue;
+                    if tokio::time::timeout(grace, execution).await.is_err() {
+                        self.release(&job).await;
+                    }
+                    return;
                 }
                 Ok(None) => {}
                 Err(e) => {

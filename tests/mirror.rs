@@ -31,13 +31,13 @@ async fn assert_blobs_equal(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_kind_of_content_reaches_the_target_with_equal_digests_and_bytes() {
-    let work = tempfile::tempdir().unwrap();
-    let harbor = start_harbor(&work.path().join("harbor")).await;
-    let cloud = start_cloud(&work.path().join("cloud"), &["prod-lib", "team"]).await;
-    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
-        .target(TargetSpec::cloud("tcr", &cloud).with("namespaces = { library = \"prod-lib\" }"));
-    let regtee = Regtee::start(&spec).await;
-    let mut layout = Layout::new(&work.path().join("layout"));
+    let world = World::start(
+        &["prod-lib", "team"],
+        &["namespaces = { library = \"prod-lib\" }"],
+    )
+    .await;
+    let (cloud, regtee) = (&world.cloud, &world.regtee);
+    let mut layout = world.layout();
     let image = layout.image(&[400_000, 90_000, 1_500_000], "amd64");
     let index = layout.multi_arch(&[60_000, 25_000]);
     let chart = layout.helm_chart();
@@ -109,17 +109,13 @@ async fn every_kind_of_content_reaches_the_target_with_equal_digests_and_bytes()
         v["manifests"][0]["artifactType"],
         "application/vnd.example.signature.v1"
     );
-    regtee.stop().await;
+    world.regtee.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn blobs_are_copied_as_soon_as_their_upload_completes() {
-    let work = tempfile::tempdir().unwrap();
-    let harbor = start_harbor(&work.path().join("harbor")).await;
-    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
-    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
-        .target(TargetSpec::cloud("tcr", &cloud));
-    let regtee = Regtee::start(&spec).await;
+    let world = World::start(&["library"], &[]).await;
+    let (cloud, regtee) = (&world.cloud, &world.regtee);
     let through = client_for(
         &format!("http://{}", regtee.host()),
         Some((DEV_USER, DEV_PASSWORD)),
@@ -150,22 +146,22 @@ async fn blobs_are_copied_as_soon_as_their_upload_completes() {
         },
     )
     .await;
-    regtee.stop().await;
+    world.regtee.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn repository_and_tag_filters_decide_what_is_mirrored() {
-    let work = tempfile::tempdir().unwrap();
-    let harbor = start_harbor(&work.path().join("harbor")).await;
-    let cloud = start_cloud(&work.path().join("cloud"), &["library", "team"]).await;
-    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state")).target(
-        TargetSpec::cloud("tcr", &cloud)
-            .with("include = [\"library/**\"]")
-            .with("exclude = [\"library/tmp-*\"]")
-            .with("tags = [\"v*\"]"),
-    );
-    let regtee = Regtee::start(&spec).await;
-    let mut layout = Layout::new(&work.path().join("layout"));
+    let world = World::start(
+        &["library", "team"],
+        &[
+            "include = [\"library/**\"]",
+            "exclude = [\"library/tmp-*\"]",
+            "tags = [\"v*\"]",
+        ],
+    )
+    .await;
+    let (cloud, regtee) = (&world.cloud, &world.regtee);
+    let mut layout = world.layout();
     let images: Vec<Written> = (0..4)
         .map(|i| layout.image(&[10_000 + i], "amd64"))
         .collect();
@@ -184,7 +180,7 @@ async fn repository_and_tag_filters_decide_what_is_mirrored() {
     let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
     wait_for_manifest(&target, "library/app", "v1", &images[0].digest).await;
     // Jobs are recorded before the client sees its 201, so their absence is already final.
-    let jobs = admin_get(&regtee, "/api/v1/jobs?limit=1000").await;
+    let jobs = admin_get(regtee, "/api/v1/jobs?limit=1000").await;
     let jobs = jobs["jobs"].as_array().unwrap();
     let manifest_jobs: Vec<_> = jobs.iter().filter(|j| j["kind"] == "manifest").collect();
     assert_eq!(manifest_jobs.len(), 1, "{manifest_jobs:?}");
@@ -202,18 +198,14 @@ async fn repository_and_tag_filters_decide_what_is_mirrored() {
         None
     );
     assert_eq!(target.manifest_head("team/x", "v1").await.unwrap(), None);
-    regtee.stop().await;
+    world.regtee.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn overwrite_false_leaves_a_conflicting_tag_and_records_both_digests() {
-    let work = tempfile::tempdir().unwrap();
-    let harbor = start_harbor(&work.path().join("harbor")).await;
-    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
-    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
-        .target(TargetSpec::cloud("tcr", &cloud).with("overwrite = false"));
-    let regtee = Regtee::start(&spec).await;
-    let mut layout = Layout::new(&work.path().join("layout"));
+    let world = World::start(&["library"], &["overwrite = false"]).await;
+    let (cloud, regtee) = (&world.cloud, &world.regtee);
+    let mut layout = world.layout();
     let theirs = layout.image(&[5_000], "amd64");
     let ours = layout.image(&[6_000], "amd64");
     layout.tag(&theirs, "theirs");
@@ -234,7 +226,7 @@ async fn overwrite_false_leaves_a_conflicting_tag_and_records_both_digests() {
         "the manifest job to be skipped",
         Duration::from_secs(30),
         || async {
-            let page = admin_get(&regtee, "/api/v1/jobs?state=skipped").await;
+            let page = admin_get(regtee, "/api/v1/jobs?state=skipped").await;
             page["jobs"].as_array().unwrap().first().cloned()
         },
     )
@@ -255,7 +247,7 @@ async fn overwrite_false_leaves_a_conflicting_tag_and_records_both_digests() {
         theirs.digest,
         "the target's tag was left alone"
     );
-    regtee.stop().await;
+    world.regtee.stop().await;
 }
 
 /// Turns a layout image into something `push_image` can push.

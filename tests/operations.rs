@@ -117,13 +117,9 @@ async fn backfill_copies_what_predates_regtee_diff_tells_and_a_second_run_queues
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reconcile_catches_pushes_that_went_around_regtee() {
-    let work = tempfile::tempdir().unwrap();
-    let harbor = start_harbor(&work.path().join("harbor")).await;
-    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
-    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
-        .target(TargetSpec::cloud("tcr", &cloud).with("reconcile_interval = \"1s\""));
-    let regtee = Regtee::start(&spec).await;
-    let mut layout = Layout::new(&work.path().join("layout"));
+    let world = World::start(&["library"], &["reconcile_interval = \"1s\""]).await;
+    let (harbor, cloud, regtee) = (&world.harbor, &world.cloud, &world.regtee);
+    let mut layout = world.layout();
     let imgs = images(&mut layout, 1);
     push_layout_ok(
         &layout.dir,
@@ -139,9 +135,9 @@ async fn reconcile_catches_pushes_that_went_around_regtee() {
         &imgs[0].digest,
     )
     .await;
-    let jobs = admin_get(&regtee, "/api/v1/jobs").await;
+    let jobs = admin_get(regtee, "/api/v1/jobs").await;
     assert_eq!(jobs["jobs"][0]["origin"], "reconcile");
-    regtee.stop().await;
+    world.regtee.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -272,12 +268,8 @@ fn sum(samples: &[(String, f64)], prefix: &str, containing: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_parse_as_prometheus_text_and_move_when_work_happens() {
-    let work = tempfile::tempdir().unwrap();
-    let harbor = start_harbor(&work.path().join("harbor")).await;
-    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
-    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
-        .target(TargetSpec::cloud("tcr", &cloud));
-    let regtee = Regtee::start(&spec).await;
+    let mut world = World::start(&["library"], &[]).await;
+    let (cloud, regtee) = (&world.cloud, &world.regtee);
     let metrics = || async { http_request(&regtee.admin_url("/metrics"), "GET", None, &[]).await };
     let (status, before) = metrics().await;
     assert_eq!(status, 200);
@@ -289,7 +281,7 @@ async fn metrics_parse_as_prometheus_text_and_move_when_work_happens() {
             .any(|(s, _)| s == "regtee_jobs{target=\"tcr\",state=\"pending\"}")
     );
 
-    let mut layout = Layout::new(&work.path().join("layout"));
+    let mut layout = world.layout();
     let imgs = images(&mut layout, 1);
     push_layout_ok(&layout.dir, "i0", &regtee.host(), "library/m:1", Tls::Off);
     wait_for_manifest(
@@ -343,15 +335,15 @@ async fn metrics_parse_as_prometheus_text_and_move_when_work_happens() {
             .0,
         200
     );
-    drop(harbor);
+    world.harbor.registry.stop();
     assert_eq!(
-        http_request(&regtee.admin_url("/readyz"), "GET", None, &[])
+        http_request(&world.regtee.admin_url("/readyz"), "GET", None, &[])
             .await
             .0,
         503,
         "Harbor is down"
     );
-    regtee.stop().await;
+    world.regtee.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

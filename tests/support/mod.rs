@@ -622,3 +622,41 @@ pub async fn start_basic_auth_registry(dir: &Path, user: &str, password: &str) -
     .await
     .unwrap()
 }
+
+/// The most common setting: Harbor, one cloud target named `tcr`, regtee in between.
+pub struct World {
+    pub work: tempfile::TempDir,
+    pub harbor: AuthRegistry,
+    pub cloud: AuthRegistry,
+    pub regtee: Regtee,
+}
+
+impl World {
+    /// `namespaces` exist on the cloud; `target_lines` are extra `[[targets]]` keys.
+    pub async fn start(namespaces: &[&str], target_lines: &[&str]) -> World {
+        let work = tempfile::tempdir().unwrap();
+        let harbor = start_harbor(&work.path().join("harbor")).await;
+        let cloud = start_cloud(&work.path().join("cloud"), namespaces).await;
+        let target = target_lines
+            .iter()
+            .fold(TargetSpec::cloud("tcr", &cloud), |t, line| t.with(line));
+        let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state")).target(target);
+        let regtee = Regtee::start(&spec).await;
+        World {
+            work,
+            harbor,
+            cloud,
+            regtee,
+        }
+    }
+
+    /// A client for the cloud, with regtee's target credentials.
+    pub fn target(&self) -> RegistryClient {
+        self.cloud.client(CLOUD_USER, CLOUD_PASSWORD)
+    }
+
+    /// An empty OCI layout in the work directory.
+    pub fn layout(&self) -> layout::Layout {
+        layout::Layout::new(&self.work.path().join("layout"))
+    }
+}
