@@ -216,21 +216,13 @@ pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
                 "  #{:<6} {:<10} {:<8} {}: {}",
                 j.id,
                 j.target,
-                kind_name(j),
+                j.kind.as_str(),
                 job_subject(j),
                 j.detail
             );
         }
     }
     Ok(0)
-}
-
-fn kind_name(job: &Job) -> &'static str {
-    match job.kind {
-        crate::queue::JobKind::Blob => "blob",
-        crate::queue::JobKind::Manifest => "manifest",
-        crate::queue::JobKind::Delete => "delete",
-    }
 }
 
 /// `regtee jobs`.
@@ -281,7 +273,7 @@ pub async fn jobs(config: &Config, filter: JobFilter, as_json: bool) -> Result<i
             j.id,
             j.state.as_str(),
             j.target,
-            kind_name(j),
+            j.kind.as_str(),
             job_subject(j),
             j.attempts,
             human_age(now - j.created_at),

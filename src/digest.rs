@@ -77,6 +77,14 @@ impl Digest {
         ))
     }
 
+    /// The `Docker-Content-Digest` a registry reported, when present and valid.
+    pub fn from_headers(headers: &http::HeaderMap) -> Option<Digest> {
+        headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    }
+
     /// Whether a reference (tag or digest) is a digest.
     pub fn is_digest(reference: &str) -> bool {
         reference.parse::<Digest>().is_ok()

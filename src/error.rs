@@ -59,11 +59,6 @@ impl OciError {
         self.status
     }
 
-    /// The spec error code.
-    pub fn code(&self) -> &'static str {
-        self.code
-    }
-
     /// The human message.
     pub fn message(&self) -> &str {
         &self.message

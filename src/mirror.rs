@@ -256,7 +256,7 @@ impl Mirror {
                         .observe_mirror_lag(target.name(), Duration::from_millis(lag));
                 }
                 self.metrics
-                    .observe_outcome(target.name(), kind_str(job.kind), "done");
+                    .observe_outcome(target.name(), job.kind.as_str(), "done");
                 tracing::info!(
                     target = target.name(),
                     job = job.id,
@@ -275,7 +275,7 @@ impl Mirror {
             }
             Ok(Success::Skipped(reason)) => {
                 self.metrics
-                    .observe_outcome(target.name(), kind_str(job.kind), "skipped");
+                    .observe_outcome(target.name(), job.kind.as_str(), "skipped");
                 tracing::warn!(
                     target = target.name(),
                     job = job.id,
@@ -331,7 +331,7 @@ impl Mirror {
             JobError::Invalid(m) => m.clone(),
         };
         self.metrics
-            .observe_outcome(target.name(), kind_str(job.kind), "failed");
+            .observe_outcome(target.name(), job.kind.as_str(), "failed");
         tracing::error!(
             target = target.name(),
             job = job.id,
@@ -722,14 +722,6 @@ impl Mirror {
     }
 }
 
-fn kind_str(kind: JobKind) -> &'static str {
-    match kind {
-        JobKind::Blob => "blob",
-        JobKind::Manifest => "manifest",
-        JobKind::Delete => "delete",
-    }
-}
-
 fn describe(job: &Job) -> String {
     let what = match (&job.tag, &job.digest) {
         (Some(t), Some(d)) => format!("{}:{t} ({d})", job.repository),
@@ -737,7 +729,7 @@ fn describe(job: &Job) -> String {
         (None, Some(d)) => format!("{}@{d}", job.repository),
         (None, None) => job.repository.clone(),
     };
-    format!("{} {what}", kind_str(job.kind))
+    format!("{} {what}", job.kind.as_str())
 }
 
 fn parse_digest(d: Option<&str>) -> Result<Digest, JobError> {

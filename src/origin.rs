@@ -93,16 +93,6 @@ impl Origin {
         self.scheme
     }
 
-    /// The host, lower-cased, IPv6 literals in brackets.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The port, explicit even when it is the scheme's default.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// `host[:port]` as it belongs in a `Host` header (the port only when not the default).
     pub fn authority(&self) -> String {
         if self.port == self.scheme.default_port() {

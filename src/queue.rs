@@ -28,7 +28,8 @@ pub enum JobKind {
 }
 
 impl JobKind {
-    fn as_str(self) -> &'static str {
+    /// The lowercase name used in the database, the API, logs and metrics.
+    pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Blob => "blob",
             JobKind::Manifest => "manifest",
@@ -746,11 +747,6 @@ impl Queue {
     /// A cheap query proving the database answers (for `/readyz`).
     pub async fn ping(&self) -> Result<(), QueueError> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
-    }
-
-    /// The path of the database file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

@@ -306,11 +306,6 @@ impl RegistryClient {
         &self.name
     }
 
-    /// Where the registry lives.
-    pub fn origin(&self) -> &Origin {
-        &self.origin
-    }
-
     fn url(&self, path_and_query: &str) -> Uri {
         self.origin
             .join(path_and_query)
@@ -709,7 +704,7 @@ impl RegistryClient {
             .await?;
         match response.status() {
             StatusCode::OK => {
-                let digest = reported_digest(response.headers());
+                let digest = Digest::from_headers(response.headers());
                 let media_type = content_type(response.headers());
                 let size = content_length(response.headers()).unwrap_or(0);
                 match digest {
@@ -806,7 +801,7 @@ impl RegistryClient {
         if response.status() != StatusCode::CREATED && !response.status().is_success() {
             return Err(self.error_from(response, &op).await);
         }
-        let digest = reported_digest(response.headers());
+        let digest = Digest::from_headers(response.headers());
         let has_referrers_api = response.headers().contains_key("oci-subject");
         Ok(StoredManifest {
             digest,
@@ -977,7 +972,7 @@ impl RegistryClient {
         if response.status() != StatusCode::CREATED {
             return Err(self.error_from(response, &op).await);
         }
-        match reported_digest(response.headers()) {
+        match Digest::from_headers(response.headers()) {
             Some(reported) if reported != *digest => Err(self.err(
                 &op,
                 ErrorKind::Protocol(format!("registry stored {reported}, expected {digest}")),
@@ -1208,14 +1203,6 @@ fn bearer_header(token: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
     v.set_sensitive(true);
     v
-}
-
-/// `Docker-Content-Digest`, when present and valid.
-fn reported_digest(headers: &HeaderMap) -> Option<Digest> {
-    headers
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -209,12 +209,7 @@ impl Write {
         status: StatusCode,
         response_headers: &HeaderMap,
     ) -> Option<Write> {
-        let header_digest = || {
-            response_headers
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<Digest>().ok())
-        };
+        let header_digest = || Digest::from_headers(response_headers);
         match (method, route, status) {
             (&Method::PUT, Route::Upload { name }, StatusCode::CREATED)
             | (&Method::POST, Route::UploadStart { name }, StatusCode::CREATED) => {

@@ -91,17 +91,6 @@ impl TargetPolicy {
         })
     }
 
-    /// A policy that takes everything under its own name; for tools that need no rules.
-    pub fn everything() -> TargetPolicy {
-        TargetPolicy::new(
-            BTreeMap::new(),
-            &["**".to_string()],
-            &[],
-            &["**".to_string()],
-        )
-        .expect("`**` is a valid glob")
-    }
-
     /// Whether pushes to this Harbor repository go to the target.
     pub fn wants_repository(&self, repository: &str) -> bool {
         self.include.is_match(repository) && !self.exclude.is_match(repository)
