@@ -75,9 +75,15 @@ impl<B> Tracked<B> {
         }
     }
 
-    /// Fails the stream when the inner body stays pending this long.
-    pub fn idle_timeout(mut self, limit: Duration) -> Self {
-        self.idle = Some((limit, Box::pin(tokio::time::sleep(limit))));
+    /// Fails the stream when the inner body stays pending this long. An empty body (a GET, a
+    /// HEAD answer) needs no timer, and gets none.
+    pub fn idle_timeout(mut self, limit: Duration) -> Self
+    where
+        B: Body,
+    {
+        if !self.inner.is_end_stream() {
+            self.idle = Some((limit, Box::pin(tokio::time::sleep(limit))));
+        }
         self
     }
 

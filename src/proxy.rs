@@ -110,7 +110,8 @@ impl Proxy {
         let route = Route::classify(parts.uri.path());
         let public = headers::public_origin(conn.scheme, &parts.uri, &parts.headers, conn.local);
         let log = Arc::new(RequestLog::new(&parts.method, &route, self.metrics.clone()));
-        let query = parts.uri.query().map(str::to_string);
+        // The client's URI, kept for recognising completed writes (a refcounted clone).
+        let client_uri = parts.uri.clone();
 
         let (destination, uri) = match self.destination(&route, &parts.uri) {
             Ok(found) => found,
@@ -136,7 +137,7 @@ impl Proxy {
 
         if let (Some(tee), Some(write)) = (
             &self.tee,
-            Write::recognise(&method, &route, query.as_deref(), status, &parts.headers),
+            Write::recognise(&method, &route, client_uri.query(), status, &parts.headers),
         ) && let Err(e) = tee.record(&write).await
         {
             // Harbor has the content but the mirror would never learn of it: make the client
