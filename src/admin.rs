@@ -21,7 +21,7 @@ use crate::body::{self, ProxyBody};
 use crate::config::{Config, Secret};
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
-use crate::queue::{Job, JobFilter, JobOrigin, JobState, Queue, TargetCounts, now_ms};
+use crate::queue::{Job, JobFilter, JobOrigin, JobState, Queue, QueueError, TargetCounts, now_ms};
 use crate::registry_client::{ErrorKind, read_limited};
 use crate::tee::Tee;
 use crate::webhooks;
@@ -40,6 +40,23 @@ pub struct Status {
     pub now: i64,
 }
 
+impl Status {
+    /// Reads the status from the queue; `targets` are the configured target names.
+    pub async fn gather(queue: &Queue, targets: &[String]) -> Result<Status, QueueError> {
+        Ok(Status {
+            targets: queue.counts(targets).await?,
+            recent_failures: queue
+                .list(JobFilter {
+                    state: Some(JobState::Failed),
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await?,
+            now: now_ms(),
+        })
+    }
+}
+
 /// `GET /api/v1/jobs`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobPage {
@@ -47,6 +64,18 @@ pub struct JobPage {
     pub jobs: Vec<Job>,
     /// Pass as `before` for the next page; absent on the last page.
     pub next_before: Option<i64>,
+}
+
+impl JobPage {
+    /// One page of jobs matching `filter`.
+    pub async fn fetch(queue: &Queue, filter: JobFilter) -> Result<JobPage, QueueError> {
+        let limit = filter.limit.clamp(1, 1000);
+        let jobs = queue.list(filter).await?;
+        let next_before = (jobs.len() as u32 == limit)
+            .then(|| jobs.last().map(|j| j.id))
+            .flatten();
+        Ok(JobPage { jobs, next_before })
+    }
 }
 
 /// `GET /api/v1/jobs/{id}`.
@@ -222,51 +251,29 @@ impl Admin {
         }
     }
 
+    fn target_names(&self) -> Vec<String> {
+        self.mirror
+            .targets()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect()
+    }
+
     async fn render_metrics(&self) -> Answer {
-        let counts = self.queue.counts().await.unwrap_or_default();
-        let mut all = counts.clone();
-        for t in self.mirror.targets() {
-            if !all.iter().any(|c| c.target == t.name()) {
-                all.push(TargetCounts {
-                    target: t.name().to_string(),
-                    ..Default::default()
-                });
-            }
-        }
+        let counts = self
+            .queue
+            .counts(&self.target_names())
+            .await
+            .unwrap_or_default();
         text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            self.metrics.render(&all, now_ms()),
+            self.metrics.render(&counts, now_ms()),
         )
     }
 
     async fn status(&self) -> Answer {
-        let result = async {
-            let mut targets = self.queue.counts().await?;
-            for t in self.mirror.targets() {
-                if !targets.iter().any(|c| c.target == t.name()) {
-                    targets.push(TargetCounts {
-                        target: t.name().to_string(),
-                        ..Default::default()
-                    });
-                }
-            }
-            let recent_failures = self
-                .queue
-                .list(JobFilter {
-                    state: Some(JobState::Failed),
-                    limit: 10,
-                    ..Default::default()
-                })
-                .await?;
-            Ok::<_, crate::queue::QueueError>(Status {
-                targets,
-                recent_failures,
-                now: now_ms(),
-            })
-        }
-        .await;
-        match result {
+        match Status::gather(&self.queue, &self.target_names()).await {
             Ok(s) => json(StatusCode::OK, &s),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
@@ -283,22 +290,16 @@ impl Admin {
             Some(s) => s,
             None => None,
         };
-        let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50u32);
         let filter = JobFilter {
             state,
             target: q.get("target").cloned(),
             repository: q.get("repository").cloned(),
             project: q.get("project").cloned(),
             before_id: q.get("before").and_then(|b| b.parse().ok()),
-            limit,
+            limit: q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50),
         };
-        match self.queue.list(filter).await {
-            Ok(jobs) => {
-                let next_before = (jobs.len() as u32 == limit.clamp(1, 1000))
-                    .then(|| jobs.last().map(|j| j.id))
-                    .flatten();
-                json(StatusCode::OK, &JobPage { jobs, next_before })
-            }
+        match JobPage::fetch(&self.queue, filter).await {
+            Ok(page) => json(StatusCode::OK, &page),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }

@@ -18,7 +18,7 @@ use crate::config::{AdminConfig, ClientTls, Config};
 use crate::http_client::{self, HttpClient};
 use crate::metrics::Metrics;
 use crate::mirror::{Mirror, Target};
-use crate::queue::{Job, JobFilter, JobOrigin, JobState, Queue, TargetCounts, now_ms};
+use crate::queue::{Job, JobFilter, JobOrigin, Queue, now_ms};
 use crate::registry_client::{ErrorKind, RegistryClient, RegistryError, read_limited};
 use crate::state_lock::StateLock;
 
@@ -164,27 +164,12 @@ pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
                 .await?
         }
         Backend::Local(queue) => {
-            let mut targets = queue.counts().await.map_err(cli_err)?;
-            for t in &config.targets {
-                if !targets.iter().any(|c| c.target == t.endpoint.name) {
-                    targets.push(TargetCounts {
-                        target: t.endpoint.name.clone(),
-                        ..Default::default()
-                    });
-                }
-            }
-            Status {
-                targets,
-                recent_failures: queue
-                    .list(JobFilter {
-                        state: Some(JobState::Failed),
-                        limit: 10,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(cli_err)?,
-                now: now_ms(),
-            }
+            let names: Vec<String> = config
+                .targets
+                .iter()
+                .map(|t| t.endpoint.name.clone())
+                .collect();
+            Status::gather(&queue, &names).await.map_err(cli_err)?
         }
     };
     if as_json {
@@ -249,14 +234,7 @@ pub async fn jobs(config: &Config, filter: JobFilter, as_json: bool) -> Result<i
             api.call::<JobPage>(Method::GET, &format!("/api/v1/jobs?{}", q.finish()), None)
                 .await?
         }
-        Backend::Local(queue) => {
-            let limit = filter.limit;
-            let jobs = queue.list(filter).await.map_err(cli_err)?;
-            let next_before = (jobs.len() as u32 == limit.clamp(1, 1000))
-                .then(|| jobs.last().map(|j| j.id))
-                .flatten();
-            JobPage { jobs, next_before }
-        }
+        Backend::Local(queue) => JobPage::fetch(&queue, filter).await.map_err(cli_err)?,
     };
     if as_json {
         print_json(&page);

@@ -498,6 +498,26 @@ impl Validator<'_> {
         }
     }
 
+    /// A username and a password go together, or neither is set (anonymous access).
+    fn login(
+        &self,
+        section: &str,
+        username: Option<String>,
+        password: Option<Secret>,
+    ) -> Result<Option<Credentials>, ConfigError> {
+        match (username, password) {
+            (Some(username), Some(password)) => Ok(Some(Credentials { username, password })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(self.invalid(
+                format!("{section}.username"),
+                "a username needs password, password_env or password_file",
+            )),
+            (None, Some(_)) => {
+                Err(self.invalid(format!("{section}.password"), "a password needs a username"))
+            }
+        }
+    }
+
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let proxy = self.proxy(raw.proxy)?;
         let upstream = self.upstream(raw.upstream)?;
@@ -605,19 +625,7 @@ impl Validator<'_> {
             env: raw.password_env.as_deref(),
             file: raw.password_file.as_deref(),
         })?;
-        let credentials = match (raw.username, password) {
-            (Some(username), Some(password)) => Some(Credentials { username, password }),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(self.invalid(
-                    "upstream.username",
-                    "a username needs password, password_env or password_file",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(self.invalid("upstream.password", "a password needs a username"));
-            }
-        };
+        let credentials = self.login("upstream", raw.username, password)?;
         Ok(UpstreamConfig {
             endpoint: Endpoint {
                 name: "upstream".to_string(),
@@ -669,16 +677,7 @@ impl Validator<'_> {
                     env: raw.password_env.as_deref(),
                     file: raw.password_file.as_deref(),
                 })?;
-                match (raw.username, password) {
-                    (Some(username), Some(password)) => Some(Credentials { username, password }),
-                    (None, None) => None,
-                    _ => {
-                        return Err(self.invalid(
-                            key("username"),
-                            "username and a password (password, password_env or password_file) go together",
-                        ));
-                    }
-                }
+                self.login(&format!("targets[{i}]"), raw.username, password)?
             }
             TargetAuth::SwrAksk => {
                 let region = raw.region.ok_or_else(|| {

@@ -687,9 +687,11 @@ impl Queue {
         Ok(changed)
     }
 
-    /// Counts per target and state, with the oldest unfinished job's age.
-    pub async fn counts(&self) -> Result<Vec<TargetCounts>, QueueError> {
-        self.with(|c| {
+    /// Counts per target and state, with the oldest unfinished job's age. Every name in
+    /// `configured` gets a row, so a target with no jobs yet still shows (and exports zeros).
+    pub async fn counts(&self, configured: &[String]) -> Result<Vec<TargetCounts>, QueueError> {
+        let configured = configured.to_vec();
+        self.with(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT target, state, COUNT(*), \
                         MIN(CASE WHEN state IN ('pending', 'running') THEN created_at END) \
@@ -724,6 +726,14 @@ impl Queue {
                 if let Some(o) = oldest {
                     entry.oldest_pending_at =
                         Some(entry.oldest_pending_at.map_or(o, |prev| prev.min(o)));
+                }
+            }
+            for name in configured {
+                if !out.iter().any(|c| c.target == name) {
+                    out.push(TargetCounts {
+                        target: name,
+                        ..Default::default()
+                    });
                 }
             }
             Ok(out)
@@ -879,8 +889,9 @@ mod tests {
         )
         .await
         .unwrap();
-        let counts = q.counts().await.unwrap();
-        assert_eq!(counts.len(), 1);
+        let counts = q.counts(&["a".into(), "idle".into()]).await.unwrap();
+        assert_eq!(counts.len(), 2);
+        assert_eq!((counts[1].target.as_str(), counts[1].pending), ("idle", 0));
         assert_eq!((counts[0].pending, counts[0].failed), (1, 1));
         assert!(counts[0].oldest_pending_at.is_some());
 
@@ -906,7 +917,7 @@ mod tests {
         assert!(other_project.is_empty());
 
         assert_eq!(q.retry_failed(None).await.unwrap(), 1);
-        assert_eq!(q.counts().await.unwrap()[0].failed, 0);
+        assert_eq!(q.counts(&[]).await.unwrap()[0].failed, 0);
         assert_eq!(q.purge(Duration::ZERO).await.unwrap(), 0);
     }
 }
