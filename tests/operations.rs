@@ -53,7 +53,7 @@ async fn backfill_copies_what_predates_regtee_diff_tells_and_a_second_run_queues
     // The cutover report sees the gap (no server needed).
     let out = regtee_cli(&config, &spec, &["diff", "library"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("MISSING"), "{}", text(&out));
+    assert_says(&out, "MISSING");
     let out = regtee_cli(&config, &spec, &["diff", "library", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["differing"], 3);
@@ -61,7 +61,7 @@ async fn backfill_copies_what_predates_regtee_diff_tells_and_a_second_run_queues
     let regtee = Regtee::start(&spec).await;
     let out = regtee_cli(&config, &spec, &["sync", "library", "--dry-run"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(text(&out).contains("3 would be queued"), "{}", text(&out));
+    assert_says(&out, "3 would be queued");
     assert_eq!(
         admin_get(&regtee, "/api/v1/jobs").await["jobs"]
             .as_array()
@@ -72,11 +72,7 @@ async fn backfill_copies_what_predates_regtee_diff_tells_and_a_second_run_queues
 
     let out = regtee_cli(&config, &spec, &["sync", "library"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(
-        text(&out).contains("2 repositories, 3 tags: 0 in sync, 3 queued"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "2 repositories, 3 tags: 0 in sync, 3 queued");
     let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
     for (i, repo, tag) in [
         (0, "prod-lib/a", "1"),
@@ -89,7 +85,7 @@ async fn backfill_copies_what_predates_regtee_diff_tells_and_a_second_run_queues
     assert_eq!(target.manifest_head("other/c", "1").await.unwrap(), None);
 
     let out = regtee_cli(&config, &spec, &["sync", "library"]);
-    assert!(text(&out).contains("3 in sync, 0 queued"), "{}", text(&out));
+    assert_says(&out, "3 in sync, 0 queued");
     let out = regtee_cli(&config, &spec, &["diff", "library"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
@@ -381,7 +377,7 @@ async fn the_admin_token_is_enforced_and_the_cli_uses_it() {
     }
     let out = regtee_cli(&config, &spec, &["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(text(&out).contains("TARGET"));
+    assert_says(&out, "TARGET");
     regtee.stop().await;
 }
 
@@ -423,9 +419,9 @@ async fn a_missing_namespace_fails_the_job_with_a_hint_and_retry_fixes_it() {
     assert_eq!(detail_page["attempts"].as_array().unwrap().len(), 1);
 
     let out = regtee_cli(&config, &spec, &["status"]);
-    assert!(text(&out).contains("create it there"), "{}", text(&out));
+    assert_says(&out, "create it there");
     let out = regtee_cli(&config, &spec, &["jobs", "--failed"]);
-    assert!(text(&out).contains("library/app:1"), "{}", text(&out));
+    assert_says(&out, "library/app:1");
 
     cloud.issuer.add_project("prod-lib");
     let out = regtee_cli(&config, &spec, &["retry", "--failed"]);
@@ -461,10 +457,9 @@ async fn check_reports_a_wrong_password_and_a_missing_namespace_with_hints() {
     let config = good.write(&work.path().join("good.toml"));
     let out = regtee_cli(&config, &good, &["check"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(
-        text(&out).contains("ok    target tcr namespace library: exists and accepts pushes"),
-        "{}",
-        text(&out)
+    assert_says(
+        &out,
+        "ok    target tcr namespace library: exists and accepts pushes",
     );
 
     // A wrong password for the target.
@@ -474,12 +469,8 @@ async fn check_reports_a_wrong_password_and_a_missing_namespace_with_hints() {
     let wrong_path = wrong.write(&work.path().join("wrong.toml"));
     let out = regtee_cli(&wrong_path, &wrong, &["check"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("FAIL  target tcr"), "{}", text(&out));
-    assert!(
-        text(&out).contains("hint: the username or password is wrong"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "FAIL  target tcr");
+    assert_says(&out, "hint: the username or password is wrong");
     assert!(
         !text(&out).contains("not-it"),
         "the password is never printed"
@@ -491,21 +482,13 @@ async fn check_reports_a_wrong_password_and_a_missing_namespace_with_hints() {
     let path = missing.write(&work.path().join("missing.toml"));
     let out = regtee_cli(&path, &missing, &["check"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("FAIL  target tcr namespace prod-lib"),
-        "{}",
-        text(&out)
-    );
-    assert!(
-        text(&out).contains("hint: create namespace prod-lib on tcr"),
-        "{}",
-        text(&out)
-    );
+    assert_says(&out, "FAIL  target tcr namespace prod-lib");
+    assert_says(&out, "hint: create namespace prod-lib on tcr");
 
     // A config that does not parse: exit 64, one line naming the key.
     let bad = work.path().join("bad.toml");
     std::fs::write(&bad, format!("{}\nlisten_port = 1\n", good.toml())).unwrap();
     let out = regtee_cli(&bad, &good, &["check"]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
-    assert!(text(&out).contains("listen_port"), "{}", text(&out));
+    assert_says(&out, "listen_port");
 }

@@ -598,6 +598,12 @@ pub fn regtee_cli(config: &Path, spec: &ConfigSpec, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Asserts that a command's output (stdout and stderr) contains `needle`, showing it if not.
+pub fn assert_says(out: &Output, needle: &str) {
+    let all = text(out);
+    assert!(all.contains(needle), "expected {needle:?} in:\n{all}");
+}
+
 pub fn text(out: &Output) -> String {
     format!(
         "{}{}",
