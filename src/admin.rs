@@ -21,6 +21,7 @@ use crate::body::{self, ProxyBody};
 use crate::config::{Config, Secret};
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
+use crate::names::{RepositoryName, Tag};
 use crate::queue::{Job, JobFilter, JobOrigin, JobState, Queue, QueueError, TargetCounts, now_ms};
 use crate::registry_client::{ErrorKind, read_limited};
 use crate::tee::Tee;
@@ -91,9 +92,12 @@ pub struct JobDetail {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RepositoryStatus {
     /// Harbor repository.
-    pub repository: String,
+    pub repository: RepositoryName,
     /// Every tag: Harbor's digest and each target's.
     pub tags: Vec<TagRow>,
+    /// Tags Harbor lists that break the spec's grammar, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invalid_tags: Vec<String>,
 }
 
 /// `POST /api/v1/backfills` body.
@@ -189,7 +193,7 @@ impl Admin {
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
+                .and_then(webhooks::bearer_credentials);
             if !presented.is_some_and(|p| {
                 webhooks::constant_time_eq(p.as_bytes(), token.expose().as_bytes())
             }) {
@@ -209,7 +213,14 @@ impl Admin {
     async fn route(&self, req: Request<Incoming>, path: &str) -> Answer {
         let method = req.method().clone();
         let query = query_map(req.uri().query());
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // A repository may be given as `library%2Fapp` or `library/app`: decode as registries do.
+        let Some(decoded) = crate::names::percent_decode(path) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the path has escapes that are not UTF-8",
+            );
+        };
+        let segments: Vec<&str> = decoded.trim_matches('/').split('/').collect();
         match (&method, segments.as_slice()) {
             (&Method::GET, ["healthz"]) => text(StatusCode::OK, "text/plain", "ok\n"),
             (&Method::GET, ["readyz"]) => self.ready().await,
@@ -343,22 +354,31 @@ impl Admin {
     }
 
     async fn repository_status(&self, repository: &str) -> Answer {
+        let repository: RepositoryName = match repository.parse() {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        };
         let upstream = self.mirror.upstream();
-        let tags = match upstream.tags(repository).await {
+        let tags = match upstream.tags(repository.as_str()).await {
             Ok(t) => t,
             Err(e) => return error(StatusCode::BAD_GATEWAY, e.to_string()),
         };
         let mut rows = Vec::new();
+        let mut skipped = Vec::new();
         for tag in tags {
-            rows.push(
-                backfill::compare_tag(upstream, self.mirror.targets(), repository, &tag).await,
-            );
+            match tag.parse::<Tag>() {
+                Ok(tag) => rows.push(
+                    backfill::compare_tag(upstream, self.mirror.targets(), &repository, &tag).await,
+                ),
+                Err(e) => skipped.push(e.to_string()),
+            }
         }
         json(
             StatusCode::OK,
             &RepositoryStatus {
-                repository: repository.to_string(),
+                repository,
                 tags: rows,
+                invalid_tags: skipped,
             },
         )
     }
@@ -467,15 +487,32 @@ impl Admin {
         } else {
             webhooks::registry(&bytes)
         };
-        let writes = match parsed {
-            Ok(w) => w,
+        let events = match parsed {
+            Ok(events) => events,
             Err(e) => {
                 tracing::warn!(sender, error = %e, "rejected a webhook payload");
                 return error(StatusCode::BAD_REQUEST, e.to_string());
             }
         };
+        if !events.rejected.is_empty() {
+            tracing::warn!(
+                sender,
+                rejected = events.rejected.len(),
+                first = %events.rejected[0],
+                "webhook events left out: their names break the distribution spec's grammar (nothing was queued for them)"
+            );
+            if events.writes.is_empty() {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({
+                        "error": "no usable event: every name, tag or digest breaks the spec's grammar",
+                        "rejected": events.rejected,
+                    }),
+                );
+            }
+        }
         let mut armed = 0;
-        for write in &writes {
+        for write in &events.writes {
             match self.tee.record_from(write, JobOrigin::Webhook).await {
                 Ok(n) => armed += n,
                 Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -483,13 +520,17 @@ impl Admin {
         }
         tracing::info!(
             sender,
-            events = writes.len(),
+            events = events.writes.len(),
             jobs = armed,
             "webhook accepted"
         );
         json(
             StatusCode::OK,
-            &serde_json::json!({ "events": writes.len(), "jobs": armed }),
+            &serde_json::json!({
+                "events": events.writes.len(),
+                "jobs": armed,
+                "rejected": events.rejected,
+            }),
         )
     }
 }

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::TargetConfig;
+use crate::digest::Digest;
 use crate::mirror::{Mirror, Target};
+use crate::names::{NameError, RepositoryName, Tag};
 use crate::queue::{JobKind, JobOrigin, NewJob, now_ms};
 use crate::registry_client::{RegistryClient, RegistryError};
 
@@ -28,7 +30,7 @@ pub struct TargetView {
     /// The repository there (after namespace mapping).
     pub repository: String,
     /// Its digest there, if the tag exists.
-    pub digest: Option<String>,
+    pub digest: Option<Digest>,
     /// What the comparison concludes.
     pub status: TagStatus,
 }
@@ -55,11 +57,11 @@ pub enum TagStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TagRow {
     /// Harbor repository.
-    pub repository: String,
+    pub repository: RepositoryName,
     /// Tag.
-    pub tag: String,
+    pub tag: Tag,
     /// Harbor's digest (None if the tag vanished while comparing).
-    pub harbor: Option<String>,
+    pub harbor: Option<Digest>,
     /// Each target's view.
     pub targets: Vec<TargetView>,
     /// Errors met while comparing this tag.
@@ -163,18 +165,19 @@ pub async fn all_projects(upstream: &RegistryClient) -> Result<Vec<String>, Regi
 pub async fn compare_tag(
     upstream: &RegistryClient,
     targets: &[Arc<Target>],
-    repository: &str,
-    tag: &str,
+    repository: &RepositoryName,
+    tag: &Tag,
 ) -> TagRow {
     let mut row = TagRow {
-        repository: repository.to_string(),
-        tag: tag.to_string(),
+        repository: repository.clone(),
+        tag: tag.clone(),
         harbor: None,
         targets: Vec::new(),
         errors: Vec::new(),
     };
+    let (repository, tag) = (repository.as_str(), tag.as_str());
     match upstream.manifest_head(repository, tag).await {
-        Ok(head) => row.harbor = head.map(|h| h.digest.to_string()),
+        Ok(head) => row.harbor = head.map(|h| h.digest),
         Err(e) => {
             row.errors.push(e.to_string());
             return row;
@@ -192,7 +195,7 @@ pub async fn compare_tag(
         if policy.wants_repository(repository) && policy.wants_tag(tag) {
             match target.client.manifest_head(&target_repo, tag).await {
                 Ok(head) => {
-                    view.digest = head.map(|h| h.digest.to_string());
+                    view.digest = head.map(|h| h.digest);
                     view.status = match (&view.digest, &row.harbor) {
                         (None, _) => TagStatus::Missing,
                         (Some(t), Some(h)) if t == h => TagStatus::InSync,
@@ -218,15 +221,19 @@ pub async fn compare_project(
     project: &str,
     mut on_progress: impl FnMut(ProjectEvent) + Send,
 ) -> Result<(), RegistryError> {
-    let repositories: Vec<String> = project_repositories(upstream, project)
-        .await?
+    let listed = project_repositories(upstream, project).await?;
+    let repositories: Vec<RepositoryName> = valid(listed, "repository", &mut on_progress)
         .into_iter()
-        .filter(|r| targets.iter().any(|t| t.config.policy.wants_repository(r)))
+        .filter(|r: &RepositoryName| {
+            targets
+                .iter()
+                .any(|t| t.config.policy.wants_repository(r.as_str()))
+        })
         .collect();
     on_progress(ProjectEvent::Repositories(repositories.len()));
     for repository in &repositories {
-        let tags = match upstream.tags(repository).await {
-            Ok(tags) => tags,
+        let tags = match upstream.tags(repository.as_str()).await {
+            Ok(tags) => valid::<Tag>(tags, "tag", &mut on_progress),
             Err(e) => {
                 on_progress(ProjectEvent::Error(e.to_string()));
                 continue;
@@ -234,9 +241,7 @@ pub async fn compare_project(
         };
         on_progress(ProjectEvent::Tags(tags.len()));
         let mut rows = stream::iter(tags)
-            .map(
-                |tag: String| async move { compare_tag(upstream, targets, repository, &tag).await },
-            )
+            .map(|tag: Tag| async move { compare_tag(upstream, targets, repository, &tag).await })
             .buffer_unordered(COMPARE_PARALLELISM);
         while let Some(row) = rows.next().await {
             on_progress(ProjectEvent::Row(row));
@@ -244,6 +249,27 @@ pub async fn compare_project(
         on_progress(ProjectEvent::RepositoryDone);
     }
     Ok(())
+}
+
+/// The names of a listing that follow the spec's grammar; each other one is reported as an error
+/// (a registry's listing is outside input like any other).
+fn valid<T: std::str::FromStr<Err = NameError>>(
+    listed: Vec<String>,
+    what: &str,
+    on_progress: &mut impl FnMut(ProjectEvent),
+) -> Vec<T> {
+    listed
+        .into_iter()
+        .filter_map(|item| match item.parse::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                on_progress(ProjectEvent::Error(format!(
+                    "Harbor lists a {what} regtee cannot use: {e}"
+                )));
+                None
+            }
+        })
+        .collect()
 }
 
 /// What [`compare_project`] reports as it goes.

@@ -113,6 +113,39 @@ pub fn generate(
     Ok(files)
 }
 
+/// What to do with freshly generated files: the config lines, and the trust step for each Docker
+/// host, for the HTTPS port the config at `config` listens on (5443 when it has none).
+pub fn next_steps(files: &GeneratedCerts, hosts: &[String], config: &Path) -> String {
+    let listen = crate::config::Config::load_for_queue_commands(config)
+        .ok()
+        .and_then(|c| c.proxy.tls.map(|t| t.listen));
+    let (port, whence) = match listen {
+        Some(addr) => (addr.port(), format!("tls_listen in {}", config.display())),
+        None => (
+            5443,
+            "the usual tls_listen port: pass --config for yours".to_string(),
+        ),
+    };
+    let host = hosts.first().map(String::as_str).unwrap_or("localhost");
+    let mut out = format!(
+        "wrote {}\nwrote {}\nwrote {} (trust this CA on clients)\nwrote {} (keep private)\n",
+        files.server_cert.display(),
+        files.server_key.display(),
+        files.ca_cert.display(),
+        files.ca_key.display()
+    );
+    out.push_str(&format!(
+        "\nset in regtee.toml:\n  tls_listen = \"0.0.0.0:{port}\"\n  tls_cert = \"{}\"\n  tls_key = \"{}\"\n",
+        files.server_cert.display(),
+        files.server_key.display()
+    ));
+    out.push_str(&format!(
+        "\ntrust it on each Docker host (port {port}: {whence}):\n  sudo mkdir -p /etc/docker/certs.d/{host}:{port} && sudo cp {} /etc/docker/certs.d/{host}:{port}/ca.crt\n",
+        files.ca_cert.display()
+    ));
+    out
+}
+
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertsError> {
     std::fs::write(path, contents).map_err(|source| CertsError::Write {
         path: path.to_path_buf(),
@@ -141,5 +174,29 @@ mod tests {
         crate::tls::server_config(&files.server_cert, &files.server_key).unwrap();
         let chain = std::fs::read_to_string(&files.server_cert).unwrap();
         assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+    }
+
+    #[test]
+    fn next_steps_name_the_configured_https_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = vec!["registry.example.com".to_string()];
+        let files = generate(&hosts, &dir.path().join("certs"), 30).unwrap();
+        let config = dir.path().join("regtee.toml");
+        std::fs::write(
+            &config,
+            "[proxy]\ntls_listen = \"0.0.0.0:8443\"\ntls_cert = \"certs/regtee.crt\"\ntls_key = \"certs/regtee.key\"\n[upstream]\nurl = \"https://h\"\n",
+        )
+        .unwrap();
+        let steps = next_steps(&files, &hosts, &config);
+        assert!(
+            steps.contains("/etc/docker/certs.d/registry.example.com:8443/ca.crt"),
+            "{steps}"
+        );
+        let steps = next_steps(&files, &hosts, &dir.path().join("absent.toml"));
+        assert!(
+            steps.contains("certs.d/registry.example.com:5443"),
+            "{steps}"
+        );
+        assert!(steps.contains("pass --config"), "{steps}");
     }
 }

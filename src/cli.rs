@@ -15,6 +15,7 @@ use crate::admin::{BackfillBody, JobPage, Status};
 use crate::backfill::{self, BackfillRequest, Progress, ProjectEvent, TagRow, TagStatus};
 use crate::body;
 use crate::config::{AdminConfig, ClientTls, Config};
+use crate::digest::Digest;
 use crate::http_client::{self, HttpClient};
 use crate::metrics::Metrics;
 use crate::mirror::{Mirror, Target};
@@ -474,7 +475,7 @@ pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Resu
             print!(
                 "{:<48} {:<20}",
                 format!("{}:{}", row.repository, row.tag),
-                short_digest(row.harbor.as_deref())
+                short_digest(row.harbor.as_ref().map(Digest::as_str))
             );
             for view in &row.targets {
                 let mark = match view.status {
@@ -489,7 +490,10 @@ pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Resu
                     TagStatus::Missing | TagStatus::NotMirrored | TagStatus::Error => {
                         mark.to_string()
                     }
-                    _ => format!("{} {mark}", short_digest(view.digest.as_deref())),
+                    _ => format!(
+                        "{} {mark}",
+                        short_digest(view.digest.as_ref().map(Digest::as_str))
+                    ),
                 };
                 print!(" {cell:<30}");
             }
@@ -538,21 +542,34 @@ fn report(lines: &[CheckLine]) -> i32 {
 }
 
 fn endpoint_hint(e: &RegistryError, key: &str) -> String {
-    match (&e.kind, e.class()) {
-        (_, "tls") => format!(
-            "the certificate is not trusted: set {key}.ca_file to the CA that signed it (or insecure_skip_verify = true for labs)"
-        ),
-        (ErrorKind::Unreachable(_), _) | (ErrorKind::Timeout, _) => {
-            format!("check {key}.url, DNS and firewalls from this host")
+    match &e.kind {
+        ErrorKind::Tls(t) => t.fix(key),
+        ErrorKind::HttpsOnly { https } => {
+            format!("set url = \"{https}\" in {key} (and ca_file there if its CA is private)")
         }
-        (ErrorKind::Unauthorized(_), _) => format!(
-            "the username or password is wrong: fix {key}.username and {key}.password(_env/_file)"
-        ),
-        (ErrorKind::Denied(_), _) => {
-            "the account exists but lacks rights: grant it access".to_string()
+        ErrorKind::Unreachable(_) | ErrorKind::Timeout => {
+            format!("check the url in {key}, DNS and firewalls from this host")
         }
+        ErrorKind::Unauthorized(_) => format!(
+            "the username or password is wrong: fix username and password(_env/_file) in {key}"
+        ),
+        ErrorKind::Denied(_) => "the account exists but lacks rights: grant it access".to_string(),
         _ => "see the error above".to_string(),
     }
+}
+
+/// What a passed connection check proves: TLS only for https:// endpoints.
+fn connection_ok(endpoint: &crate::config::Endpoint) -> String {
+    let how = match endpoint.origin.scheme() {
+        crate::origin::Scheme::Https => "reachable, TLS ok",
+        crate::origin::Scheme::Http => "reachable",
+    };
+    let who = if endpoint.credentials.is_some() {
+        "credentials accepted"
+    } else {
+        "anonymous access accepted"
+    };
+    format!("{how}, {who}")
 }
 
 /// `regtee check`: validates the config and tests every endpoint. Exit 1 when a check fails.
@@ -574,25 +591,18 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
         Ok(()) => lines.push(CheckLine {
             ok: true,
             what: format!("upstream {}", up.origin),
-            detail: format!(
-                "reachable, TLS ok, {}",
-                if up.credentials.is_some() {
-                    "credentials accepted"
-                } else {
-                    "anonymous access accepted"
-                }
-            ),
+            detail: connection_ok(up),
             hint: None,
         }),
         Err(e) => lines.push(CheckLine {
             ok: false,
             what: format!("upstream {}", up.origin),
             detail: e.kind.to_string(),
-            hint: Some(endpoint_hint(&e, "upstream")),
+            hint: Some(endpoint_hint(&e, "[upstream]")),
         }),
     }
-    for (i, target) in config.targets.iter().enumerate() {
-        let key = format!("targets[{i}]");
+    for target in &config.targets {
+        let key = format!("[[targets]] \"{}\"", target.endpoint.name);
         let name = &target.endpoint.name;
         let client = RegistryClient::new(&target.endpoint).map_err(cli_err)?;
         let what = format!("target {name} {}", target.endpoint.origin);
@@ -608,14 +618,7 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
         lines.push(CheckLine {
             ok: true,
             what,
-            detail: format!(
-                "reachable, TLS ok, {}",
-                if target.endpoint.credentials.is_some() {
-                    "credentials accepted"
-                } else {
-                    "anonymous access accepted"
-                }
-            ),
+            detail: connection_ok(&target.endpoint),
             hint: None,
         });
         let mut namespaces: Vec<String> = target
@@ -655,7 +658,7 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
                         ErrorKind::Denied(_)
                         | ErrorKind::NotFound { .. }
                         | ErrorKind::Unauthorized(_) => format!(
-                            "create namespace {ns} on {name} (or fix {key}.namespaces), and let `{}` push to it",
+                            "create namespace {ns} on {name} (or fix namespaces in {key}), and let `{}` push to it",
                             target
                                 .endpoint
                                 .credentials

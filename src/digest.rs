@@ -41,8 +41,22 @@ impl Algorithm {
 }
 
 /// `algorithm:hex`, validated so it is safe to put in a URL path or a database key.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Digest(String);
+
+impl TryFrom<String> for Digest {
+    type Error = DigestParseError;
+    fn try_from(s: String) -> Result<Digest, DigestParseError> {
+        s.parse()
+    }
+}
+
+impl From<Digest> for String {
+    fn from(d: Digest) -> String {
+        d.0
+    }
+}
 
 /// Text that is not a digest regtee can verify.
 #[derive(Debug, thiserror::Error)]

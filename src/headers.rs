@@ -35,8 +35,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// Headers a client may send that would let it choose the host or scheme the upstream builds
+/// absolute URLs from (distribution reads both). regtee is the edge: it alone describes the
+/// client's view, and it describes it only by `X-Forwarded-For` and `X-Forwarded-Proto`.
+const CLIENT_FORWARDED: [HeaderName; 2] = [
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("forwarded"),
+];
+
 /// Prepares client request headers for the upstream: hop-by-hop removed, `Host` set to the
-/// upstream, `X-Forwarded-*` describing the client's view, `Expect` handled by us already.
+/// upstream, `X-Forwarded-For`/`-Proto` describing the client, `Expect` handled by us already.
+///
+/// No `X-Forwarded-Host`: Harbor's nginx overwrites `X-Forwarded-Proto` with its own scheme and
+/// passes `X-Forwarded-Host` through, so the registry would build URLs from regtee's host and
+/// Harbor's scheme, an origin nobody listens on. Without it, the registry builds them from `Host`
+/// (the upstream's authority), which [`Rebase`] recognises whatever scheme a front put on it;
+/// and no header a client chooses can steer a URL that regtee later follows.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     upstream: &Origin,
@@ -45,13 +59,18 @@ pub fn prepare_request(
 ) {
     strip_hop_by_hop(headers);
     headers.remove(header::EXPECT);
+    for name in &CLIENT_FORWARDED {
+        headers.remove(name);
+    }
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
         _ => client_ip.to_string(),
     };
     set(headers, "x-forwarded-for", &forwarded_for);
-    set(headers, "x-forwarded-proto", public.scheme().as_str());
-    set(headers, "x-forwarded-host", &public.authority());
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(public.scheme().as_str()),
+    );
     set(headers, header::HOST.as_str(), &upstream.authority());
 }
 
@@ -61,38 +80,60 @@ fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
-/// Rewrites an absolute URL on `from` to the same path on `to`; other URLs yield `None`.
-pub fn rebase_url(url: &str, from: &Origin, to: &Origin) -> Option<String> {
-    let uri: http::Uri = url.trim().parse().ok()?;
-    if Origin::of(&uri).as_ref() != Some(from) {
-        return None;
-    }
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    Some(format!("{to}{path}"))
+/// Which absolute URLs point back into the registry, and the origin they are rebased onto.
+///
+/// A URL points back if its authority is the upstream's (what the registry builds from `Host`)
+/// or the client's own (what it builds when a front adds `X-Forwarded-Host`), whatever scheme a
+/// front in between put on it. It is rewritten to the origin the client used: the listener's
+/// scheme and the client's `Host`.
+pub struct Rebase<'a> {
+    /// Harbor, as regtee reaches it.
+    pub upstream: &'a Origin,
+    /// regtee, as this client reached it.
+    pub public: &'a Origin,
 }
 
-/// Rewrites the URL targets inside a `Link` header value (`<url>; rel="next", ...`).
-pub fn rebase_link(value: &str, from: &Origin, to: &Origin) -> Option<String> {
-    let mut out = String::with_capacity(value.len());
-    let mut rest = value;
-    let mut changed = false;
-    while let Some(start) = rest.find('<') {
-        let Some(len) = rest[start..].find('>') else {
-            break;
-        };
-        let target = &rest[start + 1..start + len];
-        out.push_str(&rest[..=start]);
-        match rebase_url(target, from, to) {
-            Some(new) => {
-                out.push_str(&new);
-                changed = true;
-            }
-            None => out.push_str(target),
-        }
-        rest = &rest[start + len..];
+impl Rebase<'_> {
+    /// Whether a URL on `origin` leads into the registry regtee fronts.
+    pub fn points_back(&self, origin: &Origin) -> bool {
+        origin.same_authority(self.upstream) || origin.same_authority(self.public)
     }
-    out.push_str(rest);
-    changed.then_some(out)
+
+    /// The URL on the client's origin, or `None` for URLs elsewhere (object storage, another
+    /// token service), relative references, and URLs already right.
+    pub fn url(&self, url: &str) -> Option<String> {
+        let uri: http::Uri = url.trim().parse().ok()?;
+        let origin = Origin::of(&uri)?;
+        if !self.points_back(&origin) || origin == *self.public {
+            return None;
+        }
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        Some(format!("{}{path}", self.public))
+    }
+
+    /// Rewrites the URL targets inside a `Link` header value (`<url>; rel="next", ...`).
+    pub fn link(&self, value: &str) -> Option<String> {
+        let mut out = String::with_capacity(value.len());
+        let mut rest = value;
+        let mut changed = false;
+        while let Some(start) = rest.find('<') {
+            let Some(len) = rest[start..].find('>') else {
+                break;
+            };
+            let target = &rest[start + 1..start + len];
+            out.push_str(&rest[..=start]);
+            match self.url(target) {
+                Some(new) => {
+                    out.push_str(&new);
+                    changed = true;
+                }
+                None => out.push_str(target),
+            }
+            rest = &rest[start + len..];
+        }
+        out.push_str(rest);
+        changed.then_some(out)
+    }
 }
 
 /// How a token realm in an upstream challenge should appear to the client.
@@ -100,29 +141,25 @@ pub enum RealmRewrite<'a> {
     /// Leave realms on other origins alone.
     SameOriginOnly,
     /// Relay realms on other origins through regtee: the closure registers the realm and
-    /// returns the relay path on the proxy (e.g. `/_regtee/token/<id>`).
-    Relay(&'a dyn Fn(&str) -> String),
+    /// returns the relay path on the proxy (e.g. `/_regtee/token/<id>`), or `None` when it
+    /// cannot (the realm is left as it is).
+    Relay(&'a dyn Fn(&str) -> Option<String>),
 }
 
 /// Rewrites the response headers that would lead the client away from regtee.
-pub fn rewrite_response(
-    headers: &mut HeaderMap,
-    upstream: &Origin,
-    public: &Origin,
-    realms: RealmRewrite<'_>,
-) {
+pub fn rewrite_response(headers: &mut HeaderMap, rebase: &Rebase<'_>, realms: RealmRewrite<'_>) {
     strip_hop_by_hop(headers);
     if let Some(new) = headers
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| rebase_url(v, upstream, public))
+        .and_then(|v| rebase.url(v))
         .and_then(|v| HeaderValue::from_str(&v).ok())
     {
         headers.insert(header::LOCATION, new);
     }
-    rewrite_all(headers, header::LINK, |v| rebase_link(v, upstream, public));
+    rewrite_all(headers, header::LINK, |v| rebase.link(v));
     rewrite_all(headers, header::WWW_AUTHENTICATE, |v| {
-        rewrite_challenge(v, upstream, public, &realms)
+        rewrite_challenge(v, rebase, &realms)
     });
 }
 
@@ -153,30 +190,46 @@ fn rewrite_all(
 
 fn rewrite_challenge(
     value: &str,
-    upstream: &Origin,
-    public: &Origin,
+    rebase: &Rebase<'_>,
     realms: &RealmRewrite<'_>,
 ) -> Option<String> {
     let mut challenge = Challenge::parse(value)?;
-    let realm = challenge.param("realm")?.to_string();
-    let new_realm = match rebase_url(&realm, upstream, public) {
-        Some(same_origin) => same_origin,
-        None => match realms {
-            RealmRewrite::Relay(register) if is_http_url(&realm) => {
-                format!("{public}{}", register(&realm))
-            }
-            _ => return None,
-        },
+    let realm = challenge.param("realm")?;
+    let origin = realm
+        .trim()
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| Origin::of(&u))?;
+    let new_realm = if rebase.points_back(&origin) {
+        rebase.url(realm)?
+    } else {
+        match realms {
+            RealmRewrite::Relay(register) => format!("{}{}", rebase.public, register(realm)?),
+            RealmRewrite::SameOriginOnly => return None,
+        }
     };
     challenge.set_param("realm", new_realm);
     Some(challenge.to_header_value())
 }
 
-fn is_http_url(s: &str) -> bool {
-    s.parse::<http::Uri>()
-        .ok()
-        .and_then(|u| Origin::of(&u))
-        .is_some()
+/// The HTTPS origin an upstream reached over plain HTTP redirects this request to, if it does.
+///
+/// Harbor configured for HTTPS answers its plain port with `308 https://<hostname>$request_uri`
+/// (its nginx template), whatever the path: the same request, upgraded. A redirect to another
+/// path (a blob on object storage) is not this.
+pub fn redirect_to_https(
+    status: http::StatusCode,
+    headers: &HeaderMap,
+    upstream: &Origin,
+    request: &http::Uri,
+) -> Option<Origin> {
+    if !status.is_redirection() || upstream.scheme() != Scheme::Http {
+        return None;
+    }
+    let location: http::Uri = headers.get(header::LOCATION)?.to_str().ok()?.parse().ok()?;
+    let target = Origin::of(&location)?;
+    let same_request = location.path_and_query() == request.path_and_query();
+    (target.scheme() == Scheme::Https && same_request).then_some(target)
 }
 
 /// The origin the client used: the listener's scheme and the request's authority.
@@ -193,19 +246,27 @@ pub fn public_origin(
             .map(str::to_string)
     });
     host.and_then(|h| Origin::from_host_header(scheme, &h))
-        .or_else(|| Origin::from_host_header(scheme, &local.to_string()))
-        .expect("a socket address is a valid authority")
+        .unwrap_or_else(|| Origin::of_socket(scheme, local))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn origins() -> (Origin, Origin) {
-        (
-            Origin::parse("https://harbor.internal").unwrap(),
-            Origin::parse("http://regtee.example.com:5000").unwrap(),
-        )
+    fn o(s: &str) -> Origin {
+        Origin::parse(s).unwrap()
+    }
+
+    fn location_after(upstream: &str, public: &str, location: &str) -> String {
+        let (upstream, public) = (o(upstream), o(public));
+        let mut h = HeaderMap::new();
+        h.insert(header::LOCATION, location.parse().unwrap());
+        let rebase = Rebase {
+            upstream: &upstream,
+            public: &public,
+        };
+        rewrite_response(&mut h, &rebase, RealmRewrite::SameOriginOnly);
+        h[header::LOCATION].to_str().unwrap().to_string()
     }
 
     #[test]
@@ -225,95 +286,224 @@ mod tests {
     }
 
     #[test]
-    fn request_gets_forwarded_headers_and_upstream_host() {
-        let (up, public) = origins();
+    fn request_gets_forwarded_for_and_proto_and_the_upstream_host_only() {
+        let (up, public) = (
+            o("https://harbor.internal"),
+            o("http://regtee.example.com:5000"),
+        );
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        // What a client chooses must not decide the origin the registry builds URLs from.
+        h.insert("x-forwarded-host", "evil.example.net".parse().unwrap());
+        h.insert(
+            "forwarded",
+            "host=evil.example.net;proto=https".parse().unwrap(),
+        );
         h.insert(header::HOST, "regtee.example.com:5000".parse().unwrap());
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
         prepare_request(&mut h, &up, "192.0.2.7".parse().unwrap(), &public);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "regtee.example.com:5000");
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert!(!h.contains_key("forwarded"));
         assert_eq!(h[header::HOST], "harbor.internal");
         assert_eq!(h[header::AUTHORIZATION], "Bearer abc");
     }
 
+    /// Every scheme combination of listener × Harbor × what Harbor's front wrote.
     #[test]
-    fn absolute_locations_on_the_upstream_are_rebased_and_others_kept() {
-        let (up, public) = origins();
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::LOCATION,
-            "https://harbor.internal:443/v2/a/blobs/uploads/1?_state=x"
-                .parse()
-                .unwrap(),
-        );
-        rewrite_response(&mut h, &up, &public, RealmRewrite::SameOriginOnly);
-        assert_eq!(
-            h[header::LOCATION],
-            "http://regtee.example.com:5000/v2/a/blobs/uploads/1?_state=x"
-        );
+    fn locations_pointing_back_are_rebased_whatever_scheme_a_front_put_on_them() {
+        let path = "/v2/a/blobs/uploads/1?_state=x";
+        for (upstream, public, location) in [
+            // HTTPS Harbor, plain listener: nginx's $scheme on the upstream's Host.
+            (
+                "https://harbor.internal",
+                "http://regtee:5000",
+                "https://harbor.internal",
+            ),
+            // The same with the default port written out.
+            (
+                "https://harbor.internal",
+                "http://regtee:5000",
+                "https://harbor.internal:443",
+            ),
+            // A front that also set X-Forwarded-Host: regtee's host with Harbor's scheme.
+            (
+                "https://harbor.internal",
+                "http://regtee:5000",
+                "https://regtee:5000",
+            ),
+            // HTTP Harbor behind regtee's HTTPS listener.
+            (
+                "http://harbor.internal:8080",
+                "https://regtee:5443",
+                "http://harbor.internal:8080",
+            ),
+            (
+                "http://harbor.internal:8080",
+                "https://regtee:5443",
+                "http://regtee:5443",
+            ),
+            // HTTP Harbor that passed X-Forwarded-Proto through (Harbor's HTTP template).
+            (
+                "http://harbor.internal:8080",
+                "https://regtee:5443",
+                "https://harbor.internal:8080",
+            ),
+            // A TLS-terminating balancer before Harbor: plain scheme, default ports omitted.
+            (
+                "https://harbor.internal",
+                "http://regtee:5000",
+                "http://harbor.internal",
+            ),
+            // Default ports on the client's side.
+            (
+                "https://harbor.internal",
+                "https://registry.example.com",
+                "https://harbor.internal",
+            ),
+            (
+                "https://harbor.internal",
+                "http://registry.example.com",
+                "https://registry.example.com",
+            ),
+            // IPv6 literals on both sides.
+            (
+                "https://[fd00::5]:8443",
+                "http://[::1]:5000",
+                "https://[fd00::5]:8443",
+            ),
+            (
+                "https://[fd00::5]:8443",
+                "https://[::1]:5443",
+                "http://[::1]:5443",
+            ),
+        ] {
+            assert_eq!(
+                location_after(upstream, public, &format!("{location}{path}")),
+                format!("{public}{path}"),
+                "Harbor {upstream}, client at {public}, Location {location}"
+            );
+        }
+    }
+
+    #[test]
+    fn relative_foreign_and_already_right_locations_are_kept() {
         for keep in [
             "/v2/a/blobs/uploads/1",
             "https://s3.amazonaws.com/bucket/blob?sig=1",
+            "https://harbor.internal:9443/elsewhere",
+            "http://regtee:5000/v2/a/blobs/uploads/1",
+            "not a url",
         ] {
-            let mut h = HeaderMap::new();
-            h.insert(header::LOCATION, keep.parse().unwrap());
-            rewrite_response(&mut h, &up, &public, RealmRewrite::SameOriginOnly);
-            assert_eq!(h[header::LOCATION], keep);
+            assert_eq!(
+                location_after("https://harbor.internal", "http://regtee:5000", keep),
+                keep
+            );
         }
     }
 
     #[test]
     fn link_targets_are_rebased() {
-        let (up, public) = origins();
+        let (up, public) = (
+            o("https://harbor.internal"),
+            o("http://regtee.example.com:5000"),
+        );
+        let rebase = Rebase {
+            upstream: &up,
+            public: &public,
+        };
         assert_eq!(
-            rebase_link(
-                r#"<https://harbor.internal/v2/a/tags/list?last=b&n=1>; rel="next""#,
-                &up,
-                &public
-            )
-            .as_deref(),
+            rebase
+                .link(r#"<https://harbor.internal/v2/a/tags/list?last=b&n=1>; rel="next""#)
+                .as_deref(),
             Some(r#"<http://regtee.example.com:5000/v2/a/tags/list?last=b&n=1>; rel="next""#)
         );
         assert_eq!(
-            rebase_link(r#"</v2/a/tags/list?n=1>; rel="next""#, &up, &public),
-            None
+            rebase
+                .link(r#"<https://regtee.example.com:5000/v2/a/tags/list?n=1>; rel="next""#)
+                .as_deref(),
+            Some(r#"<http://regtee.example.com:5000/v2/a/tags/list?n=1>; rel="next""#)
         );
+        assert_eq!(rebase.link(r#"</v2/a/tags/list?n=1>; rel="next""#), None);
+    }
+
+    fn challenge_after(
+        upstream: &str,
+        public: &str,
+        value: &str,
+        relay: RealmRewrite<'_>,
+    ) -> String {
+        let (upstream, public) = (o(upstream), o(public));
+        let mut h = HeaderMap::new();
+        h.append(header::WWW_AUTHENTICATE, value.parse().unwrap());
+        let rebase = Rebase {
+            upstream: &upstream,
+            public: &public,
+        };
+        rewrite_response(&mut h, &rebase, relay);
+        h[header::WWW_AUTHENTICATE].to_str().unwrap().to_string()
     }
 
     #[test]
-    fn realms_same_origin_rebased_foreign_relayed() {
-        let (up, public) = origins();
-        let mut h = HeaderMap::new();
-        h.append(
-            header::WWW_AUTHENTICATE,
-            r#"Bearer realm="https://harbor.internal/service/token",service="harbor-registry""#
-                .parse()
-                .unwrap(),
-        );
-        rewrite_response(&mut h, &up, &public, RealmRewrite::SameOriginOnly);
+    fn realms_pointing_back_are_rebased_and_foreign_ones_relayed() {
+        let harbor =
+            r#"Bearer realm="https://harbor.internal/service/token",service="harbor-registry""#;
         assert_eq!(
-            h[header::WWW_AUTHENTICATE],
-            r#"Bearer realm="http://regtee.example.com:5000/service/token",service="harbor-registry""#
+            challenge_after(
+                "https://harbor.internal",
+                "http://regtee:5000",
+                harbor,
+                RealmRewrite::SameOriginOnly
+            ),
+            r#"Bearer realm="http://regtee:5000/service/token",service="harbor-registry""#
         );
-
-        let mut h = HeaderMap::new();
-        h.append(
-            header::WWW_AUTHENTICATE,
-            r#"Bearer realm="https://auth.example.net/token",service="reg",scope="repository:a:pull""#
-                .parse()
-                .unwrap(),
+        // Harbor's ext_endpoint on HTTP while regtee reaches it over HTTPS, same host.
+        let plain =
+            r#"Bearer realm="http://harbor.internal/service/token",service="harbor-registry""#;
+        assert_eq!(
+            challenge_after(
+                "https://harbor.internal",
+                "https://[::1]:5443",
+                plain,
+                RealmRewrite::SameOriginOnly
+            ),
+            r#"Bearer realm="https://[::1]:5443/service/token",service="harbor-registry""#
         );
+        let foreign = r#"Bearer realm="https://auth.example.net/token",service="reg",scope="repository:a:pull""#;
         let relay = |realm: &str| {
             assert_eq!(realm, "https://auth.example.net/token");
-            "/_regtee/token/abc".to_string()
+            Some("/_regtee/token/abc".to_string())
         };
-        rewrite_response(&mut h, &up, &public, RealmRewrite::Relay(&relay));
         assert_eq!(
-            h[header::WWW_AUTHENTICATE],
-            r#"Bearer realm="http://regtee.example.com:5000/_regtee/token/abc",service="reg",scope="repository:a:pull""#
+            challenge_after(
+                "https://harbor.internal",
+                "http://regtee:5000",
+                foreign,
+                RealmRewrite::Relay(&relay)
+            ),
+            r#"Bearer realm="http://regtee:5000/_regtee/token/abc",service="reg",scope="repository:a:pull""#
+        );
+        // A full relay table leaves the realm as it was.
+        let full = |_: &str| None;
+        assert_eq!(
+            challenge_after(
+                "https://harbor.internal",
+                "http://regtee:5000",
+                foreign,
+                RealmRewrite::Relay(&full)
+            ),
+            foreign
+        );
+        assert_eq!(
+            challenge_after(
+                "https://harbor.internal",
+                "http://regtee:5000",
+                foreign,
+                RealmRewrite::SameOriginOnly
+            ),
+            foreign
         );
     }
 
@@ -338,5 +528,10 @@ mod tests {
             local,
         );
         assert_eq!(o.to_string(), "http://127.0.0.1:5000");
+        let mut bad = HeaderMap::new();
+        bad.insert(header::HOST, "a b".parse().unwrap());
+        let v6: std::net::SocketAddr = "[::1]:5443".parse().unwrap();
+        let o = public_origin(Scheme::Https, &"/v2/".parse().unwrap(), &bad, v6);
+        assert_eq!(o.to_string(), "https://[::1]:5443");
     }
 }

@@ -37,6 +37,7 @@ pub mod http_client;
 pub mod manifest;
 pub mod metrics;
 pub mod mirror;
+pub mod names;
 pub mod origin;
 pub mod proxy;
 pub mod queue;
@@ -46,6 +47,7 @@ pub mod server;
 pub mod state_lock;
 pub mod target;
 pub mod tee;
+pub mod throttle;
 pub mod tls;
 pub mod webhooks;
 
@@ -186,10 +188,12 @@ impl Instance {
             ));
         }
         tasks.close();
+        let shown =
+            |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_string(), |a| a.to_string());
         tracing::info!(
-            http = ?http_addr,
-            https = ?https_addr,
-            admin = ?admin_addr,
+            http = %shown(http_addr),
+            https = %shown(https_addr),
+            admin = %shown(admin_addr),
             upstream = %config.upstream.endpoint.origin,
             targets = config.targets.len(),
             "regtee is serving"

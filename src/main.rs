@@ -134,9 +134,14 @@ fn report(loaded: Result<Config, regtee::config::ConfigError>) -> Result<Config,
     })
 }
 
+/// `RUST_LOG` when it holds a filter, else the config's level: an empty or unparsable
+/// `RUST_LOG` must not silence regtee.
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok());
+    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -194,27 +199,30 @@ async fn dispatch(cli: Cli) -> ExitCode {
         }
         Command::Demo { exit } => {
             init_logging(LogFormat::Text, "warn");
-            code(regtee::demo::run(!exit).await.map(|()| 0).map_err(Into::into))
+            code(
+                regtee::demo::run(!exit)
+                    .await
+                    .map(|()| 0)
+                    .map_err(Into::into),
+            )
         }
         Command::Certs {
             command: CertsCommand::Generate { hosts, out, days },
         } => code(
             regtee::certs::generate(&hosts, &out, days)
                 .map(|files| {
-                    println!("wrote {}", files.server_cert.display());
-                    println!("wrote {}", files.server_key.display());
-                    println!("wrote {} (trust this CA on clients)", files.ca_cert.display());
-                    println!("wrote {} (keep private)", files.ca_key.display());
-                    println!("\nset in regtee.toml:\n  tls_cert = \"{}\"\n  tls_key = \"{}\"", files.server_cert.display(), files.server_key.display());
-                    println!("\ntrust it on each Docker host:\n  sudo mkdir -p /etc/docker/certs.d/{0}:5443 && sudo cp {1} /etc/docker/certs.d/{0}:5443/ca.crt", hosts[0], files.ca_cert.display());
+                    print!("{}", regtee::certs::next_steps(&files, &hosts, &path));
                     0
                 })
                 .map_err(Into::into),
         ),
-        Command::Status { json } => with_queue_config(&path, |c| async move {
-            regtee::cli::status(&c, json).await
-        })
-        .await,
+        Command::Status { json } => {
+            with_queue_config(
+                &path,
+                |c| async move { regtee::cli::status(&c, json).await },
+            )
+            .await
+        }
         Command::Jobs {
             failed,
             state,
@@ -230,7 +238,9 @@ async fn dispatch(cli: Cli) -> ExitCode {
             } else {
                 match state.as_deref().map(JobState::parse) {
                     Some(None) => {
-                        eprintln!("regtee: --state must be pending, running, done, skipped or failed");
+                        eprintln!(
+                            "regtee: --state must be pending, running, done, skipped or failed"
+                        );
                         return ExitCode::from(2);
                     }
                     Some(s) => s,
@@ -250,25 +260,35 @@ async fn dispatch(cli: Cli) -> ExitCode {
             })
             .await
         }
-        Command::Retry { id, target, .. } => with_queue_config(&path, |c| async move {
-            regtee::cli::retry(&c, id, target).await
-        })
-        .await,
+        Command::Retry { id, target, .. } => {
+            with_queue_config(&path, |c| async move {
+                regtee::cli::retry(&c, id, target).await
+            })
+            .await
+        }
         Command::Sync {
             project,
             target,
             dry_run,
-        } => with_config(&path, |c| async move {
-            regtee::cli::sync(&c, &project, target, dry_run).await
-        })
-        .await,
-        Command::Diff { projects, json } => with_config(&path, |c| async move {
-            regtee::cli::diff(&c, projects, json).await
-        })
-        .await,
+        } => {
+            with_config(&path, |c| async move {
+                regtee::cli::sync(&c, &project, target, dry_run).await
+            })
+            .await
+        }
+        Command::Diff { projects, json } => {
+            with_config(&path, |c| async move {
+                regtee::cli::diff(&c, projects, json).await
+            })
+            .await
+        }
         Command::Check => {
             let shown = path.clone();
-            with_config(&path, |c| async move { regtee::cli::check(&c, &shown).await }).await
+            with_config(
+                &path,
+                |c| async move { regtee::cli::check(&c, &shown).await },
+            )
+            .await
         }
     }
 }

@@ -767,14 +767,17 @@ fn hint(e: &RegistryError, target: &Target, job: &Job) -> String {
         (ErrorKind::Denied(_), false) | (ErrorKind::NotFound { .. }, false) => format!(
             "namespace {namespace} does not exist on target {name} or regtee may not push to it ({e}): create it there (or fix `namespaces`), then `regtee retry --failed`"
         ),
-        (ErrorKind::Unreachable(m), _) if e.class() == "tls" => format!(
-            "TLS to {} failed ({m}): set ca_file to its CA (or insecure_skip_verify for labs)",
-            if on_upstream {
-                "Harbor".to_string()
+        (ErrorKind::Tls(t), _) => {
+            let (who, section) = if on_upstream {
+                ("Harbor".to_string(), "[upstream]".to_string())
             } else {
-                format!("target {name}")
-            }
-        ),
+                (format!("target {name}"), format!("[[targets]] \"{name}\""))
+            };
+            format!(
+                "TLS to {who} failed: {t}: {}, then `regtee retry --failed`",
+                t.fix(&section)
+            )
+        }
         _ => e.to_string(),
     }
 }

@@ -88,6 +88,19 @@ impl Origin {
         Origin::of(&uri)
     }
 
+    /// The origin of a listening socket, for a request that names no host.
+    pub fn of_socket(scheme: Scheme, addr: std::net::SocketAddr) -> Origin {
+        let host = match addr.ip() {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        Origin {
+            scheme,
+            host,
+            port: addr.port(),
+        }
+    }
+
     /// `http` or `https`.
     pub fn scheme(&self) -> Scheme {
         self.scheme
@@ -100,6 +113,20 @@ impl Origin {
         } else {
             format!("{}:{}", self.host, self.port)
         }
+    }
+
+    /// Whether `other` names the same host and port as this origin, whatever its scheme.
+    ///
+    /// Fronts in the path disagree about the scheme: Harbor's nginx overwrites
+    /// `X-Forwarded-Proto` with its own `$scheme`, a TLS-terminating load balancer before it
+    /// says `http`, and the registry builds absolute URLs from what reaches it. The authority is
+    /// what all of them keep, so URLs are recognised by it: the same host and port, or the same
+    /// host with each side on its own scheme's default port (`http://h` matches `https://h`).
+    pub fn same_authority(&self, other: &Origin) -> bool {
+        self.host == other.host
+            && (self.port == other.port
+                || (self.port == self.scheme.default_port()
+                    && other.port == other.scheme.default_port()))
     }
 
     /// An absolute URI for `path_and_query` (which starts with `/`) on this origin.
@@ -152,6 +179,26 @@ mod tests {
     #[test]
     fn relative_references_have_no_origin() {
         assert_eq!(Origin::of(&"/v2/x/blobs/uploads/1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn authorities_match_across_schemes() {
+        let o = |s: &str| Origin::parse(s).unwrap();
+        // Harbor's nginx put its own scheme on regtee's authority.
+        assert!(
+            o("http://regtee.example.com:5000")
+                .same_authority(&o("https://regtee.example.com:5000"))
+        );
+        // Default ports left out on both sides match whatever the scheme.
+        assert!(o("https://harbor.internal").same_authority(&o("http://harbor.internal")));
+        assert!(o("https://harbor.internal").same_authority(&o("https://harbor.internal:443")));
+        // The same host and port is the same authority, whatever the scheme says.
+        assert!(o("https://harbor.internal").same_authority(&o("http://harbor.internal:443")));
+        assert!(!o("https://harbor.internal").same_authority(&o("http://harbor.internal:8443")));
+        assert!(!o("http://h:5000").same_authority(&o("http://h:5001")));
+        assert!(!o("http://h:5000").same_authority(&o("http://g:5000")));
+        assert!(o("http://[::1]:5000").same_authority(&o("https://[::1]:5000")));
+        assert!(!o("http://[::1]:5000").same_authority(&o("http://[::2]:5000")));
     }
 
     #[test]

@@ -24,7 +24,8 @@ use crate::http_client::{self, HttpClient, SendError};
 use crate::origin::{Origin, Scheme};
 use crate::route::{FOREIGN_TOKEN_PREFIX, Route, Write};
 use crate::tee::Tee;
-use crate::tls::TlsError;
+use crate::throttle::Throttle;
+use crate::tls::{TlsError, TlsFailure};
 
 /// Facts about the client connection a request arrived on.
 #[derive(Clone, Copy, Debug)]
@@ -39,33 +40,52 @@ pub struct Connection {
 
 /// Token realms on other origins that upstream challenges named, so clients that can reach only
 /// regtee can still log in. Only realms the upstream advertised can be relayed to: regtee is not
-/// an open proxy.
+/// an open proxy. A registry names a handful of realms; the table is bounded all the same.
 #[derive(Default)]
 pub struct RealmRelay {
-    realms: DashMap<String, String>,
+    realms: DashMap<String, Uri>,
 }
 
+/// More distinct realms than any registry advertises.
+const MAX_RELAYED_REALMS: usize = 32;
+
+static RELAY_FULL: Throttle = Throttle::new(Duration::from_secs(300));
+
 impl RealmRelay {
-    /// Registers a realm and returns the path that relays to it.
-    pub fn register(&self, realm: &str) -> String {
+    /// Registers a realm and returns the path that relays to it; `None` if the realm is not an
+    /// absolute http(s) URL or the table is full.
+    pub fn register(&self, realm: &str) -> Option<String> {
+        let uri: Uri = realm.trim().parse().ok()?;
+        Origin::of(&uri)?;
         let id = crate::digest::Digest::sha256_of(realm.as_bytes()).hex()[..16].to_string();
-        self.realms
-            .entry(id.clone())
-            .or_insert_with(|| realm.to_string());
-        format!("{FOREIGN_TOKEN_PREFIX}{id}")
+        if !self.realms.contains_key(&id) {
+            if self.realms.len() >= MAX_RELAYED_REALMS {
+                if let Some(held_back) = RELAY_FULL.allow() {
+                    tracing::warn!(
+                        realm,
+                        held_back,
+                        "Harbor named more than {MAX_RELAYED_REALMS} token realms on other origins; this one is passed to the client as it is"
+                    );
+                }
+                return None;
+            }
+            self.realms.insert(id.clone(), uri);
+        }
+        Some(format!("{FOREIGN_TOKEN_PREFIX}{id}"))
     }
 
-    /// The realm URL for a relay id, with the client's query appended.
-    pub fn resolve(&self, id: &str, query: Option<&str>) -> Option<Uri> {
-        let realm = self.realms.get(id)?;
+    /// The realm's origin and URL for a relay id, with the client's query appended.
+    pub fn resolve(&self, id: &str, query: Option<&str>) -> Option<(Origin, Uri)> {
+        let realm = self.realms.get(id)?.clone();
+        let origin = Origin::of(&realm)?;
         let url = match query {
             Some(q) if !q.is_empty() => {
-                let sep = if realm.contains('?') { '&' } else { '?' };
-                format!("{}{sep}{q}", realm.value())
+                let sep = if realm.query().is_some() { '&' } else { '?' };
+                format!("{realm}{sep}{q}").parse().ok()?
             }
-            _ => realm.value().clone(),
+            _ => realm,
         };
-        url.parse().ok()
+        Some((origin, url))
     }
 }
 
@@ -144,7 +164,7 @@ impl Proxy {
             // retry rather than report a success regtee cannot keep its promise about.
             tracing::error!(
                 error = %e,
-                repository = write.repository(),
+                repository = %write.repository(),
                 "could not record a completed push for mirroring; the client was told to retry. Check the state directory's disk"
             );
             return Ok(log.answer(OciError::unavailable(
@@ -152,6 +172,11 @@ impl Proxy {
             )));
         }
 
+        if let Some(https) =
+            headers::redirect_to_https(status, &parts.headers, &self.upstream, &client_uri)
+        {
+            return Ok(log.answer(self.upgrade_redirect(&https)));
+        }
         let relay = self
             .relay
             .as_ref()
@@ -160,7 +185,11 @@ impl Proxy {
             Some(register) => RealmRewrite::Relay(register),
             None => RealmRewrite::SameOriginOnly,
         };
-        headers::rewrite_response(&mut parts.headers, &self.upstream, &public, realms);
+        let rebase = headers::Rebase {
+            upstream: &self.upstream,
+            public: &public,
+        };
+        headers::rewrite_response(&mut parts.headers, &rebase, realms);
         log.status.store(status.as_u16(), Ordering::Relaxed);
         let body = Tracked::new(upstream_body, log.bytes_out.clone())
             .idle_timeout(self.body_idle_timeout)
@@ -170,8 +199,15 @@ impl Proxy {
 
     /// Where a request goes: Harbor, or a relayed token realm.
     fn destination(&self, route: &Route, uri: &Uri) -> Result<(Origin, Uri), OciError> {
+        if let Route::Invalid(invalid) = route {
+            return Err(OciError::new(
+                StatusCode::BAD_REQUEST,
+                invalid.code,
+                invalid.message.clone(),
+            ));
+        }
         if let Route::ForeignToken { id } = route {
-            let realm = self
+            return self
                 .relay
                 .as_ref()
                 .and_then(|relay| relay.resolve(id, uri.query()))
@@ -181,9 +217,7 @@ impl Proxy {
                         "UNAUTHORIZED",
                         "unknown token realm: request /v2/ again to get a fresh challenge",
                     )
-                })?;
-            let origin = Origin::of(&realm).expect("registered realms are absolute http(s) URLs");
-            return Ok((origin, realm));
+                });
         }
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let target = self.upstream.join(path).map_err(|_| {
@@ -228,6 +262,13 @@ impl Proxy {
                 format!("request body stalled: {chain}"),
             );
         }
+        if let Some(tls) = TlsFailure::find(error) {
+            return OciError::bad_gateway(format!(
+                "TLS to upstream {} failed: {tls}: {}",
+                self.upstream,
+                tls.fix("[upstream]")
+            ));
+        }
         let timed_out = chain.contains("timed out") || chain.contains("deadline has elapsed");
         let message = if error.is_connect() {
             format!("cannot reach upstream {}: {chain}", self.upstream)
@@ -241,6 +282,24 @@ impl Proxy {
         }
     }
 }
+
+impl Proxy {
+    /// Harbor answered with a redirect to its own HTTPS port: it serves only HTTPS (its nginx
+    /// answers 308 on the plain port). Passing the redirect on would send clients straight to
+    /// Harbor, around regtee, and their pushes would never be mirrored.
+    fn upgrade_redirect(&self, https: &Origin) -> OciError {
+        let message = format!(
+            "upstream {} redirects to {https}: Harbor serves HTTPS only; set [upstream] url = \"{https}\" in regtee's config (and ca_file if its CA is private)",
+            self.upstream
+        );
+        if let Some(held_back) = UPGRADE_REDIRECT.allow() {
+            tracing::error!(held_back, "{message}");
+        }
+        OciError::bad_gateway(message)
+    }
+}
+
+static UPGRADE_REDIRECT: Throttle = Throttle::new(Duration::from_secs(60));
 
 fn chain_has<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
@@ -271,7 +330,7 @@ impl RequestLog {
         RequestLog {
             method: method.clone(),
             kind: route.kind(),
-            repository: route.repository().map(str::to_string),
+            repository: route.repository().map(|r| r.as_str().to_string()),
             started: Instant::now(),
             upstream_latency: std::sync::OnceLock::new(),
             status: AtomicU16::new(0),
@@ -341,15 +400,40 @@ mod tests {
     #[test]
     fn relay_registers_only_what_it_saw() {
         let relay = RealmRelay::default();
-        let path = relay.register("https://auth.example.net/token");
+        let path = relay.register("https://auth.example.net/token").unwrap();
         let id = path.strip_prefix(FOREIGN_TOKEN_PREFIX).unwrap();
+        let (origin, url) = relay
+            .resolve(id, Some("service=reg&scope=repository%3Aa%3Apull"))
+            .unwrap();
+        assert_eq!(origin.to_string(), "https://auth.example.net");
         assert_eq!(
-            relay
-                .resolve(id, Some("service=reg&scope=repository%3Aa%3Apull"))
-                .unwrap(),
+            url,
             "https://auth.example.net/token?service=reg&scope=repository%3Aa%3Apull"
         );
         assert!(relay.resolve("0123456789abcdef", None).is_none());
-        assert_eq!(relay.register("https://auth.example.net/token"), path);
+        assert_eq!(
+            relay.register("https://auth.example.net/token").unwrap(),
+            path
+        );
+        assert_eq!(relay.register("ftp://auth.example.net/token"), None);
+    }
+
+    #[test]
+    fn relay_table_is_bounded() {
+        let relay = RealmRelay::default();
+        for i in 0..MAX_RELAYED_REALMS {
+            assert!(
+                relay
+                    .register(&format!("https://auth{i}.example.net/token"))
+                    .is_some()
+            );
+        }
+        assert_eq!(
+            relay.register("https://one-too-many.example.net/token"),
+            None
+        );
+        // Realms already known keep working.
+        assert!(relay.register("https://auth0.example.net/token").is_some());
+        assert_eq!(relay.realms.len(), MAX_RELAYED_REALMS);
     }
 }

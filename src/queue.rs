@@ -15,6 +15,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::digest::Digest;
+use crate::names::{RepositoryName, Tag};
+
 /// What a job copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -129,13 +132,13 @@ pub struct NewJob {
     /// What to copy.
     pub kind: JobKind,
     /// Harbor repository.
-    pub repository: String,
+    pub repository: RepositoryName,
     /// Tag, if the push named one.
-    pub tag: Option<String>,
+    pub tag: Option<Tag>,
     /// Digest, when known (a job without one resolves the tag in Harbor).
-    pub digest: Option<String>,
+    pub digest: Option<Digest>,
     /// For blob mounts: the Harbor repository the blob came from.
-    pub mount_from: Option<String>,
+    pub mount_from: Option<RepositoryName>,
     /// Why the job exists.
     pub origin: JobOrigin,
 }
@@ -463,10 +466,10 @@ impl Queue {
                     armed += insert.execute(params![
                         job.target,
                         job.kind.as_str(),
-                        job.repository,
-                        job.tag.as_deref().unwrap_or(""),
-                        job.digest.as_deref().unwrap_or(""),
-                        job.mount_from.as_deref().unwrap_or(""),
+                        job.repository.as_str(),
+                        job.tag.as_ref().map_or("", Tag::as_str),
+                        job.digest.as_ref().map_or("", Digest::as_str),
+                        job.mount_from.as_ref().map_or("", RepositoryName::as_str),
                         job.origin.as_str(),
                         now,
                     ])?;
@@ -791,13 +794,17 @@ pub fn spawn_retention(
 mod tests {
     use super::*;
 
-    fn job(target: &str, tag: &str, digest: &str) -> NewJob {
+    fn digest(n: &str) -> Digest {
+        Digest::sha256_of(n.as_bytes())
+    }
+
+    fn job(target: &str, tag: &str, d: &str) -> NewJob {
         NewJob {
             target: target.into(),
             kind: JobKind::Manifest,
-            repository: "library/app".into(),
-            tag: Some(tag.into()),
-            digest: Some(digest.into()),
+            repository: "library/app".parse().unwrap(),
+            tag: Some(tag.parse().unwrap()),
+            digest: Some(digest(d)),
             mount_from: None,
             origin: JobOrigin::Push,
         }
@@ -821,7 +828,7 @@ mod tests {
         q.finish(
             claimed.id,
             Outcome::Done {
-                target_digest: Some("d1".into()),
+                target_digest: Some(digest("d1").to_string()),
                 note: String::new(),
             },
         )

@@ -25,12 +25,21 @@ use crate::error::error_chain;
 use crate::http_client::{self, HttpClient, SendError};
 use crate::manifest::{ACCEPT_ALL, MAX_MANIFEST_BYTES};
 use crate::origin::Origin;
+use crate::tls::TlsFailure;
 
 /// What went wrong talking to a registry, classified for retry decisions and for people.
 #[derive(Debug, Clone)]
 pub enum ErrorKind {
-    /// No connection (refused, DNS, reset, TLS).
+    /// No connection (refused, DNS, reset).
     Unreachable(String),
+    /// TLS failed: the certificate was refused, or the handshake broke.
+    Tls(TlsFailure),
+    /// A plain-HTTP URL answered with a redirect to the same request on HTTPS: the registry
+    /// serves HTTPS only (Harbor's nginx answers its plain port with 308).
+    HttpsOnly {
+        /// Where it redirects.
+        https: String,
+    },
     /// No answer in time.
     Timeout,
     /// The credentials were rejected.
@@ -87,6 +96,13 @@ impl std::fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ErrorKind::Unreachable(m) => write!(f, "unreachable: {m}"),
+            ErrorKind::Tls(t) => write!(f, "TLS: {t}"),
+            ErrorKind::HttpsOnly { https } => {
+                write!(
+                    f,
+                    "plain HTTP is redirected to {https}: it serves HTTPS only"
+                )
+            }
             ErrorKind::Timeout => f.write_str("timed out"),
             ErrorKind::Unauthorized(m) => write!(f, "credentials rejected: {m}"),
             ErrorKind::Denied(m) => write!(f, "access denied: {m}"),
@@ -119,8 +135,9 @@ impl RegistryError {
     /// Whether trying again later can help.
     pub fn retryable(&self) -> bool {
         match &self.kind {
-            ErrorKind::Unreachable(m) => !is_tls_problem(m),
-            ErrorKind::Timeout
+            ErrorKind::Tls(t) => !t.is_certificate(),
+            ErrorKind::Unreachable(_)
+            | ErrorKind::Timeout
             | ErrorKind::RateLimited { .. }
             | ErrorKind::Server { .. }
             | ErrorKind::Transfer(_) => true,
@@ -130,6 +147,7 @@ impl RegistryError {
             ErrorKind::Unauthorized(_)
             | ErrorKind::Denied(_)
             | ErrorKind::NotFound { .. }
+            | ErrorKind::HttpsOnly { .. }
             | ErrorKind::Protocol(_) => false,
         }
     }
@@ -137,7 +155,7 @@ impl RegistryError {
     /// A short class for metrics and job records.
     pub fn class(&self) -> &'static str {
         match &self.kind {
-            ErrorKind::Unreachable(m) if is_tls_problem(m) => "tls",
+            ErrorKind::Tls(_) | ErrorKind::HttpsOnly { .. } => "tls",
             ErrorKind::Unreachable(_) => "unreachable",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Unauthorized(_) => "auth",
@@ -158,11 +176,6 @@ impl RegistryError {
             _ => None,
         }
     }
-}
-
-fn is_tls_problem(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    m.contains("certificate") || m.contains("tls") || m.contains("handshake")
 }
 
 /// A manifest's identity as a registry reports it.
@@ -504,7 +517,9 @@ impl RegistryClient {
                 SendError::Timeout => self.err(operation, ErrorKind::Timeout),
                 SendError::Failed(e) => {
                     let chain = error_chain(&e);
-                    if e.is_connect() {
+                    if let Some(tls) = TlsFailure::find(&e) {
+                        self.err(operation, ErrorKind::Tls(tls))
+                    } else if e.is_connect() {
                         self.err(operation, ErrorKind::Unreachable(chain))
                     } else {
                         self.err(operation, ErrorKind::Transfer(chain))
@@ -605,9 +620,22 @@ impl RegistryClient {
             )
             .await?;
         if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(self.error_from(response, op).await)
+            return Ok(());
+        }
+        let url = self.url("/v2/");
+        match crate::headers::redirect_to_https(
+            response.status(),
+            response.headers(),
+            &self.origin,
+            &url,
+        ) {
+            Some(https) => Err(self.err(
+                op,
+                ErrorKind::HttpsOnly {
+                    https: https.to_string(),
+                },
+            )),
+            None => Err(self.error_from(response, op).await),
         }
     }
 
@@ -1321,14 +1349,10 @@ mod tests {
     fn error_classes_decide_retries() {
         let e = |kind| RegistryError::new("t", "op", kind);
         assert!(e(ErrorKind::Unreachable("connection refused".into())).retryable());
-        assert!(
-            !e(ErrorKind::Unreachable(
-                "invalid peer certificate: UnknownIssuer".into()
-            ))
-            .retryable()
-        );
+        assert!(!e(ErrorKind::Tls(TlsFailure::UnknownIssuer)).retryable());
+        assert!(e(ErrorKind::Tls(TlsFailure::Handshake("reset".into()))).retryable());
         assert_eq!(
-            e(ErrorKind::Unreachable("invalid peer certificate".into())).class(),
+            e(ErrorKind::Tls(TlsFailure::CaUsedAsEndEntity)).class(),
             "tls"
         );
         assert!(!e(ErrorKind::Denied("x".into())).retryable());

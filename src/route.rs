@@ -7,6 +7,7 @@
 use http::{HeaderMap, Method, StatusCode};
 
 use crate::digest::Digest;
+use crate::names::{self, NameError, Reference, RepositoryName, Tag};
 
 /// What a request addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,37 +19,41 @@ pub enum Route {
     /// `/v2/<name>/tags/list`.
     Tags {
         /// Repository.
-        name: String,
+        name: RepositoryName,
     },
     /// `/v2/<name>/manifests/<reference>`.
     Manifest {
         /// Repository.
-        name: String,
+        name: RepositoryName,
         /// Tag or digest.
-        reference: String,
+        reference: Reference,
     },
     /// `/v2/<name>/blobs/<digest>`.
     Blob {
         /// Repository.
-        name: String,
-        /// As written in the path; may not be a valid digest.
-        digest: String,
+        name: RepositoryName,
+        /// The blob.
+        digest: Digest,
     },
     /// `/v2/<name>/blobs/uploads/`: start an upload, monolithic upload, or mount.
     UploadStart {
         /// Repository.
-        name: String,
+        name: RepositoryName,
     },
     /// `/v2/<name>/blobs/uploads/<session>`: chunk, status, complete, cancel.
     Upload {
         /// Repository.
-        name: String,
+        name: RepositoryName,
     },
     /// `/v2/<name>/referrers/<digest>`.
     Referrers {
         /// Repository.
-        name: String,
+        name: RepositoryName,
     },
+    /// A distribution endpoint whose name or reference breaks the spec's grammar. It is
+    /// answered by regtee and never forwarded: the registry's own clean-up (`..`, `//`,
+    /// escapes) could otherwise store it under a name regtee's filters never saw.
+    Invalid(InvalidName),
     /// `/service/token`: Harbor's token service.
     Token,
     /// `/_regtee/token/<id>`: a token realm on another origin, reached through regtee.
@@ -62,12 +67,44 @@ pub enum Route {
     Other,
 }
 
+/// Why a distribution request is refused before it reaches the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidName {
+    /// The spec's error code: `NAME_INVALID`, `TAG_INVALID` or `DIGEST_INVALID`.
+    pub code: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl InvalidName {
+    fn of(error: NameError) -> InvalidName {
+        let code = match error {
+            NameError::Tag(..) | NameError::Reference(..) => "TAG_INVALID",
+            NameError::Repository(..) | NameError::Project(..) => "NAME_INVALID",
+        };
+        InvalidName {
+            code,
+            message: error.to_string(),
+        }
+    }
+}
+
 /// The path prefix of token realms that regtee relays.
 pub const FOREIGN_TOKEN_PREFIX: &str = "/_regtee/token/";
 
 impl Route {
-    /// Classifies a request path (without query).
+    /// Classifies a request path (without query), as the registry will see it: percent-decoded.
     pub fn classify(path: &str) -> Route {
+        if let Some(id) = path.strip_prefix(FOREIGN_TOKEN_PREFIX) {
+            return Route::ForeignToken { id: id.to_string() };
+        }
+        let Some(decoded) = names::percent_decode(path) else {
+            return Route::Invalid(InvalidName {
+                code: "NAME_INVALID",
+                message: "the path has percent-escapes that are not UTF-8".into(),
+            });
+        };
+        let path = decoded.as_ref();
         if let Some(rest) = path.strip_prefix("/v2/") {
             return classify_v2(rest);
         }
@@ -76,9 +113,6 @@ impl Route {
         }
         if path == "/service/token" {
             return Route::Token;
-        }
-        if let Some(id) = path.strip_prefix(FOREIGN_TOKEN_PREFIX) {
-            return Route::ForeignToken { id: id.to_string() };
         }
         if path == "/api" || path.starts_with("/api/") {
             return Route::HarborApi;
@@ -96,6 +130,7 @@ impl Route {
             Route::Blob { .. } => "blob",
             Route::UploadStart { .. } | Route::Upload { .. } => "upload",
             Route::Referrers { .. } => "referrers",
+            Route::Invalid(_) => "invalid",
             Route::Token | Route::ForeignToken { .. } => "token",
             Route::HarborApi => "harbor_api",
             Route::Other => "other",
@@ -103,7 +138,7 @@ impl Route {
     }
 
     /// The repository a request is about, if any.
-    pub fn repository(&self) -> Option<&str> {
+    pub fn repository(&self) -> Option<&RepositoryName> {
         match self {
             Route::Tags { name }
             | Route::Manifest { name, .. }
@@ -116,6 +151,8 @@ impl Route {
     }
 }
 
+/// The endpoint a `/v2/` path ends in, and the name before it. Looks at the tail: the name itself
+/// may contain words like `blobs`.
 fn classify_v2(rest: &str) -> Route {
     if rest.is_empty() {
         return Route::Base;
@@ -125,40 +162,52 @@ fn classify_v2(rest: &str) -> Route {
     }
     let segments: Vec<&str> = rest.split('/').collect();
     let n = segments.len();
-    let name_before = |k: usize| -> Option<String> {
-        (k >= 1 && n > k)
-            .then(|| segments[..n - k].join("/"))
-            .filter(|s| !s.is_empty())
+    let at = |i: usize| -> &str { segments.get(i).copied().unwrap_or("") };
+    let name_before = |k: usize| (n > k).then(|| segments[..n - k].join("/"));
+    let (endpoint, name, last) = if n >= 3 && at(n - 3) == "blobs" && at(n - 2) == "uploads" {
+        let endpoint = if at(n - 1).is_empty() {
+            "uploads/"
+        } else {
+            "uploads/<id>"
+        };
+        (endpoint, name_before(3), "")
+    } else if n >= 2 {
+        let endpoint = match (at(n - 2), at(n - 1)) {
+            ("tags", "list") => "tags/list",
+            ("manifests", _) => "manifests",
+            ("blobs", "uploads") => "uploads/",
+            ("blobs", _) => "blobs",
+            ("referrers", _) => "referrers",
+            _ => return Route::Other,
+        };
+        (endpoint, name_before(2), at(n - 1))
+    } else {
+        return Route::Other;
     };
-    let at = |i: usize| -> &str { if i < n { segments[i] } else { "" } };
-    // Look at the tail of the path: the name itself may contain words like "blobs".
-    if n >= 3 && at(n - 3) == "blobs" && at(n - 2) == "uploads" {
-        let name = name_before(3);
-        return match (name, at(n - 1).is_empty()) {
-            (Some(name), true) => Route::UploadStart { name },
-            (Some(name), false) => Route::Upload { name },
-            (None, _) => Route::Other,
-        };
-    }
-    if n >= 2 {
-        let name = name_before(2);
-        let last = at(n - 1).to_string();
-        let route = match at(n - 2) {
-            "tags" if last == "list" => name.map(|name| Route::Tags { name }),
-            "manifests" => name.map(|name| Route::Manifest {
-                name,
-                reference: last,
+    let Some(name) = name else {
+        return Route::Other;
+    };
+    let name = match name.parse::<RepositoryName>() {
+        Ok(name) => name,
+        Err(e) => return Route::Invalid(InvalidName::of(e)),
+    };
+    match endpoint {
+        "tags/list" => Route::Tags { name },
+        "uploads/" => Route::UploadStart { name },
+        "uploads/<id>" => Route::Upload { name },
+        "referrers" => Route::Referrers { name },
+        "manifests" => match last.parse::<Reference>() {
+            Ok(reference) => Route::Manifest { name, reference },
+            Err(e) => Route::Invalid(InvalidName::of(e)),
+        },
+        _ => match last.parse::<Digest>() {
+            Ok(digest) => Route::Blob { name, digest },
+            Err(e) => Route::Invalid(InvalidName {
+                code: "DIGEST_INVALID",
+                message: e.to_string(),
             }),
-            "blobs" if last == "uploads" => name.map(|name| Route::UploadStart { name }),
-            "blobs" => name.map(|name| Route::Blob { name, digest: last }),
-            "referrers" => name.map(|name| Route::Referrers { name }),
-            _ => None,
-        };
-        if let Some(route) = route {
-            return route;
-        }
+        },
     }
-    Route::Other
 }
 
 /// Content Harbor has just accepted, as seen on the wire.
@@ -167,27 +216,27 @@ pub enum Write {
     /// A blob upload finished, or a blob was mounted from another repository.
     Blob {
         /// Repository that now holds the blob.
-        repository: String,
+        repository: RepositoryName,
         /// The blob.
         digest: Digest,
         /// For a mount: the repository it came from.
-        mounted_from: Option<String>,
+        mounted_from: Option<RepositoryName>,
     },
     /// A manifest was stored under a tag or a digest.
     Manifest {
         /// Repository.
-        repository: String,
+        repository: RepositoryName,
         /// The tag, if pushed by tag.
-        tag: Option<String>,
+        tag: Option<Tag>,
         /// The manifest digest, when Harbor or the path says it.
         digest: Option<Digest>,
     },
     /// A manifest (or tag) was deleted.
     ManifestDeleted {
         /// Repository.
-        repository: String,
+        repository: RepositoryName,
         /// Tag or digest that was deleted.
-        reference: String,
+        reference: Reference,
     },
 }
 
@@ -213,12 +262,14 @@ impl Write {
         match (method, route, status) {
             (&Method::PUT, Route::Upload { name }, StatusCode::CREATED)
             | (&Method::POST, Route::UploadStart { name }, StatusCode::CREATED) => {
-                let from = query_param(query, "from");
+                let mount = query_param(query, "mount");
                 let digest = query_param(query, "digest")
-                    .or_else(|| query_param(query, "mount"))
+                    .or_else(|| mount.clone())
                     .and_then(|d| d.parse().ok())
                     .or_else(header_digest)?;
-                let mounted_from = from.filter(|_| query_param(query, "mount").is_some());
+                let mounted_from = mount
+                    .and(query_param(query, "from"))
+                    .and_then(|from| from.parse().ok());
                 Some(Write::Blob {
                     repository: name.clone(),
                     digest,
@@ -226,11 +277,10 @@ impl Write {
                 })
             }
             (&Method::PUT, Route::Manifest { name, reference }, StatusCode::CREATED) => {
-                let by_digest = reference.parse::<Digest>().ok();
                 Some(Write::Manifest {
                     repository: name.clone(),
-                    tag: by_digest.is_none().then(|| reference.clone()),
-                    digest: header_digest().or(by_digest),
+                    tag: reference.tag().cloned(),
+                    digest: header_digest().or_else(|| reference.digest().cloned()),
                 })
             }
             (&Method::DELETE, Route::Manifest { name, reference }, StatusCode::ACCEPTED) => {
@@ -244,7 +294,7 @@ impl Write {
     }
 
     /// The repository written to.
-    pub fn repository(&self) -> &str {
+    pub fn repository(&self) -> &RepositoryName {
         match self {
             Write::Blob { repository, .. }
             | Write::Manifest { repository, .. }
@@ -259,6 +309,10 @@ mod tests {
 
     const D: &str = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
 
+    fn name(s: &str) -> RepositoryName {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn classifies_every_spec_endpoint() {
         assert_eq!(Route::classify("/v2/"), Route::Base);
@@ -266,34 +320,34 @@ mod tests {
         assert_eq!(
             Route::classify("/v2/library/nginx/tags/list"),
             Route::Tags {
-                name: "library/nginx".into()
+                name: name("library/nginx")
             }
         );
         assert_eq!(
             Route::classify("/v2/a/b/c/manifests/v1"),
             Route::Manifest {
-                name: "a/b/c".into(),
-                reference: "v1".into()
+                name: name("a/b/c"),
+                reference: "v1".parse().unwrap()
             }
         );
         assert_eq!(
             Route::classify(&format!("/v2/a/blobs/{D}")),
             Route::Blob {
-                name: "a".into(),
-                digest: D.into()
+                name: name("a"),
+                digest: D.parse().unwrap()
             }
         );
         assert_eq!(
             Route::classify("/v2/a/b/blobs/uploads/"),
-            Route::UploadStart { name: "a/b".into() }
+            Route::UploadStart { name: name("a/b") }
         );
         assert_eq!(
             Route::classify("/v2/a/b/blobs/uploads/5f1c-77"),
-            Route::Upload { name: "a/b".into() }
+            Route::Upload { name: name("a/b") }
         );
         assert_eq!(
             Route::classify(&format!("/v2/a/referrers/{D}")),
-            Route::Referrers { name: "a".into() }
+            Route::Referrers { name: name("a") }
         );
         assert_eq!(Route::classify("/service/token"), Route::Token);
         assert_eq!(Route::classify("/api/v2.0/projects"), Route::HarborApi);
@@ -309,17 +363,67 @@ mod tests {
         assert_eq!(
             Route::classify("/v2/team/blobs/manifests/latest"),
             Route::Manifest {
-                name: "team/blobs".into(),
-                reference: "latest".into()
+                name: name("team/blobs"),
+                reference: "latest".parse().unwrap()
             }
         );
         assert_eq!(
             Route::classify("/v2/manifests/tags/list"),
             Route::Tags {
-                name: "manifests".into()
+                name: name("manifests")
             }
         );
         assert_eq!(Route::classify("/v2/manifests/x"), Route::Other);
+    }
+
+    #[test]
+    fn the_decoded_path_is_classified_as_the_registry_will_store_it() {
+        assert_eq!(
+            Route::classify("/v2/librar%79/enc/manifests/%76%31"),
+            Route::Manifest {
+                name: name("library/enc"),
+                reference: "v1".parse().unwrap()
+            }
+        );
+        assert_eq!(
+            Route::classify("/v2/library%2Fprivate-x/manifests/v1"),
+            Route::Manifest {
+                name: name("library/private-x"),
+                reference: "v1".parse().unwrap()
+            }
+        );
+        assert_eq!(
+            Route::classify(&format!("/v2/a/blobs/sha256%3A{}", &D[7..])),
+            Route::Blob {
+                name: name("a"),
+                digest: D.parse().unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn names_and_references_that_break_the_grammar_are_refused() {
+        let code = |path: &str| match Route::classify(path) {
+            Route::Invalid(i) => i.code,
+            other => panic!("{path}: {other:?}"),
+        };
+        for path in [
+            "/v2/lib%20rary/manifests/v1",
+            "/v2/library/has space/manifests/v1",
+            "/v2/other/../library/app/manifests/v1",
+            "/v2/library//app/manifests/v1",
+            "/v2/Library/app/blobs/uploads/",
+            "/v2/library/app%00/tags/list",
+            "/v2/%ff/tags/list",
+        ] {
+            assert_eq!(code(path), "NAME_INVALID", "{path}");
+        }
+        assert_eq!(code("/v2/library/app/manifests/v%201"), "TAG_INVALID");
+        assert_eq!(
+            code("/v2/library/app/manifests/sha256:short"),
+            "TAG_INVALID"
+        );
+        assert_eq!(code("/v2/library/app/blobs/sha256:short"), "DIGEST_INVALID");
     }
 
     fn headers_with_digest() -> HeaderMap {
@@ -359,11 +463,27 @@ mod tests {
         assert_eq!(
             w,
             Some(Write::Blob {
-                repository: "a".into(),
+                repository: name("a"),
                 digest: D.parse().unwrap(),
-                mounted_from: Some("lib/base".into())
+                mounted_from: Some(name("lib/base"))
             })
         );
+        // A mount source that is no repository name is only a hint: dropped.
+        let q = format!("mount={D}&from=..%2Fx");
+        let w = Write::recognise(
+            &Method::POST,
+            &start,
+            Some(&q),
+            StatusCode::CREATED,
+            &HeaderMap::new(),
+        );
+        assert!(matches!(
+            w,
+            Some(Write::Blob {
+                mounted_from: None,
+                ..
+            })
+        ));
 
         let manifest = Route::classify("/v2/a/manifests/v1");
         let w = Write::recognise(
@@ -376,8 +496,8 @@ mod tests {
         assert_eq!(
             w,
             Some(Write::Manifest {
-                repository: "a".into(),
-                tag: Some("v1".into()),
+                repository: name("a"),
+                tag: Some("v1".parse().unwrap()),
                 digest: Some(D.parse().unwrap())
             })
         );

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::ProxyBody;
 use crate::origin::Scheme;
 use crate::proxy::Connection;
+use crate::throttle::Throttle;
 
 /// Limits that apply to every connection of a listener.
 #[derive(Clone, Copy, Debug)]
@@ -76,21 +77,31 @@ pub async fn serve<S, F>(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let mut stream = stream;
             let svc = service_fn(move |req| service(req, conn));
             match tls {
-                // Registry clients speak HTTP/1.1 in the clear; no protocol sniffing, which
-                // would wait for a first byte with no deadline.
-                None => serve_connection(stream, svc, limits, false, watcher).await,
+                // Registry clients speak HTTP/1.1 in the clear. The first bytes are looked at
+                // as they pass (no extra read, no wait) to tell a client that tried TLS here.
+                None => {
+                    let io = FirstRead::new(stream, None, Some(peer));
+                    serve_connection(io, svc, limits, false, watcher).await
+                }
                 Some(acceptor) => {
+                    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+                    if !starts_like_tls(&mut stream, peer, deadline).await {
+                        return;
+                    }
                     let handshake =
-                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
-                            .await;
+                        tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
                     match handshake {
                         Ok(Ok(tls_stream)) => {
                             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            serve_connection(tls_stream, svc, limits, h2, watcher).await
+                            // HTTP/2 has no request-head timeout: bound the wait for the preface.
+                            let limit = h2.then_some(limits.header_read_timeout);
+                            let io = FirstRead::new(tls_stream, limit, None);
+                            serve_connection(io, svc, limits, h2, watcher).await
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Ok(Err(e)) => handshake_failed(peer, &e),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
@@ -129,8 +140,6 @@ async fn serve_connection<IO, S>(
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
-        // HTTP/2 has no request-head timeout: bound the wait for the client's preface.
-        let io = FirstByteDeadline::new(io, limits.header_read_timeout);
         let conn = builder.serve_connection(TokioIo::new(io), service);
         watcher.watch(conn.into_owned()).await
     } else {
@@ -147,24 +156,27 @@ async fn serve_connection<IO, S>(
     }
 }
 
-/// Fails reads if the peer sends nothing at all within the deadline; once a byte has arrived
-/// it is a plain pass-through. Guards HTTP/2 connections, where a silent client would
-/// otherwise hold a connection open forever.
-struct FirstByteDeadline<IO> {
+/// Watches the first read of a connection: fails it if the peer sends nothing at all within the
+/// deadline (HTTP/2, where a silent client would otherwise hold a connection forever), and
+/// recognises a TLS ClientHello on the plain listener. Afterwards a plain pass-through.
+struct FirstRead<IO> {
     io: IO,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Set on the plain listener: the peer, to name in the warning.
+    sniff_tls_from: Option<SocketAddr>,
 }
 
-impl<IO> FirstByteDeadline<IO> {
-    fn new(io: IO, limit: Duration) -> Self {
-        FirstByteDeadline {
+impl<IO> FirstRead<IO> {
+    fn new(io: IO, limit: Option<Duration>, sniff_tls_from: Option<SocketAddr>) -> Self {
+        FirstRead {
             io,
-            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+            deadline: limit.map(|l| Box::pin(tokio::time::sleep(l))),
+            sniff_tls_from,
         }
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for FirstByteDeadline<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for FirstRead<IO> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -176,8 +188,14 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FirstByteDeadline<IO> {
         let this = &mut *self;
         match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(result) => {
-                if buf.filled().len() > before {
+                let first = &buf.filled()[before..];
+                if !first.is_empty() {
                     this.deadline = None;
+                    if let Some(peer) = this.sniff_tls_from.take()
+                        && is_tls_client_hello(first)
+                    {
+                        tls_on_plain_listener(peer);
+                    }
                 }
                 Poll::Ready(result)
             }
@@ -196,7 +214,83 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FirstByteDeadline<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstByteDeadline<IO> {
+/// A TLS record header: handshake (22), protocol major version 3 (RFC 8446 §5.1).
+fn is_tls_client_hello(first: &[u8]) -> bool {
+    first.len() >= 2 && first[0] == 0x16 && first[1] == 0x03
+}
+
+static TLS_ON_PLAIN: Throttle = Throttle::new(Duration::from_secs(60));
+static PLAIN_ON_TLS: Throttle = Throttle::new(Duration::from_secs(60));
+static HANDSHAKE_FAILED: Throttle = Throttle::new(Duration::from_secs(60));
+
+fn tls_on_plain_listener(peer: SocketAddr) {
+    // Docker probes HTTPS first even for insecure registries and falls back to HTTP, so this is
+    // also seen from clients that work: info, not warn.
+    if let Some(held_back) = TLS_ON_PLAIN.allow() {
+        tracing::info!(
+            %peer,
+            held_back,
+            "a client tried TLS on the plain listener: use the HTTPS port, or add regtee to the client's insecure-registries (docker falls back to HTTP by itself once it is there)"
+        );
+    }
+}
+
+/// Waits (until `deadline`) for the first byte on the TLS listener. A client speaking plain HTTP
+/// gets a plain-text 400 that says so, as Go's servers answer; returns whether to go on with the
+/// handshake.
+async fn starts_like_tls(
+    stream: &mut tokio::net::TcpStream,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0].is_ascii_uppercase() => {}
+        Ok(Ok(1)) => return true,
+        // Closed, failed or silent: nothing to serve.
+        _ => return false,
+    }
+    if let Some(held_back) = PLAIN_ON_TLS.allow() {
+        tracing::warn!(
+            %peer,
+            held_back,
+            "a client spoke plain HTTP to the HTTPS listener: use https:// for this port, or the plain listener"
+        );
+    }
+    const BODY: &str = "This is regtee's HTTPS port: the client sent plain HTTP. Use https://\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    use tokio::io::AsyncWriteExt as _;
+    let _ = tokio::time::timeout_at(deadline, stream.write_all(answer.as_bytes())).await;
+    false
+}
+
+fn handshake_failed(peer: SocketAddr, error: &std::io::Error) {
+    let Some(held_back) = HANDSHAKE_FAILED.allow() else {
+        return;
+    };
+    let reason = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    let hint = match reason {
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::CertificateUnknown,
+        )) => {
+            "the client does not trust regtee's certificate: give it the CA that signed tls_cert (see certs/README.md), or use a certificate it already trusts"
+        }
+        Some(rustls::Error::PeerIncompatible(_)) => {
+            "the client offers no TLS version or cipher regtee accepts (TLS 1.2 or 1.3)"
+        }
+        _ => "see the reason",
+    };
+    tracing::warn!(%peer, held_back, reason = %error, "TLS handshake failed: {hint}");
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstRead<IO> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

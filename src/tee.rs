@@ -6,6 +6,8 @@
 use std::sync::Arc;
 
 use crate::config::TargetConfig;
+use crate::digest::Digest;
+use crate::names::Tag;
 use crate::queue::{JobKind, JobOrigin, NewJob, Queue, QueueError};
 use crate::route::Write;
 use crate::target::TargetPolicy;
@@ -45,14 +47,14 @@ impl Tee {
         let repository = write.repository();
         self.targets
             .iter()
-            .filter(|t| t.policy.wants_repository(repository))
+            .filter(|t| t.policy.wants_repository(repository.as_str()))
             .filter_map(|t| {
-                let job = |kind, tag: Option<&String>, digest: Option<String>, from| NewJob {
+                let job = |kind, tag: Option<&Tag>, digest: Option<&Digest>, from| NewJob {
                     target: t.name.clone(),
                     kind,
-                    repository: repository.to_string(),
+                    repository: repository.clone(),
                     tag: tag.cloned(),
-                    digest,
+                    digest: digest.cloned(),
                     mount_from: from,
                     origin,
                 };
@@ -64,34 +66,19 @@ impl Tee {
                         digest,
                         mounted_from,
                         ..
-                    } => Some(job(
-                        JobKind::Blob,
-                        None,
-                        Some(digest.to_string()),
-                        mounted_from.clone(),
-                    )),
+                    } => Some(job(JobKind::Blob, None, Some(digest), mounted_from.clone())),
                     Write::Manifest { tag, digest, .. } => {
-                        if tag.as_ref().is_some_and(|tag| !t.policy.wants_tag(tag)) {
+                        if tag
+                            .as_ref()
+                            .is_some_and(|tag| !t.policy.wants_tag(tag.as_str()))
+                        {
                             return None;
                         }
-                        Some(job(
-                            JobKind::Manifest,
-                            tag.as_ref(),
-                            digest.as_ref().map(ToString::to_string),
-                            None,
-                        ))
+                        Some(job(JobKind::Manifest, tag.as_ref(), digest.as_ref(), None))
                     }
-                    Write::ManifestDeleted { reference, .. } => {
-                        if !t.delete {
-                            return None;
-                        }
-                        let (tag, digest) = if crate::digest::Digest::is_digest(reference) {
-                            (None, Some(reference.clone()))
-                        } else {
-                            (Some(reference), None)
-                        };
-                        Some(job(JobKind::Delete, tag, digest, None))
-                    }
+                    Write::ManifestDeleted { reference, .. } => t
+                        .delete
+                        .then(|| job(JobKind::Delete, reference.tag(), reference.digest(), None)),
                 }
             })
             .collect()
@@ -137,8 +124,8 @@ mod tests {
              [[targets]]\nname = \"lib-v\"\nurl = \"https://b\"\ninclude = [\"library/**\"]\ntags = [\"v*\"]\n",
         );
         let manifest = |repo: &str, tag: &str| Write::Manifest {
-            repository: repo.into(),
-            tag: Some(tag.into()),
+            repository: repo.parse().unwrap(),
+            tag: Some(tag.parse().unwrap()),
             digest: Some(D.parse().unwrap()),
         };
         let jobs = tee.jobs_for(&manifest("library/app", "v1"), JobOrigin::Push);
@@ -153,7 +140,7 @@ mod tests {
 
         // Blobs go early only where every tag is taken.
         let blob = Write::Blob {
-            repository: "library/app".into(),
+            repository: "library/app".parse().unwrap(),
             digest: D.parse().unwrap(),
             mounted_from: None,
         };
@@ -164,11 +151,11 @@ mod tests {
 
         // Deletes only where delete = true.
         let delete = Write::ManifestDeleted {
-            repository: "library/app".into(),
-            reference: D.into(),
+            repository: "library/app".parse().unwrap(),
+            reference: D.parse().unwrap(),
         };
         let jobs = tee.jobs_for(&delete, JobOrigin::Push);
         assert_eq!(names(&jobs), vec![("all", JobKind::Delete)]);
-        assert_eq!(jobs[0].digest.as_deref(), Some(D));
+        assert_eq!(jobs[0].digest.as_ref().map(Digest::as_str), Some(D));
     }
 }

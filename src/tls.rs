@@ -141,3 +141,125 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         self.0.supported_schemes()
     }
 }
+
+/// Why a TLS connection to a registry failed, decided from rustls' own error, in words a person
+/// can act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// The server presents a CA certificate as its own certificate: what `openssl req -x509`
+    /// one-liners make. webpki refuses it even when that CA is trusted.
+    CaUsedAsEndEntity,
+    /// Signed by a CA regtee does not trust.
+    UnknownIssuer,
+    /// Valid, but not for the name regtee connected to.
+    WrongName {
+        /// The names the certificate is valid for.
+        presented: Vec<String>,
+    },
+    /// Outside its validity period.
+    Expired,
+    /// Another certificate problem (rustls' words).
+    Certificate(String),
+    /// The handshake failed for a reason other than the certificate (rustls' words).
+    Handshake(String),
+}
+
+impl TlsFailure {
+    /// Finds rustls' error in an error chain (it travels inside `std::io::Error`s).
+    pub fn find(error: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
+        let mut current = Some(error);
+        while let Some(e) = current {
+            let rustls_error = e.downcast_ref::<rustls::Error>().or_else(|| {
+                e.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            });
+            if let Some(r) = rustls_error {
+                return Some(TlsFailure::from_rustls(r));
+            }
+            current = e.source();
+        }
+        None
+    }
+
+    fn from_rustls(error: &rustls::Error) -> TlsFailure {
+        use rustls::CertificateError as C;
+        let rustls::Error::InvalidCertificate(cert) = error else {
+            return TlsFailure::Handshake(error.to_string());
+        };
+        match cert {
+            C::UnknownIssuer => TlsFailure::UnknownIssuer,
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => TlsFailure::Expired,
+            C::NotValidForName => TlsFailure::WrongName {
+                presented: Vec::new(),
+            },
+            C::NotValidForNameContext { presented, .. } => TlsFailure::WrongName {
+                presented: presented.clone(),
+            },
+            C::Other(other)
+                if other.0.downcast_ref::<webpki::Error>()
+                    == Some(&webpki::Error::CaUsedAsEndEntity) =>
+            {
+                TlsFailure::CaUsedAsEndEntity
+            }
+            other => TlsFailure::Certificate(format!("{other:?}")),
+        }
+    }
+
+    /// Whether the certificate itself is at fault: retrying cannot help, the configuration can.
+    pub fn is_certificate(&self) -> bool {
+        !matches!(self, TlsFailure::Handshake(_))
+    }
+
+    /// What to do about it; `section` names the config section (`[upstream]`, or
+    /// `[[targets]] "tcr"`).
+    pub fn fix(&self, section: &str) -> String {
+        match self {
+            TlsFailure::CaUsedAsEndEntity => format!(
+                "issue a server certificate signed by a CA and give regtee the CA as ca_file in {section} (see certs/README.md), or set insecure_skip_verify = true there"
+            ),
+            TlsFailure::UnknownIssuer => format!(
+                "set ca_file in {section} to the CA that signed it (or insecure_skip_verify = true for labs)"
+            ),
+            TlsFailure::WrongName { .. } => format!(
+                "put a host name the certificate names in the url of {section}, or reissue the certificate for the one in use"
+            ),
+            TlsFailure::Expired => {
+                "renew the server's certificate (and check this host's clock)".into()
+            }
+            TlsFailure::Certificate(_) => format!(
+                "fix the server's certificate, or set insecure_skip_verify = true in {section} for labs"
+            ),
+            TlsFailure::Handshake(_) => format!(
+                "check that the url in {section} speaks TLS on that port (http:// for a plain port)"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsFailure::CaUsedAsEndEntity => {
+                f.write_str("the server presents a CA certificate as its own (CaUsedAsEndEntity)")
+            }
+            TlsFailure::UnknownIssuer => f.write_str(
+                "the certificate is signed by a CA regtee does not trust (UnknownIssuer)",
+            ),
+            TlsFailure::WrongName { presented } if presented.is_empty() => {
+                f.write_str("the certificate is not valid for this host name")
+            }
+            TlsFailure::WrongName { presented } => write!(
+                f,
+                "the certificate is not valid for this host name; it names {}",
+                presented.join(", ")
+            ),
+            TlsFailure::Expired => f.write_str("the certificate is expired or not yet valid"),
+            TlsFailure::Certificate(m) => write!(f, "certificate refused: {m}"),
+            TlsFailure::Handshake(m) => write!(f, "TLS handshake failed: {m}"),
+        }
+    }
+}

@@ -9,7 +9,41 @@ use serde::Deserialize;
 use crate::config::Secret;
 use crate::digest::Digest;
 use crate::manifest::is_manifest_media_type;
+use crate::names::{NameError, Reference, RepositoryName, Tag};
 use crate::route::Write;
+
+/// What a payload described: the writes it names, and the events left out because a name,
+/// tag or digest in them breaks the spec's grammar (each one reason).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Events {
+    /// Valid events, as writes.
+    pub writes: Vec<Write>,
+    /// Why the others were left out.
+    pub rejected: Vec<String>,
+}
+
+impl Events {
+    fn reject(&mut self, e: NameError) {
+        if self.rejected.len() < 20 {
+            self.rejected.push(e.to_string());
+        }
+    }
+}
+
+/// A digest field: absent, valid, or a reason to reject the event.
+fn digest_field(d: Option<String>) -> Result<Option<Digest>, NameError> {
+    match d.filter(|d| !d.is_empty()) {
+        None => Ok(None),
+        Some(d) => d
+            .parse::<Digest>()
+            .map(Some)
+            .map_err(|_| NameError::Reference(d.chars().take(80).collect())),
+    }
+}
+
+fn tag_field(t: Option<String>) -> Result<Option<Tag>, NameError> {
+    t.filter(|t| !t.is_empty()).map(|t| t.parse()).transpose()
+}
 
 /// A payload that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -52,48 +86,61 @@ struct HarborRepository {
 }
 
 /// Reads a Harbor webhook payload. Events other than artifact pushes and deletes yield nothing.
-pub fn harbor(payload: &[u8]) -> Result<Vec<Write>, WebhookError> {
+pub fn harbor(payload: &[u8]) -> Result<Events, WebhookError> {
     let event: HarborEvent =
         serde_json::from_slice(payload).map_err(|source| WebhookError::Json {
             sender: "Harbor",
             source,
         })?;
+    let mut events = Events::default();
     let push = match event.kind.as_str() {
         "PUSH_ARTIFACT" | "pushImage" => true,
         "DELETE_ARTIFACT" | "deleteImage" => false,
-        _ => return Ok(Vec::new()),
+        _ => return Ok(events),
     };
     let Some(data) = event.event_data else {
-        return Ok(Vec::new());
+        return Ok(events);
     };
-    let Some(repository) = data.repository.and_then(|r| {
+    let Some(name) = data.repository.and_then(|r| {
         r.repo_full_name.or_else(|| match (r.namespace, r.name) {
             (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
             _ => None,
         })
     }) else {
-        return Ok(Vec::new());
+        return Ok(events);
     };
-    let mut writes = Vec::new();
+    let repository = match name.parse::<RepositoryName>() {
+        Ok(r) => r,
+        Err(e) => {
+            events.reject(e);
+            return Ok(events);
+        }
+    };
     for resource in data.resources {
-        let digest = resource.digest.and_then(|d| d.parse::<Digest>().ok());
-        let tag = resource.tag.filter(|t| !t.is_empty());
+        let fields = digest_field(resource.digest).and_then(|d| Ok((d, tag_field(resource.tag)?)));
+        let (digest, tag) = match fields {
+            Ok(f) => f,
+            Err(e) => {
+                events.reject(e);
+                continue;
+            }
+        };
         if push {
             if digest.is_some() || tag.is_some() {
-                writes.push(Write::Manifest {
+                events.writes.push(Write::Manifest {
                     repository: repository.clone(),
                     tag,
                     digest,
                 });
             }
-        } else if let Some(reference) = digest.map(|d| d.to_string()).or(tag) {
-            writes.push(Write::ManifestDeleted {
+        } else if let Some(reference) = digest.map(Reference::Digest).or(tag.map(Reference::Tag)) {
+            events.writes.push(Write::ManifestDeleted {
                 repository: repository.clone(),
                 reference,
             });
         }
     }
-    Ok(writes)
+    Ok(events)
 }
 
 #[derive(Deserialize)]
@@ -119,20 +166,28 @@ struct RegistryTarget {
 }
 
 /// Reads a distribution notification envelope (`application/vnd.docker.distribution.events.v1+json`).
-pub fn registry(payload: &[u8]) -> Result<Vec<Write>, WebhookError> {
+pub fn registry(payload: &[u8]) -> Result<Events, WebhookError> {
     let envelope: Envelope =
         serde_json::from_slice(payload).map_err(|source| WebhookError::Json {
             sender: "registry",
             source,
         })?;
-    let mut writes = Vec::new();
+    let mut events = Events::default();
     for event in envelope.events {
         let target = event.target;
-        let Some(repository) = target.repository else {
+        let Some(name) = target.repository else {
             continue;
         };
-        let digest = target.digest.and_then(|d| d.parse::<Digest>().ok());
-        let tag = target.tag.filter(|t| !t.is_empty());
+        let fields = name
+            .parse::<RepositoryName>()
+            .and_then(|r| Ok((r, digest_field(target.digest)?, tag_field(target.tag)?)));
+        let (repository, digest, tag) = match fields {
+            Ok(f) => f,
+            Err(e) => {
+                events.reject(e);
+                continue;
+            }
+        };
         let is_manifest = target
             .media_type
             .as_deref()
@@ -141,33 +196,29 @@ pub fn registry(payload: &[u8]) -> Result<Vec<Write>, WebhookError> {
                 .url
                 .as_deref()
                 .is_some_and(|u| u.contains("/manifests/"));
-        match event.action.as_str() {
-            "push" if is_manifest => writes.push(Write::Manifest {
+        let write = match event.action.as_str() {
+            "push" if is_manifest => Some(Write::Manifest {
                 repository,
                 tag,
                 digest,
             }),
-            "push" | "mount" => {
-                if let Some(digest) = digest {
-                    writes.push(Write::Blob {
-                        repository,
-                        digest,
-                        mounted_from: None,
-                    });
-                }
-            }
-            "delete" if is_manifest || tag.is_some() => {
-                if let Some(reference) = digest.map(|d| d.to_string()).or(tag) {
-                    writes.push(Write::ManifestDeleted {
-                        repository,
-                        reference,
-                    });
-                }
-            }
-            _ => {}
-        }
+            "push" | "mount" => digest.map(|digest| Write::Blob {
+                repository,
+                digest,
+                mounted_from: None,
+            }),
+            "delete" if is_manifest || tag.is_some() => digest
+                .map(Reference::Digest)
+                .or(tag.map(Reference::Tag))
+                .map(|reference| Write::ManifestDeleted {
+                    repository,
+                    reference,
+                }),
+            _ => None,
+        };
+        events.writes.extend(write);
     }
-    Ok(writes)
+    Ok(events)
 }
 
 /// Whether an `Authorization` header carries the shared secret (`Bearer <secret>` or the bare
@@ -176,12 +227,17 @@ pub fn authorized(header: Option<&str>, secret: &Secret) -> bool {
     let Some(value) = header else {
         return false;
     };
-    let presented = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .unwrap_or(value)
-        .trim();
+    let presented = bearer_credentials(value).unwrap_or(value).trim();
     constant_time_eq(presented.as_bytes(), secret.expose().as_bytes())
+}
+
+/// The credentials of an `Authorization: Bearer ...` value; the scheme is case-insensitive
+/// (RFC 9110 §11.1).
+pub fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
 }
 
 /// Compares without leaking where the first difference is.
@@ -206,24 +262,53 @@ mod tests {
                "repository":{{"date_created":1680501893,"name":"app","namespace":"library","repo_full_name":"library/app","repo_type":"private"}}}}}}"#
         );
         assert_eq!(
-            harbor(push.as_bytes()).unwrap(),
+            harbor(push.as_bytes()).unwrap().writes,
             vec![Write::Manifest {
-                repository: "library/app".into(),
-                tag: Some("v1".into()),
+                repository: "library/app".parse().unwrap(),
+                tag: Some("v1".parse().unwrap()),
                 digest: Some(D.parse().unwrap())
             }]
         );
         let delete = push.replace("PUSH_ARTIFACT", "DELETE_ARTIFACT");
         assert_eq!(
-            harbor(delete.as_bytes()).unwrap(),
+            harbor(delete.as_bytes()).unwrap().writes,
             vec![Write::ManifestDeleted {
-                repository: "library/app".into(),
-                reference: D.into()
+                repository: "library/app".parse().unwrap(),
+                reference: D.parse().unwrap()
             }]
         );
         let scan = r#"{"type":"SCANNING_COMPLETED","event_data":{}}"#;
-        assert!(harbor(scan.as_bytes()).unwrap().is_empty());
+        assert_eq!(harbor(scan.as_bytes()).unwrap(), Events::default());
         assert!(harbor(b"{").is_err());
+    }
+
+    #[test]
+    fn invalid_names_tags_and_digests_are_rejected_one_event_at_a_time() {
+        let payload = |name: &str, tag: &str, digest: &str| {
+            format!(
+                r#"{{"type":"PUSH_ARTIFACT","event_data":{{"resources":[{{"digest":"{digest}","tag":"{tag}"}}],"repository":{{"repo_full_name":"{name}"}}}}}}"#
+            )
+        };
+        for (name, tag, digest) in [
+            ("library/has space", "v1", D),
+            ("library/../x", "v1", D),
+            ("Library/app", "v1", D),
+            ("library/app", "v 1", D),
+            ("library/app", "v1", "sha256:nothex"),
+        ] {
+            let events = harbor(payload(name, tag, digest).as_bytes()).unwrap();
+            assert!(events.writes.is_empty(), "{name} {tag} {digest}");
+            assert_eq!(events.rejected.len(), 1, "{name} {tag} {digest}");
+        }
+        let env = format!(
+            r#"{{"events":[
+              {{"action":"push","target":{{"mediaType":"application/octet-stream","digest":"{D}","repository":"lib rary/app"}}}},
+              {{"action":"push","target":{{"mediaType":"application/octet-stream","digest":"{D}","repository":"library/app"}}}}
+            ]}}"#
+        );
+        let events = registry(env.as_bytes()).unwrap();
+        assert_eq!(events.writes.len(), 1);
+        assert_eq!(events.rejected.len(), 1);
     }
 
     #[test]
@@ -235,9 +320,9 @@ mod tests {
               {{"id":"3","action":"pull","target":{{"mediaType":"application/octet-stream","digest":"{D}","repository":"library/app"}}}}
             ]}}"#
         );
-        let writes = registry(env.as_bytes()).unwrap();
+        let writes = registry(env.as_bytes()).unwrap().writes;
         assert_eq!(writes.len(), 2);
-        assert!(matches!(&writes[0], Write::Manifest { tag: Some(t), .. } if t == "v2"));
+        assert!(matches!(&writes[0], Write::Manifest { tag: Some(t), .. } if t.as_str() == "v2"));
         assert!(matches!(&writes[1], Write::Blob { .. }));
     }
 
@@ -246,6 +331,10 @@ mod tests {
         let s = Secret::new("hunter2");
         assert!(authorized(Some("Bearer hunter2"), &s));
         assert!(authorized(Some("hunter2"), &s));
+        assert!(authorized(Some("bearer hunter2"), &s));
+        assert!(authorized(Some("BEARER  hunter2"), &s));
+        assert_eq!(bearer_credentials("bEaReR tok"), Some("tok"));
+        assert_eq!(bearer_credentials("Basic tok"), None);
         assert!(!authorized(Some("Bearer hunter3"), &s));
         assert!(!authorized(None, &s));
     }
