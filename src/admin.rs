@@ -254,10 +254,12 @@ impl Admin {
         }
         match self.mirror.upstream().ping().await {
             Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),
-            // An answer of any kind proves Harbor is reachable.
-            Err(e) if !matches!(e.kind, ErrorKind::Unreachable(_) | ErrorKind::Timeout) => {
-                text(StatusCode::OK, "text/plain", "ready\n")
+            // Harbor serves HTTPS only: every request through regtee is refused until fixed.
+            Err(e) if matches!(e.kind, ErrorKind::HttpsOnly { .. }) => {
+                error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
+            // An answer of any other kind proves Harbor is reachable.
+            Err(e) if e.answered() => text(StatusCode::OK, "text/plain", "ready\n"),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }

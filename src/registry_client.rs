@@ -152,6 +152,18 @@ impl RegistryError {
         }
     }
 
+    /// Whether the registry answered at all (with an HTTP status), as opposed to a connection,
+    /// TLS or transfer failure.
+    pub fn answered(&self) -> bool {
+        !matches!(
+            self.kind,
+            ErrorKind::Unreachable(_)
+                | ErrorKind::Tls(_)
+                | ErrorKind::Timeout
+                | ErrorKind::Transfer(_)
+        )
+    }
+
     /// A short class for metrics and job records.
     pub fn class(&self) -> &'static str {
         match &self.kind {

@@ -279,7 +279,7 @@ async fn two_targets_one_down_during_the_push_both_end_in_sync() {
     let up = start_cloud(&work.path().join("up"), &["library"]).await;
     let mut down = start_cloud(&work.path().join("down"), &["library"]).await;
     down.registry.stop();
-    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+    let spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("up", &up))
         // The second target also takes blobs in chunks, as some clouds require.
         .target(TargetSpec::cloud("down", &down).with("upload_chunk_size = 100000"));
@@ -323,7 +323,7 @@ async fn sigkill_during_pushes_and_during_mirroring_loses_no_acknowledged_push()
     cloud.registry.stop();
     let port = regtee::demo::free_port().unwrap();
     let admin_port = regtee::demo::free_port().unwrap();
-    let mut spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+    let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud).with("concurrency = 1"));
     spec.listen = format!("127.0.0.1:{port}");
     spec.admin = Some(format!("127.0.0.1:{admin_port}"));
@@ -424,7 +424,7 @@ async fn a_target_with_basic_auth_gets_the_push_too() {
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let basic =
         start_basic_auth_registry(&work.path().join("basic"), CLOUD_USER, CLOUD_PASSWORD).await;
-    let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+    let spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::at("acr", &basic.url()));
     let regtee = Regtee::start(&spec).await;
     let mut layout = Layout::new(&work.path().join("layout"));

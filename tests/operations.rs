@@ -7,7 +7,7 @@ use crate::support::*;
 
 /// A spec whose proxy and admin listen on fixed free ports, so the CLI can find the admin API.
 fn spec_with_ports(harbor: &AuthRegistry, state: &std::path::Path) -> ConfigSpec {
-    let mut spec = ConfigSpec::new(&harbor.url(), state);
+    let mut spec = ConfigSpec::new(harbor, state);
     spec.listen = format!("127.0.0.1:{}", regtee::demo::free_port().unwrap());
     spec.admin = Some(format!("127.0.0.1:{}", regtee::demo::free_port().unwrap()));
     spec
@@ -38,13 +38,7 @@ async fn backfill_copies_what_predates_regtee_diff_tells_and_a_second_run_queues
         ("i3", "other/c:1"),
     ];
     for (name, repo_tag) in pre {
-        push_layout_ok(
-            &layout.dir,
-            name,
-            &harbor.registry.addr().to_string(),
-            repo_tag,
-            Tls::Off,
-        );
+        push_layout_ok(&layout.dir, name, &harbor.host(), repo_tag, Tls::Off);
     }
     let spec = spec_with_ports(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud).with("namespaces = { library = \"prod-lib\" }"));
@@ -120,7 +114,7 @@ async fn reconcile_catches_pushes_that_went_around_regtee() {
     push_layout_ok(
         &layout.dir,
         "i0",
-        &harbor.registry.addr().to_string(),
+        &harbor.host(),
         "library/around:1",
         Tls::Off,
     );
@@ -151,10 +145,11 @@ async fn webhooks_from_harbor_and_from_the_registry_become_mirrored_images() {
             }),
             ..Default::default()
         },
+        Some(harbor::HarborScheme::Https),
     )
     .await;
     let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
-    let mut spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+    let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud));
     spec.admin = Some(format!("127.0.0.1:{admin_port}"));
     spec.webhook_secret = Some(secret.into());
@@ -162,7 +157,7 @@ async fn webhooks_from_harbor_and_from_the_registry_become_mirrored_images() {
     let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
     let mut layout = Layout::new(&work.path().join("layout"));
     let imgs = images(&mut layout, 2);
-    let harbor_host = harbor.registry.addr().to_string();
+    let harbor_host = harbor.host();
 
     // 1. Distribution's notification envelope, sent by the registry on a direct push.
     push_layout_ok(
@@ -331,7 +326,7 @@ async fn metrics_parse_as_prometheus_text_and_move_when_work_happens() {
             .0,
         200
     );
-    world.harbor.registry.stop();
+    world.harbor.stop();
     assert_eq!(
         http_request(&world.regtee.admin_url("/readyz"), "GET", None, &[])
             .await
@@ -452,7 +447,7 @@ async fn check_reports_a_wrong_password_and_a_missing_namespace_with_hints() {
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
-    let good = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+    let good = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud).with("namespaces = { library = \"library\" }"));
     let config = good.write(&work.path().join("good.toml"));
     let out = regtee_cli(&config, &good, &["check"]);
@@ -463,7 +458,7 @@ async fn check_reports_a_wrong_password_and_a_missing_namespace_with_hints() {
     );
 
     // A wrong password for the target.
-    let mut wrong = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+    let mut wrong = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud));
     wrong.cloud_password = "not-it".into();
     let wrong_path = wrong.write(&work.path().join("wrong.toml"));
@@ -477,7 +472,7 @@ async fn check_reports_a_wrong_password_and_a_missing_namespace_with_hints() {
     );
 
     // A namespace that does not exist there.
-    let missing = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+    let missing = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud).with("namespaces = { library = \"prod-lib\" }"));
     let path = missing.write(&work.path().join("missing.toml"));
     let out = regtee_cli(&path, &missing, &["check"]);

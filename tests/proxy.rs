@@ -68,7 +68,7 @@ async fn push_and_pull_all_kinds(
 async fn skopeo_pushes_and_pulls_every_kind_of_content_over_http() {
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
-    let regtee = Regtee::start(&ConfigSpec::new(&harbor.url(), &work.path().join("state"))).await;
+    let regtee = Regtee::start(&ConfigSpec::new(&harbor, &work.path().join("state"))).await;
     push_and_pull_all_kinds(&regtee.host(), &harbor, work.path(), || Tls::Off).await;
     // Every token the client used was fetched through regtee.
     let seen = harbor.issuer.seen();
@@ -90,7 +90,7 @@ async fn skopeo_pushes_and_pulls_over_https_with_a_generated_certificate() {
     let certs = work.path().join("certs");
     let files = regtee::certs::generate(&["localhost".into()], &certs, 30).unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
-    let mut spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"));
+    let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     spec.tls = Some((
         "127.0.0.1:0".into(),
         files.server_cert.clone(),
@@ -109,9 +109,10 @@ async fn skopeo_pushes_and_pulls_over_https_with_a_generated_certificate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_reaches_only_regtee_logs_in_through_it() {
+    // The bare registry names its token service on another origin: the realm is relayed.
     let work = tempfile::tempdir().unwrap();
-    let harbor = start_harbor(&work.path().join("harbor")).await;
-    let regtee = Regtee::start(&ConfigSpec::new(&harbor.url(), &work.path().join("state"))).await;
+    let harbor = start_bare_harbor(&work.path().join("harbor")).await;
+    let regtee = Regtee::start(&ConfigSpec::new(&harbor, &work.path().join("state"))).await;
     // The challenge names regtee, not the token service on its own origin.
     let (status, _) =
         http_request(&format!("http://{}/v2/", regtee.host()), "GET", None, &[]).await;
@@ -551,8 +552,22 @@ async fn walk_the_spec(s: &mut Speaker, a: &[u8], b: &[u8], mono: &[u8]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_spec_endpoint_answers_through_regtee_as_it_does_directly() {
     let work = tempfile::tempdir().unwrap();
-    let harbor = start_harbor(&work.path().join("harbor")).await;
-    let regtee = Regtee::start(&ConfigSpec::new(&harbor.url(), &work.path().join("state"))).await;
+    // The registry itself, then Harbor as deployed (its nginx over HTTPS) in front of it.
+    spec_walk_direct_and_through_regtee(
+        start_bare_harbor(&work.path().join("bare")).await,
+        work.path(),
+    )
+    .await;
+    spec_walk_direct_and_through_regtee(
+        start_harbor(&work.path().join("harbor")).await,
+        work.path(),
+    )
+    .await;
+}
+
+async fn spec_walk_direct_and_through_regtee(harbor: AuthRegistry, work: &std::path::Path) {
+    let work = tempfile::tempdir_in(work).unwrap();
+    let regtee = Regtee::start(&ConfigSpec::new(&harbor, &work.path().join("state"))).await;
     // One token for both walks, fetched from the token service directly.
     let scopes = [
         "repository:library/conf-a:pull,push,delete",
@@ -562,7 +577,7 @@ async fn every_spec_endpoint_answers_through_regtee_as_it_does_directly() {
         "repository:library/nothing-here:pull",
     ];
     let token = harbor.token(ADMIN_USER, ADMIN_PASSWORD, &scopes).await;
-    let client = AuthRegistry::raw_client();
+    let client = harbor.raw_client();
     let a = layout::random_bytes(70_000);
     let b = layout::random_bytes(33_333);
     let mono = layout::random_bytes(1_000);
@@ -630,7 +645,7 @@ fn oci_error_code(body: &str) -> String {
 async fn upstream_down_is_a_502_with_an_oci_body_and_service_resumes() {
     let work = tempfile::tempdir().unwrap();
     let port = regtee::demo::free_port().unwrap();
-    let regtee = Regtee::start(&ConfigSpec::new(
+    let regtee = Regtee::start(&ConfigSpec::at(
         &format!("http://127.0.0.1:{port}"),
         &work.path().join("state"),
     ))
@@ -650,6 +665,7 @@ async fn upstream_down_is_a_502_with_an_oci_body_and_service_resumes() {
             port: Some(port),
             ..Default::default()
         },
+        None,
     )
     .await;
     let (status, _) = http_request(&url, "GET", None, &[]).await;
@@ -677,7 +693,7 @@ async fn a_silent_upstream_is_a_504_after_the_response_timeout() {
             held.push(s);
         }
     });
-    let mut spec = ConfigSpec::new(&format!("http://{addr}"), &work.path().join("state"));
+    let mut spec = ConfigSpec::at(&format!("http://{addr}"), &work.path().join("state"));
     spec.upstream_extra = "response_timeout = \"1s\"\n".into();
     let regtee = Regtee::start(&spec).await;
     let started = std::time::Instant::now();
@@ -696,7 +712,7 @@ async fn shutdown_lets_an_upload_in_flight_finish_and_refuses_new_connections() 
     use http_body_util::StreamBody;
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
-    let regtee = Regtee::start(&ConfigSpec::new(&harbor.url(), &work.path().join("state"))).await;
+    let regtee = Regtee::start(&ConfigSpec::new(&harbor, &work.path().join("state"))).await;
     let host = regtee.host();
     let direct = harbor.client(DEV_USER, DEV_PASSWORD);
     let token = harbor
@@ -706,7 +722,7 @@ async fn shutdown_lets_an_upload_in_flight_finish_and_refuses_new_connections() 
             &["repository:library/drain:pull,push"],
         )
         .await;
-    let client = AuthRegistry::raw_client();
+    let client = harbor.raw_client();
     let start = http::Request::post(format!("http://{host}/v2/library/drain/blobs/uploads/"))
         .header("authorization", format!("Bearer {token}"))
         .body(regtee::body::empty())
@@ -795,7 +811,7 @@ async fn logs_have_one_line_per_request_and_never_a_secret_and_sigterm_exits_cle
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
     let port = regtee::demo::free_port().unwrap();
-    let mut spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"))
+    let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud));
     spec.listen = format!("127.0.0.1:{port}");
     spec.admin = None;
@@ -859,7 +875,7 @@ async fn https_listener_speaks_http2_via_alpn_and_rewrites_for_its_own_origin() 
     let files =
         regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
-    let mut spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"));
+    let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     spec.tls = Some((
         "127.0.0.1:0".into(),
         files.server_cert.clone(),
@@ -899,8 +915,8 @@ async fn https_listener_speaks_http2_via_alpn_and_rewrites_for_its_own_origin() 
     assert_eq!(response.status(), 401);
     let challenge = response.headers()["www-authenticate"].to_str().unwrap();
     assert!(
-        challenge.contains(&format!("realm=\"https://localhost:{port}/_regtee/token/")),
-        "the realm points at the origin the client used: {challenge}"
+        challenge.contains(&format!("realm=\"https://localhost:{port}/service/token\"")),
+        "Harbor's realm is rebased onto the origin the client used: {challenge}"
     );
     regtee.stop().await;
 }
@@ -912,7 +928,7 @@ async fn stalled_clients_are_cut_by_the_header_and_body_timeouts() {
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let files =
         regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
-    let mut spec = ConfigSpec::new(&harbor.url(), &work.path().join("state"));
+    let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     spec.tls = Some((
         "127.0.0.1:0".into(),
         files.server_cert.clone(),
@@ -966,7 +982,7 @@ async fn stalled_clients_are_cut_by_the_header_and_body_timeouts() {
     .header("authorization", format!("Bearer {token}"))
     .body(regtee::body::empty())
     .unwrap();
-    let resp = AuthRegistry::raw_client().request(start).await.unwrap();
+    let resp = harbor.raw_client().request(start).await.unwrap();
     assert_eq!(resp.status(), 202);
     let location: http::Uri = resp.headers()["location"]
         .to_str()

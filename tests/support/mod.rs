@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod harbor;
 pub mod issuer;
 pub mod layout;
 
@@ -19,6 +20,7 @@ use regtee::demo::{LocalRegistry, RegistryOptions};
 use regtee::origin::Origin;
 use regtee::registry_client::RegistryClient;
 
+use harbor::{HarborFront, HarborScheme};
 use issuer::{TokenIssuer, User};
 
 pub const DEV_USER: &str = "dev";
@@ -65,15 +67,42 @@ where
     }
 }
 
-/// A registry with token auth: Harbor-like (service `harbor-registry`) or cloud-like.
+/// A registry with token auth: Harbor-like (service `harbor-registry`) or cloud-like; with
+/// Harbor's own nginx in front when `front` is set.
 pub struct AuthRegistry {
     pub registry: LocalRegistry,
     pub issuer: TokenIssuer,
+    pub front: Option<HarborFront>,
 }
 
 impl AuthRegistry {
+    /// What clients type: Harbor's external URL, or the registry itself without a front.
     pub fn url(&self) -> String {
-        self.registry.url()
+        match &self.front {
+            Some(f) => f.external_url(),
+            None => self.registry.url(),
+        }
+    }
+
+    /// `host:port` for skopeo and docker references.
+    pub fn host(&self) -> String {
+        match &self.front {
+            Some(f) => f.host(),
+            None => self.registry.addr().to_string(),
+        }
+    }
+
+    /// The CA that signed the front's certificate, for regtee's `ca_file`.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.front.as_ref().and_then(|f| f.ca_cert.as_deref())
+    }
+
+    /// Harbor cannot be reached any more (its front is stopped).
+    pub fn stop(&mut self) {
+        match &mut self.front {
+            Some(f) => f.stop(),
+            None => self.registry.stop(),
+        }
     }
 
     /// A token straight from the token service, for raw requests.
@@ -98,10 +127,13 @@ impl AuthRegistry {
             .to_string()
     }
 
-    /// A plain HTTP client for raw requests.
-    pub fn raw_client() -> regtee::http_client::HttpClient {
+    /// An HTTP(S) client for raw requests, trusting this registry's CA.
+    pub fn raw_client(&self) -> regtee::http_client::HttpClient {
         regtee::http_client::build(
-            &ClientTls::default(),
+            &ClientTls {
+                ca_file: self.ca_file().map(Path::to_path_buf),
+                insecure_skip_verify: false,
+            },
             Duration::from_secs(5),
             Duration::from_secs(5),
         )
@@ -133,12 +165,24 @@ pub fn client_for(url: &str, creds: Option<(&str, &str)>) -> RegistryClient {
     .unwrap()
 }
 
-/// Harbor: token auth like Harbor's; `dev` pushes to library and team, the robot reads all.
+/// Harbor as deployed: HTTPS by its own nginx, token auth like Harbor's; `dev` pushes to
+/// library and team, the robot reads all.
 pub async fn start_harbor(dir: &Path) -> AuthRegistry {
-    start_harbor_with(dir, RegistryOptions::default()).await
+    start_harbor_with(dir, RegistryOptions::default(), Some(HarborScheme::Https)).await
 }
 
-pub async fn start_harbor_with(dir: &Path, mut options: RegistryOptions) -> AuthRegistry {
+/// The registry and Harbor's token service without Harbor's nginx: for the spec-level
+/// differential tests, which compare regtee with the registry itself.
+pub async fn start_bare_harbor(dir: &Path) -> AuthRegistry {
+    start_harbor_with(dir, RegistryOptions::default(), None).await
+}
+
+pub async fn start_harbor_with(
+    dir: &Path,
+    mut options: RegistryOptions,
+    front: Option<HarborScheme>,
+) -> AuthRegistry {
+    let mut front = front.map(|scheme| HarborFront::plan(&dir.join("nginx"), scheme));
     let issuer = TokenIssuer::start(
         &dir.join("issuer"),
         "harbor-registry",
@@ -180,11 +224,23 @@ pub async fn start_harbor_with(dir: &Path, mut options: RegistryOptions) -> Auth
             grants: BTreeMap::new(),
         },
     );
-    options.token_auth = Some(issuer.registry_auth());
+    let mut auth = issuer.registry_auth();
+    if let Some(f) = &front {
+        // Harbor's realm is its external URL (`ext_endpoint`), served by its nginx.
+        auth.realm = format!("{}/service/token", f.external_url());
+    }
+    options.token_auth = Some(auth);
     let registry = LocalRegistry::start(&dir.join("registry"), options)
         .await
         .unwrap();
-    AuthRegistry { registry, issuer }
+    if let Some(f) = &mut front {
+        f.start(registry.addr(), issuer.addr).await;
+    }
+    AuthRegistry {
+        registry,
+        issuer,
+        front,
+    }
 }
 
 /// A cloud registry (TCR-like): its own token service and credentials; `namespaces` exist.
@@ -207,7 +263,11 @@ pub async fn start_cloud(dir: &Path, namespaces: &[&str]) -> AuthRegistry {
     )
     .await
     .unwrap();
-    AuthRegistry { registry, issuer }
+    AuthRegistry {
+        registry,
+        issuer,
+        front: None,
+    }
 }
 
 /// A `[[targets]]` entry.
@@ -255,7 +315,17 @@ pub struct ConfigSpec {
 }
 
 impl ConfigSpec {
-    pub fn new(upstream: &str, state_dir: &Path) -> ConfigSpec {
+    /// regtee in front of `harbor`, trusting its CA.
+    pub fn new(harbor: &AuthRegistry, state_dir: &Path) -> ConfigSpec {
+        let mut spec = ConfigSpec::at(&harbor.url(), state_dir);
+        if let Some(ca) = harbor.ca_file() {
+            spec.upstream_extra = format!("ca_file = \"{}\"\n", ca.display());
+        }
+        spec
+    }
+
+    /// regtee in front of whatever listens at `upstream`.
+    pub fn at(upstream: &str, state_dir: &Path) -> ConfigSpec {
         ConfigSpec {
             listen: "127.0.0.1:0".into(),
             tls: None,
@@ -646,7 +716,7 @@ impl World {
         let target = target_lines
             .iter()
             .fold(TargetSpec::cloud("tcr", &cloud), |t, line| t.with(line));
-        let spec = ConfigSpec::new(&harbor.url(), &work.path().join("state")).target(target);
+        let spec = ConfigSpec::new(&harbor, &work.path().join("state")).target(target);
         let regtee = Regtee::start(&spec).await;
         World {
             work,

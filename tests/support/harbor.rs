@@ -1,0 +1,282 @@
+//! Harbor as its installer deploys it: Harbor's own nginx in front of the registry and the token
+//! service, on HTTPS with a certificate from a private CA, or on plain HTTP.
+//!
+//! The nginx configuration follows goharbor/harbor's templates
+//! (`make/photon/prepare/templates/nginx/nginx.https.conf.jinja` and `nginx.http.conf.jinja`),
+//! rule for rule where regtee can tell the difference: `Host $http_host` and
+//! `X-Forwarded-Proto $scheme` on `/v2/` and `/service/` (HTTPS), `$x_forwarded_proto` mapped from
+//! the client's header or `$scheme` (HTTP), `X-Forwarded-Host` passed through untouched,
+//! `proxy_pass` with a URI (so nginx normalises and decodes the path first), no buffering either
+//! way, no body size limit, TLS 1.2 only with Harbor's cipher list, and the plain port of an HTTPS
+//! Harbor answering `308 https://<host>$request_uri`. Harbor core sits between nginx and the
+//! registry in a real Harbor; it forwards `Host` and the `X-Forwarded-*` headers unchanged, so the
+//! registry sees what it sees here. The token realm is Harbor's external URL (`ext_endpoint`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use regtee::demo::free_port;
+
+/// Which way Harbor's own nginx serves clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HarborScheme {
+    /// `harbor.yml` with an `https:` section: TLS on one port, 308 on the plain one.
+    Https,
+    /// `harbor.yml` without it: plain HTTP.
+    Http,
+}
+
+/// Harbor's nginx, started on free loopback ports; stopped on drop.
+pub struct HarborFront {
+    child: Option<Child>,
+    dir: PathBuf,
+    /// The port clients use (TLS for an HTTPS Harbor).
+    pub port: u16,
+    /// The plain port that redirects to HTTPS (HTTPS Harbor only).
+    pub redirect_port: Option<u16>,
+    pub scheme: HarborScheme,
+    /// The CA that signed the server certificate (HTTPS Harbor only).
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// The address the front listens on; the external URL and the certificate name it.
+pub const HOST: &str = "127.0.0.1";
+
+impl HarborFront {
+    /// Picks the ports; [`HarborFront::start`] needs the registry and the token service first,
+    /// and they need the external URL, which needs the port.
+    pub fn plan(dir: &Path, scheme: HarborScheme) -> HarborFront {
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let ca_cert = (scheme == HarborScheme::Https).then(|| {
+            let files = regtee::certs::generate(&[HOST.to_string()], &dir.join("certs"), 30)
+                .expect("certificates for Harbor's nginx");
+            files.ca_cert
+        });
+        HarborFront {
+            child: None,
+            dir: dir.to_path_buf(),
+            port: free_port().unwrap(),
+            redirect_port: (scheme == HarborScheme::Https).then(|| free_port().unwrap()),
+            scheme,
+            ca_cert,
+        }
+    }
+
+    /// Harbor's `ext_endpoint`: what clients type, and where its token realm lives.
+    pub fn external_url(&self) -> String {
+        match self.scheme {
+            HarborScheme::Https => format!("https://{HOST}:{}", self.port),
+            HarborScheme::Http => format!("http://{HOST}:{}", self.port),
+        }
+    }
+
+    /// `host:port` as clients name the registry.
+    pub fn host(&self) -> String {
+        format!("{HOST}:{}", self.port)
+    }
+
+    /// Starts nginx in front of the registry and the token service and waits until it listens.
+    pub async fn start(&mut self, registry: SocketAddr, token_service: SocketAddr) {
+        let conf = self.dir.join("nginx.conf");
+        std::fs::write(&conf, self.config(registry, token_service)).unwrap();
+        let log = std::fs::File::create(self.dir.join("nginx.stderr")).unwrap();
+        use std::os::unix::process::CommandExt as _;
+        let child = Command::new("nginx")
+            // Its own process group, so stopping it stops the workers too.
+            .process_group(0)
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("nginx is installed (apt-get install nginx-light)");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("{HOST}:{}", self.port).parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "nginx exited ({status}): {}{}",
+                    std::fs::read_to_string(self.dir.join("nginx.stderr")).unwrap_or_default(),
+                    std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops nginx, master and workers: Harbor is unreachable.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", c.id())])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// What nginx logged about requests (`access.log`), for assertions on what reached Harbor.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+
+    fn config(&self, registry: SocketAddr, token_service: SocketAddr) -> String {
+        let d = self.dir.display();
+        // Harbor's locations, in its order. `$proto` is `$scheme` (HTTPS template) or the map
+        // of the client's header (HTTP template).
+        let proto = match self.scheme {
+            HarborScheme::Https => "$scheme",
+            HarborScheme::Http => "$x_forwarded_proto",
+        };
+        let locations = format!(
+            r#"
+    location /c/ {{
+      proxy_pass http://core/c/;
+      proxy_set_header Host $host;
+      proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto {proto};
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+
+    location /api/ {{
+      proxy_pass http://core/api/;
+      proxy_set_header Host $host;
+      proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto {proto};
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+
+    location /v1/ {{
+      return 404;
+    }}
+
+    location /v2/ {{
+      proxy_pass http://registry/v2/;
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto {proto};
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_send_timeout 900;
+      proxy_read_timeout 900;
+    }}
+
+    location /service/ {{
+      proxy_pass http://core/service/;
+      proxy_set_header Host {service_host};
+      proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto {proto};
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+
+    location /service/notifications {{
+      return 404;
+    }}
+"#,
+            service_host = match self.scheme {
+                HarborScheme::Https => "$http_host",
+                HarborScheme::Http => "$host",
+            },
+        );
+        let servers = match self.scheme {
+            HarborScheme::Https => format!(
+                r#"
+  server {{
+    listen {HOST}:{port} ssl;
+    server_tokens off;
+    ssl_certificate {d}/certs/regtee.crt;
+    ssl_certificate_key {d}/certs/regtee.key;
+    ssl_protocols TLSv1.2;
+    ssl_ciphers '!aNULL:kECDH+AESGCM:ECDH+AESGCM:RSA+AESGCM:kECDH+AES:ECDH+AES:RSA+AES:';
+    ssl_prefer_server_ciphers on;
+    ssl_session_cache shared:SSL:10m;
+    client_max_body_size 0;
+    chunked_transfer_encoding on;
+    add_header Strict-Transport-Security "max-age=31536000; includeSubdomains; preload";
+    add_header X-Frame-Options DENY;
+    add_header Content-Security-Policy "frame-ancestors 'none'";
+{locations}
+  }}
+  server {{
+    listen {HOST}:{redirect};
+    return 308 https://{HOST}:{port}$request_uri;
+  }}
+"#,
+                port = self.port,
+                redirect = self.redirect_port.unwrap_or_default(),
+            ),
+            HarborScheme::Http => format!(
+                r#"
+  map $http_x_forwarded_proto $x_forwarded_proto {{
+    default $http_x_forwarded_proto;
+    ""      $scheme;
+  }}
+  server {{
+    listen {HOST}:{port};
+    server_tokens off;
+    client_max_body_size 0;
+    add_header X-Frame-Options DENY;
+    add_header Content-Security-Policy "frame-ancestors 'none'";
+{locations}
+  }}
+"#,
+                port = self.port,
+            ),
+        };
+        format!(
+            r#"# Harbor's nginx (goharbor/harbor make/photon/prepare/templates/nginx/), for tests.
+user root;
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+
+events {{
+  worker_connections 1024;
+  use epoll;
+  multi_accept on;
+}}
+
+http {{
+  client_body_temp_path {d}/tmp/client_body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  tcp_nodelay on;
+  proxy_http_version 1.1;
+  access_log {d}/access.log;
+
+  # Harbor core: here the token service answers /service/, /api/ and /c/ (404 where it has
+  # nothing), and /v2/ goes to the registry as core would forward it.
+  upstream core {{
+    server {token_service};
+  }}
+  upstream registry {{
+    server {registry};
+  }}
+{servers}
+}}
+"#
+        )
+    }
+}
+
+impl Drop for HarborFront {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
