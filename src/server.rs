@@ -262,8 +262,18 @@ async fn starts_like_tls(
         "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{BODY}",
         BODY.len()
     );
-    use tokio::io::AsyncWriteExt as _;
-    let _ = tokio::time::timeout_at(deadline, stream.write_all(answer.as_bytes())).await;
+    // Take the request off the wire first: closing a socket with unread bytes resets it, and
+    // the reset can destroy the answer before the client reads it.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut request = [0u8; 4096];
+    let exchange = async {
+        let _ = stream.read(&mut request).await;
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        while stream.read(&mut request).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout_at(deadline, exchange).await;
     false
 }
 

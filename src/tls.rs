@@ -169,15 +169,16 @@ impl TlsFailure {
     pub fn find(error: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
         let mut current = Some(error);
         while let Some(e) = current {
-            let rustls_error = e.downcast_ref::<rustls::Error>().or_else(|| {
-                e.downcast_ref::<std::io::Error>()
-                    .and_then(|io| io.get_ref())
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            });
-            if let Some(r) = rustls_error {
+            if let Some(r) = e.downcast_ref::<rustls::Error>() {
                 return Some(TlsFailure::from_rustls(r));
             }
-            current = e.source();
+            // `io::Error::source` skips the error it wraps: step into it instead.
+            current = match e.downcast_ref::<std::io::Error>() {
+                Some(io) => io
+                    .get_ref()
+                    .map(|inner| inner as &(dyn std::error::Error + 'static)),
+                None => e.source(),
+            };
         }
         None
     }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod harbor;
 mod mirror;
 mod operations;
 mod proxy;

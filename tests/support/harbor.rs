@@ -44,15 +44,47 @@ pub struct HarborFront {
 /// The address the front listens on; the external URL and the certificate name it.
 pub const HOST: &str = "127.0.0.1";
 
+/// The certificate an HTTPS Harbor serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HarborCertificate {
+    /// A server certificate signed by a private CA, as Harbor's install guide makes it.
+    SignedByCa,
+    /// A self-signed CA certificate used as the server certificate: what
+    /// `openssl req -x509 -newkey rsa:4096 -nodes -subj /CN=harbor ...` makes (CA:TRUE).
+    SelfSignedCa,
+}
+
+/// Writes a self-signed CA certificate for `host` as `regtee.crt`/`regtee.key` (the names nginx
+/// is configured with) and returns the certificate, which is also what a user would trust.
+fn self_signed_ca(dir: &Path, host: &str) -> PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut params = CertificateParams::new(vec![host.to_string()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("regtee.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("regtee.key"), key.serialize_pem()).unwrap();
+    dir.join("regtee.crt")
+}
+
 impl HarborFront {
     /// Picks the ports; [`HarborFront::start`] needs the registry and the token service first,
     /// and they need the external URL, which needs the port.
     pub fn plan(dir: &Path, scheme: HarborScheme) -> HarborFront {
+        HarborFront::plan_with(dir, scheme, HarborCertificate::SignedByCa)
+    }
+
+    pub fn plan_with(dir: &Path, scheme: HarborScheme, cert: HarborCertificate) -> HarborFront {
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
-        let ca_cert = (scheme == HarborScheme::Https).then(|| {
-            let files = regtee::certs::generate(&[HOST.to_string()], &dir.join("certs"), 30)
-                .expect("certificates for Harbor's nginx");
-            files.ca_cert
+        let certs = dir.join("certs");
+        let ca_cert = (scheme == HarborScheme::Https).then(|| match cert {
+            HarborCertificate::SignedByCa => {
+                regtee::certs::generate(&[HOST.to_string()], &certs, 30)
+                    .expect("certificates for Harbor's nginx")
+                    .ca_cert
+            }
+            HarborCertificate::SelfSignedCa => self_signed_ca(&certs, HOST),
         });
         HarborFront {
             child: None,

@@ -21,6 +21,17 @@ impl Written {
     pub fn descriptor(&self) -> Value {
         json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size})
     }
+
+    /// The layer digests of a written image manifest.
+    pub fn layers(&self) -> Vec<String> {
+        let v: Value = serde_json::from_slice(&self.bytes).unwrap();
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    }
 }
 
 /// An OCI layout directory being built.

@@ -179,10 +179,19 @@ pub async fn start_bare_harbor(dir: &Path) -> AuthRegistry {
 
 pub async fn start_harbor_with(
     dir: &Path,
-    mut options: RegistryOptions,
+    options: RegistryOptions,
     front: Option<HarborScheme>,
 ) -> AuthRegistry {
-    let mut front = front.map(|scheme| HarborFront::plan(&dir.join("nginx"), scheme));
+    let front = front.map(|scheme| HarborFront::plan(&dir.join("nginx"), scheme));
+    start_harbor_behind(dir, options, front).await
+}
+
+/// Harbor (registry and token service) behind `front`, planned but not started yet.
+pub async fn start_harbor_behind(
+    dir: &Path,
+    mut options: RegistryOptions,
+    mut front: Option<HarborFront>,
+) -> AuthRegistry {
     let issuer = TokenIssuer::start(
         &dir.join("issuer"),
         "harbor-registry",
