@@ -3,6 +3,7 @@
 
 mod support;
 
+mod docker;
 mod harbor;
 mod mirror;
 mod operations;

@@ -22,6 +22,12 @@ impl Written {
         json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size})
     }
 
+    /// The config digest of a written image manifest: the image ID docker shows.
+    pub fn config(&self) -> String {
+        let v: Value = serde_json::from_slice(&self.bytes).unwrap();
+        v["config"]["digest"].as_str().unwrap().to_string()
+    }
+
     /// The layer digests of a written image manifest.
     pub fn layers(&self) -> Vec<String> {
         let v: Value = serde_json::from_slice(&self.bytes).unwrap();
@@ -98,6 +104,47 @@ impl Layout {
             &json!({
                 "architecture": arch,
                 "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>()},
+            }),
+        );
+        self.json_blob(
+            OCI_MANIFEST,
+            &json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": config.descriptor(),
+                "layers": layers.iter().map(Written::descriptor).collect::<Vec<_>>(),
+            }),
+        )
+    }
+
+    /// A layer the Docker engine can load: a real (uncompressed) tar holding one file of `size`
+    /// random bytes.
+    pub fn tar_layer(&self, size: usize) -> Written {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(size as u64);
+        header.set_mode(0o644);
+        header.set_mtime(1_700_000_000);
+        header.set_cksum();
+        let name = format!("data/{}", &sha256(&random_bytes(16))[7..19]);
+        tar.append_data(&mut header, name, &random_bytes(size)[..])
+            .unwrap();
+        self.blob(
+            "application/vnd.oci.image.layer.v1.tar",
+            tar.into_inner().unwrap(),
+        )
+    }
+
+    /// An image of tar layers: the config's `diff_ids` are the layers' digests, as
+    /// `docker load` checks.
+    pub fn docker_image(&self, layers: &[Written]) -> Written {
+        let config = self.json_blob(
+            "application/vnd.oci.image.config.v1+json",
+            &json!({
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Cmd": ["/bin/true"]},
                 "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>()},
             }),
         );

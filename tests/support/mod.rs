@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod docker;
 pub mod harbor;
 pub mod issuer;
 pub mod layout;
