@@ -92,6 +92,19 @@ async fn backfill_copies_what_predates_regtee_diff_tells_and_a_second_run_queues
         assert_eq!(t["targets"][0]["digest"], t["harbor"]);
         assert_eq!(t["targets"][0]["repository"], "prod-lib/b");
     }
+    // The same repository with its `/` escaped, as API clients often send it.
+    let escaped = admin_get(&regtee, "/api/v1/repositories/library%2Fb/status").await;
+    assert_eq!(escaped["repository"], "library/b");
+    assert_eq!(escaped["tags"], status["tags"]);
+    let (code, body) = http_request(
+        &regtee.admin_url("/api/v1/repositories/lib%20rary/status"),
+        "GET",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("not a repository name"), "{body}");
     // Job history is queryable per project.
     let jobs = admin_get(&regtee, "/api/v1/jobs?project=library").await;
     assert_eq!(jobs["jobs"].as_array().unwrap().len(), 3);
@@ -455,6 +468,21 @@ async fn check_reports_a_wrong_password_and_a_missing_namespace_with_hints() {
     assert_says(
         &out,
         "ok    target tcr namespace library: exists and accepts pushes",
+    );
+    // TLS is claimed only where there is TLS: Harbor is HTTPS, the target plain HTTP.
+    assert_says(
+        &out,
+        &format!(
+            "ok    upstream {}: reachable, TLS ok, credentials accepted",
+            harbor.url()
+        ),
+    );
+    assert_says(
+        &out,
+        &format!(
+            "ok    target tcr {}: reachable, credentials accepted",
+            cloud.url()
+        ),
     );
 
     // A wrong password for the target.

@@ -816,9 +816,18 @@ async fn logs_have_one_line_per_request_and_never_a_secret_and_sigterm_exits_cle
     spec.listen = format!("127.0.0.1:{port}");
     spec.admin = None;
     let config = spec.write(&work.path().join("regtee.toml"));
-    let process = RegteeProcess::spawn(&config, &spec, &work.path().join("regtee.log"));
+    // An empty RUST_LOG falls back to [log] level (info) instead of silencing regtee.
+    let process =
+        RegteeProcess::spawn_with_log_filter(&config, &spec, &work.path().join("regtee.log"), "");
     let host = format!("127.0.0.1:{port}");
     wait_listening(host.parse().unwrap()).await;
+    let plainly = format!("http={host} https=off admin=off");
+    wait_until(
+        "the start-up line, naming the listeners plainly",
+        Duration::from_secs(10),
+        || async { process.log_text().contains(&plainly).then_some(()) },
+    )
+    .await;
     let mut layout = Layout::new(&work.path().join("layout"));
     let image = layout.image(&[20_000, 30_000], "amd64");
     layout.tag(&image, "x");

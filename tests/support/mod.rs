@@ -465,6 +465,16 @@ pub struct RegteeProcess {
 
 impl RegteeProcess {
     pub fn spawn(config: &Path, spec: &ConfigSpec, log: &Path) -> RegteeProcess {
+        RegteeProcess::spawn_with_log_filter(config, spec, log, "regtee=debug")
+    }
+
+    /// With `RUST_LOG` set to `filter` (which may be empty).
+    pub fn spawn_with_log_filter(
+        config: &Path,
+        spec: &ConfigSpec,
+        log: &Path,
+        filter: &str,
+    ) -> RegteeProcess {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -474,7 +484,7 @@ impl RegteeProcess {
             .args(["serve", "--config"])
             .arg(config)
             .envs(spec.env())
-            .env("RUST_LOG", "regtee=debug")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
