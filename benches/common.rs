@@ -18,6 +18,7 @@ pub fn client() -> HttpClient {
         &Default::default(),
         Duration::from_secs(5),
         Duration::from_secs(30),
+        Duration::from_secs(60),
     )
     .unwrap()
 }

@@ -249,8 +249,27 @@ impl Admin {
     }
 
     async fn ready(&self) -> Answer {
-        if let Err(e) = self.queue.ping().await {
+        if let Err(e) = self.queue.health().await {
             return error(StatusCode::SERVICE_UNAVAILABLE, format!("queue: {e}"));
+        }
+        if self.queue.outcome_unrecorded() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue: a job's outcome could not be recorded (is the state directory's disk full?)",
+            );
+        }
+        if !self.cancel.is_cancelled() {
+            for target in self.mirror.targets() {
+                if let Some((alive, configured)) = target.workers_missing() {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "target {}: {alive} of {configured} mirror workers are running; restart regtee",
+                            target.name()
+                        ),
+                    );
+                }
+            }
         }
         match self.mirror.upstream().ping().await {
             Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),
@@ -401,6 +420,9 @@ impl Admin {
                 );
             }
         };
+        if let Err(e) = crate::names::project(&body.project) {
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
         if let Some(t) = &body.target
             && !self.mirror.targets().iter().any(|x| x.name() == t)
         {
@@ -429,9 +451,19 @@ impl Admin {
         let (mirror, cancel, task_progress) =
             (self.mirror.clone(), self.cancel.clone(), progress.clone());
         self.tasks.spawn(async move {
+            use futures_util::FutureExt as _;
+            let run = std::panic::AssertUnwindSafe(backfill::run(&mirror, &request, &task_progress))
+                .catch_unwind();
             tokio::select! {
                 () = cancel.cancelled() => {}
-                () = backfill::run(&mirror, &request, &task_progress) => {}
+                outcome = run => if outcome.is_err() {
+                    // A bug must not leave the backfill `running` forever.
+                    let mut p = task_progress.lock().unwrap_or_else(|p| p.into_inner());
+                    p.state = "failed".into();
+                    p.finished_at = Some(now_ms());
+                    p.errors.insert(0, "internal error: the backfill stopped (a bug in regtee: please report it)".into());
+                    tracing::error!(project = %p.project, "a backfill stopped on an internal error");
+                },
             }
         });
         let snapshot = progress.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -156,6 +156,8 @@ pub async fn all_projects(upstream: &RegistryClient) -> Result<Vec<String>, Regi
             .filter_map(|r| r.split_once('/').map(|(p, _)| p.to_string()))
             .collect(),
     };
+    // A listing is outside input: a name regtee cannot use is left out here, not fed to URLs.
+    projects.retain(|p| crate::names::project(p).is_ok());
     projects.sort();
     projects.dedup();
     Ok(projects)

@@ -175,6 +175,92 @@ where
     }
 }
 
+/// Cuts one stream into consecutive bodies of given lengths, without holding a chunk: each chunk
+/// body pulls its bytes from the stream as it is sent. A frame that crosses a chunk boundary is
+/// split (a cheap `Bytes` slice), its rest kept for the next chunk.
+pub struct Chunks {
+    state: Arc<std::sync::Mutex<ChunkSource>>,
+}
+
+struct ChunkSource {
+    body: ProxyBody,
+    leftover: Bytes,
+}
+
+/// A stream that ended before the length it promised.
+#[derive(Debug, thiserror::Error)]
+#[error("the stream ended {0} bytes before the chunk's end")]
+pub struct EndedEarly(pub u64);
+
+impl Chunks {
+    /// Chunks of `body`.
+    pub fn new(body: ProxyBody) -> Chunks {
+        Chunks {
+            state: Arc::new(std::sync::Mutex::new(ChunkSource {
+                body,
+                leftover: Bytes::new(),
+            })),
+        }
+    }
+
+    /// The next `len` bytes of the stream, as a body of exactly that length.
+    pub fn next(&self, len: u64) -> ProxyBody {
+        boxed(Chunk {
+            state: self.state.clone(),
+            remaining: len,
+        })
+    }
+}
+
+struct Chunk {
+    state: Arc<std::sync::Mutex<ChunkSource>>,
+    remaining: u64,
+}
+
+impl Body for Chunk {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let state = self.state.clone();
+        let mut source = state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if !source.leftover.is_empty() {
+                let take = source.leftover.len().min(self.remaining as usize);
+                let data = source.leftover.split_to(take);
+                self.remaining -= take as u64;
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            match Pin::new(&mut source.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        source.leftover = data;
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Some(Err(EndedEarly(self.remaining).into())));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +296,25 @@ mod tests {
         ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
             Poll::Pending
         }
+    }
+
+    #[tokio::test]
+    async fn chunks_split_a_stream_across_frame_boundaries() {
+        let frames = futures_util::stream::iter(
+            [&b"abcde"[..], b"fgh", b"ijklmnop"]
+                .map(|b| Ok::<_, BoxError>(Frame::data(Bytes::from_static(b)))),
+        );
+        let chunks = Chunks::new(boxed(http_body_util::StreamBody::new(frames)));
+        let mut got = Vec::new();
+        for len in [4, 4, 4, 4] {
+            got.push(chunks.next(len).collect().await.unwrap().to_bytes());
+        }
+        assert_eq!(got, ["abcd", "efgh", "ijkl", "mnop"]);
+        let short = chunks.next(1).collect().await.unwrap_err();
+        assert!(
+            short.to_string().contains("ended 1 bytes before"),
+            "{short}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

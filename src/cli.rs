@@ -52,6 +52,7 @@ impl AdminClient {
                 &ClientTls::default(),
                 Duration::from_secs(5),
                 Duration::from_secs(10),
+                Duration::from_secs(30),
             )
             .map_err(cli_err)?,
         })
@@ -355,6 +356,7 @@ pub async fn sync(
     target: Option<String>,
     dry_run: bool,
 ) -> Result<i32, CliError> {
+    crate::names::project(project).map_err(cli_err)?;
     if let Some(t) = &target
         && !config.targets.iter().any(|x| &x.endpoint.name == t)
     {
@@ -430,6 +432,9 @@ fn local_mirror(config: &Config, queue: Arc<Queue>) -> Result<Mirror, CliError> 
 /// `regtee diff [PROJECT...]`: exit 0 when every mirrored tag matches, 1 when any differs,
 /// 2 when something could not be compared.
 pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Result<i32, CliError> {
+    for project in &projects {
+        crate::names::project(project).map_err(cli_err)?;
+    }
     let upstream = RegistryClient::new(&config.upstream.endpoint).map_err(cli_err)?;
     let targets = Target::all(&config.targets).map_err(cli_err)?;
     let projects = if projects.is_empty() {

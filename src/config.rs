@@ -22,9 +22,12 @@ use crate::target::{TargetPolicy, TargetPolicyError};
 pub struct Secret(Arc<str>);
 
 impl Secret {
-    /// Wraps a secret value.
+    /// Wraps a secret value, and remembers it so that text from other servers that echoes it
+    /// is scrubbed ([`crate::redact`]).
     pub fn new(value: impl Into<Arc<str>>) -> Secret {
-        Secret(value.into())
+        let value = value.into();
+        crate::redact::remember(value.clone());
+        Secret(value)
     }
 
     /// The value itself, for the one place that must send it.
@@ -80,6 +83,9 @@ pub struct Endpoint {
     pub response_timeout: Duration,
     /// How long an idle pooled connection is kept; below the server's own limit.
     pub pool_idle_timeout: Duration,
+    /// A mirror transfer that moves no byte for this long (a blob from Harbor that stalls, a
+    /// registry that stops reading what regtee sends) is cut and retried.
+    pub idle_timeout: Duration,
 }
 
 /// The whole configuration, validated.
@@ -204,6 +210,8 @@ pub struct TargetConfig {
     pub max_attempts: u32,
     /// Upload blobs in chunks of this size (0: one request, unless the target asks for chunks).
     pub upload_chunk_size: u64,
+    /// The largest chunk a target may ask for (`OCI-Chunk-Min-Length`); more fails the job.
+    pub max_chunk_size: u64,
     /// Compare Harbor with this target this often, catching pushes that went around regtee.
     pub reconcile_interval: Option<Duration>,
 }
@@ -341,6 +349,8 @@ struct RawUpstream {
     response_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pool_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
     rewrite_token_realm: Option<bool>,
 }
 
@@ -418,7 +428,17 @@ struct RawTarget {
     connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     response_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    max_chunk_size: Option<u64>,
 }
+
+/// Default for `idle_timeout`: long enough for a busy registry, short enough that a stalled
+/// transfer does not hold a worker for long.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Default for `max_chunk_size`: the largest `OCI-Chunk-Min-Length` regtee accepts from a target.
+const DEFAULT_MAX_CHUNK_SIZE: u64 = 256 * 1024 * 1024;
 
 // ---- validation ----
 
@@ -604,6 +624,19 @@ impl Validator<'_> {
         })
     }
 
+    fn positive(
+        &self,
+        key: &str,
+        value: Option<Duration>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            Some(d) if d.is_zero() => Err(self.invalid(key, "must be more than zero")),
+            Some(d) => Ok(d),
+            None => Ok(default),
+        }
+    }
+
     fn origin(&self, key: &str, url: &str) -> Result<Origin, ConfigError> {
         Origin::parse(url).map_err(|e| self.invalid(key, e.to_string()))
     }
@@ -638,6 +671,11 @@ impl Validator<'_> {
                 connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(10)),
                 response_timeout: raw.response_timeout.unwrap_or(Duration::from_secs(600)),
                 pool_idle_timeout: raw.pool_idle_timeout.unwrap_or(Duration::from_secs(50)),
+                idle_timeout: self.positive(
+                    "upstream.idle_timeout",
+                    raw.idle_timeout,
+                    DEFAULT_IDLE_TIMEOUT,
+                )?,
             },
             rewrite_token_realm: raw.rewrite_token_realm.unwrap_or(true),
         })
@@ -741,6 +779,11 @@ impl Validator<'_> {
                 connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(10)),
                 response_timeout: raw.response_timeout.unwrap_or(Duration::from_secs(600)),
                 pool_idle_timeout: Duration::from_secs(50),
+                idle_timeout: self.positive(
+                    &key("idle_timeout"),
+                    raw.idle_timeout,
+                    DEFAULT_IDLE_TIMEOUT,
+                )?,
             },
             policy,
             overwrite: raw.overwrite.unwrap_or(true),
@@ -750,6 +793,7 @@ impl Validator<'_> {
             retry_max,
             max_attempts: raw.max_attempts.unwrap_or(0),
             upload_chunk_size: raw.upload_chunk_size.unwrap_or(0),
+            max_chunk_size: raw.max_chunk_size.unwrap_or(DEFAULT_MAX_CHUNK_SIZE),
             reconcile_interval: raw.reconcile_interval,
         })
     }

@@ -273,7 +273,7 @@ pub async fn push_image(
                 &digest,
                 Some(blob.len() as u64),
                 crate::body::full(blob.clone()),
-                0,
+                crate::registry_client::Chunking::WHOLE,
             )
             .await?;
     }
@@ -294,6 +294,7 @@ pub fn anonymous_client(name: &str, url: &str) -> Result<RegistryClient, DemoErr
         connect_timeout: Duration::from_secs(5),
         response_timeout: Duration::from_secs(60),
         pool_idle_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(120),
     })?)
 }
 

@@ -13,16 +13,19 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ProxyBody;
 use crate::config::ClientTls;
+use crate::stall::GuardedConnector;
 use crate::tls::{TlsError, client_config};
 
-/// A pooled client that speaks HTTP and HTTPS.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+/// A pooled client that speaks HTTP and HTTPS, its connections cut when the peer stops reading.
+pub type HttpClient = Client<GuardedConnector<HttpsConnector<HttpConnector>>, ProxyBody>;
 
-/// Builds a pooled client with the endpoint's TLS trust and timeouts.
+/// Builds a pooled client with the endpoint's TLS trust and timeouts; a write that pends for
+/// `write_stall` (the peer reads nothing) fails the request.
 pub fn build(
     tls: &ClientTls,
     connect_timeout: Duration,
     pool_idle_timeout: Duration,
+    write_stall: Duration,
 ) -> Result<HttpClient, TlsError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -34,11 +37,12 @@ pub fn build(
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
+    let guarded = GuardedConnector::new(https, write_stall);
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(pool_idle_timeout)
         .pool_max_idle_per_host(64)
-        .build(https))
+        .build(guarded))
 }
 
 /// Why a request got no response.

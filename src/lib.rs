@@ -41,9 +41,11 @@ pub mod names;
 pub mod origin;
 pub mod proxy;
 pub mod queue;
+pub mod redact;
 pub mod registry_client;
 pub mod route;
 pub mod server;
+pub mod stall;
 pub mod state_lock;
 pub mod target;
 pub mod tee;
@@ -150,6 +152,7 @@ impl Instance {
         let limits = ConnectionLimits {
             header_read_timeout: config.proxy.header_read_timeout,
             shutdown_grace: config.proxy.shutdown_grace,
+            write_stall: config.proxy.body_idle_timeout,
         };
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();

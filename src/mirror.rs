@@ -8,6 +8,7 @@
 //! down delays only its own jobs.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,8 +22,12 @@ use crate::config::TargetConfig;
 use crate::digest::{Digest, VerifyingBody};
 use crate::manifest::{self, Descriptor, OCI_INDEX, References};
 use crate::metrics::Metrics;
+use crate::names::{RepositoryName, Tag};
 use crate::queue::{Job, JobKind, Outcome, Queue, now_ms};
-use crate::registry_client::{ErrorKind, FetchedManifest, RegistryClient, RegistryError};
+use crate::throttle::Throttle;
+
+static UNRECORDED: Throttle = Throttle::new(Duration::from_secs(60));
+use crate::registry_client::{Chunking, ErrorKind, FetchedManifest, RegistryClient, RegistryError};
 
 /// How deep indexes may nest (index of index of ...); deeper is treated as malformed.
 const MAX_DEPTH: usize = 4;
@@ -36,6 +41,24 @@ pub struct Target {
     pub config: TargetConfig,
     /// Talks to it.
     pub client: RegistryClient,
+    /// Workers of this target running now (readiness: all of them should be).
+    workers_alive: AtomicUsize,
+}
+
+/// Counts a worker of a target as alive from its spawning until it ends, however it ends.
+struct Alive(Arc<Target>);
+
+impl Alive {
+    fn enter(target: Arc<Target>) -> Alive {
+        target.workers_alive.fetch_add(1, Ordering::Relaxed);
+        Alive(target)
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.workers_alive.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Target {
@@ -47,6 +70,7 @@ impl Target {
                 Ok(Arc::new(Target {
                     client: RegistryClient::new(&config.endpoint)?,
                     config: config.clone(),
+                    workers_alive: AtomicUsize::new(0),
                 }))
             })
             .collect()
@@ -55,6 +79,47 @@ impl Target {
     /// The target's name.
     pub fn name(&self) -> &str {
         &self.config.endpoint.name
+    }
+
+    /// `Some((alive, configured))` when fewer workers run than are configured.
+    pub fn workers_missing(&self) -> Option<(usize, usize)> {
+        let alive = self.workers_alive.load(Ordering::Relaxed);
+        (alive < self.config.concurrency).then_some((alive, self.config.concurrency))
+    }
+}
+
+/// A job's subject as the mirror uses it. The queue is a file: its names are checked again,
+/// as anything from outside is.
+struct Subject {
+    repository: RepositoryName,
+    tag: Option<Tag>,
+    digest: Option<Digest>,
+    mount_from: Option<RepositoryName>,
+}
+
+impl Subject {
+    fn of(job: &Job) -> Result<Subject, JobError> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            JobError::Invalid(format!(
+                "the queue holds a job regtee cannot use ({e}); nothing was copied"
+            ))
+        };
+        fn optional(v: &Option<String>) -> Option<&str> {
+            v.as_deref().filter(|s| !s.is_empty())
+        }
+        Ok(Subject {
+            repository: job.repository.parse().map_err(|e| invalid(&e))?,
+            tag: optional(&job.tag)
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| invalid(&e))?,
+            digest: optional(&job.digest)
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| invalid(&e))?,
+            // Only a hint: a bad one is dropped, not fatal.
+            mount_from: optional(&job.mount_from).and_then(|m| m.parse().ok()),
+        })
     }
 }
 
@@ -65,6 +130,8 @@ enum JobError {
     Registry(RegistryError),
     /// The content itself is wrong; retrying cannot help.
     Invalid(String),
+    /// regtee itself failed (a panic, caught).
+    Internal(String),
 }
 
 impl From<RegistryError> for JobError {
@@ -173,17 +240,14 @@ impl Mirror {
     ) {
         for target in &self.targets {
             for _ in 0..target.config.concurrency {
-                tasks.spawn(self.clone().work(target.clone(), cancel.clone(), grace));
+                let alive = Alive::enter(target.clone());
+                tasks.spawn(self.clone().work(alive, cancel.clone(), grace));
             }
         }
     }
 
-    async fn work(
-        self: Arc<Self>,
-        target: Arc<Target>,
-        cancel: CancellationToken,
-        grace: Duration,
-    ) {
+    async fn work(self: Arc<Self>, alive: Alive, cancel: CancellationToken, grace: Duration) {
+        let target = alive.0.clone();
         let waker = self.queue.waker(target.name());
         loop {
             let notified = waker.notified();
@@ -192,16 +256,26 @@ impl Mirror {
             notified.as_mut().enable();
             match self.queue.claim(target.name()).await {
                 Ok(Some(job)) => {
-                    let execution = self.execute(&target, &job);
+                    let execution = self.attempt(&target, &job);
                     tokio::pin!(execution);
-                    tokio::select! {
-                        () = &mut execution => continue,
-                        () = cancel.cancelled() => {}
+                    let outcome = tokio::select! {
+                        outcome = &mut execution => outcome,
+                        () = cancel.cancelled() => {
+                            match tokio::time::timeout(grace, execution).await {
+                                Ok(outcome) => outcome,
+                                Err(_) => Outcome::RetryAt {
+                                    at: now_ms(),
+                                    error: "interrupted by shutdown".into(),
+                                    class: "shutdown".into(),
+                                },
+                            }
+                        }
+                    };
+                    if !self.record(&target, &job, outcome, &cancel).await || cancel.is_cancelled()
+                    {
+                        return;
                     }
-                    if tokio::time::timeout(grace, execution).await.is_err() {
-                        self.release(&job).await;
-                    }
-                    return;
+                    continue;
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -224,26 +298,56 @@ impl Mirror {
         }
     }
 
-    /// Puts a job interrupted by shutdown back in line.
-    async fn release(&self, job: &Job) {
-        let outcome = Outcome::RetryAt {
-            at: now_ms(),
-            error: "interrupted by shutdown".into(),
-            class: "shutdown".into(),
-        };
-        if let Err(e) = self.queue.finish(job.id, outcome).await {
-            tracing::warn!(job = job.id, error = %e, "could not release job; it resumes at next start");
+    /// Records an attempt's outcome, retrying with backoff while the database refuses it (a
+    /// full disk): the job stays `running` meanwhile, this worker claims nothing new, and the
+    /// instance reports not ready. Returns false when shutdown came first (the job is then
+    /// resumed at the next start).
+    async fn record(
+        &self,
+        target: &Target,
+        job: &Job,
+        outcome: Outcome,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let Err(e) = self.queue.finish(job.id, outcome.clone()).await else {
+                return true;
+            };
+            if let Some(held_back) = UNRECORDED.allow() {
+                tracing::error!(
+                    target = target.name(),
+                    job = job.id,
+                    held_back,
+                    error = %e,
+                    "could not record a job's outcome: free space on (or repair) the state directory's disk; the job stays queued and its worker waits, retrying"
+                );
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
         }
     }
 
-    async fn execute(&self, target: &Target, job: &Job) {
-        let result = match job.kind {
-            JobKind::Blob => self.blob_job(target, job).await,
-            JobKind::Manifest => self.manifest_job(target, job).await,
-            JobKind::Delete => self.delete_job(target, job).await,
-        };
+    /// One attempt at a job, its outcome logged and counted. A panic inside ends the job as
+    /// failed instead of taking the worker (and the job with it) down.
+    async fn attempt(&self, target: &Target, job: &Job) -> Outcome {
+        use futures_util::FutureExt as _;
         let what = describe(job);
-        let outcome = match result {
+        let result = std::panic::AssertUnwindSafe(self.execute(target, job))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                Err(JobError::Internal(message))
+            });
+        match result {
             Ok(Success::Done {
                 target_digest,
                 note,
@@ -284,9 +388,15 @@ impl Mirror {
                 Outcome::Skipped { reason }
             }
             Err(error) => self.failure(target, job, &what, error),
-        };
-        if let Err(e) = self.queue.finish(job.id, outcome).await {
-            tracing::error!(job = job.id, error = %e, "could not record the job's outcome; it will run again after restart");
+        }
+    }
+
+    async fn execute(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
+        let subject = Subject::of(job)?;
+        match job.kind {
+            JobKind::Blob => self.blob_job(target, &subject).await,
+            JobKind::Manifest => self.manifest_job(target, &subject).await,
+            JobKind::Delete => self.delete_job(target, &subject).await,
         }
     }
 
@@ -302,6 +412,14 @@ impl Mirror {
                 },
             ),
             JobError::Invalid(m) => (false, "invalid".to_string(), m.clone(), None),
+            JobError::Internal(m) => (
+                false,
+                "internal".to_string(),
+                format!(
+                    "internal error: {m} (a bug in regtee: please report it with this job's details)"
+                ),
+                None,
+            ),
         };
         self.metrics.observe_failure(target.name(), &class);
         let cfg = &target.config;
@@ -328,7 +446,7 @@ impl Mirror {
                 job.attempts
             ),
             JobError::Registry(e) => hint(e, target, job),
-            JobError::Invalid(m) => m.clone(),
+            JobError::Invalid(_) | JobError::Internal(_) => message,
         };
         self.metrics
             .observe_outcome(target.name(), job.kind.as_str(), "failed");
@@ -343,20 +461,24 @@ impl Mirror {
 
     // ---- blobs ----
 
-    async fn blob_job(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
-        let digest = parse_digest(job.digest.as_deref())?;
-        let target_repo = target.config.policy.target_repository(&job.repository);
+    async fn blob_job(&self, target: &Target, job: &Subject) -> Result<Success, JobError> {
+        let digest = job
+            .digest
+            .as_ref()
+            .ok_or_else(|| JobError::Invalid("blob job without a digest".into()))?;
+        let policy = &target.config.policy;
+        let target_repo = policy.target_repository(job.repository.as_str());
         let mount_hint = job
             .mount_from
-            .as_deref()
-            .filter(|from| target.config.policy.wants_repository(from))
-            .map(|from| target.config.policy.target_repository(from));
+            .as_ref()
+            .filter(|from| policy.wants_repository(from.as_str()))
+            .map(|from| policy.target_repository(from.as_str()));
         let how = self
             .ensure_blob(
                 target,
-                &job.repository,
+                job.repository.as_str(),
                 &target_repo,
-                &digest,
+                digest,
                 mount_hint.as_deref(),
             )
             .await?;
@@ -419,7 +541,10 @@ impl Mirror {
                 digest,
                 size,
                 verified,
-                target.config.upload_chunk_size,
+                Chunking {
+                    size: target.config.upload_chunk_size,
+                    max: target.config.max_chunk_size,
+                },
             )
             .await?;
         self.metrics
@@ -443,40 +568,55 @@ impl Mirror {
 
     // ---- manifests ----
 
-    async fn manifest_job(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
-        let repo = &job.repository;
+    async fn manifest_job(&self, target: &Target, job: &Subject) -> Result<Success, JobError> {
+        let repo = job.repository.as_str();
         let target_repo = target.config.policy.target_repository(repo);
-        let reference = job
-            .digest
-            .clone()
-            .or_else(|| job.tag.clone())
-            .ok_or_else(|| JobError::Invalid("job names neither tag nor digest".into()))?;
+        let reference = match (&job.digest, &job.tag) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.to_string(),
+            (None, None) => {
+                return Err(JobError::Invalid("job names neither tag nor digest".into()));
+            }
+        };
         let Some(fetched) = self.upstream.get_manifest(repo, &reference).await? else {
             return Ok(Success::Skipped(format!(
                 "gone from Harbor: {repo}:{reference} was deleted after it was pushed"
             )));
         };
-        // Never move a tag backwards: if Harbor's tag now names another digest, a newer job
-        // carries it; this one stores its manifest by digest only.
-        let mut tag = job.tag.clone();
-        let mut note = String::new();
-        if let (Some(t), Some(_)) = (&tag, &job.digest) {
-            let current = self.upstream.manifest_head(repo, t).await?;
-            if current.as_ref().map(|h| &h.digest) != Some(&fetched.digest) {
-                note = format!("tag {t} has moved on in Harbor; stored by digest only");
-                tag = None;
-            }
-        }
-        let _tag_guard = match &tag {
-            Some(t) => Some(
-                self.tag_locks
-                    .lock(format!("{}\n{target_repo}\n{t}", target.name()))
-                    .await,
-            ),
-            None => None,
+        // Everything it references first: the long part, done without holding the tag.
+        let refs = self
+            .prepare_manifest(target, repo, &target_repo, &fetched, 0)
+            .await?;
+        let Some(tag) = &job.tag else {
+            let stored = self
+                .put_manifest(target, repo, &target_repo, None, &fetched, &refs, 0)
+                .await?;
+            return Ok(Success::Done {
+                target_digest: Some(stored.to_string()),
+                note: String::new(),
+            });
         };
-        if let Some(t) = &tag
-            && let Some(existing) = target.client.manifest_head(&target_repo, t).await?
+        // The tag is decided under its lock, right before it is written: a tag on the target
+        // only ever moves to what Harbor's tag names now. If Harbor's tag has moved on, a newer
+        // job carries it; this one stores its manifest by digest only.
+        let _tag_guard = self
+            .tag_locks
+            .lock(format!("{}\n{target_repo}\n{tag}", target.name()))
+            .await;
+        let current = self.upstream.manifest_head(repo, tag.as_str()).await?;
+        if current.as_ref().map(|h| &h.digest) != Some(&fetched.digest) {
+            let stored = self
+                .put_manifest(target, repo, &target_repo, None, &fetched, &refs, 0)
+                .await?;
+            return Ok(Success::Done {
+                target_digest: Some(stored.to_string()),
+                note: format!("tag {tag} has moved on in Harbor; stored by digest only"),
+            });
+        }
+        if let Some(existing) = target
+            .client
+            .manifest_head(&target_repo, tag.as_str())
+            .await?
         {
             if existing.digest == fetched.digest {
                 return Ok(Success::Done {
@@ -486,7 +626,7 @@ impl Mirror {
             }
             if !target.config.overwrite {
                 return Ok(Success::Skipped(format!(
-                    "exists: {target_repo}:{t} on {} is {}, Harbor has {} (overwrite = false)",
+                    "exists: {target_repo}:{tag} on {} is {}, Harbor has {} (overwrite = false)",
                     target.name(),
                     existing.digest,
                     fetched.digest
@@ -494,25 +634,47 @@ impl Mirror {
             }
         }
         let stored = self
-            .store_manifest(target, repo, &target_repo, tag.as_deref(), &fetched, 0)
+            .put_manifest(
+                target,
+                repo,
+                &target_repo,
+                Some(tag.as_str()),
+                &fetched,
+                &refs,
+                0,
+            )
             .await?;
         Ok(Success::Done {
             target_digest: Some(stored.to_string()),
-            note,
+            note: String::new(),
         })
     }
 
-    /// Ensures everything `fetched` references, stores it under `tag` (or its digest), checks
-    /// the digest, and maintains the referrers tag when the target needs it.
+    /// Ensures everything `fetched` references, stores it by digest, checks the digest.
     async fn store_manifest(
         &self,
         target: &Target,
         repo: &str,
         target_repo: &str,
-        tag: Option<&str>,
         fetched: &FetchedManifest,
         depth: usize,
     ) -> Result<Digest, JobError> {
+        let refs = self
+            .prepare_manifest(target, repo, target_repo, fetched, depth)
+            .await?;
+        self.put_manifest(target, repo, target_repo, None, fetched, &refs, depth)
+            .await
+    }
+
+    /// Reads what a manifest references and makes all of it exist on the target.
+    async fn prepare_manifest(
+        &self,
+        target: &Target,
+        repo: &str,
+        target_repo: &str,
+        fetched: &FetchedManifest,
+        depth: usize,
+    ) -> Result<References, JobError> {
         if depth > MAX_DEPTH {
             return Err(JobError::Invalid(format!(
                 "{repo}@{}: indexes nest deeper than {MAX_DEPTH} levels",
@@ -523,6 +685,22 @@ impl Mirror {
             .map_err(|e| JobError::Invalid(format!("{repo}@{} in Harbor: {e}", fetched.digest)))?;
         self.ensure_references(target, repo, target_repo, &refs, depth)
             .await?;
+        Ok(refs)
+    }
+
+    /// Stores the exact manifest bytes under `tag` (or its digest), checks the digest the
+    /// target reports, and maintains the referrers tag when the target needs it.
+    #[allow(clippy::too_many_arguments)]
+    async fn put_manifest(
+        &self,
+        target: &Target,
+        repo: &str,
+        target_repo: &str,
+        tag: Option<&str>,
+        fetched: &FetchedManifest,
+        refs: &References,
+        depth: usize,
+    ) -> Result<Digest, JobError> {
         let reference = tag
             .map(str::to_string)
             .unwrap_or_else(|| fetched.digest.to_string());
@@ -543,7 +721,7 @@ impl Mirror {
                     target = target.name(),
                     "target reports a missing blob; ensuring blobs again: {e}"
                 );
-                self.ensure_references(target, repo, target_repo, &refs, depth)
+                self.ensure_references(target, repo, target_repo, refs, depth)
                     .await?;
                 put(fetched.bytes.clone()).await?
             }
@@ -561,7 +739,7 @@ impl Mirror {
         if let Some(subject) = &refs.subject
             && !stored.has_referrers_api
         {
-            self.add_to_referrers_tag(target, target_repo, subject, fetched, &refs)
+            self.add_to_referrers_tag(target, target_repo, subject, fetched, refs)
                 .await?;
         }
         Ok(fetched.digest.clone())
@@ -635,7 +813,7 @@ impl Mirror {
                         "{repo} references {digest}, which Harbor does not have"
                     ))
                 })?;
-            self.store_manifest(target, repo, target_repo, None, &fetched, depth)
+            self.store_manifest(target, repo, target_repo, &fetched, depth)
                 .await
                 .map(|_| ())
         })
@@ -683,12 +861,16 @@ impl Mirror {
 
     // ---- deletes ----
 
-    async fn delete_job(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
-        let target_repo = target.config.policy.target_repository(&job.repository);
+    async fn delete_job(&self, target: &Target, job: &Subject) -> Result<Success, JobError> {
+        let target_repo = target
+            .config
+            .policy
+            .target_repository(job.repository.as_str());
         let reference = job
             .digest
-            .clone()
-            .or_else(|| job.tag.clone())
+            .as_ref()
+            .map(Digest::to_string)
+            .or_else(|| job.tag.as_ref().map(Tag::to_string))
             .ok_or_else(|| JobError::Invalid("delete names neither tag nor digest".into()))?;
         match target
             .client

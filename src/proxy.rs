@@ -111,7 +111,12 @@ impl Proxy {
         let e = &upstream.endpoint;
         Ok(Proxy {
             upstream: e.origin.clone(),
-            client: http_client::build(&e.tls, e.connect_timeout, e.pool_idle_timeout)?,
+            client: http_client::build(
+                &e.tls,
+                e.connect_timeout,
+                e.pool_idle_timeout,
+                proxy.body_idle_timeout,
+            )?,
             response_timeout: e.response_timeout,
             body_idle_timeout: proxy.body_idle_timeout,
             relay: upstream.rewrite_token_realm.then(RealmRelay::default),
@@ -127,6 +132,9 @@ impl Proxy {
         conn: Connection,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let (mut parts, incoming) = req.into_parts();
+        if parts.method == Method::OPTIONS && parts.uri.path() == "*" {
+            return Ok(options_asterisk());
+        }
         let route = Route::classify(parts.uri.path());
         let public = headers::public_origin(conn.scheme, &parts.uri, &parts.headers, conn.local);
         let log = Arc::new(RequestLog::new(&parts.method, &route, self.metrics.clone()));
@@ -199,6 +207,14 @@ impl Proxy {
 
     /// Where a request goes: Harbor, or a relayed token realm.
     fn destination(&self, route: &Route, uri: &Uri) -> Result<(Origin, Uri), OciError> {
+        if uri.path() == "*" {
+            // `OPTIONS *` asks about regtee itself (RFC 9110 §9.3.7); nothing to forward.
+            return Err(OciError::new(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED",
+                "`*` is a request target for OPTIONS only, which regtee answers itself",
+            ));
+        }
         if let Route::Invalid(invalid) = route {
             return Err(OciError::new(
                 StatusCode::BAD_REQUEST,
@@ -300,6 +316,19 @@ impl Proxy {
 }
 
 static UPGRADE_REDIRECT: Throttle = Throttle::new(Duration::from_secs(60));
+
+/// The answer to `OPTIONS *`: what regtee accepts, about itself (RFC 9110 §9.3.7).
+fn options_asterisk() -> Response<ProxyBody> {
+    let mut response = Response::new(body::empty());
+    response.headers_mut().insert(
+        http::header::ALLOW,
+        http::HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(0));
+    response
+}
 
 fn chain_has<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);

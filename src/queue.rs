@@ -228,6 +228,34 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The outcome with its texts scrubbed of anything secret-shaped: they quote other servers.
+    fn scrubbed(self) -> Outcome {
+        use crate::redact::scrub;
+        match self {
+            Outcome::Done {
+                target_digest,
+                note,
+            } => Outcome::Done {
+                target_digest,
+                note: scrub(&note),
+            },
+            Outcome::Skipped { reason } => Outcome::Skipped {
+                reason: scrub(&reason),
+            },
+            Outcome::Failed { reason, class } => Outcome::Failed {
+                reason: scrub(&reason),
+                class,
+            },
+            Outcome::RetryAt { at, error, class } => Outcome::RetryAt {
+                at,
+                error: scrub(&error),
+                class,
+            },
+        }
+    }
+}
+
 /// Filters for listing jobs.
 #[derive(Clone, Debug, Default)]
 pub struct JobFilter {
@@ -285,7 +313,18 @@ pub enum QueueError {
     },
     /// A blocking task panicked or was cancelled.
     #[error("job queue task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
+    /// The database file regtee opened is no longer the one at its path: deleted, or replaced
+    /// by another file. What regtee would write now would be lost at the next start.
+    #[error(
+        "job queue database {path} was {what} while regtee had it open: restore it, or restart regtee to start a new queue (jobs recorded since it vanished are lost)"
+    )]
+    FileGone {
+        /// The database file.
+        path: PathBuf,
+        /// `deleted` or `replaced`.
+        what: &'static str,
+    },
 }
 
 /// Milliseconds since the Unix epoch.
@@ -299,8 +338,18 @@ pub fn now_ms() -> i64 {
 /// The queue: a SQLite database behind a mutex, used from blocking threads.
 pub struct Queue {
     path: PathBuf,
+    /// The database file's identity when opened (device, inode), to notice it vanishing.
+    identity: (u64, u64),
     conn: Arc<Mutex<Connection>>,
     wakers: DashMap<String, Arc<Notify>>,
+    /// Set while an attempt's outcome could not be recorded; the instance is not ready then.
+    outcome_unrecorded: std::sync::atomic::AtomicBool,
+}
+
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 const SCHEMA: &str = r#"
@@ -336,7 +385,19 @@ CREATE TABLE IF NOT EXISTS attempts (
     detail      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job_id);
+CREATE TABLE IF NOT EXISTS health (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at INTEGER NOT NULL
+);
 "#;
+
+/// Columns added after the first release, with their definitions; added to older databases at
+/// open.
+const ADDED_COLUMNS: [(&str, &str); 1] = [
+    // Set when the same write arrives while the job runs: it runs again once it ends, so what it
+    // copies is never older than the last push.
+    ("rearm", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
      attempts, created_at, updated_at, next_attempt_at, finished_at, detail, error_class, target_digest";
@@ -386,11 +447,67 @@ impl Queue {
         )
         .map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
+        for (column, definition) in ADDED_COLUMNS {
+            let present: bool = conn
+                .query_row(
+                    "SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = ?1",
+                    params![column],
+                    |r| r.get(0),
+                )
+                .map_err(sql)?;
+            if !present {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE jobs ADD COLUMN {column} {definition}"
+                ))
+                .map_err(sql)?;
+            }
+        }
+        let identity = file_identity(&path).map_err(|source| QueueError::Dir {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Queue {
             path,
+            identity,
             conn: Arc::new(Mutex::new(conn)),
             wakers: DashMap::new(),
+            outcome_unrecorded: Default::default(),
         })
+    }
+
+    /// Fails when the database file at the path is not the one regtee opened.
+    fn check_file(&self) -> Result<(), QueueError> {
+        let what = match file_identity(&self.path) {
+            Ok(id) if id == self.identity => return Ok(()),
+            Ok(_) => "replaced",
+            Err(_) => "deleted",
+        };
+        Err(QueueError::FileGone {
+            path: self.path.clone(),
+            what,
+        })
+    }
+
+    /// Proves the queue can take a job now: the file is the one opened, and a write transaction
+    /// commits (a full disk or a damaged file fails it; a `SELECT` would not notice).
+    pub async fn health(&self) -> Result<(), QueueError> {
+        self.check_file()?;
+        let now = now_ms();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO health (id, checked_at) VALUES (1, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                params![now],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Whether an attempt's outcome is waiting to be recorded (the database refused it).
+    pub fn outcome_unrecorded(&self) -> bool {
+        self.outcome_unrecorded
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Puts jobs a dead process left `running` back to `pending`. Call once the state lock is held.
@@ -418,8 +535,7 @@ impl Queue {
             let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut guard).map_err(|source| QueueError::Sqlite { path, source })
         })
-        .await
-        .map_err(|e| QueueError::Task(e.to_string()))?
+        .await?
     }
 
     /// The notifier workers of `target` wait on.
@@ -436,8 +552,9 @@ impl Queue {
         waker.notify_one();
     }
 
-    /// Adds jobs in one transaction. A job identical to a pending or running one is merged into
-    /// it; one identical to a finished job re-arms that job. Returns how many were armed.
+    /// Adds jobs in one transaction. A job identical to a pending one is merged into it; one
+    /// identical to a running job marks it to run again when it ends; one identical to a
+    /// finished job re-arms that job. Returns how many were armed.
     ///
     /// Once called, the jobs are committed even if the caller's future is dropped (a client
     /// hanging up mid-push): the work runs to completion on a blocking thread, workers included.
@@ -445,12 +562,19 @@ impl Queue {
         if jobs.is_empty() {
             return Ok(0);
         }
+        self.check_file()?;
         let wakers: Vec<Arc<Notify>> = jobs.iter().map(|j| self.waker(&j.target)).collect();
         let now = now_ms();
         self.with(move |c| {
             let tx = c.transaction()?;
             let mut armed = 0;
             {
+                // A job running now may already have read what this write replaced: it runs
+                // again when it ends.
+                let mut rearm = tx.prepare_cached(
+                    "UPDATE jobs SET rearm = 1 WHERE target = ?1 AND kind = ?2 AND repository = ?3 \
+                     AND tag = ?4 AND digest = ?5 AND state = 'running'",
+                )?;
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
                                        state, created_at, updated_at, next_attempt_at) \
@@ -459,10 +583,18 @@ impl Queue {
                          state = 'pending', attempts = 0, origin = excluded.origin, \
                          mount_from = excluded.mount_from, created_at = excluded.created_at, \
                          updated_at = excluded.updated_at, next_attempt_at = excluded.next_attempt_at, \
-                         started_at = NULL, finished_at = NULL, detail = '', error_class = '' \
+                         started_at = NULL, finished_at = NULL, detail = '', error_class = '', \
+                         rearm = 0 \
                      WHERE jobs.state NOT IN ('pending', 'running')",
                 )?;
                 for job in &jobs {
+                    armed += rearm.execute(params![
+                        job.target,
+                        job.kind.as_str(),
+                        job.repository.as_str(),
+                        job.tag.as_ref().map_or("", Tag::as_str),
+                        job.digest.as_ref().map_or("", Digest::as_str),
+                    ])?;
                     armed += insert.execute(params![
                         job.target,
                         job.kind.as_str(),
@@ -520,63 +652,77 @@ impl Queue {
     }
 
     /// Records how an attempt ended.
+    ///
+    /// A job re-armed while it ran (the same write arrived again) goes back to pending at once.
+    /// While the database refuses outcomes, [`Queue::outcome_unrecorded`] says so.
     pub async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
         let now = now_ms();
-        self.with(move |c| {
-            let tx = c.transaction()?;
-            let started: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(started_at, updated_at) FROM jobs WHERE id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .unwrap_or(now);
-            let (result, detail) = match &outcome {
-                Outcome::Done {
-                    target_digest,
-                    note,
-                } => {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'done', finished_at = ?2, updated_at = ?2, \
+        let outcome = outcome.scrubbed();
+        let result = self
+            .with(move |c| {
+                let tx = c.transaction()?;
+                let started: i64 = tx
+                    .query_row(
+                        "SELECT COALESCE(started_at, updated_at) FROM jobs WHERE id = ?1",
+                        params![id],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(now);
+                let (result, detail) = match &outcome {
+                    Outcome::Done {
+                        target_digest,
+                        note,
+                    } => {
+                        tx.execute(
+                            "UPDATE jobs SET state = 'done', finished_at = ?2, updated_at = ?2, \
                          detail = ?3, error_class = '', target_digest = ?4 WHERE id = ?1",
-                        params![id, now, note, target_digest.as_deref().unwrap_or("")],
-                    )?;
-                    ("done", note.clone())
-                }
-                Outcome::Skipped { reason } => {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'skipped', finished_at = ?2, updated_at = ?2, \
+                            params![id, now, note, target_digest.as_deref().unwrap_or("")],
+                        )?;
+                        ("done", note.clone())
+                    }
+                    Outcome::Skipped { reason } => {
+                        tx.execute(
+                            "UPDATE jobs SET state = 'skipped', finished_at = ?2, updated_at = ?2, \
                          detail = ?3, error_class = '' WHERE id = ?1",
-                        params![id, now, reason],
-                    )?;
-                    ("skipped", reason.clone())
-                }
-                Outcome::Failed { reason, class } => {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'failed', finished_at = ?2, updated_at = ?2, \
+                            params![id, now, reason],
+                        )?;
+                        ("skipped", reason.clone())
+                    }
+                    Outcome::Failed { reason, class } => {
+                        tx.execute(
+                            "UPDATE jobs SET state = 'failed', finished_at = ?2, updated_at = ?2, \
                          detail = ?3, error_class = ?4 WHERE id = ?1",
-                        params![id, now, reason, class],
-                    )?;
-                    ("failed", reason.clone())
-                }
-                Outcome::RetryAt { at, error, class } => {
-                    tx.execute(
+                            params![id, now, reason, class],
+                        )?;
+                        ("failed", reason.clone())
+                    }
+                    Outcome::RetryAt { at, error, class } => {
+                        tx.execute(
                         "UPDATE jobs SET state = 'pending', next_attempt_at = ?2, updated_at = ?3, \
                          detail = ?4, error_class = ?5 WHERE id = ?1",
                         params![id, at, now, error, class],
                     )?;
-                    ("retry", error.clone())
-                }
-            };
-            tx.execute(
-                "INSERT INTO attempts (job_id, started_at, finished_at, result, detail) \
+                        ("retry", error.clone())
+                    }
+                };
+                tx.execute(
+                    "INSERT INTO attempts (job_id, started_at, finished_at, result, detail) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, started, now, result, detail],
+                    params![id, started, now, result, detail],
+                )?;
+                tx.execute(
+                "UPDATE jobs SET state = 'pending', rearm = 0, attempts = 0, next_attempt_at = ?2, \
+                     started_at = NULL, finished_at = NULL \
+                 WHERE id = ?1 AND rearm = 1",
+                params![id, now],
             )?;
-            tx.commit()
-        })
-        .await
+                tx.commit()
+            })
+            .await;
+        self.outcome_unrecorded
+            .store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        result
     }
 
     /// One job.
@@ -756,11 +902,6 @@ impl Queue {
         })
         .await
     }
-
-    /// A cheap query proving the database answers (for `/readyz`).
-    pub async fn ping(&self) -> Result<(), QueueError> {
-        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
-    }
 }
 
 /// Purges finished jobs older than `retention` once an hour (and shortly after start).
@@ -822,18 +963,19 @@ mod tests {
         assert_eq!(claimed.state, JobState::Running);
         assert_eq!(claimed.attempts, 1);
         assert!(q.claim("a").await.unwrap().is_none());
-        // A duplicate of a running job is merged, not duplicated.
-        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 0);
-
-        q.finish(
-            claimed.id,
-            Outcome::Done {
-                target_digest: Some(digest("d1").to_string()),
-                note: String::new(),
-            },
-        )
-        .await
-        .unwrap();
+        // A duplicate of a running job is merged into it, and re-arms it: the attempt under way
+        // may have read Harbor before this push.
+        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
+        let done = || Outcome::Done {
+            target_digest: Some(digest("d1").to_string()),
+            note: String::new(),
+        };
+        q.finish(claimed.id, done()).await.unwrap();
+        let rearmed = q.get(claimed.id).await.unwrap().unwrap();
+        assert_eq!((rearmed.state, rearmed.attempts), (JobState::Pending, 0));
+        assert_eq!(q.attempts(claimed.id).await.unwrap()[0].result, "done");
+        let claimed = q.claim("a").await.unwrap().unwrap();
+        q.finish(claimed.id, done()).await.unwrap();
         assert_eq!(
             q.get(claimed.id).await.unwrap().unwrap().state,
             JobState::Done

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::ProxyBody;
 use crate::origin::Scheme;
 use crate::proxy::Connection;
+use crate::stall::WriteStall;
 use crate::throttle::Throttle;
 
 /// Limits that apply to every connection of a listener.
@@ -32,6 +33,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may continue after shutdown begins.
     pub shutdown_grace: Duration,
+    /// How long a write to the client may stay pending (it reads nothing) before the connection
+    /// is cut.
+    pub write_stall: Duration,
 }
 
 /// Serves `listener` until `cancel` fires, then drains.
@@ -83,7 +87,7 @@ pub async fn serve<S, F>(
                 // Registry clients speak HTTP/1.1 in the clear. The first bytes are looked at
                 // as they pass (no extra read, no wait) to tell a client that tried TLS here.
                 None => {
-                    let io = FirstRead::new(stream, None, Some(peer));
+                    let io = Watched::new(stream, limits.write_stall, None, Some(peer));
                     serve_connection(io, svc, limits, false, watcher).await
                 }
                 Some(acceptor) => {
@@ -98,7 +102,7 @@ pub async fn serve<S, F>(
                             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
                             // HTTP/2 has no request-head timeout: bound the wait for the preface.
                             let limit = h2.then_some(limits.header_read_timeout);
-                            let io = FirstRead::new(tls_stream, limit, None);
+                            let io = Watched::new(tls_stream, limits.write_stall, limit, None);
                             serve_connection(io, svc, limits, h2, watcher).await
                         }
                         Ok(Err(e)) => handshake_failed(peer, &e),
@@ -156,27 +160,35 @@ async fn serve_connection<IO, S>(
     }
 }
 
-/// Watches the first read of a connection: fails it if the peer sends nothing at all within the
-/// deadline (HTTP/2, where a silent client would otherwise hold a connection forever), and
-/// recognises a TLS ClientHello on the plain listener. Afterwards a plain pass-through.
-struct FirstRead<IO> {
+/// Watches a client connection. Its first read: fails if the peer sends nothing at all within
+/// the deadline (HTTP/2, where a silent client would otherwise hold a connection forever), and
+/// recognises a TLS ClientHello on the plain listener. Its writes: cut when the client stops
+/// reading ([`WriteStall`]). Otherwise a plain pass-through.
+struct Watched<IO> {
     io: IO,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Set on the plain listener: the peer, to name in the warning.
     sniff_tls_from: Option<SocketAddr>,
+    stall: WriteStall,
 }
 
-impl<IO> FirstRead<IO> {
-    fn new(io: IO, limit: Option<Duration>, sniff_tls_from: Option<SocketAddr>) -> Self {
-        FirstRead {
+impl<IO> Watched<IO> {
+    fn new(
+        io: IO,
+        write_stall: Duration,
+        first_read: Option<Duration>,
+        sniff_tls_from: Option<SocketAddr>,
+    ) -> Self {
+        Watched {
             io,
-            deadline: limit.map(|l| Box::pin(tokio::time::sleep(l))),
+            deadline: first_read.map(|l| Box::pin(tokio::time::sleep(l))),
             sniff_tls_from,
+            stall: WriteStall::new(write_stall),
         }
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for FirstRead<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -300,20 +312,24 @@ fn handshake_failed(peer: SocketAddr, error: &std::io::Error) {
     tracing::warn!(%peer, held_back, reason = %error, "TLS handshake failed: {hint}");
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstRead<IO> {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
+        this.stall.watch(cx, polled)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.io).poll_flush(cx);
+        this.stall.watch(cx, polled)
     }
 
     fn poll_shutdown(
@@ -328,7 +344,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstRead<IO> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.stall.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -1,10 +1,11 @@
 //! One regtee per state directory.
 //!
 //! Two servers sharing a queue would each resume the other's running jobs at start-up; an
-//! advisory lock on `regtee.lock` makes the second one refuse to start, and tells the CLI
-//! whether a server is running.
+//! advisory lock on the state directory itself makes the second one refuse to start, and tells
+//! the CLI whether a server is running. The directory, not a file in it: a lock file can be
+//! deleted while held, and the next server would lock a new one.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 
 /// Held while a server owns the state directory; released on drop or process exit.
@@ -21,10 +22,10 @@ pub enum LockError {
         "another regtee is already using state directory {0}: stop it, or give this one its own [state] dir"
     )]
     Held(PathBuf),
-    /// The lock file cannot be opened.
-    #[error("cannot open lock file {path}: {source}")]
+    /// The state directory cannot be created, opened or locked.
+    #[error("cannot lock state directory {path}: {source}")]
     Io {
-        /// The lock file.
+        /// The directory.
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
@@ -32,21 +33,13 @@ pub enum LockError {
 }
 
 fn lock_file(dir: &Path) -> Result<(File, PathBuf), LockError> {
-    std::fs::create_dir_all(dir).map_err(|source| LockError::Io {
+    let io = |source| LockError::Io {
         path: dir.to_path_buf(),
         source,
-    })?;
-    let path = dir.join("regtee.lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| LockError::Io {
-            path: path.clone(),
-            source,
-        })?;
-    Ok((file, path))
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file = File::open(dir).map_err(io)?;
+    Ok((file, dir.to_path_buf()))
 }
 
 impl StateLock {
@@ -78,6 +71,9 @@ mod tests {
             StateLock::acquire(dir.path()),
             Err(LockError::Held(_))
         ));
+        assert!(StateLock::is_held(dir.path()));
+        // Whatever files are removed from the directory, it stays locked.
+        let _ = std::fs::remove_file(dir.path().join("regtee.lock"));
         assert!(StateLock::is_held(dir.path()));
         drop(first);
         assert!(!StateLock::is_held(dir.path()));

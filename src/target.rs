@@ -32,7 +32,7 @@ pub enum TargetPolicyError {
     },
     /// A mapping whose key or value is not a repository path.
     #[error(
-        "`{0}` = `{1}`: both sides must be non-empty repository paths (lowercase, no leading or trailing `/`)"
+        "`{0}` = `{1}`: the project must be one name component and the namespace a repository path, as the distribution spec spells them (lower case, no leading, trailing or double `/`)"
     )]
     Namespace(String, String),
 }
@@ -57,16 +57,6 @@ fn glob_set(field: &'static str, patterns: &[String]) -> Result<GlobSet, TargetP
     })
 }
 
-fn is_repository_path(s: &str) -> bool {
-    !s.is_empty()
-        && s.split('/').all(|part| {
-            !part.is_empty()
-                && part.chars().all(|c| {
-                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
-                })
-        })
-}
-
 impl TargetPolicy {
     /// Builds a policy; `namespaces` maps a Harbor project to a target namespace.
     pub fn new(
@@ -75,10 +65,11 @@ impl TargetPolicy {
         exclude: &[String],
         tags: &[String],
     ) -> Result<TargetPolicy, TargetPolicyError> {
-        if let Some((k, v)) = namespaces
-            .iter()
-            .find(|(k, v)| !is_repository_path(k) || k.contains('/') || !is_repository_path(v))
-        {
+        // A project is one component of a name, a namespace one or more (the spec's grammar).
+        let valid = |k: &str, v: &str| {
+            crate::names::project(k).is_ok() && v.parse::<crate::names::RepositoryName>().is_ok()
+        };
+        if let Some((k, v)) = namespaces.iter().find(|(k, v)| !valid(k, v)) {
             return Err(TargetPolicyError::Namespace(k.clone(), v.clone()));
         }
         Ok(TargetPolicy {
@@ -183,7 +174,15 @@ mod tests {
     #[test]
     fn bad_rules_are_refused() {
         assert!(TargetPolicy::new(BTreeMap::new(), &["a/[".to_string()], &[], &[]).is_err());
-        let bad = BTreeMap::from([("Library".to_string(), "x".to_string())]);
-        assert!(TargetPolicy::new(bad, &[], &[], &[]).is_err());
+        for (k, v) in [
+            ("Library", "x"),
+            ("a/b", "x"),
+            ("a", "x//y"),
+            ("a", "-x"),
+            ("a", ""),
+        ] {
+            let bad = BTreeMap::from([(k.to_string(), v.to_string())]);
+            assert!(TargetPolicy::new(bad, &[], &[], &[]).is_err(), "{k} = {v}");
+        }
     }
 }

@@ -37,15 +37,7 @@ async fn both_listeners(harbor: &AuthRegistry, cloud: &AuthRegistry, work: &Path
 
 /// A raw request with a bearer token; returns the status and the `Location` header.
 async fn raw(url: &str, method: &str, token: &str, ca: Option<&Path>) -> (u16, Option<String>) {
-    let client = regtee::http_client::build(
-        &regtee::config::ClientTls {
-            ca_file: ca.map(Path::to_path_buf),
-            insecure_skip_verify: false,
-        },
-        Duration::from_secs(5),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let client = raw_http_client(ca, false);
     let request = http::Request::builder()
         .method(method)
         .uri(url)
@@ -182,7 +174,10 @@ async fn every_push_works_through_both_listeners_in_front_of_https_and_http_harb
                     &chunked,
                     Some(bytes.len() as u64),
                     regtee::body::full(bytes.clone()),
-                    256 * 1024,
+                    regtee::registry_client::Chunking {
+                        size: 256 * 1024,
+                        ..regtee::registry_client::Chunking::WHOLE
+                    },
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{case}: chunked upload: {e}"));

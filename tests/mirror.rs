@@ -128,7 +128,7 @@ async fn blobs_are_copied_as_soon_as_their_upload_completes() {
             &digest,
             Some(blob.len() as u64),
             regtee::body::full(blob),
-            0,
+            regtee::registry_client::Chunking::WHOLE,
         )
         .await
         .unwrap();

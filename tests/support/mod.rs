@@ -130,15 +130,7 @@ impl AuthRegistry {
 
     /// An HTTP(S) client for raw requests, trusting this registry's CA.
     pub fn raw_client(&self) -> regtee::http_client::HttpClient {
-        regtee::http_client::build(
-            &ClientTls {
-                ca_file: self.ca_file().map(Path::to_path_buf),
-                insecure_skip_verify: false,
-            },
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-        )
-        .unwrap()
+        raw_http_client(self.ca_file(), false)
     }
 
     /// A client with the given credentials, talking to the registry directly.
@@ -162,6 +154,7 @@ pub fn client_for(url: &str, creds: Option<(&str, &str)>) -> RegistryClient {
         connect_timeout: Duration::from_secs(5),
         response_timeout: Duration::from_secs(60),
         pool_idle_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(120),
     })
     .unwrap()
 }
@@ -643,6 +636,23 @@ pub async fn admin_get(regtee: &Regtee, path: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// A pooled HTTP(S) client for raw requests: trusting `ca`, or any certificate.
+pub fn raw_http_client(
+    ca: Option<&Path>,
+    any_certificate: bool,
+) -> regtee::http_client::HttpClient {
+    regtee::http_client::build(
+        &ClientTls {
+            ca_file: ca.map(Path::to_path_buf),
+            insecure_skip_verify: any_certificate,
+        },
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    )
+    .unwrap()
+}
+
 /// A plain HTTP request; returns status and body text.
 pub async fn http_request(
     url: &str,
@@ -650,15 +660,7 @@ pub async fn http_request(
     body: Option<Vec<u8>>,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
-    let client = regtee::http_client::build(
-        &ClientTls {
-            ca_file: None,
-            insecure_skip_verify: true,
-        },
-        Duration::from_secs(5),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let client = raw_http_client(None, true);
     let mut req = http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);

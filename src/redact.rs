@@ -1,0 +1,168 @@
+//! Secrets out of text that came from elsewhere, before it is stored, logged or shown.
+//!
+//! regtee never prints a secret of its own ([`crate::config::Secret`] shows `<redacted>`), but
+//! error bodies from Harbor or a target are other servers' words, and some echo the request's
+//! `Authorization` back. Every such text passes through [`scrub`]: every secret regtee knows
+//! (configured passwords and tokens, derived logins, the Basic credentials built from them),
+//! anything after `Bearer`/`Basic`, JWT-shaped strings and long opaque tokens are replaced, and
+//! the text is bounded in length.
+
+use std::sync::{Arc, OnceLock, RwLock};
+
+/// What replaces a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// Longest text kept, in characters.
+const MAX_CHARS: usize = 1000;
+
+/// Opaque tokens at least this long are redacted (lower-case names and digests excepted).
+const LONG_TOKEN: usize = 40;
+
+/// Secrets known at most; older ones are forgotten first (a bound, not an expected size).
+const MAX_KNOWN: usize = 1024;
+
+fn known() -> &'static RwLock<Vec<Arc<str>>> {
+    static KNOWN: OnceLock<RwLock<Vec<Arc<str>>>> = OnceLock::new();
+    KNOWN.get_or_init(|| RwLock::new(Vec::new()))
+}
+
+/// Remembers a secret so that [`scrub`] removes it wherever it appears.
+pub fn remember(secret: Arc<str>) {
+    if secret.len() < 3 {
+        return;
+    }
+    let mut known = known().write().unwrap_or_else(|p| p.into_inner());
+    if known.iter().any(|k| **k == *secret) {
+        return;
+    }
+    if known.len() >= MAX_KNOWN {
+        known.remove(0);
+    }
+    known.push(secret);
+}
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '_' | '.' | '-' | '~')
+}
+
+/// Whether `word` is a secret; `next` is the character after it.
+fn looks_secret(word: &str, after_scheme: bool, next: Option<char>) -> bool {
+    // `Basic realm="..."` is a challenge, not a credential.
+    let auth_param = word
+        .strip_suffix('=')
+        .is_some_and(|name| !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase()))
+        && next == Some('"');
+    if after_scheme {
+        return !auth_param;
+    }
+    let jwt = word.starts_with("eyJ") && word.contains('.');
+    // Base64 and random tokens mix cases and digits; names, paths and digests are lower case.
+    let mixed = word.bytes().any(|b| b.is_ascii_uppercase())
+        && word
+            .bytes()
+            .any(|b| b.is_ascii_digit() || matches!(b, b'+' | b'/' | b'='));
+    jwt || (word.len() >= LONG_TOKEN && mixed)
+}
+
+/// `text` with every secret replaced by `<redacted>` and cut to a bounded length.
+pub fn scrub(text: &str) -> String {
+    let mut text: String = text.chars().take(MAX_CHARS * 2).collect();
+    for secret in known().read().unwrap_or_else(|p| p.into_inner()).iter() {
+        if text.contains(&**secret) {
+            text = text.replace(&**secret, REDACTED);
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut after_scheme = false;
+    let mut rest = text.as_str();
+    while !rest.is_empty() {
+        let end = rest.find(|c| !is_token_char(c)).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(end);
+        if !word.is_empty() {
+            if looks_secret(word, after_scheme, tail.chars().next()) {
+                out.push_str(REDACTED);
+            } else {
+                out.push_str(word);
+            }
+            after_scheme =
+                word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic");
+        }
+        let Some(separator) = tail.chars().next() else {
+            break;
+        };
+        // A scheme covers the one credential after it, across blanks (and a quote or `=`).
+        if !(separator.is_whitespace() || matches!(separator, '"' | '\'' | ':')) {
+            after_scheme = false;
+        }
+        out.push(separator);
+        rest = &tail[separator.len_utf8()..];
+    }
+    if out.chars().count() > MAX_CHARS {
+        out = out.chars().take(MAX_CHARS).collect();
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_credentials_are_removed() {
+        let cases = [
+            (
+                r#"{"errors":[{"code":"DENIED","message":"bad header Authorization: Basic dGNyLXN5bmM6czNjcmV0"}]}"#,
+                "dGNyLXN5bmM6czNjcmV0",
+            ),
+            (
+                "authorization=bearer eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln rejected",
+                "eyJhbGciOiJFUzI1NiJ9",
+            ),
+            (
+                "token eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln expired",
+                "eyJhbGciOiJFUzI1NiJ9",
+            ),
+            (
+                "session AKIAIOSFODNN7EXAMPLEwJalrXUtnFEMIK7MDENGbPxRfiCY invalid",
+                "AKIAIOSFODNN7EXAMPLE",
+            ),
+        ];
+        for (text, secret) in cases {
+            let clean = scrub(text);
+            assert!(!clean.contains(secret), "{clean}");
+            assert!(clean.contains(REDACTED), "{clean}");
+        }
+    }
+
+    #[test]
+    fn known_secrets_are_removed_wherever_they_are() {
+        remember(Arc::from("hunter2-secret"));
+        let clean = scrub("login failed for password=hunter2-secret; try again");
+        assert_eq!(clean, "login failed for password=<redacted>; try again");
+    }
+
+    #[test]
+    fn useful_text_is_kept() {
+        let digest = format!("sha256:{}", "ab12".repeat(16));
+        let text = format!(
+            "404 MANIFEST_UNKNOWN: manifest unknown: library/app@{digest} (upload 5f1c0c3e-6b7a-4b8e-9a57-1a2b3c4d5e6f)"
+        );
+        assert_eq!(scrub(&text), text);
+        let long_name =
+            "exists: prod-lib/a-very-long-repository-name-for-the-backend-service:v1.2.3";
+        assert_eq!(scrub(long_name), long_name);
+        // The word after a scheme, not the rest of the sentence.
+        assert_eq!(
+            scrub("Basic realm=\"harbor\", then more"),
+            "Basic realm=\"harbor\", then more"
+        );
+        assert_eq!(scrub("Basic dXNlcjpwYXNz"), "Basic <redacted>");
+    }
+
+    #[test]
+    fn text_is_bounded() {
+        let long = "word ".repeat(1000);
+        assert!(scrub(&long).chars().count() <= MAX_CHARS + 1);
+    }
+}
