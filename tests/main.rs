@@ -5,6 +5,7 @@ mod support;
 
 mod docker;
 mod harbor;
+mod hostile;
 mod mirror;
 mod operations;
 mod proxy;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod fault;
 pub mod harbor;
 pub mod issuer;
 pub mod layout;

@@ -1,0 +1,253 @@
+//! A fault front: a small HTTP proxy in front of a real registry that misbehaves on purpose,
+//! one way at a time, as deployed registries and networks do. The registry behind stays real:
+//! what reaches it is stored, and tests check it by digest.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use regtee::body::{BoxError, ProxyBody};
+
+/// How the front misbehaves.
+#[derive(Clone, Debug, Default)]
+pub enum Fault {
+    /// Forward everything unchanged.
+    #[default]
+    None,
+    /// Stop reading a request body (PUT/PATCH of an upload) after this many bytes, and never
+    /// answer: a registry that accepted the connection and hung.
+    StallUploads { after: u64 },
+    /// Pass this many bytes of a blob download, then send nothing more.
+    StallDownloads { after: u64 },
+    /// Answer writes (PUT, PATCH, POST) with a 500 whose message echoes the request's
+    /// `Authorization`, as some registries' debug error pages do.
+    EchoAuthorization,
+    /// Add `OCI-Chunk-Min-Length` to every answer that opens an upload session.
+    ChunkMinLength(u64),
+    /// Hold requests whose path and query contain this text until [`FaultFront::release`].
+    Hold(String),
+}
+
+struct State {
+    upstream: String,
+    fault: Mutex<Fault>,
+    released: tokio::sync::Notify,
+    requests: AtomicU64,
+    client: regtee::http_client::HttpClient,
+}
+
+/// The front, on a free loopback port; stopped on drop.
+pub struct FaultFront {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultFront {
+    /// A front for the registry at `upstream` (`http://host:port`).
+    pub async fn start(upstream: &str) -> FaultFront {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            fault: Mutex::new(Fault::None),
+            released: tokio::sync::Notify::new(),
+            requests: AtomicU64::new(0),
+            client: super::raw_http_client(None, true),
+        });
+        let serving = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = serving.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(state.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FaultFront { addr, state, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, fault: Fault) {
+        *self.state.fault.lock().unwrap() = fault;
+    }
+
+    /// Lets held requests go on (and future ones: the fault is cleared).
+    pub fn release(&self) {
+        self.set(Fault::None);
+        self.state.released.notify_waiters();
+    }
+
+    /// Requests seen so far.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+}
+
+fn is_upload(req: &Request<Incoming>) -> bool {
+    req.uri().path().contains("/blobs/uploads/")
+}
+
+fn answer(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(regtee::body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+impl State {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let fault = self.fault.lock().unwrap().clone();
+        let method = req.method().clone();
+        let writes = matches!(
+            method,
+            http::Method::PUT | http::Method::PATCH | http::Method::POST
+        );
+        match &fault {
+            Fault::StallUploads { after }
+                if is_upload(&req) && matches!(method, http::Method::PUT | http::Method::PATCH) =>
+            {
+                let mut body = req.into_body();
+                let mut seen = 0u64;
+                while seen < *after {
+                    match body.frame().await {
+                        Some(Ok(f)) => seen += f.data_ref().map_or(0, |d| d.len() as u64),
+                        _ => break,
+                    }
+                }
+                // Hold the body unread, and never answer.
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            Fault::EchoAuthorization if writes => {
+                let auth = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                return answer(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({"errors": [{"code": "UNKNOWN", "message": format!("internal error handling request with Authorization: {auth}")}]}).to_string(),
+                );
+            }
+            Fault::Hold(needle) => {
+                let target = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default();
+                if target.contains(needle.as_str()) {
+                    let released = self.released.notified();
+                    tokio::pin!(released);
+                    released.as_mut().enable();
+                    if matches!(&*self.fault.lock().unwrap(), Fault::Hold(_)) {
+                        released.await;
+                    }
+                }
+            }
+            _ => {}
+        }
+        let response = match self.forward(req).await {
+            Ok(r) => r,
+            Err(e) => return answer(StatusCode::BAD_GATEWAY, format!("fault front: {e}")),
+        };
+        let (mut parts, body) = response.into_parts();
+        match fault {
+            Fault::ChunkMinLength(n) if parts.status == StatusCode::ACCEPTED => {
+                if parts.headers.contains_key("docker-upload-uuid") && method == http::Method::POST
+                {
+                    parts
+                        .headers
+                        .insert("oci-chunk-min-length", n.to_string().parse().unwrap());
+                }
+                Response::from_parts(parts, regtee::body::boxed(body))
+            }
+            Fault::StallDownloads { after }
+                if method == http::Method::GET && parts.status == StatusCode::OK =>
+            {
+                Response::from_parts(parts, regtee::body::boxed(StallAfter::new(body, after)))
+            }
+            _ => Response::from_parts(parts, regtee::body::boxed(body)),
+        }
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = format!("{}{path}", self.upstream).parse()?;
+        let request = Request::from_parts(parts, regtee::body::boxed(body));
+        Ok(self.client.request(request).await?)
+    }
+}
+
+/// A body that passes `after` bytes, then stays pending forever.
+struct StallAfter<B> {
+    inner: B,
+    left: u64,
+}
+
+impl<B> StallAfter<B> {
+    fn new(inner: B, after: u64) -> Self {
+        StallAfter { inner, left: after }
+    }
+}
+
+impl<B> http_body::Body for StallAfter<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Pending;
+        }
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(mut data) => {
+                    let take = data.len().min(self.left as usize);
+                    self.left -= take as u64;
+                    std::task::Poll::Ready(Some(Ok(Frame::data(data.split_to(take)))))
+                }
+                Err(frame) => std::task::Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        }
+    }
+}
