@@ -207,4 +207,28 @@ mod tests {
         assert_eq!(t.token(), Some("t"));
         assert_eq!(t.lifetime(), Duration::from_secs(300));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(crate::arbitrary::CASES))]
+
+            /// A challenge that parses survives its own rendering.
+            #[test]
+            fn challenges_round_trip_or_are_refused(value in "[A-Za-z]{0,7}( [a-z]{1,6}=(\"[^\"\\\\]{0,12}\"|[a-z0-9]{0,6}),?){0,4}") {
+                if let Some(c) = Challenge::parse(&value) {
+                    let again = Challenge::parse(&c.to_header_value());
+                    prop_assert_eq!(again, Some(c));
+                }
+            }
+
+            #[test]
+            fn any_text_parses_without_panicking(value in any::<String>()) {
+                let _ = Challenge::parse(&value);
+                let _ = serde_json::from_str::<TokenResponse>(&value);
+            }
+        }
+    }
 }

@@ -939,4 +939,17 @@ mod tests {
         let creds = c.targets[0].endpoint.credentials.as_ref().unwrap();
         assert_eq!(creds.username, "cn-north-4@AK");
     }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let env = |name: &str| Some(format!("value-of-{name}"));
+        let c = Config::parse(
+            include_str!("../regtee.example.toml"),
+            Path::new("/etc/regtee/regtee.toml"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.targets[0].max_chunk_size, DEFAULT_MAX_CHUNK_SIZE);
+        assert_eq!(c.upstream.endpoint.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    }
 }

@@ -338,4 +338,21 @@ mod tests {
         let short = VerifyingBody::new(Full::new(data.clone()), Digest::sha256_of(&data), Some(99));
         assert!(short.collect().await.is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(crate::arbitrary::CASES))]
+
+            #[test]
+            fn parsed_digests_are_safe_and_round_trip(text in "(sha256|sha512|md5|)[:]?[0-9a-fA-F]{0,130}|.{0,20}") {
+                if let Ok(d) = text.parse::<Digest>() {
+                    prop_assert_eq!(d.as_str(), text.as_str());
+                    prop_assert!(d.hex().bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+                }
+            }
+        }
+    }
 }

@@ -534,4 +534,43 @@ mod tests {
         let o = public_origin(Scheme::Https, &"/v2/".parse().unwrap(), &bad, v6);
         assert_eq!(o.to_string(), "https://[::1]:5443");
     }
+
+    mod properties {
+        use super::*;
+        use crate::arbitrary::{CASES, path_text};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            /// Whatever an upstream puts in Location, Link or a challenge, rewriting does not
+            /// panic, and a rewritten URL points at the client's origin.
+            #[test]
+            fn rewriting_never_panics_and_only_points_at_the_client(
+                tail in path_text(),
+                scheme in prop_oneof![Just("http"), Just("https"), Just("ftp"), Just("")],
+                host in prop_oneof![Just("harbor.internal"), Just("regtee:5000"), Just("[::1]:5443"), Just("elsewhere")],
+                junk in any::<String>(),
+            ) {
+                let upstream = Origin::parse("https://harbor.internal").unwrap();
+                let public = Origin::parse("http://regtee:5000").unwrap();
+                let rebase = Rebase { upstream: &upstream, public: &public };
+                let url = format!("{scheme}://{host}/{tail}");
+                if let Some(new) = rebase.url(&url) {
+                    prop_assert!(new.starts_with("http://regtee:5000/"));
+                }
+                let _ = rebase.link(&format!("<{url}>; rel=\"next\", <{junk}>"));
+                let _ = rebase.url(&junk);
+                let mut h = HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_str(&format!("Bearer realm=\"{url}\",service=\"{tail}\"")) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&url) {
+                    h.insert(header::LOCATION, v);
+                }
+                let relay = |_: &str| Some("/_regtee/token/x".to_string());
+                rewrite_response(&mut h, &rebase, RealmRewrite::Relay(&relay));
+            }
+        }
+    }
 }

@@ -22,6 +22,8 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+#[cfg(test)]
+mod arbitrary;
 pub mod auth;
 pub mod backfill;
 pub mod body;

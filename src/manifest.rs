@@ -310,4 +310,38 @@ mod tests {
         assert!(index_lists(&again, &d('b')));
         assert!(!index_lists(&again, &d('c')));
     }
+
+    mod properties {
+        use super::*;
+        use crate::arbitrary::{CASES, json_value};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            /// Any document: references parse or fail, and every reference they yield is a
+            /// valid digest (it goes into URLs next).
+            #[test]
+            fn references_are_valid_digests_or_an_error(doc in json_value(), bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let text = serde_json::to_vec(&doc).unwrap();
+                if let Ok(refs) = references(&text, Some("application/vnd.oci.image.manifest.v1+json")) {
+                    for d in refs.blobs.iter().chain(&refs.children).chain(refs.subject.iter()) {
+                        prop_assert!(d.digest.parse::<Digest>().is_ok());
+                    }
+                }
+                let _ = references(&bytes, None);
+                let _ = index_lists(&text, "sha256:x");
+                let entry = Descriptor {
+                    media_type: OCI_MANIFEST.into(),
+                    digest: format!("sha256:{}", "a".repeat(64)),
+                    size: 1,
+                    urls: None,
+                    artifact_type: None,
+                    annotations: None,
+                    platform: None,
+                };
+                let _ = add_referrer(Some(&text), entry);
+            }
+        }
+    }
 }

@@ -393,4 +393,42 @@ mod tests {
             .to_string();
         assert!(e.len() < 200, "{e}");
     }
+
+    mod properties {
+        use super::*;
+        use crate::arbitrary::{CASES, path_text};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            /// What passes is safe in a URL path and a token scope: it joins onto an origin,
+            /// has no escapes, dot segments, empty segments or characters that need quoting.
+            #[test]
+            fn accepted_names_are_safe_to_build_urls_from(text in path_text()) {
+                if let Ok(name) = text.parse::<RepositoryName>() {
+                    prop_assert_eq!(name.as_str(), text.as_str());
+                    prop_assert!(name.as_str().split('/').all(|c| !c.is_empty() && c != "." && c != ".."));
+                    let origin = crate::origin::Origin::parse("https://h").unwrap();
+                    let path = format!("/v2/{name}/tags/list");
+                    prop_assert!(origin.join(&path).is_ok());
+                    prop_assert!(!name.as_str().contains([':', '%', ' ', '?', '#']));
+                }
+                if let Ok(tag) = text.parse::<Tag>() {
+                    prop_assert!(tag.as_str().len() <= 128 && !tag.as_str().contains(['/', ':', '%']));
+                }
+                let _ = text.parse::<Reference>();
+                let _ = project(&text);
+                let _ = percent_decode(&text);
+            }
+
+            #[test]
+            fn arbitrary_unicode_never_panics(text in any::<String>()) {
+                let _ = text.parse::<RepositoryName>();
+                let _ = text.parse::<Tag>();
+                let _ = text.parse::<Reference>();
+                let _ = percent_decode(&text);
+            }
+        }
+    }
 }

@@ -165,4 +165,29 @@ mod tests {
         let long = "word ".repeat(1000);
         assert!(scrub(&long).chars().count() <= MAX_CHARS + 1);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(crate::arbitrary::CASES))]
+
+            /// Wherever a known secret or a Basic credential sits in another server's text, it
+            /// does not survive, and the text stays bounded.
+            #[test]
+            fn secrets_never_survive(before in any::<String>(), after in any::<String>(), secret in "[A-Za-z0-9+/=]{12,40}") {
+                remember(Arc::from(secret.as_str()));
+                for text in [
+                    format!("{before}{secret}{after}"),
+                    format!("{before} Basic {secret} {after}"),
+                    format!("{before}authorization: Bearer {secret}{after}"),
+                ] {
+                    let clean = scrub(&text);
+                    prop_assert!(!clean.contains(&secret), "{}", clean);
+                    prop_assert!(clean.chars().count() <= MAX_CHARS + 1);
+                }
+            }
+        }
+    }
 }

@@ -530,4 +530,40 @@ mod tests {
             None
         );
     }
+
+    mod properties {
+        use super::*;
+        use crate::arbitrary::{CASES, path_text};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            /// Any path classifies without panicking; a name it yields is valid, and the same
+            /// name spelled with escapes classifies the same way.
+            #[test]
+            fn classification_never_panics_and_yields_only_valid_names(path in path_text()) {
+                let route = Route::classify(&format!("/v2/{path}"));
+                if let Some(name) = route.repository() {
+                    prop_assert!(name.as_str().parse::<RepositoryName>().is_ok());
+                    prop_assert!(!name.as_str().contains('%'));
+                }
+                let escaped: String = path.replace('/', "%2F");
+                let _ = Route::classify(&format!("/v2/{escaped}"));
+            }
+
+            #[test]
+            fn completed_writes_are_recognised_without_panicking(
+                path in path_text(),
+                query in path_text(),
+                status in 100u16..600,
+            ) {
+                let route = Route::classify(&format!("/v2/{path}"));
+                let status = StatusCode::from_u16(status).unwrap();
+                for method in [Method::PUT, Method::POST, Method::DELETE] {
+                    let _ = Write::recognise(&method, &route, Some(&query), status, &HeaderMap::new());
+                }
+            }
+        }
+    }
 }

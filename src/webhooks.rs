@@ -338,4 +338,28 @@ mod tests {
         assert!(!authorized(Some("Bearer hunter3"), &s));
         assert!(!authorized(None, &s));
     }
+
+    mod properties {
+        use super::*;
+        use crate::arbitrary::{CASES, json_value};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            /// Any payload: parsed or refused, and every write it yields carries valid names
+            /// (the types make that so; this checks nothing panics on the way).
+            #[test]
+            fn payloads_never_panic(doc in json_value(), bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let text = serde_json::to_vec(&doc).unwrap();
+                for parse in [harbor, registry] {
+                    if let Ok(events) = parse(&text) {
+                        prop_assert!(events.rejected.len() <= 20);
+                    }
+                    let _ = parse(&bytes);
+                }
+                let _ = authorized(std::str::from_utf8(&bytes).ok(), &Secret::new("s3cret"));
+            }
+        }
+    }
 }

@@ -371,17 +371,21 @@ async fn the_admin_token_is_enforced_and_the_cli_uses_it() {
                 .0,
             401
         );
-        assert_eq!(
-            http_request(
-                &url,
-                "GET",
-                None,
-                &[("authorization", "Bearer admin-token-8c1f")]
-            )
-            .await
-            .0,
-            200
-        );
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            assert_eq!(
+                http_request(
+                    &url,
+                    "GET",
+                    None,
+                    &[("authorization", &format!("{scheme} admin-token-8c1f"))]
+                )
+                .await
+                .0,
+                200,
+                "{scheme}"
+            );
+        }
     }
     let out = regtee_cli(&config, &spec, &["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
