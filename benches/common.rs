@@ -33,7 +33,7 @@ pub fn repeated(chunk: Bytes, times: usize) -> ProxyBody {
 
 /// The digest of `chunk` repeated `times` times.
 pub fn repeated_digest(chunk: &[u8], times: usize) -> String {
-    let mut h = regtee::digest::Hasher::new(regtee::digest::Algorithm::Sha256);
+    let mut h = regtee::oci::digest::Hasher::new(regtee::oci::digest::Algorithm::Sha256);
     for _ in 0..times {
         h.update(chunk);
     }

@@ -9,7 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use regtee::demo::{LocalRegistry, RegistryOptions, anonymous_client, free_port, sample_image};
+use regtee::ops::demo::{
+    LocalRegistry, RegistryOptions, anonymous_client, free_port, sample_image,
+};
 
 #[tokio::main]
 async fn main() {
@@ -43,7 +45,7 @@ async fn main() {
     );
     let image = sample_image(&[5 * 1024 * 1024; 20]);
     let push_started = Instant::now();
-    regtee::demo::push_image(&through, "library/big", "1.0", &image)
+    regtee::ops::demo::push_image(&through, "library/big", "1.0", &image)
         .await
         .unwrap();
     let acknowledged = Instant::now();

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::mirror::target::{TargetPolicy, TargetPolicyError};
 use crate::origin::Origin;
-use crate::target::{TargetPolicy, TargetPolicyError};
 
 /// A value that must never be printed: `Debug` and `Display` show `<redacted>`.
 #[derive(Clone, PartialEq, Eq)]
@@ -742,7 +742,7 @@ impl Validator<'_> {
                         "auth = \"swr-aksk\" needs access_key(_env/_file) and secret_key(_env/_file)",
                     ));
                 };
-                Some(crate::credentials::swr_login(&region, &ak, &sk))
+                Some(crate::registry::credentials::swr_login(&region, &ak, &sk))
             }
         };
         let policy = TargetPolicy::new(

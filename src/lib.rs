@@ -21,39 +21,22 @@
 
 #![warn(missing_docs)]
 
-pub mod admin;
 #[cfg(test)]
 mod arbitrary;
-pub mod auth;
-pub mod backfill;
 pub mod body;
-pub mod certs;
-pub mod cli;
 pub mod config;
-pub mod credentials;
-pub mod demo;
-pub mod digest;
 pub mod error;
-pub mod headers;
 pub mod http_client;
-pub mod manifest;
-pub mod metrics;
 pub mod mirror;
-pub mod names;
+pub mod oci;
+pub mod ops;
 pub mod origin;
-pub mod proxy;
-pub mod queue;
 pub mod redact;
-pub mod registry_client;
-pub mod route;
-pub mod server;
+pub mod registry;
+pub mod request;
 pub mod stall;
-pub mod state_lock;
-pub mod target;
-pub mod tee;
 pub mod throttle;
 pub mod tls;
-pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -63,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::server::ConnectionLimits;
+use crate::request::server::ConnectionLimits;
 
 /// Why regtee could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +59,13 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     /// The job queue cannot be opened.
     #[error(transparent)]
-    Queue(#[from] queue::QueueError),
+    Queue(#[from] mirror::queue::QueueError),
     /// Another regtee holds the state directory.
     #[error(transparent)]
-    Lock(#[from] state_lock::LockError),
+    Lock(#[from] mirror::state_lock::LockError),
     /// A target's client could not be built.
     #[error(transparent)]
-    Registry(#[from] registry_client::RegistryError),
+    Registry(#[from] registry::RegistryError),
 }
 
 /// A running regtee: its bound addresses and the handles that stop it.
@@ -95,7 +78,7 @@ pub struct Instance {
     pub admin_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: TaskTracker,
-    _lock: state_lock::StateLock,
+    _lock: mirror::state_lock::StateLock,
 }
 
 impl Instance {
@@ -103,8 +86,8 @@ impl Instance {
     /// fail (lock, queue, certificates, binds) happens before the first task starts.
     pub async fn start(config: Config) -> Result<Instance, StartError> {
         tls::install_crypto_provider();
-        let lock = state_lock::StateLock::acquire(&config.state.dir)?;
-        let queue = Arc::new(queue::Queue::open(&config.state.dir)?);
+        let lock = mirror::state_lock::StateLock::acquire(&config.state.dir)?;
+        let queue = Arc::new(mirror::queue::Queue::open(&config.state.dir)?);
         let recovered = queue.recover_interrupted().await?;
         if recovered > 0 {
             tracing::info!(
@@ -113,10 +96,13 @@ impl Instance {
             );
         }
         let tls_acceptor = match &config.proxy.tls {
-            Some(t) => Some(server::acceptor(tls::server_config(&t.cert, &t.key)?)),
+            Some(t) => Some(request::server::acceptor(tls::server_config(
+                &t.cert, &t.key,
+            )?)),
             None => None,
         };
-        let bind = |addr| async move { server::bind(addr).await.map_err(StartError::Bind) };
+        let bind =
+            |addr| async move { request::server::bind(addr).await.map_err(StartError::Bind) };
         let http = match config.proxy.listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -134,17 +120,15 @@ impl Instance {
         let (http_addr, https_addr, admin_addr) =
             (local(&http), local(&https), local(&admin_listener));
 
-        let metrics = Arc::new(metrics::Metrics::new());
-        let tee = Arc::new(tee::Tee::new(queue.clone(), &config.targets));
-        let proxy = Arc::new(proxy::Proxy::new(
+        let metrics = Arc::new(ops::metrics::Metrics::new());
+        let tee = Arc::new(mirror::tee::Tee::new(queue.clone(), &config.targets));
+        let proxy = Arc::new(request::proxy::Proxy::new(
             &config.proxy,
             &config.upstream,
             Some(tee.clone()),
             Some(metrics.clone()),
         )?);
-        let upstream = Arc::new(registry_client::RegistryClient::new(
-            &config.upstream.endpoint,
-        )?);
+        let upstream = Arc::new(registry::RegistryClient::new(&config.upstream.endpoint)?);
         let mirror = Arc::new(mirror::Mirror::new(
             queue.clone(),
             upstream,
@@ -162,7 +146,7 @@ impl Instance {
         for (listener, acceptor) in [(http, None), (https, tls_acceptor)] {
             if let Some(listener) = listener {
                 let proxy = proxy.clone();
-                tasks.spawn(server::serve(
+                tasks.spawn(request::server::serve(
                     listener,
                     acceptor,
                     limits,
@@ -172,10 +156,10 @@ impl Instance {
             }
         }
         mirror.spawn_workers(&tasks, &cancel, config.proxy.shutdown_grace);
-        backfill::spawn_reconcilers(&tasks, &cancel, &config.targets, mirror.clone());
-        queue::spawn_retention(&tasks, &cancel, queue.clone(), config.state.retention);
+        ops::backfill::spawn_reconcilers(&tasks, &cancel, &config.targets, mirror.clone());
+        mirror::queue::spawn_retention(&tasks, &cancel, queue.clone(), config.state.retention);
         if let Some(listener) = admin_listener {
-            let admin = Arc::new(admin::Admin::new(
+            let admin = Arc::new(ops::admin::Admin::new(
                 &config,
                 queue.clone(),
                 tee.clone(),
@@ -184,7 +168,7 @@ impl Instance {
                 tasks.clone(),
                 cancel.clone(),
             ));
-            tasks.spawn(server::serve(
+            tasks.spawn(request::server::serve(
                 listener,
                 None,
                 limits,

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use regtee::config::{Config, LogFormat};
-use regtee::queue::{JobFilter, JobState};
+use regtee::mirror::queue::{JobFilter, JobState};
 
 /// A transparent registry proxy in front of Harbor that mirrors every push to cloud registries.
 #[derive(Parser)]
@@ -200,7 +200,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Demo { exit } => {
             init_logging(LogFormat::Text, "warn");
             code(
-                regtee::demo::run(!exit)
+                regtee::ops::demo::run(!exit)
                     .await
                     .map(|()| 0)
                     .map_err(Into::into),
@@ -209,18 +209,17 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Certs {
             command: CertsCommand::Generate { hosts, out, days },
         } => code(
-            regtee::certs::generate(&hosts, &out, days)
+            regtee::ops::certs::generate(&hosts, &out, days)
                 .map(|files| {
-                    print!("{}", regtee::certs::next_steps(&files, &hosts, &path));
+                    print!("{}", regtee::ops::certs::next_steps(&files, &hosts, &path));
                     0
                 })
                 .map_err(Into::into),
         ),
         Command::Status { json } => {
-            with_queue_config(
-                &path,
-                |c| async move { regtee::cli::status(&c, json).await },
-            )
+            with_queue_config(&path, |c| async move {
+                regtee::ops::cli::status(&c, json).await
+            })
             .await
         }
         Command::Jobs {
@@ -256,13 +255,13 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 limit,
             };
             with_queue_config(&path, |c| async move {
-                regtee::cli::jobs(&c, filter, json).await
+                regtee::ops::cli::jobs(&c, filter, json).await
             })
             .await
         }
         Command::Retry { id, target, .. } => {
             with_queue_config(&path, |c| async move {
-                regtee::cli::retry(&c, id, target).await
+                regtee::ops::cli::retry(&c, id, target).await
             })
             .await
         }
@@ -272,22 +271,21 @@ async fn dispatch(cli: Cli) -> ExitCode {
             dry_run,
         } => {
             with_config(&path, |c| async move {
-                regtee::cli::sync(&c, &project, target, dry_run).await
+                regtee::ops::cli::sync(&c, &project, target, dry_run).await
             })
             .await
         }
         Command::Diff { projects, json } => {
             with_config(&path, |c| async move {
-                regtee::cli::diff(&c, projects, json).await
+                regtee::ops::cli::diff(&c, projects, json).await
             })
             .await
         }
         Command::Check => {
             let shown = path.clone();
-            with_config(
-                &path,
-                |c| async move { regtee::cli::check(&c, &shown).await },
-            )
+            with_config(&path, |c| async move {
+                regtee::ops::cli::check(&c, &shown).await
+            })
             .await
         }
     }
@@ -297,7 +295,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
 async fn with_config<F, Fut>(path: &std::path::Path, f: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
-    Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
+    Fut: std::future::Future<Output = Result<i32, regtee::ops::cli::CliError>>,
 {
     run_cli(load(path), f).await
 }
@@ -306,7 +304,7 @@ where
 async fn with_queue_config<F, Fut>(path: &std::path::Path, f: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
-    Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
+    Fut: std::future::Future<Output = Result<i32, regtee::ops::cli::CliError>>,
 {
     run_cli(report(Config::load_for_queue_commands(path)), f).await
 }
@@ -314,7 +312,7 @@ where
 async fn run_cli<F, Fut>(config: Result<Config, ExitCode>, f: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
-    Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
+    Fut: std::future::Future<Output = Result<i32, regtee::ops::cli::CliError>>,
 {
     let config = match config {
         Ok(c) => c,

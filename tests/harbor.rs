@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use regtee::digest::Digest;
+use regtee::oci::digest::Digest;
 
 use crate::support::harbor::{HarborCertificate, HarborFront, HarborScheme};
 use crate::support::layout::{self, Layout};
@@ -20,7 +20,8 @@ struct BothListeners {
 }
 
 async fn both_listeners(harbor: &AuthRegistry, cloud: &AuthRegistry, work: &Path) -> BothListeners {
-    let files = regtee::certs::generate(&["localhost".into()], &work.join("certs"), 30).unwrap();
+    let files =
+        regtee::ops::certs::generate(&["localhost".into()], &work.join("certs"), 30).unwrap();
     let mut spec =
         ConfigSpec::new(harbor, &work.join("state")).target(TargetSpec::cloud("tcr", cloud));
     spec.tls = Some(("127.0.0.1:0".into(), files.server_cert, files.server_key));
@@ -174,9 +175,9 @@ async fn every_push_works_through_both_listeners_in_front_of_https_and_http_harb
                     &chunked,
                     Some(bytes.len() as u64),
                     regtee::body::full(bytes.clone()),
-                    regtee::registry_client::Chunking {
+                    regtee::registry::Chunking {
                         size: 256 * 1024,
-                        ..regtee::registry_client::Chunking::WHOLE
+                        ..regtee::registry::Chunking::WHOLE
                     },
                 )
                 .await
@@ -201,7 +202,7 @@ async fn every_push_works_through_both_listeners_in_front_of_https_and_http_harb
                 .await;
             }
             let mirrored = target.get_blob(&repo, &chunked).await.unwrap();
-            let copied = regtee::registry_client::read_limited(mirrored.body, 1 << 20)
+            let copied = regtee::registry::read_limited(mirrored.body, 1 << 20)
                 .await
                 .unwrap();
             assert_eq!(copied, bytes, "{case}: chunked blob bytes on the target");
@@ -219,12 +220,12 @@ fn lines_with(log: &str, needle: &str) -> usize {
 async fn a_client_on_the_wrong_port_or_protocol_is_told_so_once() {
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
-    let files =
-        regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
+    let files = regtee::ops::certs::generate(&["localhost".into()], &work.path().join("certs"), 30)
+        .unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     let (plain, tls) = (
-        regtee::demo::free_port().unwrap(),
-        regtee::demo::free_port().unwrap(),
+        regtee::ops::demo::free_port().unwrap(),
+        regtee::ops::demo::free_port().unwrap(),
     );
     spec.listen = format!("127.0.0.1:{plain}");
     spec.tls = Some((

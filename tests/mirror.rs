@@ -2,20 +2,20 @@
 
 use std::time::Duration;
 
-use regtee::digest::Digest;
+use regtee::oci::digest::Digest;
 
 use crate::support::layout::{self, Layout, Written};
 use crate::support::*;
 
 /// Every blob a manifest references, read from the target, equals the bytes pushed.
 async fn assert_blobs_equal(
-    target: &regtee::registry_client::RegistryClient,
+    target: &regtee::registry::RegistryClient,
     repo: &str,
     layout: &Layout,
     manifest: &Written,
 ) {
     use http_body_util::BodyExt;
-    let refs = regtee::manifest::references(&manifest.bytes, None).unwrap();
+    let refs = regtee::oci::manifest::references(&manifest.bytes, None).unwrap();
     for blob in &refs.blobs {
         let digest: Digest = blob.digest.parse().unwrap();
         let stream = target.get_blob(repo, &digest).await.unwrap();
@@ -85,7 +85,7 @@ async fn every_kind_of_content_reaches_the_target_with_equal_digests_and_bytes()
         assert_blobs_equal(&target, target_repo, &layout, manifest).await;
     }
     // The index's children are there, by digest, with their blobs.
-    let refs = regtee::manifest::references(&index.bytes, None).unwrap();
+    let refs = regtee::oci::manifest::references(&index.bytes, None).unwrap();
     for child in &refs.children {
         let head = target
             .manifest_head("prod-lib/multi", &child.digest)
@@ -96,11 +96,14 @@ async fn every_kind_of_content_reaches_the_target_with_equal_digests_and_bytes()
     // distribution 2.8 has no referrers API, so regtee keeps the spec's referrers tag there.
     let subject: Digest = image.digest.parse().unwrap();
     let referrers = target
-        .get_manifest("prod-lib/app", &regtee::manifest::referrers_tag(&subject))
+        .get_manifest(
+            "prod-lib/app",
+            &regtee::oci::manifest::referrers_tag(&subject),
+        )
         .await
         .unwrap()
         .expect("referrers tag index on the target");
-    assert!(regtee::manifest::index_lists(
+    assert!(regtee::oci::manifest::index_lists(
         &referrers.bytes,
         &signature.digest
     ));
@@ -128,7 +131,7 @@ async fn blobs_are_copied_as_soon_as_their_upload_completes() {
             &digest,
             Some(blob.len() as u64),
             regtee::body::full(blob),
-            regtee::registry_client::Chunking::WHOLE,
+            regtee::registry::Chunking::WHOLE,
         )
         .await
         .unwrap();
@@ -212,7 +215,7 @@ async fn overwrite_false_leaves_a_conflicting_tag_and_records_both_digests() {
     layout.tag(&ours, "ours");
     // Someone already put another image under the tag on the target.
     let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
-    regtee::demo::push_image(&target, "library/app", "v1", &sample_from(&layout, &theirs))
+    regtee::ops::demo::push_image(&target, "library/app", "v1", &sample_from(&layout, &theirs))
         .await
         .unwrap();
     push_layout_ok(
@@ -251,8 +254,8 @@ async fn overwrite_false_leaves_a_conflicting_tag_and_records_both_digests() {
 }
 
 /// Turns a layout image into something `push_image` can push.
-fn sample_from(layout: &Layout, manifest: &Written) -> regtee::demo::SampleImage {
-    let refs = regtee::manifest::references(&manifest.bytes, None).unwrap();
+fn sample_from(layout: &Layout, manifest: &Written) -> regtee::ops::demo::SampleImage {
+    let refs = regtee::oci::manifest::references(&manifest.bytes, None).unwrap();
     let read = |d: &str| {
         bytes::Bytes::from(
             std::fs::read(
@@ -264,7 +267,7 @@ fn sample_from(layout: &Layout, manifest: &Written) -> regtee::demo::SampleImage
             .unwrap(),
         )
     };
-    regtee::demo::SampleImage {
+    regtee::ops::demo::SampleImage {
         config: read(&refs.blobs[0].digest),
         layers: refs.blobs[1..].iter().map(|b| read(&b.digest)).collect(),
         manifest: bytes::Bytes::from(manifest.bytes.clone()),
@@ -321,8 +324,8 @@ async fn sigkill_during_pushes_and_during_mirroring_loses_no_acknowledged_push()
     let mut cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
     // The cloud is down while pushes happen, so jobs pile up and mirroring is caught mid-way.
     cloud.registry.stop();
-    let port = regtee::demo::free_port().unwrap();
-    let admin_port = regtee::demo::free_port().unwrap();
+    let port = regtee::ops::demo::free_port().unwrap();
+    let admin_port = regtee::ops::demo::free_port().unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud).with("concurrency = 1"));
     spec.listen = format!("127.0.0.1:{port}");

@@ -33,7 +33,7 @@ async fn push_and_pull_all_kinds(
         let (repo, tag) = repo_tag.split_once(':').unwrap();
         let through = inspect_raw(host, repo_tag, (DEV_USER, DEV_PASSWORD), tls());
         assert_eq!(
-            regtee::digest::Digest::sha256_of(&through).to_string(),
+            regtee::oci::digest::Digest::sha256_of(&through).to_string(),
             manifest.digest,
             "{repo_tag}: digest through regtee"
         );
@@ -88,7 +88,7 @@ async fn skopeo_pushes_and_pulls_every_kind_of_content_over_http() {
 async fn skopeo_pushes_and_pulls_over_https_with_a_generated_certificate() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
-    let files = regtee::certs::generate(&["localhost".into()], &certs, 30).unwrap();
+    let files = regtee::ops::certs::generate(&["localhost".into()], &certs, 30).unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     spec.tls = Some((
@@ -208,7 +208,7 @@ impl Speaker {
         let resp = self.client.request(req).await.unwrap();
         let status = resp.status().as_u16();
         let resp_headers = resp.headers().clone();
-        let bytes = regtee::registry_client::read_limited(resp.into_body(), 64 << 20)
+        let bytes = regtee::registry::read_limited(resp.into_body(), 64 << 20)
             .await
             .unwrap()
             .to_vec();
@@ -272,7 +272,7 @@ fn with_digest(location: &str, digest: &str) -> String {
 async fn walk_the_spec(s: &mut Speaker, a: &[u8], b: &[u8], mono: &[u8]) {
     let other = s.other.clone();
     let other_repo = other.as_str();
-    use regtee::digest::Digest;
+    use regtee::oci::digest::Digest;
     let octet = || ("content-type", "application/octet-stream".to_string());
     let repo = s.repo.clone();
     let unknown = Digest::sha256_of(b"never pushed").to_string();
@@ -644,7 +644,7 @@ fn oci_error_code(body: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_down_is_a_502_with_an_oci_body_and_service_resumes() {
     let work = tempfile::tempdir().unwrap();
-    let port = regtee::demo::free_port().unwrap();
+    let port = regtee::ops::demo::free_port().unwrap();
     let regtee = Regtee::start(&ConfigSpec::at(
         &format!("http://127.0.0.1:{port}"),
         &work.path().join("state"),
@@ -661,7 +661,7 @@ async fn upstream_down_is_a_502_with_an_oci_body_and_service_resumes() {
 
     let harbor = start_harbor_with(
         &work.path().join("harbor"),
-        regtee::demo::RegistryOptions {
+        regtee::ops::demo::RegistryOptions {
             port: Some(port),
             ..Default::default()
         },
@@ -744,7 +744,7 @@ async fn shutdown_lets_an_upload_in_flight_finish_and_refuses_new_connections() 
         })
     });
     let chunk = layout::random_bytes(200_000);
-    let digest = regtee::digest::Digest::sha256_of(&chunk).to_string();
+    let digest = regtee::oci::digest::Digest::sha256_of(&chunk).to_string();
     let put = http::Request::put(with_digest(&location, &digest))
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/octet-stream")
@@ -810,7 +810,7 @@ async fn logs_have_one_line_per_request_and_never_a_secret_and_sigterm_exits_cle
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
-    let port = regtee::demo::free_port().unwrap();
+    let port = regtee::ops::demo::free_port().unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud));
     spec.listen = format!("127.0.0.1:{port}");
@@ -881,8 +881,8 @@ async fn logs_have_one_line_per_request_and_never_a_secret_and_sigterm_exits_cle
 async fn https_listener_speaks_http2_via_alpn_and_rewrites_for_its_own_origin() {
     use rustls::pki_types::pem::PemObject;
     let work = tempfile::tempdir().unwrap();
-    let files =
-        regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
+    let files = regtee::ops::certs::generate(&["localhost".into()], &work.path().join("certs"), 30)
+        .unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     spec.tls = Some((
@@ -935,8 +935,8 @@ async fn stalled_clients_are_cut_by_the_header_and_body_timeouts() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
-    let files =
-        regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
+    let files = regtee::ops::certs::generate(&["localhost".into()], &work.path().join("certs"), 30)
+        .unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     spec.tls = Some((
         "127.0.0.1:0".into(),

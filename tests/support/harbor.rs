@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use regtee::demo::free_port;
+use regtee::ops::demo::free_port;
 
 /// Which way Harbor's own nginx serves clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +80,7 @@ impl HarborFront {
         let certs = dir.join("certs");
         let ca_cert = (scheme == HarborScheme::Https).then(|| match cert {
             HarborCertificate::SignedByCa => {
-                regtee::certs::generate(&[HOST.to_string()], &certs, 30)
+                regtee::ops::certs::generate(&[HOST.to_string()], &certs, 30)
                     .expect("certificates for Harbor's nginx")
                     .ca_cert
             }

@@ -47,7 +47,7 @@ pub struct Layout {
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    regtee::digest::Digest::sha256_of(bytes).to_string()
+    regtee::oci::digest::Digest::sha256_of(bytes).to_string()
 }
 
 pub fn random_bytes(n: usize) -> Vec<u8> {

@@ -18,9 +18,9 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use regtee::config::{ClientTls, Config, Credentials, Endpoint, Secret};
-use regtee::demo::{LocalRegistry, RegistryOptions};
+use regtee::ops::demo::{LocalRegistry, RegistryOptions};
 use regtee::origin::Origin;
-use regtee::registry_client::RegistryClient;
+use regtee::registry::RegistryClient;
 
 use harbor::{HarborFront, HarborScheme};
 use issuer::{TokenIssuer, User};
@@ -674,7 +674,7 @@ pub async fn http_request(
         .unwrap();
     let resp = client.request(req).await.unwrap();
     let status = resp.status().as_u16();
-    let bytes = regtee::registry_client::read_limited(resp.into_body(), 64 << 20)
+    let bytes = regtee::registry::read_limited(resp.into_body(), 64 << 20)
         .await
         .unwrap();
     (status, String::from_utf8_lossy(&bytes).into_owned())

@@ -67,7 +67,8 @@ impl TargetPolicy {
     ) -> Result<TargetPolicy, TargetPolicyError> {
         // A project is one component of a name, a namespace one or more (the spec's grammar).
         let valid = |k: &str, v: &str| {
-            crate::names::project(k).is_ok() && v.parse::<crate::names::RepositoryName>().is_ok()
+            crate::oci::names::project(k).is_ok()
+                && v.parse::<crate::oci::names::RepositoryName>().is_ok()
         };
         if let Some((k, v)) = namespaces.iter().find(|(k, v)| !valid(k, v)) {
             return Err(TargetPolicyError::Namespace(k.clone(), v.clone()));

@@ -19,11 +19,11 @@ use tokio::sync::watch;
 use crate::body::{self, ProxyBody, Tracked};
 use crate::config::{ProxyConfig, UpstreamConfig};
 use crate::error::{OciError, error_chain};
-use crate::headers::{self, RealmRewrite};
 use crate::http_client::{self, HttpClient, SendError};
+use crate::mirror::tee::Tee;
 use crate::origin::{Origin, Scheme};
-use crate::route::{FOREIGN_TOKEN_PREFIX, Route, Write};
-use crate::tee::Tee;
+use crate::request::headers::{self, RealmRewrite};
+use crate::request::route::{FOREIGN_TOKEN_PREFIX, Route, Write};
 use crate::throttle::Throttle;
 use crate::tls::{TlsError, TlsFailure};
 
@@ -57,7 +57,7 @@ impl RealmRelay {
     pub fn register(&self, realm: &str) -> Option<String> {
         let uri: Uri = realm.trim().parse().ok()?;
         Origin::of(&uri)?;
-        let id = crate::digest::Digest::sha256_of(realm.as_bytes()).hex()[..16].to_string();
+        let id = crate::oci::digest::Digest::sha256_of(realm.as_bytes()).hex()[..16].to_string();
         if !self.realms.contains_key(&id) {
             if self.realms.len() >= MAX_RELAYED_REALMS {
                 if let Some(held_back) = RELAY_FULL.allow() {
@@ -97,7 +97,7 @@ pub struct Proxy {
     body_idle_timeout: Duration,
     relay: Option<RealmRelay>,
     tee: Option<Arc<Tee>>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    metrics: Option<Arc<crate::ops::metrics::Metrics>>,
 }
 
 impl Proxy {
@@ -106,7 +106,7 @@ impl Proxy {
         proxy: &ProxyConfig,
         upstream: &UpstreamConfig,
         tee: Option<Arc<Tee>>,
-        metrics: Option<Arc<crate::metrics::Metrics>>,
+        metrics: Option<Arc<crate::ops::metrics::Metrics>>,
     ) -> Result<Proxy, TlsError> {
         let e = &upstream.endpoint;
         Ok(Proxy {
@@ -351,11 +351,15 @@ struct RequestLog {
     status: AtomicU16,
     bytes_in: Arc<AtomicU64>,
     bytes_out: Arc<AtomicU64>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    metrics: Option<Arc<crate::ops::metrics::Metrics>>,
 }
 
 impl RequestLog {
-    fn new(method: &Method, route: &Route, metrics: Option<Arc<crate::metrics::Metrics>>) -> Self {
+    fn new(
+        method: &Method,
+        route: &Route,
+        metrics: Option<Arc<crate::ops::metrics::Metrics>>,
+    ) -> Self {
         RequestLog {
             method: method.clone(),
             kind: route.kind(),

@@ -6,6 +6,9 @@
 //! registry asks for it. Blob bytes are streamed; only manifests (at most 4 MiB) and error
 //! bodies (at most 64 KiB) are read into memory.
 
+pub mod auth;
+pub mod credentials;
+
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
@@ -17,14 +20,14 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use crate::auth::{Challenge, TokenResponse};
 use crate::body::{self, ProxyBody};
 use crate::config::{Credentials, Endpoint};
-use crate::digest::Digest;
 use crate::error::error_chain;
 use crate::http_client::{self, HttpClient, SendError};
-use crate::manifest::{ACCEPT_ALL, MAX_MANIFEST_BYTES};
+use crate::oci::digest::Digest;
+use crate::oci::manifest::{ACCEPT_ALL, MAX_MANIFEST_BYTES};
 use crate::origin::Origin;
+use crate::registry::auth::{Challenge, TokenResponse};
 use crate::tls::TlsFailure;
 
 /// What went wrong talking to a registry, classified for retry decisions and for people.
@@ -672,7 +675,7 @@ impl RegistryClient {
             return Ok(());
         }
         let url = self.url("/v2/", op)?;
-        match crate::headers::redirect_to_https(
+        match crate::request::headers::redirect_to_https(
             response.status(),
             response.headers(),
             &self.origin,

@@ -11,17 +11,17 @@ use http::{Method, Request, StatusCode, header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::admin::{BackfillBody, JobPage, Status};
-use crate::backfill::{self, BackfillRequest, Progress, ProjectEvent, TagRow, TagStatus};
 use crate::body;
 use crate::config::{AdminConfig, ClientTls, Config};
-use crate::digest::Digest;
 use crate::http_client::{self, HttpClient};
-use crate::metrics::Metrics;
+use crate::mirror::queue::{Job, JobFilter, JobOrigin, Queue, now_ms};
+use crate::mirror::state_lock::StateLock;
 use crate::mirror::{Mirror, Target};
-use crate::queue::{Job, JobFilter, JobOrigin, Queue, now_ms};
-use crate::registry_client::{ErrorKind, RegistryClient, RegistryError, read_limited};
-use crate::state_lock::StateLock;
+use crate::oci::digest::Digest;
+use crate::ops::admin::{BackfillBody, JobPage, Status};
+use crate::ops::backfill::{self, BackfillRequest, Progress, ProjectEvent, TagRow, TagStatus};
+use crate::ops::metrics::Metrics;
+use crate::registry::{ErrorKind, RegistryClient, RegistryError, read_limited};
 
 /// A command that could not do its work.
 #[derive(Debug, thiserror::Error)]
@@ -356,7 +356,7 @@ pub async fn sync(
     target: Option<String>,
     dry_run: bool,
 ) -> Result<i32, CliError> {
-    crate::names::project(project).map_err(cli_err)?;
+    crate::oci::names::project(project).map_err(cli_err)?;
     if let Some(t) = &target
         && !config.targets.iter().any(|x| &x.endpoint.name == t)
     {
@@ -433,7 +433,7 @@ fn local_mirror(config: &Config, queue: Arc<Queue>) -> Result<Mirror, CliError> 
 /// 2 when something could not be compared.
 pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Result<i32, CliError> {
     for project in &projects {
-        crate::names::project(project).map_err(cli_err)?;
+        crate::oci::names::project(project).map_err(cli_err)?;
     }
     let upstream = RegistryClient::new(&config.upstream.endpoint).map_err(cli_err)?;
     let targets = Target::all(&config.targets).map_err(cli_err)?;

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::digest::Digest;
-use crate::names::{RepositoryName, Tag};
+use crate::oci::digest::Digest;
+use crate::oci::names::{RepositoryName, Tag};
 
 /// What a job copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,8 +5,8 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::auth::Challenge;
 use crate::origin::{Origin, Scheme};
+use crate::registry::auth::Challenge;
 
 /// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::config::{ClientTls, Endpoint};
-use crate::digest::Digest;
-use crate::manifest::OCI_MANIFEST;
+use crate::oci::digest::Digest;
+use crate::oci::manifest::OCI_MANIFEST;
 use crate::origin::Origin;
-use crate::registry_client::{RegistryClient, RegistryError};
+use crate::registry::{RegistryClient, RegistryError};
 
 /// Something the demo (or a local registry) could not do.
 #[derive(Debug, thiserror::Error)]
@@ -273,7 +273,7 @@ pub async fn push_image(
                 &digest,
                 Some(blob.len() as u64),
                 crate::body::full(blob.clone()),
-                crate::registry_client::Chunking::WHOLE,
+                crate::registry::Chunking::WHOLE,
             )
             .await?;
     }

@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// distribution's limit on a repository name (`reference.NameTotalLengthMax`).
 pub const MAX_NAME_LEN: usize = 255;

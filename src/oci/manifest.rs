@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// Docker image manifest v2 schema 2.
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -122,7 +122,7 @@ pub enum ManifestError {
     Json(#[from] serde_json::Error),
     /// A referenced digest that is not a digest.
     #[error("manifest references an invalid digest: {0}")]
-    Digest(#[from] crate::digest::DigestParseError),
+    Digest(#[from] crate::oci::digest::DigestParseError),
 }
 
 /// Reads a manifest's references; `content_type` is what the registry served it as.

@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::TargetConfig;
-use crate::digest::Digest;
+use crate::mirror::queue::{JobKind, JobOrigin, NewJob, now_ms};
 use crate::mirror::{Mirror, Target};
-use crate::names::{NameError, RepositoryName, Tag};
-use crate::queue::{JobKind, JobOrigin, NewJob, now_ms};
-use crate::registry_client::{RegistryClient, RegistryError};
+use crate::oci::digest::Digest;
+use crate::oci::names::{NameError, RepositoryName, Tag};
+use crate::registry::{RegistryClient, RegistryError};
 
 /// HEAD requests in flight at once during a comparison.
 const COMPARE_PARALLELISM: usize = 8;
@@ -157,7 +157,7 @@ pub async fn all_projects(upstream: &RegistryClient) -> Result<Vec<String>, Regi
             .collect(),
     };
     // A listing is outside input: a name regtee cannot use is left out here, not fed to URLs.
-    projects.retain(|p| crate::names::project(p).is_ok());
+    projects.retain(|p| crate::oci::names::project(p).is_ok());
     projects.sort();
     projects.dedup();
     Ok(projects)

@@ -7,6 +7,11 @@
 //! target reports must equal Harbor's. Each target has its own workers, so a target that is
 //! down delays only its own jobs.
 
+pub mod queue;
+pub mod state_lock;
+pub mod target;
+pub mod tee;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -19,15 +24,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::body;
 use crate::config::TargetConfig;
-use crate::digest::{Digest, VerifyingBody};
-use crate::manifest::{self, Descriptor, OCI_INDEX, References};
-use crate::metrics::Metrics;
-use crate::names::{RepositoryName, Tag};
-use crate::queue::{Job, JobKind, Outcome, Queue, now_ms};
+use crate::mirror::queue::{Job, JobKind, Outcome, Queue, now_ms};
+use crate::oci::digest::{Digest, VerifyingBody};
+use crate::oci::manifest::{self, Descriptor, OCI_INDEX, References};
+use crate::oci::names::{RepositoryName, Tag};
+use crate::ops::metrics::Metrics;
 use crate::throttle::Throttle;
 
 static UNRECORDED: Throttle = Throttle::new(Duration::from_secs(60));
-use crate::registry_client::{Chunking, ErrorKind, FetchedManifest, RegistryClient, RegistryError};
+use crate::registry::{Chunking, ErrorKind, FetchedManifest, RegistryClient, RegistryError};
 
 /// How deep indexes may nest (index of index of ...); deeper is treated as malformed.
 const MAX_DEPTH: usize = 4;

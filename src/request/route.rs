@@ -6,8 +6,8 @@
 
 use http::{HeaderMap, Method, StatusCode};
 
-use crate::digest::Digest;
-use crate::names::{self, NameError, Reference, RepositoryName, Tag};
+use crate::oci::digest::Digest;
+use crate::oci::names::{self, NameError, Reference, RepositoryName, Tag};
 
 /// What a request addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]

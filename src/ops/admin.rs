@@ -16,16 +16,18 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backfill::{self, BackfillRequest, Progress, TagRow};
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, Secret};
-use crate::metrics::Metrics;
 use crate::mirror::Mirror;
-use crate::names::{RepositoryName, Tag};
-use crate::queue::{Job, JobFilter, JobOrigin, JobState, Queue, QueueError, TargetCounts, now_ms};
-use crate::registry_client::{ErrorKind, read_limited};
-use crate::tee::Tee;
-use crate::webhooks;
+use crate::mirror::queue::{
+    Job, JobFilter, JobOrigin, JobState, Queue, QueueError, TargetCounts, now_ms,
+};
+use crate::mirror::tee::Tee;
+use crate::oci::names::{RepositoryName, Tag};
+use crate::ops::backfill::{self, BackfillRequest, Progress, TagRow};
+use crate::ops::metrics::Metrics;
+use crate::ops::webhooks;
+use crate::registry::{ErrorKind, read_limited};
 
 /// The largest webhook or API request body accepted.
 const MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -85,7 +87,7 @@ pub struct JobDetail {
     /// The job.
     pub job: Job,
     /// Its attempts, oldest first.
-    pub attempts: Vec<crate::queue::Attempt>,
+    pub attempts: Vec<crate::mirror::queue::Attempt>,
 }
 
 /// `GET /api/v1/repositories/{name}/status`.
@@ -214,7 +216,7 @@ impl Admin {
         let method = req.method().clone();
         let query = query_map(req.uri().query());
         // A repository may be given as `library%2Fapp` or `library/app`: decode as registries do.
-        let Some(decoded) = crate::names::percent_decode(path) else {
+        let Some(decoded) = crate::oci::names::percent_decode(path) else {
             return error(
                 StatusCode::BAD_REQUEST,
                 "the path has escapes that are not UTF-8",
@@ -420,7 +422,7 @@ impl Admin {
                 );
             }
         };
-        if let Err(e) = crate::names::project(&body.project) {
+        if let Err(e) = crate::oci::names::project(&body.project) {
             return error(StatusCode::BAD_REQUEST, e.to_string());
         }
         if let Some(t) = &body.target

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
 use crate::origin::Scheme;
-use crate::proxy::Connection;
+use crate::request::proxy::Connection;
 use crate::stall::WriteStall;
 use crate::throttle::Throttle;
 

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use crate::config::TargetConfig;
-use crate::digest::Digest;
-use crate::names::Tag;
-use crate::queue::{JobKind, JobOrigin, NewJob, Queue, QueueError};
-use crate::route::Write;
-use crate::target::TargetPolicy;
+use crate::mirror::queue::{JobKind, JobOrigin, NewJob, Queue, QueueError};
+use crate::mirror::target::TargetPolicy;
+use crate::oci::digest::Digest;
+use crate::oci::names::Tag;
+use crate::request::route::Write;
 
 /// One target's routing, as far as creating jobs is concerned.
 #[derive(Clone, Debug)]

@@ -1,0 +1,6 @@
+//! The vocabulary of the OCI specs, checked: digests, repository names and tags, manifests and
+//! what they reference.
+
+pub mod digest;
+pub mod manifest;
+pub mod names;

@@ -1,0 +1,8 @@
+//! The request path: every client request to Harbor and back, as transparent and as fast as a
+//! wire. It streams bodies, rewrites only what must point at regtee, and records a job when Harbor
+//! answers a completed write; nothing else happens inline.
+
+pub mod headers;
+pub mod proxy;
+pub mod route;
+pub mod server;
