@@ -18,7 +18,7 @@ const MAX_CHARS: usize = 1000;
 /// Opaque tokens at least this long are redacted (lower-case names and digests excepted).
 const LONG_TOKEN: usize = 40;
 
-/// Secrets known at most; older ones are forgotten first (a bound, not an expected size).
+/// Secrets known at most; the shortest are forgotten first (a bound, not an expected size).
 const MAX_KNOWN: usize = 1024;
 
 fn known() -> &'static RwLock<Vec<Arc<str>>> {
@@ -36,9 +36,11 @@ pub fn remember(secret: Arc<str>) {
         return;
     }
     if known.len() >= MAX_KNOWN {
-        known.remove(0);
+        known.pop();
     }
-    known.push(secret);
+    // Longest first, so a secret that contains a shorter one is replaced whole.
+    let at = known.partition_point(|k| k.len() >= secret.len());
+    known.insert(at, secret);
 }
 
 fn is_token_char(c: char) -> bool {
