@@ -47,6 +47,19 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// Reads a body whole, up to `limit` bytes; a longer body is an error (for small things only:
+/// manifests, listings, error bodies).
+pub async fn read_limited<B>(body: B, limit: usize) -> Result<Bytes, BoxError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    Ok(http_body_util::Limited::new(body, limit)
+        .collect()
+        .await?
+        .to_bytes())
+}
+
 /// A stream that made no progress for too long.
 #[derive(Debug, thiserror::Error)]
 #[error("body made no progress for {0:?}")]

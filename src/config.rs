@@ -71,6 +71,8 @@ pub struct ClientTls {
 pub struct Endpoint {
     /// A short name used in logs and errors (`upstream`, or the target's name).
     pub name: String,
+    /// Harbor or a target.
+    pub side: crate::registry::Side,
     /// Where the registry lives.
     pub origin: Origin,
     /// How to verify its certificate.
@@ -662,6 +664,7 @@ impl Validator<'_> {
         Ok(UpstreamConfig {
             endpoint: Endpoint {
                 name: "upstream".to_string(),
+                side: crate::registry::Side::Upstream,
                 origin,
                 tls: ClientTls {
                     ca_file: self.ca_file("upstream.ca_file", raw.ca_file)?,
@@ -770,6 +773,7 @@ impl Validator<'_> {
         Ok(TargetConfig {
             endpoint: Endpoint {
                 name: raw.name,
+                side: crate::registry::Side::Target,
                 origin,
                 tls: ClientTls {
                     ca_file: self.ca_file(&key("ca_file"), raw.ca_file)?,

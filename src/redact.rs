@@ -18,11 +18,16 @@ const MAX_CHARS: usize = 1000;
 /// Opaque tokens at least this long are redacted (lower-case names and digests excepted).
 const LONG_TOKEN: usize = 40;
 
-/// Secrets known at most; the shortest are forgotten first (a bound, not an expected size).
+/// Secrets known at most; the oldest are forgotten first (a bound, not an expected size).
 const MAX_KNOWN: usize = 1024;
 
-fn known() -> &'static RwLock<Vec<Arc<str>>> {
-    static KNOWN: OnceLock<RwLock<Vec<Arc<str>>>> = OnceLock::new();
+/// A secret and when it was learnt.
+type Learnt = (u64, Arc<str>);
+
+/// Known secrets, longest first (so one that contains a shorter one is replaced whole), each
+/// with the order it was learnt in (the oldest is forgotten first).
+fn known() -> &'static RwLock<Vec<Learnt>> {
+    static KNOWN: OnceLock<RwLock<Vec<Learnt>>> = OnceLock::new();
     KNOWN.get_or_init(|| RwLock::new(Vec::new()))
 }
 
@@ -31,16 +36,19 @@ pub fn remember(secret: Arc<str>) {
     if secret.len() < 3 {
         return;
     }
+    static LEARNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut known = known().write().unwrap_or_else(|p| p.into_inner());
-    if known.iter().any(|k| **k == *secret) {
+    if known.iter().any(|(_, k)| **k == *secret) {
         return;
     }
-    if known.len() >= MAX_KNOWN {
-        known.pop();
+    if known.len() >= MAX_KNOWN
+        && let Some(oldest) = (0..known.len()).min_by_key(|&i| known[i].0)
+    {
+        known.remove(oldest);
     }
-    // Longest first, so a secret that contains a shorter one is replaced whole.
-    let at = known.partition_point(|k| k.len() >= secret.len());
-    known.insert(at, secret);
+    let at = known.partition_point(|(_, k)| k.len() >= secret.len());
+    let order = LEARNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    known.insert(at, (order, secret));
 }
 
 fn is_token_char(c: char) -> bool {
@@ -69,7 +77,7 @@ fn looks_secret(word: &str, after_scheme: bool, next: Option<char>) -> bool {
 /// `text` with every secret replaced by `<redacted>` and cut to a bounded length.
 pub fn scrub(text: &str) -> String {
     let mut text: String = text.chars().take(MAX_CHARS * 2).collect();
-    for secret in known().read().unwrap_or_else(|p| p.into_inner()).iter() {
+    for (_, secret) in known().read().unwrap_or_else(|p| p.into_inner()).iter() {
         if text.contains(&**secret) {
             text = text.replace(&**secret, REDACTED);
         }

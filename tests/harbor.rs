@@ -202,7 +202,7 @@ async fn every_push_works_through_both_listeners_in_front_of_https_and_http_harb
                 .await;
             }
             let mirrored = target.get_blob(&repo, &chunked).await.unwrap();
-            let copied = regtee::registry::read_limited(mirrored.body, 1 << 20)
+            let copied = regtee::body::read_limited(mirrored.body, 1 << 20)
                 .await
                 .unwrap();
             assert_eq!(copied, bytes, "{case}: chunked blob bytes on the target");

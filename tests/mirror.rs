@@ -443,9 +443,42 @@ async fn a_target_with_basic_auth_gets_the_push_too() {
     let target = client_for(&basic.url(), Some((CLOUD_USER, CLOUD_PASSWORD)));
     wait_for_manifest(&target, "library/basic", "1", &image.digest).await;
     assert_blobs_equal(&target, "library/basic", &layout, &image).await;
-    // And a wrong password is a credentials failure, not a retry loop.
-    let anonymous = client_for(&basic.url(), Some((CLOUD_USER, "wrong")));
-    let err = anonymous.ping().await.unwrap_err();
-    assert_eq!(err.class(), "auth", "{err}");
+    regtee.stop().await;
+
+    // With a wrong password the job fails at once, as a credentials failure: not a retry loop.
+    let mut wrong = ConfigSpec::new(&harbor, &work.path().join("state-wrong"))
+        .target(TargetSpec::at("acr", &basic.url()));
+    wrong.cloud_password = "wrong".into();
+    let regtee = Regtee::start(&wrong).await;
+    push_layout_ok(
+        &layout.dir,
+        "x",
+        &regtee.host(),
+        "library/basic:2",
+        Tls::Off,
+    );
+    let failed = wait_until("the job to fail", Duration::from_secs(30), || async {
+        let page = admin_get(
+            &regtee,
+            "/api/v1/jobs?state=failed&repository=library/basic",
+        )
+        .await;
+        page["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["kind"] == "manifest")
+            .cloned()
+    })
+    .await;
+    assert_eq!(failed["error_class"], "auth", "{failed}");
+    assert_eq!(failed["attempts"], 1, "{failed}");
+    assert!(
+        failed["detail"]
+            .as_str()
+            .unwrap()
+            .contains("password(_env/_file) in [[targets]] \"acr\""),
+        "{failed}"
+    );
     regtee.stop().await;
 }

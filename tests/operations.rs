@@ -425,7 +425,7 @@ async fn a_missing_namespace_fails_the_job_with_a_hint_and_retry_fixes_it() {
     let detail = failed["detail"].as_str().unwrap();
     assert!(
         detail.contains("namespace prod-lib does not exist on target tcr")
-            && detail.contains("create it there"),
+            && detail.contains("create namespace prod-lib on tcr"),
         "{detail}"
     );
     assert_eq!(failed["error_class"], "denied");
@@ -434,7 +434,7 @@ async fn a_missing_namespace_fails_the_job_with_a_hint_and_retry_fixes_it() {
     assert_eq!(detail_page["attempts"].as_array().unwrap().len(), 1);
 
     let out = regtee_cli(&config, &spec, &["status"]);
-    assert_says(&out, "create it there");
+    assert_says(&out, "create namespace prod-lib on tcr");
     let out = regtee_cli(&config, &spec, &["jobs", "--failed"]);
     assert_says(&out, "library/app:1");
 

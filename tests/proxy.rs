@@ -208,7 +208,7 @@ impl Speaker {
         let resp = self.client.request(req).await.unwrap();
         let status = resp.status().as_u16();
         let resp_headers = resp.headers().clone();
-        let bytes = regtee::registry::read_limited(resp.into_body(), 64 << 20)
+        let bytes = regtee::body::read_limited(resp.into_body(), 64 << 20)
             .await
             .unwrap()
             .to_vec();

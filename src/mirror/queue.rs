@@ -12,285 +12,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+pub use super::job::{
+    Attempt, AttemptResult, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob,
+    Outcome, TargetCounts,
+};
 use crate::oci::digest::Digest;
 use crate::oci::names::{RepositoryName, Tag};
-
-/// What a job copies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobKind {
-    /// One blob (layer or config), so the manifest finds it there.
-    Blob,
-    /// A manifest or index, with everything it references, then its tag.
-    Manifest,
-    /// Delete a manifest on the target (only when the target propagates deletes).
-    Delete,
-}
-
-impl JobKind {
-    /// The lowercase name used in the database, the API, logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Blob => "blob",
-            JobKind::Manifest => "manifest",
-            JobKind::Delete => "delete",
-        }
-    }
-
-    fn parse(s: &str) -> JobKind {
-        match s {
-            "blob" => JobKind::Blob,
-            "delete" => JobKind::Delete,
-            _ => JobKind::Manifest,
-        }
-    }
-}
-
-/// Where a job's state stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    /// Waiting for a worker (possibly until its next retry time).
-    Pending,
-    /// A worker has it.
-    Running,
-    /// The target has the content, digest verified.
-    Done,
-    /// Deliberately not copied (e.g. the tag exists there with another digest and
-    /// `overwrite = false`); the detail says why.
-    Skipped,
-    /// Retrying cannot help; the detail says what a person must do.
-    Failed,
-}
-
-impl JobState {
-    /// The lowercase name used in the database, the API and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Pending => "pending",
-            JobState::Running => "running",
-            JobState::Done => "done",
-            JobState::Skipped => "skipped",
-            JobState::Failed => "failed",
-        }
-    }
-
-    /// Parses the lowercase name.
-    pub fn parse(s: &str) -> Option<JobState> {
-        Some(match s {
-            "pending" => JobState::Pending,
-            "running" => JobState::Running,
-            "done" => JobState::Done,
-            "skipped" => JobState::Skipped,
-            "failed" => JobState::Failed,
-            _ => return None,
-        })
-    }
-
-    /// Every state, in display order.
-    pub const ALL: [JobState; 5] = [
-        JobState::Pending,
-        JobState::Running,
-        JobState::Done,
-        JobState::Skipped,
-        JobState::Failed,
-    ];
-}
-
-/// What made regtee create a job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum JobOrigin {
-    /// Seen on the wire as a completed push.
-    Push,
-    /// A backfill someone started.
-    Backfill,
-    /// The periodic comparison.
-    Reconcile,
-    /// A Harbor or registry webhook.
-    Webhook,
-}
-
-impl JobOrigin {
-    fn as_str(self) -> &'static str {
-        match self {
-            JobOrigin::Push => "push",
-            JobOrigin::Backfill => "backfill",
-            JobOrigin::Reconcile => "reconcile",
-            JobOrigin::Webhook => "webhook",
-        }
-    }
-}
-
-/// A job to add.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewJob {
-    /// Target name.
-    pub target: String,
-    /// What to copy.
-    pub kind: JobKind,
-    /// Harbor repository.
-    pub repository: RepositoryName,
-    /// Tag, if the push named one.
-    pub tag: Option<Tag>,
-    /// Digest, when known (a job without one resolves the tag in Harbor).
-    pub digest: Option<Digest>,
-    /// For blob mounts: the Harbor repository the blob came from.
-    pub mount_from: Option<RepositoryName>,
-    /// Why the job exists.
-    pub origin: JobOrigin,
-}
-
-/// A job as stored.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Job {
-    /// Stable id.
-    pub id: i64,
-    /// Target name.
-    pub target: String,
-    /// What it copies.
-    pub kind: JobKind,
-    /// Harbor repository.
-    pub repository: String,
-    /// Tag, if any.
-    pub tag: Option<String>,
-    /// Digest, if known.
-    pub digest: Option<String>,
-    /// For mounts: source repository in Harbor.
-    pub mount_from: Option<String>,
-    /// push, backfill, reconcile or webhook.
-    pub origin: String,
-    /// Current state.
-    pub state: JobState,
-    /// Attempts started so far.
-    pub attempts: u32,
-    /// When Harbor acknowledged the push (ms since the epoch); mirror lag starts here.
-    pub created_at: i64,
-    /// Last change (ms).
-    pub updated_at: i64,
-    /// Earliest next attempt (ms).
-    pub next_attempt_at: i64,
-    /// When it reached done, skipped or failed (ms).
-    pub finished_at: Option<i64>,
-    /// The outcome's reason, or the last error while retrying.
-    pub detail: String,
-    /// A short class for the last error (`unreachable`, `auth`, `denied`, ...).
-    pub error_class: String,
-    /// The digest the target reported.
-    pub target_digest: Option<String>,
-}
-
-/// One attempt at a job.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Attempt {
-    /// When it started (ms).
-    pub started_at: i64,
-    /// When it ended (ms).
-    pub finished_at: i64,
-    /// done, skipped, failed or retry.
-    pub result: String,
-    /// What happened.
-    pub detail: String,
-}
-
-/// How a finished attempt ended.
-#[derive(Clone, Debug)]
-pub enum Outcome {
-    /// Copied; the target's digest.
-    Done {
-        /// As the target reported it.
-        target_digest: Option<String>,
-        /// A note for the record (e.g. "already present").
-        note: String,
-    },
-    /// Deliberately not copied.
-    Skipped {
-        /// Why, with both digests where relevant.
-        reason: String,
-    },
-    /// Retrying cannot help.
-    Failed {
-        /// What a person must do.
-        reason: String,
-        /// Short error class.
-        class: String,
-    },
-    /// Try again at a later time.
-    RetryAt {
-        /// When (ms since the epoch).
-        at: i64,
-        /// The error.
-        error: String,
-        /// Short error class.
-        class: String,
-    },
-}
-
-impl Outcome {
-    /// The outcome with its texts scrubbed of anything secret-shaped: they quote other servers.
-    fn scrubbed(self) -> Outcome {
-        use crate::redact::scrub;
-        match self {
-            Outcome::Done {
-                target_digest,
-                note,
-            } => Outcome::Done {
-                target_digest,
-                note: scrub(&note),
-            },
-            Outcome::Skipped { reason } => Outcome::Skipped {
-                reason: scrub(&reason),
-            },
-            Outcome::Failed { reason, class } => Outcome::Failed {
-                reason: scrub(&reason),
-                class,
-            },
-            Outcome::RetryAt { at, error, class } => Outcome::RetryAt {
-                at,
-                error: scrub(&error),
-                class,
-            },
-        }
-    }
-}
-
-/// Filters for listing jobs.
-#[derive(Clone, Debug, Default)]
-pub struct JobFilter {
-    /// Only this state.
-    pub state: Option<JobState>,
-    /// Only this target.
-    pub target: Option<String>,
-    /// Only this repository.
-    pub repository: Option<String>,
-    /// Only repositories of this Harbor project.
-    pub project: Option<String>,
-    /// Only ids below this one (the next page).
-    pub before_id: Option<i64>,
-    /// Page size.
-    pub limit: u32,
-}
-
-/// Per-target counts for status displays and metrics.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct TargetCounts {
-    /// Target name.
-    pub target: String,
-    /// Jobs waiting.
-    pub pending: u64,
-    /// Jobs being copied.
-    pub running: u64,
-    /// Jobs done (within retention).
-    pub done: u64,
-    /// Jobs skipped (within retention).
-    pub skipped: u64,
-    /// Jobs failed.
-    pub failed: u64,
-    /// When the oldest unfinished job was created (ms), if any.
-    pub oldest_pending_at: Option<i64>,
-}
 
 /// The database could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -415,7 +144,7 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         tag: non_empty(row.get(4)?),
         digest: non_empty(row.get(5)?),
         mount_from: non_empty(row.get(6)?),
-        origin: row.get(7)?,
+        origin: JobOrigin::parse(&row.get::<_, String>(7)?),
         state: JobState::parse(&row.get::<_, String>(8)?).unwrap_or(JobState::Failed),
         attempts: row.get(9)?,
         created_at: row.get(10)?,
@@ -423,7 +152,7 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         next_attempt_at: row.get(12)?,
         finished_at: row.get(13)?,
         detail: row.get(14)?,
-        error_class: row.get(15)?,
+        error_class: ErrorClass::parse(&row.get::<_, String>(15)?),
         target_digest: non_empty(row.get(16)?),
     })
 }
@@ -679,7 +408,7 @@ impl Queue {
                          detail = ?3, error_class = '', target_digest = ?4 WHERE id = ?1",
                             params![id, now, note, target_digest.as_deref().unwrap_or("")],
                         )?;
-                        ("done", note.clone())
+                        (AttemptResult::Done, note.clone())
                     }
                     Outcome::Skipped { reason } => {
                         tx.execute(
@@ -687,29 +416,29 @@ impl Queue {
                          detail = ?3, error_class = '' WHERE id = ?1",
                             params![id, now, reason],
                         )?;
-                        ("skipped", reason.clone())
+                        (AttemptResult::Skipped, reason.clone())
                     }
                     Outcome::Failed { reason, class } => {
                         tx.execute(
                             "UPDATE jobs SET state = 'failed', finished_at = ?2, updated_at = ?2, \
                          detail = ?3, error_class = ?4 WHERE id = ?1",
-                            params![id, now, reason, class],
+                            params![id, now, reason, class.as_str()],
                         )?;
-                        ("failed", reason.clone())
+                        (AttemptResult::Failed, reason.clone())
                     }
                     Outcome::RetryAt { at, error, class } => {
                         tx.execute(
                         "UPDATE jobs SET state = 'pending', next_attempt_at = ?2, updated_at = ?3, \
                          detail = ?4, error_class = ?5 WHERE id = ?1",
-                        params![id, at, now, error, class],
+                        params![id, at, now, error, class.as_str()],
                     )?;
-                        ("retry", error.clone())
+                        (AttemptResult::Retry, error.clone())
                     }
                 };
                 tx.execute(
                     "INSERT INTO attempts (job_id, started_at, finished_at, result, detail) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![id, started, now, result, detail],
+                    params![id, started, now, result.as_str(), detail],
                 )?;
                 tx.execute(
                 "UPDATE jobs SET state = 'pending', rearm = 0, attempts = 0, next_attempt_at = ?2, \
@@ -749,7 +478,7 @@ impl Queue {
                 Ok(Attempt {
                     started_at: r.get(0)?,
                     finished_at: r.get(1)?,
-                    result: r.get(2)?,
+                    result: AttemptResult::parse(&r.get::<_, String>(2)?),
                     detail: r.get(3)?,
                 })
             })?
@@ -973,7 +702,10 @@ mod tests {
         q.finish(claimed.id, done()).await.unwrap();
         let rearmed = q.get(claimed.id).await.unwrap().unwrap();
         assert_eq!((rearmed.state, rearmed.attempts), (JobState::Pending, 0));
-        assert_eq!(q.attempts(claimed.id).await.unwrap()[0].result, "done");
+        assert_eq!(
+            q.attempts(claimed.id).await.unwrap()[0].result,
+            AttemptResult::Done
+        );
         let claimed = q.claim("a").await.unwrap().unwrap();
         q.finish(claimed.id, done()).await.unwrap();
         assert_eq!(
@@ -999,7 +731,7 @@ mod tests {
             Outcome::RetryAt {
                 at: now_ms() + 60_000,
                 error: "connection refused".into(),
-                class: "unreachable".into(),
+                class: ErrorClass::Unreachable,
             },
         )
         .await
@@ -1018,7 +750,7 @@ mod tests {
         assert_eq!(q.claim("a").await.unwrap().unwrap().id, second.id);
         let attempts = q.attempts(first.id).await.unwrap();
         assert_eq!(attempts.len(), 1);
-        assert_eq!(attempts[0].result, "retry");
+        assert_eq!(attempts[0].result, AttemptResult::Retry);
     }
 
     #[tokio::test]
@@ -1033,7 +765,7 @@ mod tests {
             j.id,
             Outcome::Failed {
                 reason: "namespace missing".into(),
-                class: "denied".into(),
+                class: ErrorClass::Denied,
             },
         )
         .await

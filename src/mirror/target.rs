@@ -1,11 +1,18 @@
-//! What a target wants and under which name: namespace mapping and repository/tag filters.
+//! A target: what it wants and under which name (namespace mapping, repository and tag filters),
+//! and the client that talks to it.
 //!
 //! Filters use Harbor's doublestar globs (`*` stays inside one path segment, `**` crosses them), so
 //! rules copied from Harbor replication policies mean the same thing here.
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::config::TargetConfig;
+use crate::registry::{RegistryClient, RegistryError};
 
 /// The routing rules of one target.
 #[derive(Clone, Debug)]
@@ -123,6 +130,59 @@ impl TargetPolicy {
     /// The Harbor projects named in the mapping.
     pub fn mapped_projects(&self) -> impl Iterator<Item = &str> {
         self.namespaces.keys().map(String::as_str)
+    }
+}
+
+/// One target: its rules and its client.
+pub struct Target {
+    /// As configured.
+    pub config: TargetConfig,
+    /// Talks to it.
+    pub client: RegistryClient,
+    /// Workers of this target running now (readiness: all of them should be).
+    workers_alive: AtomicUsize,
+}
+
+/// Counts a worker of a target as alive from its spawning until it ends, however it ends.
+pub(crate) struct Alive(pub(crate) Arc<Target>);
+
+impl Alive {
+    pub(crate) fn enter(target: Arc<Target>) -> Alive {
+        target.workers_alive.fetch_add(1, Ordering::Relaxed);
+        Alive(target)
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.workers_alive.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Target {
+    /// Clients for every configured target.
+    pub fn all(configs: &[TargetConfig]) -> Result<Vec<Arc<Target>>, RegistryError> {
+        configs
+            .iter()
+            .map(|config| {
+                Ok(Arc::new(Target {
+                    client: RegistryClient::new(&config.endpoint)?,
+                    config: config.clone(),
+                    workers_alive: AtomicUsize::new(0),
+                }))
+            })
+            .collect()
+    }
+
+    /// The target's name.
+    pub fn name(&self) -> &str {
+        &self.config.endpoint.name
+    }
+
+    /// `Some((alive, configured))` when fewer workers run than are configured.
+    pub fn workers_missing(&self) -> Option<(usize, usize)> {
+        let alive = self.workers_alive.load(Ordering::Relaxed);
+        (alive < self.config.concurrency).then_some((alive, self.config.concurrency))
     }
 }
 

@@ -2,5 +2,6 @@
 //! what they reference.
 
 pub mod digest;
+pub mod error_code;
 pub mod manifest;
 pub mod names;

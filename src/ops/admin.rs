@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::body::read_limited;
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, Secret};
 use crate::mirror::Mirror;
@@ -27,7 +28,7 @@ use crate::oci::names::{RepositoryName, Tag};
 use crate::ops::backfill::{self, BackfillRequest, Progress, TagRow};
 use crate::ops::metrics::Metrics;
 use crate::ops::webhooks;
-use crate::registry::{ErrorKind, read_limited};
+use crate::registry::ErrorKind;
 
 /// The largest webhook or API request body accepted.
 const MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -409,7 +410,7 @@ impl Admin {
     async fn start_backfill(&self, req: Request<Incoming>) -> Answer {
         let bytes = match read_limited(req.into_body(), MAX_REQUEST_BODY).await {
             Ok(b) => b,
-            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            Err(e) => return error(StatusCode::BAD_REQUEST, crate::error::error_chain(&*e)),
         };
         let body: BackfillBody = match serde_json::from_slice(&bytes) {
             Ok(b) => b,
@@ -516,7 +517,12 @@ impl Admin {
         }
         let bytes = match read_limited(req.into_body(), MAX_REQUEST_BODY).await {
             Ok(b) => b,
-            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+            Err(e) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    crate::error::error_chain(&*e),
+                );
+            }
         };
         let parsed = if sender == "harbor" {
             webhooks::harbor(&bytes)

@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::TargetConfig;
+use crate::mirror::Mirror;
 use crate::mirror::queue::{JobKind, JobOrigin, NewJob, now_ms};
-use crate::mirror::{Mirror, Target};
+use crate::mirror::target::Target;
 use crate::oci::digest::Digest;
 use crate::oci::names::{NameError, RepositoryName, Tag};
 use crate::registry::{RegistryClient, RegistryError};

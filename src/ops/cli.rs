@@ -12,16 +12,18 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::body;
+use crate::body::read_limited;
 use crate::config::{AdminConfig, ClientTls, Config};
 use crate::http_client::{self, HttpClient};
+use crate::mirror::Mirror;
 use crate::mirror::queue::{Job, JobFilter, JobOrigin, Queue, now_ms};
 use crate::mirror::state_lock::StateLock;
-use crate::mirror::{Mirror, Target};
+use crate::mirror::target::Target;
 use crate::oci::digest::Digest;
 use crate::ops::admin::{BackfillBody, JobPage, Status};
 use crate::ops::backfill::{self, BackfillRequest, Progress, ProjectEvent, TagRow, TagStatus};
 use crate::ops::metrics::Metrics;
-use crate::registry::{ErrorKind, RegistryClient, RegistryError, read_limited};
+use crate::registry::{ErrorKind, FixContext, RegistryClient, RegistryError};
 
 /// A command that could not do its work.
 #[derive(Debug, thiserror::Error)]
@@ -546,21 +548,10 @@ fn report(lines: &[CheckLine]) -> i32 {
     i32::from(lines.iter().any(|l| !l.ok))
 }
 
-fn endpoint_hint(e: &RegistryError, key: &str) -> String {
-    match &e.kind {
-        ErrorKind::Tls(t) => t.fix(key),
-        ErrorKind::HttpsOnly { https } => {
-            format!("set url = \"{https}\" in {key} (and ca_file there if its CA is private)")
-        }
-        ErrorKind::Unreachable(_) | ErrorKind::Timeout => {
-            format!("check the url in {key}, DNS and firewalls from this host")
-        }
-        ErrorKind::Unauthorized(_) => format!(
-            "the username or password is wrong: fix username and password(_env/_file) in {key}"
-        ),
-        ErrorKind::Denied(_) => "the account exists but lacks rights: grant it access".to_string(),
-        _ => "see the error above".to_string(),
-    }
+/// The fix for a failed check, from the one table of fixes (see the error above otherwise).
+fn hint(e: &RegistryError, section: &str, namespace: Option<&str>) -> String {
+    e.fix(FixContext { section, namespace })
+        .unwrap_or_else(|| "see the error above".to_string())
 }
 
 /// What a passed connection check proves: TLS only for https:// endpoints.
@@ -603,7 +594,7 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
             ok: false,
             what: format!("upstream {}", up.origin),
             detail: e.kind.to_string(),
-            hint: Some(endpoint_hint(&e, "[upstream]")),
+            hint: Some(hint(&e, "[upstream]", None)),
         }),
     }
     for target in &config.targets {
@@ -616,7 +607,7 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
                 ok: false,
                 what,
                 detail: e.kind.to_string(),
-                hint: Some(endpoint_hint(&e, &key)),
+                hint: Some(hint(&e, &key, None)),
             });
             continue;
         }
@@ -658,26 +649,16 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
                     detail: "exists and accepts pushes".into(),
                     hint: None,
                 }),
-                Err(e) => {
-                    let hint = match &e.kind {
-                        ErrorKind::Denied(_)
-                        | ErrorKind::NotFound { .. }
-                        | ErrorKind::Unauthorized(_) => format!(
-                            "create namespace {ns} on {name} (or fix namespaces in {key}), and let `{}` push to it",
-                            target
-                                .endpoint
-                                .credentials
-                                .as_ref()
-                                .map(|c| c.username.as_str())
-                                .unwrap_or("anonymous")
-                        ),
-                        _ => endpoint_hint(&e, &key),
-                    };
+                Err(mut e) => {
+                    // Its credentials were just accepted: a refusal here is about the namespace.
+                    if let ErrorKind::Unauthorized(m) = &e.kind {
+                        e.kind = ErrorKind::Denied(m.clone());
+                    }
                     lines.push(CheckLine {
                         ok: false,
                         what,
                         detail: e.kind.to_string(),
-                        hint: Some(hint),
+                        hint: Some(hint(&e, &key, Some(ns))),
                     });
                 }
             }

@@ -288,6 +288,7 @@ pub fn anonymous_client(name: &str, url: &str) -> Result<RegistryClient, DemoErr
     let origin = Origin::parse(url).map_err(|e| DemoError(e.to_string()))?;
     Ok(RegistryClient::new(&Endpoint {
         name: name.to_string(),
+        side: crate::registry::Side::Target,
         origin,
         tls: ClientTls::default(),
         credentials: None,

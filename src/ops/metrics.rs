@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::mirror::queue::TargetCounts;
+use crate::mirror::queue::{ErrorClass, TargetCounts};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -202,11 +202,11 @@ impl Metrics {
     }
 
     /// An attempt failed with an error of class `reason`.
-    pub fn observe_failure(&self, target: &str, reason: &str) {
+    pub fn observe_failure(&self, target: &str, reason: ErrorClass) {
         self.failures
             .get_or_create(&FailureLabels {
                 target: target.to_string(),
-                reason: reason.to_string(),
+                reason: reason.as_str().to_string(),
             })
             .inc();
     }

@@ -1,11 +1,17 @@
-//! The Docker token protocol's vocabulary: `WWW-Authenticate` challenges and token responses.
+//! Authentication as registries ask for it: `WWW-Authenticate` challenges, the Docker token
+//! protocol (token per scope, cached until shortly before it expires), and Basic.
 //!
 //! The proxy rewrites challenges (so clients fetch tokens through regtee) and the registry client
 //! answers them (to push to targets); both read and write challenges with this one parser.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use http::header::{self, HeaderValue};
+use http::{Request, StatusCode, Uri};
 use serde::Deserialize;
+
+use super::{ErrorKind, MAX_ERROR_BODY, RegistryClient, RegistryError};
+use crate::config::Credentials;
 
 /// One `WWW-Authenticate` challenge: a scheme and its parameters, order preserved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,9 +157,161 @@ impl TokenResponse {
             .filter(|t| !t.is_empty())
     }
 
-    /// How long the token lives; the spec's default is 60 seconds.
+    /// How long the token lives; without `expires_in`, 60 seconds (Docker token authentication
+    /// specification, "Token Response Fields").
     pub fn lifetime(&self) -> Duration {
         Duration::from_secs(self.expires_in.unwrap_or(60).max(1))
+    }
+}
+
+/// The scope to read a repository (Docker token scope grammar: `repository:<name>:<actions>`).
+pub fn pull_scope(repository: &str) -> String {
+    format!("repository:{repository}:pull")
+}
+
+/// The scope to write a repository.
+pub fn push_scope(repository: &str) -> String {
+    format!("repository:{repository}:pull,push")
+}
+
+/// A token for one set of scopes.
+pub(super) struct CachedToken {
+    token: String,
+    expires: Instant,
+}
+
+/// `Basic <base64(user:password)>`; the encoded value is remembered for scrubbing, since a
+/// registry that echoes the header back shows this, not the password.
+pub(super) fn basic_header(c: &Credentials) -> HeaderValue {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        c.username,
+        c.password.expose()
+    ));
+    crate::redact::remember(token.as_str().into());
+    let mut v = HeaderValue::from_str(&format!("Basic {token}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("Basic invalid"));
+    v.set_sensitive(true);
+    v
+}
+
+fn bearer_header(token: &str) -> HeaderValue {
+    let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
+    v.set_sensitive(true);
+    v
+}
+
+impl RegistryClient {
+    fn known_challenge(&self) -> Option<Challenge> {
+        self.challenge
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The `Authorization` for a request needing `scopes`, per the last challenge seen; a
+    /// cached token unless `refresh`.
+    pub(super) async fn authorization(
+        &self,
+        scopes: &[String],
+        operation: &str,
+        refresh: bool,
+    ) -> Result<Option<HeaderValue>, RegistryError> {
+        let Some(challenge) = self.known_challenge() else {
+            return Ok(None);
+        };
+        if challenge.is_basic() {
+            return Ok(self.basic.clone());
+        }
+        if !challenge.is_bearer() {
+            return Ok(None);
+        }
+        let key = scopes.join(" ");
+        if !refresh
+            && let Some(cached) = self.tokens.get(&key)
+            && cached.expires > Instant::now()
+        {
+            return Ok(Some(bearer_header(&cached.token)));
+        }
+        let token = self.fetch_token(&challenge, scopes, operation).await?;
+        let header = bearer_header(&token.token);
+        self.tokens.insert(key, token);
+        Ok(Some(header))
+    }
+
+    /// Asks the challenge's realm for a token (Docker token authentication specification:
+    /// `service`, `account`, one `scope` per scope, Basic credentials).
+    async fn fetch_token(
+        &self,
+        challenge: &Challenge,
+        scopes: &[String],
+        operation: &str,
+    ) -> Result<CachedToken, RegistryError> {
+        let protocol = |m: String| self.err(operation, ErrorKind::Protocol(m));
+        let realm = challenge
+            .param("realm")
+            .ok_or_else(|| protocol("Bearer challenge without a realm".into()))?;
+        let mut url = url::Url::parse(realm)
+            .map_err(|_| protocol(format!("token realm `{realm}` is not a URL")))?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = challenge.param("service") {
+                query.append_pair("service", service);
+            }
+            if let Some(c) = &self.credentials {
+                query.append_pair("account", &c.username);
+            }
+            for scope in scopes {
+                query.append_pair("scope", scope);
+            }
+        }
+        let uri: Uri = url
+            .as_str()
+            .parse()
+            .map_err(|_| protocol("bad token URL".into()))?;
+        let mut request = Request::new(crate::body::empty());
+        *request.uri_mut() = uri;
+        if let Some(basic) = &self.basic {
+            request
+                .headers_mut()
+                .insert(header::AUTHORIZATION, basic.clone());
+        }
+        let op = format!("{operation} (token)");
+        let response = self.send_once(request, &op).await?;
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(self.err(
+                &op,
+                ErrorKind::Unauthorized(format!(
+                    "the token service rejected the credentials of `{}`",
+                    self.credentials
+                        .as_ref()
+                        .map(|c| c.username.as_str())
+                        .unwrap_or("anonymous")
+                )),
+            ));
+        }
+        if !status.is_success() {
+            return Err(self.error_from(response, &op).await);
+        }
+        let parsed: TokenResponse = self.read_json(response, MAX_ERROR_BODY, &op).await?;
+        let token = parsed
+            .token()
+            .ok_or_else(|| {
+                self.err(
+                    &op,
+                    ErrorKind::Protocol("token response has no token".into()),
+                )
+            })?
+            .to_string();
+        // Refresh a little early so a token never expires between check and use.
+        let life = parsed.lifetime().saturating_sub(Duration::from_secs(10));
+        Ok(CachedToken {
+            token,
+            expires: Instant::now() + life.max(Duration::from_secs(1)),
+        })
     }
 }
 

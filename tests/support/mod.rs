@@ -143,6 +143,7 @@ impl AuthRegistry {
 pub fn client_for(url: &str, creds: Option<(&str, &str)>) -> RegistryClient {
     RegistryClient::new(&Endpoint {
         name: "test-client".into(),
+        side: regtee::registry::Side::Target,
         origin: Origin::parse(url).unwrap(),
         tls: ClientTls {
             ca_file: None,
@@ -674,7 +675,7 @@ pub async fn http_request(
         .unwrap();
     let resp = client.request(req).await.unwrap();
     let status = resp.status().as_u16();
-    let bytes = regtee::registry::read_limited(resp.into_body(), 64 << 20)
+    let bytes = regtee::body::read_limited(resp.into_body(), 64 << 20)
         .await
         .unwrap();
     (status, String::from_utf8_lossy(&bytes).into_owned())

@@ -1,0 +1,544 @@
+//! Copying one job to one target, in dependency order: blobs (already there, mounted from a
+//! repository regtee put them in, or streamed from Harbor with the digest verified on the way),
+//! then child manifests and the subject, then the exact manifest bytes with their media type,
+//! then the tag, decided under its lock; the referrers tag where the target has no referrers API.
+
+use bytes::Bytes;
+use futures_util::stream::{self, TryStreamExt};
+
+use super::Mirror;
+use super::queue::Job;
+use super::target::Target;
+use crate::body;
+use crate::oci::digest::{Digest, VerifyingBody};
+use crate::oci::error_code::ErrorCode;
+use crate::oci::manifest::{self, Descriptor, OCI_INDEX, References};
+use crate::oci::names::{RepositoryName, Tag};
+use crate::registry::{Chunking, ErrorKind, FetchedManifest, RegistryError};
+
+/// How deep indexes may nest (index of index of ...); deeper is treated as malformed.
+const MAX_DEPTH: usize = 4;
+
+/// Blobs of one manifest copied at once.
+const BLOB_PARALLELISM: usize = 4;
+
+/// A job's subject as the mirror uses it. The queue is a file: its names are checked again,
+/// as anything from outside is.
+pub(super) struct Subject {
+    repository: RepositoryName,
+    tag: Option<Tag>,
+    digest: Option<Digest>,
+    mount_from: Option<RepositoryName>,
+}
+
+impl Subject {
+    pub(super) fn of(job: &Job) -> Result<Subject, JobError> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            JobError::Invalid(format!(
+                "the queue holds a job regtee cannot use ({e}); nothing was copied"
+            ))
+        };
+        fn optional(v: &Option<String>) -> Option<&str> {
+            v.as_deref().filter(|s| !s.is_empty())
+        }
+        Ok(Subject {
+            repository: job.repository.parse().map_err(|e| invalid(&e))?,
+            tag: optional(&job.tag)
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| invalid(&e))?,
+            digest: optional(&job.digest)
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| invalid(&e))?,
+            // Only a hint: a bad one is dropped, not fatal.
+            mount_from: optional(&job.mount_from).and_then(|m| m.parse().ok()),
+        })
+    }
+}
+
+/// Why a job did not succeed.
+#[derive(Debug)]
+pub(super) enum JobError {
+    /// A registry said no or could not be reached.
+    Registry(RegistryError),
+    /// The content itself is wrong; retrying cannot help.
+    Invalid(String),
+    /// regtee itself failed (a panic, caught).
+    Internal(String),
+}
+
+impl From<RegistryError> for JobError {
+    fn from(e: RegistryError) -> Self {
+        JobError::Registry(e)
+    }
+}
+
+/// How a job ended well.
+pub(super) enum Success {
+    Done {
+        target_digest: Option<String>,
+        note: String,
+    },
+    Skipped(String),
+}
+
+impl Mirror {
+    pub(super) async fn blob_job(
+        &self,
+        target: &Target,
+        job: &Subject,
+    ) -> Result<Success, JobError> {
+        let digest = job
+            .digest
+            .as_ref()
+            .ok_or_else(|| JobError::Invalid("blob job without a digest".into()))?;
+        let policy = &target.config.policy;
+        let target_repo = policy.target_repository(job.repository.as_str());
+        let mount_hint = job
+            .mount_from
+            .as_ref()
+            .filter(|from| policy.wants_repository(from.as_str()))
+            .map(|from| policy.target_repository(from.as_str()));
+        let how = self
+            .ensure_blob(
+                target,
+                job.repository.as_str(),
+                &target_repo,
+                digest,
+                mount_hint.as_deref(),
+            )
+            .await?;
+        Ok(Success::Done {
+            target_digest: Some(digest.to_string()),
+            note: how.to_string(),
+        })
+    }
+
+    /// Makes sure the target repository has the blob. Returns how.
+    async fn ensure_blob(
+        &self,
+        target: &Target,
+        source_repo: &str,
+        target_repo: &str,
+        digest: &Digest,
+        mount_hint: Option<&str>,
+    ) -> Result<&'static str, JobError> {
+        let _guard = self
+            .blob_locks
+            .lock(format!("{}\n{target_repo}\n{digest}", target.name()))
+            .await;
+        if target
+            .client
+            .blob_exists(target_repo, digest)
+            .await?
+            .is_some()
+        {
+            self.remember_home(target, digest, target_repo);
+            return Ok("already present");
+        }
+        let key = (target.name().to_string(), digest.to_string());
+        let mut candidates: Vec<String> = mount_hint.map(str::to_string).into_iter().collect();
+        if let Some(homes) = self.blob_homes.get(&key) {
+            candidates.extend(homes.iter().cloned());
+        }
+        candidates.retain(|c| c != target_repo);
+        candidates.dedup();
+        for from in candidates.iter().take(3) {
+            match target.client.mount_blob(target_repo, digest, from).await {
+                Ok(true) => {
+                    self.remember_home(target, digest, target_repo);
+                    return Ok("mounted");
+                }
+                Ok(false) => {}
+                // A refused mount (no pull right on the source, say) falls back to upload.
+                Err(e) if !e.retryable() => {
+                    tracing::debug!(error = %e, "mount refused; uploading instead")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let blob = self.upstream.get_blob(source_repo, digest).await?;
+        let size = blob.size;
+        let verified = body::boxed(VerifyingBody::new(blob.body, digest.clone(), size));
+        target
+            .client
+            .upload_blob(
+                target_repo,
+                digest,
+                size,
+                verified,
+                Chunking {
+                    size: target.config.upload_chunk_size,
+                    max: target.config.max_chunk_size,
+                },
+            )
+            .await?;
+        self.metrics
+            .observe_mirrored_bytes(target.name(), size.unwrap_or(0));
+        self.remember_home(target, digest, target_repo);
+        Ok("uploaded")
+    }
+
+    fn remember_home(&self, target: &Target, digest: &Digest, repo: &str) {
+        let mut homes = self
+            .blob_homes
+            .entry((target.name().to_string(), digest.to_string()))
+            .or_default();
+        if !homes.iter().any(|h| h == repo) {
+            homes.push(repo.to_string());
+            if homes.len() > 8 {
+                homes.remove(0);
+            }
+        }
+    }
+
+    // ---- manifests ----
+
+    pub(super) async fn manifest_job(
+        &self,
+        target: &Target,
+        job: &Subject,
+    ) -> Result<Success, JobError> {
+        let repo = job.repository.as_str();
+        let target_repo = target.config.policy.target_repository(repo);
+        let reference = match (&job.digest, &job.tag) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.to_string(),
+            (None, None) => {
+                return Err(JobError::Invalid("job names neither tag nor digest".into()));
+            }
+        };
+        let Some(fetched) = self.upstream.get_manifest(repo, &reference).await? else {
+            return Ok(Success::Skipped(format!(
+                "gone from Harbor: {repo}:{reference} was deleted after it was pushed"
+            )));
+        };
+        // Everything it references first: the long part, done without holding the tag.
+        let refs = self
+            .prepare_manifest(target, repo, &target_repo, &fetched, 0)
+            .await?;
+        let Some(tag) = &job.tag else {
+            let stored = self
+                .put_manifest(target, repo, &target_repo, None, &fetched, &refs, 0)
+                .await?;
+            return Ok(Success::Done {
+                target_digest: Some(stored.to_string()),
+                note: String::new(),
+            });
+        };
+        // The tag is decided under its lock, right before it is written: a tag on the target
+        // only ever moves to what Harbor's tag names now. If Harbor's tag has moved on, a newer
+        // job carries it; this one stores its manifest by digest only.
+        let _tag_guard = self
+            .tag_locks
+            .lock(format!("{}\n{target_repo}\n{tag}", target.name()))
+            .await;
+        let current = self.upstream.manifest_head(repo, tag.as_str()).await?;
+        if current.as_ref().map(|h| &h.digest) != Some(&fetched.digest) {
+            let stored = self
+                .put_manifest(target, repo, &target_repo, None, &fetched, &refs, 0)
+                .await?;
+            return Ok(Success::Done {
+                target_digest: Some(stored.to_string()),
+                note: format!("tag {tag} has moved on in Harbor; stored by digest only"),
+            });
+        }
+        if let Some(existing) = target
+            .client
+            .manifest_head(&target_repo, tag.as_str())
+            .await?
+        {
+            if existing.digest == fetched.digest {
+                return Ok(Success::Done {
+                    target_digest: Some(existing.digest.to_string()),
+                    note: "already in sync".into(),
+                });
+            }
+            if !target.config.overwrite {
+                return Ok(Success::Skipped(format!(
+                    "exists: {target_repo}:{tag} on {} is {}, Harbor has {} (overwrite = false)",
+                    target.name(),
+                    existing.digest,
+                    fetched.digest
+                )));
+            }
+        }
+        let stored = self
+            .put_manifest(
+                target,
+                repo,
+                &target_repo,
+                Some(tag.as_str()),
+                &fetched,
+                &refs,
+                0,
+            )
+            .await?;
+        Ok(Success::Done {
+            target_digest: Some(stored.to_string()),
+            note: String::new(),
+        })
+    }
+
+    /// Ensures everything `fetched` references, stores it by digest, checks the digest.
+    async fn store_manifest(
+        &self,
+        target: &Target,
+        repo: &str,
+        target_repo: &str,
+        fetched: &FetchedManifest,
+        depth: usize,
+    ) -> Result<Digest, JobError> {
+        let refs = self
+            .prepare_manifest(target, repo, target_repo, fetched, depth)
+            .await?;
+        self.put_manifest(target, repo, target_repo, None, fetched, &refs, depth)
+            .await
+    }
+
+    /// Reads what a manifest references and makes all of it exist on the target.
+    async fn prepare_manifest(
+        &self,
+        target: &Target,
+        repo: &str,
+        target_repo: &str,
+        fetched: &FetchedManifest,
+        depth: usize,
+    ) -> Result<References, JobError> {
+        if depth > MAX_DEPTH {
+            return Err(JobError::Invalid(format!(
+                "{repo}@{}: indexes nest deeper than {MAX_DEPTH} levels",
+                fetched.digest
+            )));
+        }
+        let refs = manifest::references(&fetched.bytes, Some(&fetched.media_type))
+            .map_err(|e| JobError::Invalid(format!("{repo}@{} in Harbor: {e}", fetched.digest)))?;
+        self.ensure_references(target, repo, target_repo, &refs, depth)
+            .await?;
+        Ok(refs)
+    }
+
+    /// Stores the exact manifest bytes under `tag` (or its digest), checks the digest the
+    /// target reports, and maintains the referrers tag when the target needs it.
+    #[allow(clippy::too_many_arguments)]
+    async fn put_manifest(
+        &self,
+        target: &Target,
+        repo: &str,
+        target_repo: &str,
+        tag: Option<&str>,
+        fetched: &FetchedManifest,
+        refs: &References,
+        depth: usize,
+    ) -> Result<Digest, JobError> {
+        let reference = tag
+            .map(str::to_string)
+            .unwrap_or_else(|| fetched.digest.to_string());
+        let media_type = if fetched.media_type.is_empty() {
+            refs.media_type.clone()
+        } else {
+            fetched.media_type.clone()
+        };
+        let put = |bytes: Bytes| {
+            target
+                .client
+                .put_manifest(target_repo, &reference, &media_type, bytes)
+        };
+        let stored = match put(fetched.bytes.clone()).await {
+            Err(e) if e.code().is_some_and(ErrorCode::is_missing_content) => {
+                // The target lost (or never committed) a blob: ensure again, then retry once.
+                tracing::info!(
+                    target = target.name(),
+                    "target reports a missing blob; ensuring blobs again: {e}"
+                );
+                self.ensure_references(target, repo, target_repo, refs, depth)
+                    .await?;
+                put(fetched.bytes.clone()).await?
+            }
+            other => other?,
+        };
+        if let Some(reported) = &stored.digest
+            && *reported != fetched.digest
+        {
+            return Err(JobError::Invalid(format!(
+                "target {} stored {target_repo}:{reference} as {reported} but Harbor's digest is {}: the target rewrote the manifest",
+                target.name(),
+                fetched.digest
+            )));
+        }
+        if let Some(subject) = &refs.subject
+            && !stored.has_referrers_api
+        {
+            self.add_to_referrers_tag(target, target_repo, subject, fetched, refs)
+                .await?;
+        }
+        Ok(fetched.digest.clone())
+    }
+
+    async fn ensure_references(
+        &self,
+        target: &Target,
+        repo: &str,
+        target_repo: &str,
+        refs: &References,
+        depth: usize,
+    ) -> Result<(), JobError> {
+        let blobs: Vec<Digest> = refs
+            .blobs
+            .iter()
+            .map(|d| parse_digest(Some(&d.digest)))
+            .collect::<Result<_, _>>()?;
+        stream::iter(blobs.iter().map(Ok::<_, JobError>))
+            .try_for_each_concurrent(BLOB_PARALLELISM, |digest| async move {
+                self.ensure_blob(target, repo, target_repo, digest, None)
+                    .await
+                    .map(|_| ())
+            })
+            .await?;
+        for child in &refs.children {
+            self.ensure_child(target, repo, target_repo, child, depth + 1)
+                .await?;
+        }
+        if let Some(subject) = &refs.subject {
+            // The subject goes first when Harbor has it; a dangling subject is allowed by the spec.
+            let digest = parse_digest(Some(&subject.digest))?;
+            if self
+                .upstream
+                .manifest_head(repo, digest.as_str())
+                .await?
+                .is_some()
+            {
+                self.ensure_child(target, repo, target_repo, subject, depth + 1)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure a manifest referenced by digest exists on the target.
+    fn ensure_child<'a>(
+        &'a self,
+        target: &'a Target,
+        repo: &'a str,
+        target_repo: &'a str,
+        child: &'a Descriptor,
+        depth: usize,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), JobError>> {
+        Box::pin(async move {
+            let digest = parse_digest(Some(&child.digest))?;
+            if target
+                .client
+                .manifest_head(target_repo, digest.as_str())
+                .await?
+                .is_some()
+            {
+                return Ok(());
+            }
+            let fetched = self
+                .upstream
+                .get_manifest(repo, digest.as_str())
+                .await?
+                .ok_or_else(|| {
+                    JobError::Invalid(format!(
+                        "{repo} references {digest}, which Harbor does not have"
+                    ))
+                })?;
+            self.store_manifest(target, repo, target_repo, &fetched, depth)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    /// Adds a referrer to the spec's `sha256-<hex>` tag index on a target without the
+    /// referrers API.
+    async fn add_to_referrers_tag(
+        &self,
+        target: &Target,
+        target_repo: &str,
+        subject: &Descriptor,
+        referrer: &FetchedManifest,
+        refs: &References,
+    ) -> Result<(), JobError> {
+        let subject = parse_digest(Some(&subject.digest))?;
+        let tag = manifest::referrers_tag(&subject);
+        let _guard = self
+            .tag_locks
+            .lock(format!("{}\n{target_repo}\n{tag}", target.name()))
+            .await;
+        let existing = target.client.get_manifest(target_repo, &tag).await?;
+        if let Some(index) = &existing
+            && manifest::index_lists(&index.bytes, referrer.digest.as_str())
+        {
+            return Ok(());
+        }
+        let entry = Descriptor {
+            media_type: refs.media_type.clone(),
+            digest: referrer.digest.to_string(),
+            size: referrer.bytes.len() as u64,
+            urls: None,
+            artifact_type: refs.artifact_type.clone(),
+            annotations: refs.annotations.clone(),
+            platform: None,
+        };
+        let index = manifest::add_referrer(existing.as_ref().map(|m| &m.bytes[..]), entry)
+            .map_err(|e| JobError::Invalid(format!("referrers index {tag} on target: {e}")))?;
+        target
+            .client
+            .put_manifest(target_repo, &tag, OCI_INDEX, Bytes::from(index))
+            .await?;
+        Ok(())
+    }
+
+    // ---- deletes ----
+
+    pub(super) async fn delete_job(
+        &self,
+        target: &Target,
+        job: &Subject,
+    ) -> Result<Success, JobError> {
+        let target_repo = target
+            .config
+            .policy
+            .target_repository(job.repository.as_str());
+        let reference = job
+            .digest
+            .as_ref()
+            .map(Digest::to_string)
+            .or_else(|| job.tag.as_ref().map(Tag::to_string))
+            .ok_or_else(|| JobError::Invalid("delete names neither tag nor digest".into()))?;
+        match target
+            .client
+            .delete_manifest(&target_repo, &reference)
+            .await
+        {
+            Ok(true) => Ok(Success::Done {
+                target_digest: None,
+                note: "deleted".into(),
+            }),
+            Ok(false) => Ok(Success::Done {
+                target_digest: None,
+                note: "was not on the target".into(),
+            }),
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::Rejected {
+                        status: 400 | 405,
+                        ..
+                    }
+                ) =>
+            {
+                Ok(Success::Skipped(format!(
+                    "target {} refused to delete {target_repo}:{reference}: {e}",
+                    target.name()
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+fn parse_digest(d: Option<&str>) -> Result<Digest, JobError> {
+    let d = d.ok_or_else(|| JobError::Invalid("job has no digest".into()))?;
+    d.parse().map_err(|e| JobError::Invalid(format!("{e}")))
+}

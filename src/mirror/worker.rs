@@ -1,0 +1,306 @@
+//! The workers: per target, claim a job, attempt it, record how it ended, and back off when
+//! the target or the queue cannot take more. A panic inside a job ends that job, never the
+//! worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Mirror;
+use super::copy::{JobError, Subject, Success};
+use super::queue::{ErrorClass, Job, JobKind, Outcome, now_ms};
+use super::target::{Alive, Target};
+use crate::registry::{ErrorKind, FixContext, Side};
+use crate::throttle::Throttle;
+
+static UNRECORDED: Throttle = Throttle::new(Duration::from_secs(60));
+
+impl Mirror {
+    /// Starts `concurrency` workers per target. When `cancel` fires they take no new job and
+    /// give the job in hand up to `grace` to finish; what is still running then goes back to
+    /// the queue.
+    pub fn spawn_workers(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        cancel: &CancellationToken,
+        grace: Duration,
+    ) {
+        for target in &self.targets {
+            for _ in 0..target.config.concurrency {
+                let alive = Alive::enter(target.clone());
+                tasks.spawn(self.clone().work(alive, cancel.clone(), grace));
+            }
+        }
+    }
+
+    async fn work(self: Arc<Self>, alive: Alive, cancel: CancellationToken, grace: Duration) {
+        let target = alive.0.clone();
+        let waker = self.queue.waker(target.name());
+        loop {
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            // Register for wake-ups before looking, so an enqueue in between is not missed.
+            notified.as_mut().enable();
+            match self.queue.claim(target.name()).await {
+                Ok(Some(job)) => {
+                    let execution = self.attempt(&target, &job);
+                    tokio::pin!(execution);
+                    let outcome = tokio::select! {
+                        outcome = &mut execution => outcome,
+                        () = cancel.cancelled() => {
+                            match tokio::time::timeout(grace, execution).await {
+                                Ok(outcome) => outcome,
+                                Err(_) => Outcome::RetryAt {
+                                    at: now_ms(),
+                                    error: "interrupted by shutdown".into(),
+                                    class: ErrorClass::Shutdown,
+                                },
+                            }
+                        }
+                    };
+                    if !self.record(&target, &job, outcome, &cancel).await || cancel.is_cancelled()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(target = target.name(), error = %e, "cannot read the job queue; retrying in 5s");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    }
+                }
+            }
+            let wait = match self.queue.next_due(target.name()).await {
+                Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(0, 60_000) as u64),
+                _ => Duration::from_secs(60),
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = &mut notified => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Records an attempt's outcome, retrying with backoff while the database refuses it (a
+    /// full disk): the job stays `running` meanwhile, this worker claims nothing new, and the
+    /// instance reports not ready. Returns false when shutdown came first (the job is then
+    /// resumed at the next start).
+    async fn record(
+        &self,
+        target: &Target,
+        job: &Job,
+        outcome: Outcome,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let Err(e) = self.queue.finish(job.id, outcome.clone()).await else {
+                return true;
+            };
+            if let Some(held_back) = UNRECORDED.allow() {
+                tracing::error!(
+                    target = target.name(),
+                    job = job.id,
+                    held_back,
+                    error = %e,
+                    "could not record a job's outcome: free space on (or repair) the state directory's disk; the job stays queued and its worker waits, retrying"
+                );
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// One attempt at a job, its outcome logged and counted. A panic inside ends the job as
+    /// failed instead of taking the worker (and the job with it) down.
+    async fn attempt(&self, target: &Target, job: &Job) -> Outcome {
+        use futures_util::FutureExt as _;
+        let what = describe(job);
+        let result = std::panic::AssertUnwindSafe(self.execute(target, job))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                Err(JobError::Internal(message))
+            });
+        match result {
+            Ok(Success::Done {
+                target_digest,
+                note,
+            }) => {
+                if job.kind == JobKind::Manifest
+                    && matches!(job.origin.as_str(), "push" | "webhook")
+                {
+                    let lag = (now_ms() - job.created_at).max(0) as u64;
+                    self.metrics
+                        .observe_mirror_lag(target.name(), Duration::from_millis(lag));
+                }
+                self.metrics
+                    .observe_outcome(target.name(), job.kind.as_str(), "done");
+                tracing::info!(
+                    target = target.name(),
+                    job = job.id,
+                    attempts = job.attempts,
+                    "done: {what}{}",
+                    if note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({note})")
+                    }
+                );
+                Outcome::Done {
+                    target_digest,
+                    note,
+                }
+            }
+            Ok(Success::Skipped(reason)) => {
+                self.metrics
+                    .observe_outcome(target.name(), job.kind.as_str(), "skipped");
+                tracing::warn!(
+                    target = target.name(),
+                    job = job.id,
+                    "skipped: {what}: {reason}"
+                );
+                Outcome::Skipped { reason }
+            }
+            Err(error) => self.failure(target, job, &what, error),
+        }
+    }
+
+    async fn execute(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
+        let subject = Subject::of(job)?;
+        match job.kind {
+            JobKind::Blob => self.blob_job(target, &subject).await,
+            JobKind::Manifest => self.manifest_job(target, &subject).await,
+            JobKind::Delete => self.delete_job(target, &subject).await,
+        }
+    }
+
+    fn failure(&self, target: &Target, job: &Job, what: &str, error: JobError) -> Outcome {
+        let (retryable, class, message, retry_after) = match &error {
+            JobError::Registry(e) => (
+                e.retryable(),
+                ErrorClass::of(e),
+                e.to_string(),
+                match e.kind {
+                    ErrorKind::RateLimited { retry_after } => retry_after,
+                    _ => None,
+                },
+            ),
+            JobError::Invalid(m) => (false, ErrorClass::Invalid, m.clone(), None),
+            JobError::Internal(m) => (
+                false,
+                ErrorClass::Internal,
+                format!(
+                    "internal error: {m} (a bug in regtee: please report it with this job's details)"
+                ),
+                None,
+            ),
+        };
+        self.metrics.observe_failure(target.name(), class);
+        let cfg = &target.config;
+        let attempts_left = cfg.max_attempts == 0 || job.attempts < cfg.max_attempts;
+        if retryable && attempts_left {
+            let delay = backoff(job.attempts, cfg.retry_initial, cfg.retry_max)
+                .max(retry_after.unwrap_or_default());
+            tracing::warn!(
+                target = target.name(),
+                job = job.id,
+                attempt = job.attempts,
+                retry_in = ?delay,
+                "retrying: {what}: {message}"
+            );
+            return Outcome::RetryAt {
+                at: now_ms() + delay.as_millis() as i64,
+                error: message,
+                class,
+            };
+        }
+        let reason = match &error {
+            JobError::Registry(e) if retryable => format!(
+                "{e} (gave up after {} attempts: raise max_attempts, or fix the cause and `regtee retry --failed`)",
+                job.attempts
+            ),
+            JobError::Registry(e) => with_fix(e, target, job),
+            JobError::Invalid(_) | JobError::Internal(_) => message,
+        };
+        self.metrics
+            .observe_outcome(target.name(), job.kind.as_str(), "failed");
+        tracing::error!(
+            target = target.name(),
+            job = job.id,
+            class = class.as_str(),
+            "failed: {what}: {reason}"
+        );
+        Outcome::Failed { reason, class }
+    }
+}
+
+/// The error with what to do about it, for a job that failed for good.
+fn with_fix(e: &crate::registry::RegistryError, target: &Target, job: &Job) -> String {
+    let project = job.repository.split('/').next().unwrap_or("");
+    let name = target.name();
+    let (section, namespace) = match e.side {
+        Side::Upstream => ("[upstream]".to_string(), project),
+        Side::Target => (
+            format!("[[targets]] \"{name}\""),
+            target.config.policy.target_namespace(project),
+        ),
+    };
+    match e.fix(FixContext {
+        section: &section,
+        namespace: Some(namespace),
+    }) {
+        Some(fix) => format!("{e}: {fix}, then `regtee retry --failed`"),
+        None => e.to_string(),
+    }
+}
+
+fn describe(job: &Job) -> String {
+    let what = match (&job.tag, &job.digest) {
+        (Some(t), Some(d)) => format!("{}:{t} ({d})", job.repository),
+        (Some(t), None) => format!("{}:{t}", job.repository),
+        (None, Some(d)) => format!("{}@{d}", job.repository),
+        (None, None) => job.repository.clone(),
+    };
+    format!("{} {what}", job.kind.as_str())
+}
+
+/// Capped exponential backoff with jitter: attempt n waits between half and all of
+/// `initial * 2^(n-1)`, never more than `max`.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let exp = initial.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)));
+    let ceiling = exp.min(max);
+    let half = ceiling / 2;
+    let jitter_ms = rand::random_range(0..=half.as_millis().max(1) as u64);
+    half + Duration::from_millis(jitter_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let i = Duration::from_secs(1);
+        let m = Duration::from_secs(60);
+        for attempt in 1..30 {
+            let d = backoff(attempt, i, m);
+            let ceiling = (i * 2u32.pow((attempt - 1).min(20))).min(m);
+            assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
+        }
+    }
+}
