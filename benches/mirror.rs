@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use regtee::ops::demo::{
+use regtee::local_registry::{
     LocalRegistry, RegistryOptions, anonymous_client, free_port, sample_image,
 };
 
@@ -45,7 +45,7 @@ async fn main() {
     );
     let image = sample_image(&[5 * 1024 * 1024; 20]);
     let push_started = Instant::now();
-    regtee::ops::demo::push_image(&through, "library/big", "1.0", &image)
+    regtee::local_registry::push_image(&through, "library/big", "1.0", &image)
         .await
         .unwrap();
     let acknowledged = Instant::now();

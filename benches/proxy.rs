@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use regtee::ops::demo::{LocalRegistry, RegistryOptions, free_port};
+use regtee::local_registry::{LocalRegistry, RegistryOptions, free_port};
 
 const MIB: usize = 1024 * 1024;
 

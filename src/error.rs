@@ -9,11 +9,13 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde::Serialize;
 
+use crate::oci::error_code::ErrorCode;
+
 /// An error response in the spec's `{"errors":[{code,message,detail}]}` form.
 #[derive(Debug, Clone)]
 pub struct OciError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
@@ -31,7 +33,7 @@ struct Entry<'a> {
 
 impl OciError {
     /// An error with a status, a spec error code and a message for people.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> OciError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> OciError {
         OciError {
             status,
             code,
@@ -41,17 +43,21 @@ impl OciError {
 
     /// 502: the upstream could not be reached or broke the connection.
     pub fn bad_gateway(message: impl Into<String>) -> OciError {
-        OciError::new(StatusCode::BAD_GATEWAY, "UNAVAILABLE", message)
+        OciError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, message)
     }
 
     /// 504: the upstream did not answer in time.
     pub fn gateway_timeout(message: impl Into<String>) -> OciError {
-        OciError::new(StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE", message)
+        OciError::new(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable, message)
     }
 
     /// 503: regtee cannot do its part right now; the client should retry.
     pub fn unavailable(message: impl Into<String>) -> OciError {
-        OciError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
+        OciError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            message,
+        )
     }
 
     /// The HTTP status.
@@ -68,7 +74,7 @@ impl OciError {
     pub fn body(&self) -> Bytes {
         let envelope = Envelope {
             errors: [Entry {
-                code: self.code,
+                code: self.code.as_str(),
                 message: &self.message,
                 detail: serde_json::Value::Null,
             }],
@@ -103,6 +109,35 @@ impl std::fmt::Display for OciError {
     }
 }
 
+/// An error and each of its sources, stepping into the errors `std::io::Error`s wrap (whose own
+/// `source()` skips them): rustls, hyper-util and tokio errors travel inside those.
+pub fn sources<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| match e.downcast_ref::<std::io::Error>() {
+        Some(io) => io
+            .get_ref()
+            .map(|inner| inner as &(dyn std::error::Error + 'static)),
+        None => e.source(),
+    })
+}
+
+/// The first error of type `E` in the chain.
+pub fn find<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    sources(error).find_map(|e| e.downcast_ref::<E>())
+}
+
+/// Whether something in the chain timed out (a connect timeout, a stalled write, a deadline).
+pub fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    sources(error).any(|e| {
+        e.is::<tokio::time::error::Elapsed>()
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    })
+}
+
 /// All messages of an error and its sources, `: `-joined.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![error.to_string()];
@@ -120,6 +155,16 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_and_wrapped_errors_are_found_by_type() {
+        let inner = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout");
+        let wrapped = std::io::Error::other(inner);
+        assert!(timed_out(&wrapped));
+        assert!(!timed_out(&std::io::Error::other("refused")));
+        let tls = std::io::Error::other(rustls::Error::General("x".into()));
+        assert!(find::<rustls::Error>(&tls).is_some());
+    }
 
     #[test]
     fn body_is_the_spec_envelope() {

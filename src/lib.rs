@@ -27,6 +27,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod http_client;
+pub mod local_registry;
 pub mod mirror;
 pub mod oci;
 pub mod ops;
@@ -131,10 +132,15 @@ impl Instance {
         let upstream = Arc::new(registry::RegistryClient::new(&config.upstream.endpoint)?);
         let mirror = Arc::new(mirror::Mirror::new(
             queue.clone(),
-            upstream,
+            upstream.clone(),
             &config.targets,
             metrics.clone(),
         )?);
+        let backfiller = Arc::new(ops::backfill::Backfiller {
+            upstream,
+            targets: mirror.targets().to_vec(),
+            tee: tee.clone(),
+        });
         let limits = ConnectionLimits {
             header_read_timeout: config.proxy.header_read_timeout,
             shutdown_grace: config.proxy.shutdown_grace,
@@ -156,14 +162,13 @@ impl Instance {
             }
         }
         mirror.spawn_workers(&tasks, &cancel, config.proxy.shutdown_grace);
-        ops::backfill::spawn_reconcilers(&tasks, &cancel, &config.targets, mirror.clone());
+        backfiller.spawn_reconcilers(&tasks, &cancel, &config.targets);
         mirror::queue::spawn_retention(&tasks, &cancel, queue.clone(), config.state.retention);
         if let Some(listener) = admin_listener {
             let admin = Arc::new(ops::admin::Admin::new(
                 &config,
                 queue.clone(),
-                tee.clone(),
-                mirror.clone(),
+                backfiller,
                 metrics.clone(),
                 tasks.clone(),
                 cancel.clone(),

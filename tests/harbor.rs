@@ -224,8 +224,8 @@ async fn a_client_on_the_wrong_port_or_protocol_is_told_so_once() {
         .unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     let (plain, tls) = (
-        regtee::ops::demo::free_port().unwrap(),
-        regtee::ops::demo::free_port().unwrap(),
+        regtee::local_registry::free_port().unwrap(),
+        regtee::local_registry::free_port().unwrap(),
     );
     spec.listen = format!("127.0.0.1:{plain}");
     spec.tls = Some((

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use regtee::ops::demo::{SampleImage, sample_image};
+use regtee::local_registry::{SampleImage, sample_image};
 use regtee::registry::{Chunking, RegistryClient};
 
 use crate::support::fault::{Fault, FaultFront};
@@ -282,10 +282,10 @@ async fn a_tag_on_the_target_never_moves_behind_harbors() {
     // reaches the target. When A's copy resumes, Harbor's tag is C: A is stored by digest only.
     let a_layer = regtee::oci::digest::Digest::sha256_of(&a.layers[0]);
     front.set(Fault::Hold(a_layer.hex().to_string()));
-    regtee::ops::demo::push_image(&through, "library/race", "v1", &a)
+    regtee::local_registry::push_image(&through, "library/race", "v1", &a)
         .await
         .unwrap();
-    regtee::ops::demo::push_image(&through, "library/race", "v1", &c)
+    regtee::local_registry::push_image(&through, "library/race", "v1", &c)
         .await
         .unwrap();
     wait_for_manifest(&target, "library/race", "v1", c.digest.as_str()).await;
@@ -325,7 +325,7 @@ async fn a_tag_on_the_target_never_moves_behind_harbors() {
             .hex()
             .to_string(),
     ));
-    regtee::ops::demo::push_image(&through, "library/again", "v1", &d)
+    regtee::local_registry::push_image(&through, "library/again", "v1", &d)
         .await
         .unwrap();
     let running = wait_until("D's job to run", Duration::from_secs(30), || async {
@@ -335,7 +335,7 @@ async fn a_tag_on_the_target_never_moves_behind_harbors() {
             .find(|j| j["kind"] == "manifest" && j["state"] == "running")
     })
     .await;
-    regtee::ops::demo::push_image(&through, "library/again", "v1", &d)
+    regtee::local_registry::push_image(&through, "library/again", "v1", &d)
         .await
         .unwrap();
     front.release();
@@ -365,8 +365,8 @@ async fn credentials_a_target_echoes_back_never_reach_the_log_the_queue_or_the_a
     for f in [&token_front, &basic_front] {
         f.set(Fault::EchoAuthorization);
     }
-    let port = regtee::ops::demo::free_port().unwrap();
-    let admin = regtee::ops::demo::free_port().unwrap();
+    let port = regtee::local_registry::free_port().unwrap();
+    let admin = regtee::local_registry::free_port().unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::at("tcr", &token_front.url()))
         .target(TargetSpec::at("acr", &basic_front.url()));
@@ -458,7 +458,7 @@ async fn stalled_transfers_are_cut_and_retried_in_both_directions() {
     // (Large enough that socket buffers cannot take it all: the writes must pend.)
     cloud_front.set(Fault::StallUploads { after: 100_000 });
     let image = sample_image(&[32 << 20]);
-    regtee::ops::demo::push_image(&through, "library/stall", "1", &image)
+    regtee::local_registry::push_image(&through, "library/stall", "1", &image)
         .await
         .unwrap();
     let retried = wait_until("a retry after the stall", Duration::from_secs(30), || {
@@ -473,7 +473,7 @@ async fn stalled_transfers_are_cut_and_retried_in_both_directions() {
     harbor_front.set(Fault::StallDownloads { after: 50_000 });
     let image = sample_image(&[1_500_000]);
     let direct = harbor.client(DEV_USER, DEV_PASSWORD);
-    regtee::ops::demo::push_image(&direct, "library/slow-harbor", "1", &image)
+    regtee::local_registry::push_image(&direct, "library/slow-harbor", "1", &image)
         .await
         .unwrap();
     let (status, body) = http_request(
@@ -496,7 +496,7 @@ async fn stalled_transfers_are_cut_and_retried_in_both_directions() {
     // A client that stops reading a response is cut too (it would hold a Harbor connection).
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let big = sample_image(&[32 << 20]);
-    regtee::ops::demo::push_image(&direct, "library/big", "1", &big)
+    regtee::local_registry::push_image(&direct, "library/big", "1", &big)
         .await
         .unwrap();
     let layer = regtee::oci::digest::Digest::sha256_of(&big.layers[0]);
@@ -549,8 +549,8 @@ async fn a_huge_chunk_minimum_is_refused_and_chunks_stream_in_bounded_memory() {
     let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
     let front = FaultFront::start(&cloud.url()).await;
     front.set(Fault::ChunkMinLength(1 << 30));
-    let port = regtee::ops::demo::free_port().unwrap();
-    let admin = regtee::ops::demo::free_port().unwrap();
+    let port = regtee::local_registry::free_port().unwrap();
+    let admin = regtee::local_registry::free_port().unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::at("tcr", &front.url()).with("max_chunk_size = 134217728"));
     spec.listen = format!("127.0.0.1:{port}");
@@ -562,7 +562,7 @@ async fn a_huge_chunk_minimum_is_refused_and_chunks_stream_in_bounded_memory() {
     let through = client_for(&format!("http://{host}"), Some((DEV_USER, DEV_PASSWORD)));
 
     let small = sample_image(&[10_000]);
-    regtee::ops::demo::push_image(&through, "library/chunky", "1", &small)
+    regtee::local_registry::push_image(&through, "library/chunky", "1", &small)
         .await
         .unwrap();
     let admin_url = format!("http://127.0.0.1:{admin}/api/v1/jobs?state=failed");
@@ -672,14 +672,14 @@ async fn a_full_state_disk_refuses_pushes_and_parks_workers_without_spinning() {
             .hex()
             .to_string(),
     ));
-    regtee::ops::demo::push_image(&through, "library/full", "1", &held)
+    regtee::local_registry::push_image(&through, "library/full", "1", &held)
         .await
         .unwrap();
     disk.fill();
 
     // A new push: Harbor takes it, regtee cannot record it, the client is told to retry.
     let later = sample_image(&[6_000]);
-    let refused = regtee::ops::demo::push_image(&through, "library/later", "1", &later).await;
+    let refused = regtee::local_registry::push_image(&through, "library/later", "1", &later).await;
     let e = refused.unwrap_err().to_string();
     assert!(e.contains("503") || e.contains("retry"), "{e}");
 
@@ -707,7 +707,7 @@ async fn a_full_state_disk_refuses_pushes_and_parks_workers_without_spinning() {
         (status == 200).then_some(())
     })
     .await;
-    regtee::ops::demo::push_image(&through, "library/later", "1", &later)
+    regtee::local_registry::push_image(&through, "library/later", "1", &later)
         .await
         .unwrap();
     wait_for_manifest(&target, "library/later", "1", later.digest.as_str()).await;
@@ -740,7 +740,7 @@ async fn a_deleted_queue_database_and_a_deleted_lock_are_noticed() {
         Some((DEV_USER, DEV_PASSWORD)),
     );
     let refused =
-        regtee::ops::demo::push_image(&through, "library/lost", "1", &sample_image(&[1_000])).await;
+        regtee::local_registry::push_image(&through, "library/lost", "1", &sample_image(&[1_000])).await;
     assert!(refused.unwrap_err().to_string().contains("503"));
     world.regtee.stop().await;
 }

@@ -215,7 +215,7 @@ async fn overwrite_false_leaves_a_conflicting_tag_and_records_both_digests() {
     layout.tag(&ours, "ours");
     // Someone already put another image under the tag on the target.
     let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
-    regtee::ops::demo::push_image(&target, "library/app", "v1", &sample_from(&layout, &theirs))
+    regtee::local_registry::push_image(&target, "library/app", "v1", &sample_from(&layout, &theirs))
         .await
         .unwrap();
     push_layout_ok(
@@ -254,7 +254,7 @@ async fn overwrite_false_leaves_a_conflicting_tag_and_records_both_digests() {
 }
 
 /// Turns a layout image into something `push_image` can push.
-fn sample_from(layout: &Layout, manifest: &Written) -> regtee::ops::demo::SampleImage {
+fn sample_from(layout: &Layout, manifest: &Written) -> regtee::local_registry::SampleImage {
     let refs = regtee::oci::manifest::references(&manifest.bytes, None).unwrap();
     let read = |d: &str| {
         bytes::Bytes::from(
@@ -267,7 +267,7 @@ fn sample_from(layout: &Layout, manifest: &Written) -> regtee::ops::demo::Sample
             .unwrap(),
         )
     };
-    regtee::ops::demo::SampleImage {
+    regtee::local_registry::SampleImage {
         config: read(&refs.blobs[0].digest),
         layers: refs.blobs[1..].iter().map(|b| read(&b.digest)).collect(),
         manifest: bytes::Bytes::from(manifest.bytes.clone()),
@@ -324,8 +324,8 @@ async fn sigkill_during_pushes_and_during_mirroring_loses_no_acknowledged_push()
     let mut cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
     // The cloud is down while pushes happen, so jobs pile up and mirroring is caught mid-way.
     cloud.registry.stop();
-    let port = regtee::ops::demo::free_port().unwrap();
-    let admin_port = regtee::ops::demo::free_port().unwrap();
+    let port = regtee::local_registry::free_port().unwrap();
+    let admin_port = regtee::local_registry::free_port().unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud).with("concurrency = 1"));
     spec.listen = format!("127.0.0.1:{port}");

@@ -8,10 +8,10 @@ use crate::support::*;
 /// A spec whose proxy and admin listen on fixed free ports, so the CLI can find the admin API.
 fn spec_with_ports(harbor: &AuthRegistry, state: &std::path::Path) -> ConfigSpec {
     let mut spec = ConfigSpec::new(harbor, state);
-    spec.listen = format!("127.0.0.1:{}", regtee::ops::demo::free_port().unwrap());
+    spec.listen = format!("127.0.0.1:{}", regtee::local_registry::free_port().unwrap());
     spec.admin = Some(format!(
         "127.0.0.1:{}",
-        regtee::ops::demo::free_port().unwrap()
+        regtee::local_registry::free_port().unwrap()
     ));
     spec
 }
@@ -149,13 +149,13 @@ async fn reconcile_catches_pushes_that_went_around_regtee() {
 #[tokio::test(flavor = "multi_thread")]
 async fn webhooks_from_harbor_and_from_the_registry_become_mirrored_images() {
     let work = tempfile::tempdir().unwrap();
-    let admin_port = regtee::ops::demo::free_port().unwrap();
+    let admin_port = regtee::local_registry::free_port().unwrap();
     let secret = "hook-secret-3b9e";
     // The registry itself notifies regtee, as a distribution behind Harbor can be told to.
     let harbor = start_harbor_with(
         &work.path().join("harbor"),
-        regtee::ops::demo::RegistryOptions {
-            notification: Some(regtee::ops::demo::Notification {
+        regtee::local_registry::RegistryOptions {
+            notification: Some(regtee::local_registry::Notification {
                 url: format!("http://127.0.0.1:{admin_port}/api/v1/webhooks/registry"),
                 authorization: format!("Bearer {secret}"),
             }),

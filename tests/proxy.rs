@@ -644,7 +644,7 @@ fn oci_error_code(body: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_down_is_a_502_with_an_oci_body_and_service_resumes() {
     let work = tempfile::tempdir().unwrap();
-    let port = regtee::ops::demo::free_port().unwrap();
+    let port = regtee::local_registry::free_port().unwrap();
     let regtee = Regtee::start(&ConfigSpec::at(
         &format!("http://127.0.0.1:{port}"),
         &work.path().join("state"),
@@ -661,7 +661,7 @@ async fn upstream_down_is_a_502_with_an_oci_body_and_service_resumes() {
 
     let harbor = start_harbor_with(
         &work.path().join("harbor"),
-        regtee::ops::demo::RegistryOptions {
+        regtee::local_registry::RegistryOptions {
             port: Some(port),
             ..Default::default()
         },
@@ -810,7 +810,7 @@ async fn logs_have_one_line_per_request_and_never_a_secret_and_sigterm_exits_cle
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
-    let port = regtee::ops::demo::free_port().unwrap();
+    let port = regtee::local_registry::free_port().unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud));
     spec.listen = format!("127.0.0.1:{port}");

@@ -60,14 +60,4 @@ impl Mirror {
     pub fn targets(&self) -> &[Arc<Target>] {
         &self.targets
     }
-
-    /// Harbor's client.
-    pub fn upstream(&self) -> &Arc<RegistryClient> {
-        &self.upstream
-    }
-
-    /// The queue.
-    pub fn queue(&self) -> &Arc<Queue> {
-        &self.queue
-    }
 }

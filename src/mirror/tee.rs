@@ -3,18 +3,58 @@
 //! The request path, webhooks and backfills all describe what happened as a [`Write`]; this is
 //! the one place that applies each target's filters and decides which jobs that write creates.
 
+/// Content Harbor has just accepted, as seen on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// A blob upload finished, or a blob was mounted from another repository.
+    Blob {
+        /// Repository that now holds the blob.
+        repository: RepositoryName,
+        /// The blob.
+        digest: Digest,
+        /// For a mount: the repository it came from.
+        mounted_from: Option<RepositoryName>,
+    },
+    /// A manifest was stored under a tag or a digest.
+    Manifest {
+        /// Repository.
+        repository: RepositoryName,
+        /// The tag, if pushed by tag.
+        tag: Option<Tag>,
+        /// The manifest digest, when Harbor or the path says it.
+        digest: Option<Digest>,
+    },
+    /// A manifest (or tag) was deleted.
+    ManifestDeleted {
+        /// Repository.
+        repository: RepositoryName,
+        /// Tag or digest that was deleted.
+        reference: Reference,
+    },
+}
+
+impl Write {
+    /// The repository written to.
+    pub fn repository(&self) -> &RepositoryName {
+        match self {
+            Write::Blob { repository, .. }
+            | Write::Manifest { repository, .. }
+            | Write::ManifestDeleted { repository, .. } => repository,
+        }
+    }
+}
+
 use std::sync::Arc;
 
 use crate::config::TargetConfig;
 use crate::mirror::queue::{JobKind, JobOrigin, NewJob, Queue, QueueError};
 use crate::mirror::target::TargetPolicy;
 use crate::oci::digest::Digest;
-use crate::oci::names::Tag;
-use crate::request::route::Write;
+use crate::oci::names::{Reference, RepositoryName, Tag};
 
-/// One target's routing, as far as creating jobs is concerned.
+/// One target's rules, as far as creating jobs is concerned.
 #[derive(Clone, Debug)]
-struct Route {
+struct Rules {
     name: String,
     policy: TargetPolicy,
     delete: bool,
@@ -23,7 +63,7 @@ struct Route {
 /// Records writes as jobs in the durable queue.
 pub struct Tee {
     queue: Arc<Queue>,
-    targets: Vec<Route>,
+    targets: Vec<Rules>,
 }
 
 impl Tee {
@@ -33,7 +73,7 @@ impl Tee {
             queue,
             targets: targets
                 .iter()
-                .map(|t| Route {
+                .map(|t| Rules {
                     name: t.endpoint.name.clone(),
                     policy: t.policy.clone(),
                     delete: t.delete,
@@ -42,11 +82,13 @@ impl Tee {
         }
     }
 
-    /// The jobs a write creates: for each target whose filters take it.
-    pub fn jobs_for(&self, write: &Write, origin: JobOrigin) -> Vec<NewJob> {
+    /// The jobs a write creates: for each target whose filters take it (only the target named
+    /// `only`, when given: a backfill of one target).
+    pub fn jobs_for(&self, write: &Write, origin: JobOrigin, only: Option<&str>) -> Vec<NewJob> {
         let repository = write.repository();
         self.targets
             .iter()
+            .filter(|t| only.is_none_or(|name| name == t.name))
             .filter(|t| t.policy.wants_repository(repository.as_str()))
             .filter_map(|t| {
                 let job = |kind, tag: Option<&Tag>, digest: Option<&Digest>, from| NewJob {
@@ -84,14 +126,30 @@ impl Tee {
             .collect()
     }
 
-    /// Records a write seen on the wire; returns once it is durable.
-    pub async fn record(&self, write: &Write) -> Result<(), QueueError> {
-        self.record_from(write, JobOrigin::Push).await.map(|_| ())
+    /// Queues jobs made by [`Tee::jobs_for`] (a backfill batches them); returns how many were
+    /// armed.
+    pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
+        self.queue.enqueue(jobs).await
     }
 
-    /// Records a write from any origin; returns how many jobs were armed.
-    pub async fn record_from(&self, write: &Write, origin: JobOrigin) -> Result<usize, QueueError> {
-        let jobs = self.jobs_for(write, origin);
+    /// Records a write seen on the wire; returns once it is durable.
+    pub async fn record(&self, write: &Write) -> Result<(), QueueError> {
+        self.record_all(std::slice::from_ref(write), JobOrigin::Push, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Records writes from any origin in one transaction; returns how many jobs were armed.
+    pub async fn record_all(
+        &self,
+        writes: &[Write],
+        origin: JobOrigin,
+        only: Option<&str>,
+    ) -> Result<usize, QueueError> {
+        let jobs = writes
+            .iter()
+            .flat_map(|w| self.jobs_for(w, origin, only))
+            .collect();
         self.queue.enqueue(jobs).await
     }
 }
@@ -128,14 +186,14 @@ mod tests {
             tag: Some(tag.parse().unwrap()),
             digest: Some(D.parse().unwrap()),
         };
-        let jobs = tee.jobs_for(&manifest("library/app", "v1"), JobOrigin::Push);
+        let jobs = tee.jobs_for(&manifest("library/app", "v1"), JobOrigin::Push, None);
         assert_eq!(
             names(&jobs),
             vec![("all", JobKind::Manifest), ("lib-v", JobKind::Manifest)]
         );
-        let jobs = tee.jobs_for(&manifest("library/app", "latest"), JobOrigin::Push);
+        let jobs = tee.jobs_for(&manifest("library/app", "latest"), JobOrigin::Push, None);
         assert_eq!(names(&jobs), vec![("all", JobKind::Manifest)]);
-        let jobs = tee.jobs_for(&manifest("team/app", "v1"), JobOrigin::Push);
+        let jobs = tee.jobs_for(&manifest("team/app", "v1"), JobOrigin::Push, None);
         assert_eq!(names(&jobs), vec![("all", JobKind::Manifest)]);
 
         // Blobs go early only where every tag is taken.
@@ -145,7 +203,7 @@ mod tests {
             mounted_from: None,
         };
         assert_eq!(
-            names(&tee.jobs_for(&blob, JobOrigin::Push)),
+            names(&tee.jobs_for(&blob, JobOrigin::Push, None)),
             vec![("all", JobKind::Blob)]
         );
 
@@ -154,8 +212,16 @@ mod tests {
             repository: "library/app".parse().unwrap(),
             reference: D.parse().unwrap(),
         };
-        let jobs = tee.jobs_for(&delete, JobOrigin::Push);
+        let jobs = tee.jobs_for(&delete, JobOrigin::Push, None);
         assert_eq!(names(&jobs), vec![("all", JobKind::Delete)]);
         assert_eq!(jobs[0].digest.as_ref().map(Digest::as_str), Some(D));
+
+        // A backfill of one target gets that target's jobs only.
+        let jobs = tee.jobs_for(
+            &manifest("library/app", "v1"),
+            JobOrigin::Backfill,
+            Some("lib-v"),
+        );
+        assert_eq!(names(&jobs), vec![("lib-v", JobKind::Manifest)]);
     }
 }

@@ -19,13 +19,11 @@ use tokio_util::task::TaskTracker;
 use crate::body::read_limited;
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, Secret};
-use crate::mirror::Mirror;
 use crate::mirror::queue::{
     Job, JobFilter, JobOrigin, JobState, Queue, QueueError, TargetCounts, now_ms,
 };
-use crate::mirror::tee::Tee;
 use crate::oci::names::{RepositoryName, Tag};
-use crate::ops::backfill::{self, BackfillRequest, Progress, TagRow};
+use crate::ops::backfill::{self, BackfillRequest, BackfillState, Backfiller, Progress, TagRow};
 use crate::ops::metrics::Metrics;
 use crate::ops::webhooks;
 use crate::registry::ErrorKind;
@@ -121,8 +119,8 @@ pub struct Admin {
     token: Option<Secret>,
     webhook_secret: Option<Secret>,
     queue: Arc<Queue>,
-    tee: Arc<Tee>,
-    mirror: Arc<Mirror>,
+    /// Harbor, the targets and the tee: what backfills, comparisons and webhooks need.
+    backfiller: Arc<Backfiller>,
     metrics: Arc<Metrics>,
     backfills: Mutex<BTreeMap<u64, Arc<Mutex<Progress>>>>,
     next_backfill: AtomicU64,
@@ -163,12 +161,10 @@ fn query_map(query: Option<&str>) -> BTreeMap<String, String> {
 
 impl Admin {
     /// Wires the API to the running parts.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
         queue: Arc<Queue>,
-        tee: Arc<Tee>,
-        mirror: Arc<Mirror>,
+        backfiller: Arc<Backfiller>,
         metrics: Arc<Metrics>,
         tasks: TaskTracker,
         cancel: CancellationToken,
@@ -177,8 +173,7 @@ impl Admin {
             token: config.admin.as_ref().and_then(|a| a.token.clone()),
             webhook_secret: config.webhook_secret.clone(),
             queue,
-            tee,
-            mirror,
+            backfiller,
             metrics,
             backfills: Mutex::new(BTreeMap::new()),
             next_backfill: AtomicU64::new(1),
@@ -262,7 +257,7 @@ impl Admin {
             );
         }
         if !self.cancel.is_cancelled() {
-            for target in self.mirror.targets() {
+            for target in &self.backfiller.targets {
                 if let Some((alive, configured)) = target.workers_missing() {
                     return error(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -274,7 +269,7 @@ impl Admin {
                 }
             }
         }
-        match self.mirror.upstream().ping().await {
+        match &self.backfiller.upstream.ping().await {
             Ok(()) => text(StatusCode::OK, "text/plain", "ready\n"),
             // Harbor serves HTTPS only: every request through regtee is refused until fixed.
             Err(e) if matches!(e.kind, ErrorKind::HttpsOnly { .. }) => {
@@ -287,8 +282,8 @@ impl Admin {
     }
 
     fn target_names(&self) -> Vec<String> {
-        self.mirror
-            .targets()
+        self.backfiller
+            .targets
             .iter()
             .map(|t| t.name().to_string())
             .collect()
@@ -382,7 +377,7 @@ impl Admin {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         };
-        let upstream = self.mirror.upstream();
+        let upstream = &self.backfiller.upstream;
         let tags = match upstream.tags(repository.as_str()).await {
             Ok(t) => t,
             Err(e) => return error(StatusCode::BAD_GATEWAY, e.to_string()),
@@ -392,7 +387,8 @@ impl Admin {
         for tag in tags {
             match tag.parse::<Tag>() {
                 Ok(tag) => rows.push(
-                    backfill::compare_tag(upstream, self.mirror.targets(), &repository, &tag).await,
+                    backfill::compare_tag(upstream, &self.backfiller.targets, &repository, &tag)
+                        .await,
                 ),
                 Err(e) => skipped.push(e.to_string()),
             }
@@ -427,42 +423,37 @@ impl Admin {
             return error(StatusCode::BAD_REQUEST, e.to_string());
         }
         if let Some(t) = &body.target
-            && !self.mirror.targets().iter().any(|x| x.name() == t)
+            && !self.backfiller.targets.iter().any(|x| x.name() == t)
         {
             return error(StatusCode::BAD_REQUEST, format!("no target named {t}"));
         }
         let id = self.next_backfill.fetch_add(1, Ordering::Relaxed);
-        let progress = Arc::new(Mutex::new(Progress {
-            id,
-            project: body.project.clone(),
-            target: body.target.clone(),
-            dry_run: body.dry_run,
-            state: "running".into(),
-            started_at: now_ms(),
-            ..Default::default()
-        }));
-        self.backfills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, progress.clone());
         let request = BackfillRequest {
             project: body.project,
             target: body.target,
             dry_run: body.dry_run,
             origin: JobOrigin::Backfill,
         };
-        let (mirror, cancel, task_progress) =
-            (self.mirror.clone(), self.cancel.clone(), progress.clone());
+        let progress = Arc::new(Mutex::new(Progress::started(id, &request)));
+        self.backfills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, progress.clone());
+        let (backfiller, cancel, task_progress) = (
+            self.backfiller.clone(),
+            self.cancel.clone(),
+            progress.clone(),
+        );
         self.tasks.spawn(async move {
             use futures_util::FutureExt as _;
-            let run = std::panic::AssertUnwindSafe(backfill::run(&mirror, &request, &task_progress))
+            let run = std::panic::AssertUnwindSafe(backfiller.run(&request, &task_progress))
                 .catch_unwind();
             tokio::select! {
                 () = cancel.cancelled() => {}
                 outcome = run => if outcome.is_err() {
                     // A bug must not leave the backfill `running` forever.
                     let mut p = task_progress.lock().unwrap_or_else(|p| p.into_inner());
-                    p.state = "failed".into();
+                    p.state = BackfillState::Failed;
                     p.finished_at = Some(now_ms());
                     p.errors.insert(0, "internal error: the backfill stopped (a bug in regtee: please report it)".into());
                     tracing::error!(project = %p.project, "a backfill stopped on an internal error");
@@ -553,13 +544,15 @@ impl Admin {
                 );
             }
         }
-        let mut armed = 0;
-        for write in &events.writes {
-            match self.tee.record_from(write, JobOrigin::Webhook).await {
-                Ok(n) => armed += n,
-                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-            }
-        }
+        let armed = match self
+            .backfiller
+            .tee
+            .record_all(&events.writes, JobOrigin::Webhook, None)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        };
         tracing::info!(
             sender,
             events = events.writes.len(),

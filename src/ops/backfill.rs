@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::TargetConfig;
-use crate::mirror::Mirror;
-use crate::mirror::queue::{JobKind, JobOrigin, NewJob, now_ms};
+use crate::mirror::queue::{JobOrigin, now_ms};
 use crate::mirror::target::Target;
+use crate::mirror::tee::{Tee, Write};
 use crate::oci::digest::Digest;
 use crate::oci::names::{NameError, RepositoryName, Tag};
 use crate::registry::{RegistryClient, RegistryError};
@@ -92,6 +92,19 @@ pub struct BackfillRequest {
     pub origin: JobOrigin,
 }
 
+/// Where a backfill stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackfillState {
+    /// Comparing.
+    #[default]
+    Running,
+    /// Compared, and what differs is queued.
+    Finished,
+    /// Stopped by an error (see `errors`).
+    Failed,
+}
+
 /// A backfill's progress and result.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Progress {
@@ -103,8 +116,8 @@ pub struct Progress {
     pub target: Option<String>,
     /// Whether nothing is queued.
     pub dry_run: bool,
-    /// `running`, `finished` or `failed`.
-    pub state: String,
+    /// Where it stands.
+    pub state: BackfillState,
     /// Repositories found.
     pub repositories: usize,
     /// Repositories whose tags were listed.
@@ -289,101 +302,168 @@ pub enum ProjectEvent {
     Error(String),
 }
 
-/// Runs a backfill: compares, then queues a manifest job for each tag a target lacks or holds
-/// with another digest (unless `overwrite = false`). `progress` is updated as it goes.
-pub async fn run(mirror: &Mirror, request: &BackfillRequest, progress: &Mutex<Progress>) {
-    let targets: Vec<Arc<Target>> = mirror
-        .targets()
-        .iter()
-        .filter(|t| request.target.as_deref().is_none_or(|n| n == t.name()))
-        .cloned()
-        .collect();
-    let mut jobs: Vec<NewJob> = Vec::new();
-    let result = compare_project(mirror.upstream(), &targets, &request.project, |event| {
-        let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
-        match event {
-            ProjectEvent::Repositories(n) => p.repositories = n,
-            ProjectEvent::Tags(n) => p.tags += n,
-            ProjectEvent::RepositoryDone => p.repositories_done += 1,
-            ProjectEvent::Error(e) => {
-                p.failed += 1;
-                p.note_error(e);
-            }
-            ProjectEvent::Row(row) => {
-                p.tags_compared += 1;
-                for view in &row.targets {
-                    match view.status {
-                        TagStatus::InSync => p.in_sync += 1,
-                        TagStatus::Missing | TagStatus::Different => {
-                            p.queued += 1;
-                            if let Some(digest) = &row.harbor {
-                                jobs.push(NewJob {
-                                    target: view.target.clone(),
-                                    kind: JobKind::Manifest,
-                                    repository: row.repository.clone(),
-                                    tag: Some(row.tag.clone()),
-                                    digest: Some(digest.clone()),
-                                    mount_from: None,
-                                    origin: request.origin,
-                                });
-                            }
-                        }
-                        TagStatus::Conflict => p.skipped += 1,
-                        TagStatus::Error => p.failed += 1,
-                        TagStatus::NotMirrored => {}
-                    }
-                }
-                for e in row.errors {
+/// What a backfill needs: Harbor to list and compare, the targets to compare with, and the tee
+/// that turns what is missing into jobs.
+pub struct Backfiller {
+    /// Harbor.
+    pub upstream: Arc<RegistryClient>,
+    /// Every configured target.
+    pub targets: Vec<Arc<Target>>,
+    /// Where jobs are made.
+    pub tee: Arc<Tee>,
+}
+
+impl Backfiller {
+    /// Runs a backfill: compares, then queues a manifest job for each tag a target lacks or
+    /// holds with another digest (unless `overwrite = false`). `progress` is updated as it goes.
+    pub async fn run(&self, request: &BackfillRequest, progress: &Mutex<Progress>) {
+        let targets: Vec<Arc<Target>> = self
+            .targets
+            .iter()
+            .filter(|t| request.target.as_deref().is_none_or(|n| n == t.name()))
+            .cloned()
+            .collect();
+        let mut jobs = Vec::new();
+        let result = compare_project(&self.upstream, &targets, &request.project, |event| {
+            let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+            match event {
+                ProjectEvent::Repositories(n) => p.repositories = n,
+                ProjectEvent::Tags(n) => p.tags += n,
+                ProjectEvent::RepositoryDone => p.repositories_done += 1,
+                ProjectEvent::Error(e) => {
+                    p.failed += 1;
                     p.note_error(e);
                 }
+                ProjectEvent::Row(row) => {
+                    p.tags_compared += 1;
+                    let write = Write::Manifest {
+                        repository: row.repository.clone(),
+                        tag: Some(row.tag.clone()),
+                        digest: row.harbor.clone(),
+                    };
+                    for view in &row.targets {
+                        match view.status {
+                            TagStatus::InSync => p.in_sync += 1,
+                            TagStatus::Missing | TagStatus::Different => {
+                                p.queued += 1;
+                                if row.harbor.is_some() {
+                                    jobs.extend(self.tee.jobs_for(
+                                        &write,
+                                        request.origin,
+                                        Some(&view.target),
+                                    ));
+                                }
+                            }
+                            TagStatus::Conflict => p.skipped += 1,
+                            TagStatus::Error => p.failed += 1,
+                            TagStatus::NotMirrored => {}
+                        }
+                    }
+                    for e in row.errors {
+                        p.note_error(e);
+                    }
+                }
             }
+        })
+        .await;
+        let enqueued = if request.dry_run {
+            Ok(0)
+        } else {
+            self.tee.enqueue(jobs).await
+        };
+        let p = {
+            let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+            p.finished_at = Some(now_ms());
+            p.state = BackfillState::Finished;
+            if let Err(e) = &result {
+                p.state = BackfillState::Failed;
+                p.errors.insert(0, e.to_string());
+            }
+            if let Err(e) = &enqueued {
+                p.state = BackfillState::Failed;
+                p.errors.insert(0, format!("could not queue jobs: {e}"));
+            }
+            p.clone()
+        };
+        tracing::info!(
+            project = %p.project,
+            target = p.target.as_deref().unwrap_or("all"),
+            dry_run = p.dry_run,
+            state = ?p.state,
+            repositories = p.repositories,
+            tags = p.tags,
+            in_sync = p.in_sync,
+            queued = p.queued,
+            skipped = p.skipped,
+            failed = p.failed,
+            "{} of project {} finished",
+            match request.origin {
+                JobOrigin::Reconcile => "reconcile",
+                _ => "backfill",
+            },
+            p.project
+        );
+    }
+
+    /// Starts the periodic reconcile of each target that has a `reconcile_interval`.
+    pub fn spawn_reconcilers(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        cancel: &CancellationToken,
+        targets: &[TargetConfig],
+    ) {
+        for target in targets {
+            let Some(interval) = target.reconcile_interval else {
+                continue;
+            };
+            let interval = interval.max(Duration::from_secs(1));
+            let (cancel, this, target) = (cancel.clone(), self.clone(), target.clone());
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(interval) => {}
+                    }
+                    let projects = match projects_for(&this.upstream, &target).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(target = %target.endpoint.name, error = %e, "reconcile could not list projects; trying again next interval");
+                            continue;
+                        }
+                    };
+                    for project in projects {
+                        let request = BackfillRequest {
+                            project: project.clone(),
+                            target: Some(target.endpoint.name.clone()),
+                            dry_run: false,
+                            origin: JobOrigin::Reconcile,
+                        };
+                        let progress = Mutex::new(Progress::started(0, &request));
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            () = this.run(&request, &progress) => {}
+                        }
+                    }
+                }
+            });
         }
-    })
-    .await;
-    let enqueued = if request.dry_run {
-        Ok(0)
-    } else {
-        mirror
-            .queue()
-            .enqueue(jobs)
-            .await
-            .map_err(|e| e.to_string())
-    };
-    let p = {
-        let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
-        p.finished_at = Some(now_ms());
-        p.state = "finished".into();
-        if let Err(e) = &result {
-            p.state = "failed".into();
-            p.errors.insert(0, e.to_string());
-        }
-        if let Err(e) = &enqueued {
-            p.state = "failed".into();
-            p.errors.insert(0, format!("could not queue jobs: {e}"));
-        }
-        p.clone()
-    };
-    tracing::info!(
-        project = %p.project,
-        target = p.target.as_deref().unwrap_or("all"),
-        dry_run = p.dry_run,
-        state = %p.state,
-        repositories = p.repositories,
-        tags = p.tags,
-        in_sync = p.in_sync,
-        queued = p.queued,
-        skipped = p.skipped,
-        failed = p.failed,
-        "{} of project {} finished",
-        match request.origin {
-            JobOrigin::Reconcile => "reconcile",
-            _ => "backfill",
-        },
-        p.project
-    );
+    }
 }
 
 impl Progress {
+    /// The progress of a backfill that starts now.
+    pub fn started(id: u64, request: &BackfillRequest) -> Progress {
+        Progress {
+            id,
+            project: request.project.clone(),
+            target: request.target.clone(),
+            dry_run: request.dry_run,
+            state: BackfillState::Running,
+            started_at: now_ms(),
+            ..Default::default()
+        }
+    }
+
     /// Keeps the first 20 errors.
     fn note_error(&mut self, e: String) {
         if self.errors.len() < 20 {
@@ -407,54 +487,4 @@ pub async fn projects_for(
     }
     // Every project; the comparison applies the target's repository rules itself.
     all_projects(upstream).await
-}
-
-/// Starts the periodic reconcile of each target that has a `reconcile_interval`.
-pub fn spawn_reconcilers(
-    tasks: &TaskTracker,
-    cancel: &CancellationToken,
-    targets: &[TargetConfig],
-    mirror: Arc<Mirror>,
-) {
-    for target in targets {
-        let Some(interval) = target.reconcile_interval else {
-            continue;
-        };
-        let interval = interval.max(Duration::from_secs(1));
-        let (cancel, mirror, target) = (cancel.clone(), mirror.clone(), target.clone());
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(interval) => {}
-                }
-                let projects = match projects_for(mirror.upstream(), &target).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::warn!(target = %target.endpoint.name, error = %e, "reconcile could not list projects; trying again next interval");
-                        continue;
-                    }
-                };
-                for project in projects {
-                    let request = BackfillRequest {
-                        project: project.clone(),
-                        target: Some(target.endpoint.name.clone()),
-                        dry_run: false,
-                        origin: JobOrigin::Reconcile,
-                    };
-                    let progress = Mutex::new(Progress {
-                        project,
-                        target: request.target.clone(),
-                        started_at: now_ms(),
-                        state: "running".into(),
-                        ..Default::default()
-                    });
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = run(&mirror, &request, &progress) => {}
-                    }
-                }
-            }
-        });
-    }
 }

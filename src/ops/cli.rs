@@ -15,23 +15,67 @@ use crate::body;
 use crate::body::read_limited;
 use crate::config::{AdminConfig, ClientTls, Config};
 use crate::http_client::{self, HttpClient};
-use crate::mirror::Mirror;
-use crate::mirror::queue::{Job, JobFilter, JobOrigin, Queue, now_ms};
+use crate::mirror::queue::{Job, JobFilter, JobOrigin, Queue, QueueError, now_ms};
 use crate::mirror::state_lock::StateLock;
 use crate::mirror::target::Target;
+use crate::mirror::tee::Tee;
 use crate::oci::digest::Digest;
+use crate::oci::names::NameError;
 use crate::ops::admin::{BackfillBody, JobPage, Status};
-use crate::ops::backfill::{self, BackfillRequest, Progress, ProjectEvent, TagRow, TagStatus};
-use crate::ops::metrics::Metrics;
+use crate::ops::backfill::{
+    self, BackfillRequest, BackfillState, Backfiller, Progress, ProjectEvent, TagRow, TagStatus,
+};
 use crate::registry::{ErrorKind, FixContext, RegistryClient, RegistryError};
 
-/// A command that could not do its work.
+/// Why a command could not do its work.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct CliError(pub String);
-
-fn cli_err(e: impl std::fmt::Display) -> CliError {
-    CliError(e.to_string())
+pub enum CliError {
+    /// The state directory's queue.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// Harbor or a target.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A name given on the command line.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// A certificate or CA for a connection.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The server's admin API did not answer.
+    #[error(
+        "cannot reach regtee's admin API at {base} (is `regtee serve` running with this config?)"
+    )]
+    AdminUnreachable {
+        /// Where it was asked.
+        base: String,
+        /// Why.
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The admin API refused the token, or got none.
+    #[error(
+        "the admin API wants a token: set [admin] token_env/token_file in this config as the server has it"
+    )]
+    AdminToken,
+    /// The admin API said no.
+    #[error("admin API: {status}: {message}")]
+    Admin {
+        /// Its status.
+        status: StatusCode,
+        /// Its message.
+        message: String,
+    },
+    /// The admin API's answer did not parse (another version of regtee?).
+    #[error("admin API answer")]
+    AdminAnswer(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A server runs on the state directory but cannot be asked.
+    #[error(
+        "a regtee server is using {0} but has no [admin] listener to ask: add one to the config"
+    )]
+    NoAdmin(std::path::PathBuf),
+    /// The request makes no sense for this configuration or queue.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A running server's admin API.
@@ -55,8 +99,7 @@ impl AdminClient {
                 Duration::from_secs(5),
                 Duration::from_secs(10),
                 Duration::from_secs(30),
-            )
-            .map_err(cli_err)?,
+            )?,
         })
     }
 
@@ -75,31 +118,30 @@ impl AdminClient {
         }
         let request = request
             .body(body.map(body::full).unwrap_or_else(body::empty))
-            .map_err(cli_err)?;
-        let response = self.http.request(request).await.map_err(|e| {
-            CliError(format!(
-                "cannot reach regtee's admin API at {}: {} (is `regtee serve` running with this config?)",
-                self.base,
-                crate::error::error_chain(&e)
-            ))
-        })?;
+            .map_err(|e| CliError::AdminAnswer(e.into()))?;
+        let response =
+            self.http
+                .request(request)
+                .await
+                .map_err(|source| CliError::AdminUnreachable {
+                    base: self.base.clone(),
+                    source,
+                })?;
         let status = response.status();
         let bytes = read_limited(response.into_body(), 64 * 1024 * 1024)
             .await
-            .map_err(cli_err)?;
+            .map_err(CliError::AdminAnswer)?;
         if status == StatusCode::UNAUTHORIZED {
-            return Err(CliError(
-                "the admin API wants a token: set [admin] token_env/token_file in this config as the server has it".into(),
-            ));
+            return Err(CliError::AdminToken);
         }
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(CliError(format!("admin API: {status}: {message}")));
+            return Err(CliError::Admin { status, message });
         }
-        serde_json::from_slice(&bytes).map_err(|e| CliError(format!("admin API answer: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| CliError::AdminAnswer(e.into()))
     }
 }
 
@@ -111,17 +153,13 @@ enum Backend {
 
 fn backend(config: &Config) -> Result<Backend, CliError> {
     if StateLock::is_held(&config.state.dir) {
-        let admin = config.admin.as_ref().ok_or_else(|| {
-            CliError(format!(
-                "a regtee server is using {} but has no [admin] listener to ask: add one to the config",
-                config.state.dir.display()
-            ))
-        })?;
+        let admin = config
+            .admin
+            .as_ref()
+            .ok_or_else(|| CliError::NoAdmin(config.state.dir.clone()))?;
         return Ok(Backend::Api(Box::new(AdminClient::new(admin)?)));
     }
-    Ok(Backend::Local(Arc::new(
-        Queue::open(&config.state.dir).map_err(cli_err)?,
-    )))
+    Ok(Backend::Local(Arc::new(Queue::open(&config.state.dir)?)))
 }
 
 fn print_json<T: Serialize>(value: &T) {
@@ -173,7 +211,7 @@ pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
                 .iter()
                 .map(|t| t.endpoint.name.clone())
                 .collect();
-            Status::gather(&queue, &names).await.map_err(cli_err)?
+            Status::gather(&queue, &names).await?
         }
     };
     if as_json {
@@ -238,7 +276,7 @@ pub async fn jobs(config: &Config, filter: JobFilter, as_json: bool) -> Result<i
             api.call::<JobPage>(Method::GET, &format!("/api/v1/jobs?{}", q.finish()), None)
                 .await?
         }
-        Backend::Local(queue) => JobPage::fetch(&queue, filter).await.map_err(cli_err)?,
+        Backend::Local(queue) => JobPage::fetch(&queue, filter).await?,
     };
     if as_json {
         print_json(&page);
@@ -293,14 +331,14 @@ pub async fn retry(
             v["retried"].as_u64().unwrap_or(0)
         }
         (Backend::Local(queue), Some(id)) => {
-            if !queue.retry(id).await.map_err(cli_err)? {
-                return Err(CliError(format!(
+            if !queue.retry(id).await? {
+                return Err(CliError::Refused(format!(
                     "job {id} does not exist or is still pending or running"
                 )));
             }
             1
         }
-        (Backend::Local(queue), None) => queue.retry_failed(target).await.map_err(cli_err)? as u64,
+        (Backend::Local(queue), None) => queue.retry_failed(target).await? as u64,
     };
     println!("{retried} job(s) queued again");
     Ok(0)
@@ -348,7 +386,7 @@ fn summarize(p: &Progress, local: bool) -> i32 {
     if local && !p.dry_run && p.queued > 0 {
         println!("no regtee server is running: the jobs are copied when `regtee serve` starts");
     }
-    i32::from(p.state != "finished" || p.failed > 0)
+    i32::from(p.state != BackfillState::Finished || p.failed > 0)
 }
 
 /// `regtee sync PROJECT`.
@@ -358,11 +396,13 @@ pub async fn sync(
     target: Option<String>,
     dry_run: bool,
 ) -> Result<i32, CliError> {
-    crate::oci::names::project(project).map_err(cli_err)?;
+    crate::oci::names::project(project)?;
     if let Some(t) = &target
         && !config.targets.iter().any(|x| &x.endpoint.name == t)
     {
-        return Err(CliError(format!("no target named {t} in the config")));
+        return Err(CliError::Refused(format!(
+            "no target named {t} in the config"
+        )));
     }
     let bar = progress_bar();
     let result = match backend(config)? {
@@ -385,7 +425,7 @@ pub async fn sync(
                     )
                     .await?;
                 show_progress(&bar, &p);
-                if p.state != "running" {
+                if p.state != BackfillState::Running {
                     bar.finish_and_clear();
                     break summarize(&p, false);
                 }
@@ -393,22 +433,15 @@ pub async fn sync(
             }
         }
         Backend::Local(queue) => {
-            let mirror = local_mirror(config, queue)?;
+            let backfiller = local_backfiller(config, queue)?;
             let request = BackfillRequest {
-                project: project.to_string(),
-                target: target.clone(),
-                dry_run,
-                origin: JobOrigin::Backfill,
-            };
-            let progress = Mutex::new(Progress {
                 project: project.to_string(),
                 target,
                 dry_run,
-                state: "running".into(),
-                started_at: now_ms(),
-                ..Default::default()
-            });
-            let run = backfill::run(&mirror, &request, &progress);
+                origin: JobOrigin::Backfill,
+            };
+            let progress = Mutex::new(Progress::started(0, &request));
+            let run = backfiller.run(&request, &progress);
             tokio::pin!(run);
             loop {
                 tokio::select! {
@@ -426,22 +459,26 @@ pub async fn sync(
     Ok(result)
 }
 
-fn local_mirror(config: &Config, queue: Arc<Queue>) -> Result<Mirror, CliError> {
-    let upstream = Arc::new(RegistryClient::new(&config.upstream.endpoint).map_err(cli_err)?);
-    Mirror::new(queue, upstream, &config.targets, Arc::new(Metrics::new())).map_err(cli_err)
+/// A backfill run by the command itself, into the state directory (no server holds it).
+fn local_backfiller(config: &Config, queue: Arc<Queue>) -> Result<Backfiller, CliError> {
+    Ok(Backfiller {
+        upstream: Arc::new(RegistryClient::new(&config.upstream.endpoint)?),
+        targets: Target::all(&config.targets)?,
+        tee: Arc::new(Tee::new(queue, &config.targets)),
+    })
 }
 
 /// `regtee diff [PROJECT...]`: exit 0 when every mirrored tag matches, 1 when any differs,
 /// 2 when something could not be compared.
 pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Result<i32, CliError> {
     for project in &projects {
-        crate::oci::names::project(project).map_err(cli_err)?;
+        crate::oci::names::project(project)?;
     }
-    let upstream = RegistryClient::new(&config.upstream.endpoint).map_err(cli_err)?;
-    let targets = Target::all(&config.targets).map_err(cli_err)?;
+    let upstream = RegistryClient::new(&config.upstream.endpoint)?;
+    let targets = Target::all(&config.targets)?;
     let projects = if projects.is_empty() {
         backfill::all_projects(&upstream).await.map_err(|e| {
-            CliError(format!(
+            CliError::Refused(format!(
                 "cannot list Harbor projects ({e}); name them: regtee diff PROJECT..."
             ))
         })?
@@ -581,7 +618,7 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
         ),
         hint: None,
     }];
-    let upstream = RegistryClient::new(&config.upstream.endpoint).map_err(cli_err)?;
+    let upstream = RegistryClient::new(&config.upstream.endpoint)?;
     let up = &config.upstream.endpoint;
     match upstream.ping().await {
         Ok(()) => lines.push(CheckLine {
@@ -600,7 +637,7 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
     for target in &config.targets {
         let key = format!("[[targets]] \"{}\"", target.endpoint.name);
         let name = &target.endpoint.name;
-        let client = RegistryClient::new(&target.endpoint).map_err(cli_err)?;
+        let client = RegistryClient::new(&target.endpoint)?;
         let what = format!("target {name} {}", target.endpoint.origin);
         if let Err(e) = client.ping().await {
             lines.push(CheckLine {

@@ -7,10 +7,10 @@
 use serde::Deserialize;
 
 use crate::config::Secret;
+use crate::mirror::tee::Write;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::is_manifest_media_type;
 use crate::oci::names::{NameError, Reference, RepositoryName, Tag};
-use crate::request::route::Write;
 
 /// What a payload described: the writes it names, and the events left out because a name,
 /// tag or digest in them breaks the spec's grammar (each one reason).

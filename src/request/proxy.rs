@@ -21,9 +21,10 @@ use crate::config::{ProxyConfig, UpstreamConfig};
 use crate::error::{OciError, error_chain};
 use crate::http_client::{self, HttpClient, SendError};
 use crate::mirror::tee::Tee;
+use crate::oci::error_code::ErrorCode;
 use crate::origin::{Origin, Scheme};
 use crate::request::headers::{self, RealmRewrite};
-use crate::request::route::{FOREIGN_TOKEN_PREFIX, Route, Write};
+use crate::request::route::{self, FOREIGN_TOKEN_PREFIX, Route};
 use crate::throttle::Throttle;
 use crate::tls::{TlsError, TlsFailure};
 
@@ -165,7 +166,7 @@ impl Proxy {
 
         if let (Some(tee), Some(write)) = (
             &self.tee,
-            Write::recognise(&method, &route, client_uri.query(), status, &parts.headers),
+            route::completed_write(&method, &route, client_uri.query(), status, &parts.headers),
         ) && let Err(e) = tee.record(&write).await
         {
             // Harbor has the content but the mirror would never learn of it: make the client
@@ -211,14 +212,14 @@ impl Proxy {
             // `OPTIONS *` asks about regtee itself (RFC 9110 §9.3.7); nothing to forward.
             return Err(OciError::new(
                 StatusCode::BAD_REQUEST,
-                "UNSUPPORTED",
+                ErrorCode::Unsupported,
                 "`*` is a request target for OPTIONS only, which regtee answers itself",
             ));
         }
         if let Route::Invalid(invalid) = route {
             return Err(OciError::new(
                 StatusCode::BAD_REQUEST,
-                invalid.code,
+                invalid.code.clone(),
                 invalid.message.clone(),
             ));
         }
@@ -230,7 +231,7 @@ impl Proxy {
                 .ok_or_else(|| {
                     OciError::new(
                         StatusCode::NOT_FOUND,
-                        "UNAUTHORIZED",
+                        ErrorCode::Unauthorized,
                         "unknown token realm: request /v2/ again to get a fresh challenge",
                     )
                 });
@@ -239,7 +240,7 @@ impl Proxy {
         let target = self.upstream.join(path).map_err(|_| {
             OciError::new(
                 StatusCode::BAD_REQUEST,
-                "UNSUPPORTED",
+                ErrorCode::Unsupported,
                 "invalid request path",
             )
         })?;
@@ -271,10 +272,10 @@ impl Proxy {
 
     fn explain(&self, error: &hyper_util::client::legacy::Error) -> OciError {
         let chain = error_chain(error);
-        if chain_has::<body::IdleTimeout>(error) {
+        if crate::error::find::<body::IdleTimeout>(error).is_some() {
             return OciError::new(
                 StatusCode::REQUEST_TIMEOUT,
-                "UNAVAILABLE",
+                ErrorCode::Unavailable,
                 format!("request body stalled: {chain}"),
             );
         }
@@ -285,7 +286,7 @@ impl Proxy {
                 tls.fix("[upstream]")
             ));
         }
-        let timed_out = chain.contains("timed out") || chain.contains("deadline has elapsed");
+        let timed_out = crate::error::timed_out(error);
         let message = if error.is_connect() {
             format!("cannot reach upstream {}: {chain}", self.upstream)
         } else {
@@ -328,17 +329,6 @@ fn options_asterisk() -> Response<ProxyBody> {
         .headers_mut()
         .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(0));
     response
-}
-
-fn chain_has<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if e.is::<E>() {
-            return true;
-        }
-        current = e.source();
-    }
-    false
 }
 
 /// One request's facts; the log line (and metrics) are written when the response body is done.

@@ -6,8 +6,10 @@
 
 use http::{HeaderMap, Method, StatusCode};
 
+use crate::mirror::tee::Write;
 use crate::oci::digest::Digest;
-use crate::oci::names::{self, NameError, Reference, RepositoryName, Tag};
+use crate::oci::error_code::ErrorCode;
+use crate::oci::names::{self, NameError, Reference, RepositoryName};
 
 /// What a request addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,7 +73,7 @@ pub enum Route {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InvalidName {
     /// The spec's error code: `NAME_INVALID`, `TAG_INVALID` or `DIGEST_INVALID`.
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// What is wrong.
     pub message: String,
 }
@@ -79,8 +81,8 @@ pub struct InvalidName {
 impl InvalidName {
     fn of(error: NameError) -> InvalidName {
         let code = match error {
-            NameError::Tag(..) | NameError::Reference(..) => "TAG_INVALID",
-            NameError::Repository(..) | NameError::Project(..) => "NAME_INVALID",
+            NameError::Tag(..) | NameError::Reference(..) => ErrorCode::TagInvalid,
+            NameError::Repository(..) | NameError::Project(..) => ErrorCode::NameInvalid,
         };
         InvalidName {
             code,
@@ -100,7 +102,7 @@ impl Route {
         }
         let Some(decoded) = names::percent_decode(path) else {
             return Route::Invalid(InvalidName {
-                code: "NAME_INVALID",
+                code: ErrorCode::NameInvalid,
                 message: "the path has percent-escapes that are not UTF-8".into(),
             });
         };
@@ -203,41 +205,11 @@ fn classify_v2(rest: &str) -> Route {
         _ => match last.parse::<Digest>() {
             Ok(digest) => Route::Blob { name, digest },
             Err(e) => Route::Invalid(InvalidName {
-                code: "DIGEST_INVALID",
+                code: ErrorCode::DigestInvalid,
                 message: e.to_string(),
             }),
         },
     }
-}
-
-/// Content Harbor has just accepted, as seen on the wire.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Write {
-    /// A blob upload finished, or a blob was mounted from another repository.
-    Blob {
-        /// Repository that now holds the blob.
-        repository: RepositoryName,
-        /// The blob.
-        digest: Digest,
-        /// For a mount: the repository it came from.
-        mounted_from: Option<RepositoryName>,
-    },
-    /// A manifest was stored under a tag or a digest.
-    Manifest {
-        /// Repository.
-        repository: RepositoryName,
-        /// The tag, if pushed by tag.
-        tag: Option<Tag>,
-        /// The manifest digest, when Harbor or the path says it.
-        digest: Option<Digest>,
-    },
-    /// A manifest (or tag) was deleted.
-    ManifestDeleted {
-        /// Repository.
-        repository: RepositoryName,
-        /// Tag or digest that was deleted.
-        reference: Reference,
-    },
 }
 
 fn query_param(query: Option<&str>, key: &str) -> Option<String> {
@@ -246,60 +218,49 @@ fn query_param(query: Option<&str>, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-impl Write {
-    /// Recognises a completed write from the request and Harbor's answer.
-    ///
-    /// Only success statuses the spec assigns to completion count: 201 for stored content, 202
-    /// for deletes. Chunk PATCHes and upload starts (202) are not completions.
-    pub fn recognise(
-        method: &Method,
-        route: &Route,
-        query: Option<&str>,
-        status: StatusCode,
-        response_headers: &HeaderMap,
-    ) -> Option<Write> {
-        let header_digest = || Digest::from_headers(response_headers);
-        match (method, route, status) {
-            (&Method::PUT, Route::Upload { name }, StatusCode::CREATED)
-            | (&Method::POST, Route::UploadStart { name }, StatusCode::CREATED) => {
-                let mount = query_param(query, "mount");
-                let digest = query_param(query, "digest")
-                    .or_else(|| mount.clone())
-                    .and_then(|d| d.parse().ok())
-                    .or_else(header_digest)?;
-                let mounted_from = mount
-                    .and(query_param(query, "from"))
-                    .and_then(|from| from.parse().ok());
-                Some(Write::Blob {
-                    repository: name.clone(),
-                    digest,
-                    mounted_from,
-                })
-            }
-            (&Method::PUT, Route::Manifest { name, reference }, StatusCode::CREATED) => {
-                Some(Write::Manifest {
-                    repository: name.clone(),
-                    tag: reference.tag().cloned(),
-                    digest: header_digest().or_else(|| reference.digest().cloned()),
-                })
-            }
-            (&Method::DELETE, Route::Manifest { name, reference }, StatusCode::ACCEPTED) => {
-                Some(Write::ManifestDeleted {
-                    repository: name.clone(),
-                    reference: reference.clone(),
-                })
-            }
-            _ => None,
+/// Recognises a completed write from the request and Harbor's answer.
+///
+/// Only success statuses the spec assigns to completion count: 201 for stored content, 202
+/// for deletes. Chunk PATCHes and upload starts (202) are not completions.
+pub fn completed_write(
+    method: &Method,
+    route: &Route,
+    query: Option<&str>,
+    status: StatusCode,
+    response_headers: &HeaderMap,
+) -> Option<Write> {
+    let header_digest = || Digest::from_headers(response_headers);
+    match (method, route, status) {
+        (&Method::PUT, Route::Upload { name }, StatusCode::CREATED)
+        | (&Method::POST, Route::UploadStart { name }, StatusCode::CREATED) => {
+            let mount = query_param(query, "mount");
+            let digest = query_param(query, "digest")
+                .or_else(|| mount.clone())
+                .and_then(|d| d.parse().ok())
+                .or_else(header_digest)?;
+            let mounted_from = mount
+                .and(query_param(query, "from"))
+                .and_then(|from| from.parse().ok());
+            Some(Write::Blob {
+                repository: name.clone(),
+                digest,
+                mounted_from,
+            })
         }
-    }
-
-    /// The repository written to.
-    pub fn repository(&self) -> &RepositoryName {
-        match self {
-            Write::Blob { repository, .. }
-            | Write::Manifest { repository, .. }
-            | Write::ManifestDeleted { repository, .. } => repository,
+        (&Method::PUT, Route::Manifest { name, reference }, StatusCode::CREATED) => {
+            Some(Write::Manifest {
+                repository: name.clone(),
+                tag: reference.tag().cloned(),
+                digest: header_digest().or_else(|| reference.digest().cloned()),
+            })
         }
+        (&Method::DELETE, Route::Manifest { name, reference }, StatusCode::ACCEPTED) => {
+            Some(Write::ManifestDeleted {
+                repository: name.clone(),
+                reference: reference.clone(),
+            })
+        }
+        _ => None,
     }
 }
 
@@ -416,14 +377,20 @@ mod tests {
             "/v2/library/app%00/tags/list",
             "/v2/%ff/tags/list",
         ] {
-            assert_eq!(code(path), "NAME_INVALID", "{path}");
+            assert_eq!(code(path), ErrorCode::NameInvalid, "{path}");
         }
-        assert_eq!(code("/v2/library/app/manifests/v%201"), "TAG_INVALID");
+        assert_eq!(
+            code("/v2/library/app/manifests/v%201"),
+            ErrorCode::TagInvalid
+        );
         assert_eq!(
             code("/v2/library/app/manifests/sha256:short"),
-            "TAG_INVALID"
+            ErrorCode::TagInvalid
         );
-        assert_eq!(code("/v2/library/app/blobs/sha256:short"), "DIGEST_INVALID");
+        assert_eq!(
+            code("/v2/library/app/blobs/sha256:short"),
+            ErrorCode::DigestInvalid
+        );
     }
 
     fn headers_with_digest() -> HeaderMap {
@@ -436,7 +403,7 @@ mod tests {
     fn recognises_completed_uploads_mounts_and_manifests() {
         let upload = Route::classify("/v2/a/blobs/uploads/123");
         let q = format!("digest={D}");
-        let w = Write::recognise(
+        let w = completed_write(
             &Method::PUT,
             &upload,
             Some(&q),
@@ -453,7 +420,7 @@ mod tests {
 
         let start = Route::classify("/v2/a/blobs/uploads/");
         let q = format!("mount={D}&from=lib%2Fbase");
-        let w = Write::recognise(
+        let w = completed_write(
             &Method::POST,
             &start,
             Some(&q),
@@ -470,7 +437,7 @@ mod tests {
         );
         // A mount source that is no repository name is only a hint: dropped.
         let q = format!("mount={D}&from=..%2Fx");
-        let w = Write::recognise(
+        let w = completed_write(
             &Method::POST,
             &start,
             Some(&q),
@@ -486,7 +453,7 @@ mod tests {
         ));
 
         let manifest = Route::classify("/v2/a/manifests/v1");
-        let w = Write::recognise(
+        let w = completed_write(
             &Method::PUT,
             &manifest,
             None,
@@ -512,7 +479,7 @@ mod tests {
             (Method::GET, StatusCode::NO_CONTENT),
         ] {
             assert_eq!(
-                Write::recognise(&method, &upload, None, status, &headers_with_digest()),
+                completed_write(&method, &upload, None, status, &headers_with_digest()),
                 None
             );
         }
@@ -520,7 +487,7 @@ mod tests {
         let start = Route::classify("/v2/a/blobs/uploads/");
         let q = format!("mount={D}&from=b");
         assert_eq!(
-            Write::recognise(
+            completed_write(
                 &Method::POST,
                 &start,
                 Some(&q),
@@ -561,7 +528,7 @@ mod tests {
                 let route = Route::classify(&format!("/v2/{path}"));
                 let status = StatusCode::from_u16(status).unwrap();
                 for method in [Method::PUT, Method::POST, Method::DELETE] {
-                    let _ = Write::recognise(&method, &route, Some(&query), status, &HeaderMap::new());
+                    let _ = completed_write(&method, &route, Some(&query), status, &HeaderMap::new());
                 }
             }
         }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use regtee::ops::demo::free_port;
+use regtee::local_registry::free_port;
 
 /// Which way Harbor's own nginx serves clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -169,8 +169,8 @@ impl TokenIssuer {
     }
 
     /// The distribution `auth.token` settings for a registry trusting this issuer.
-    pub fn registry_auth(&self) -> regtee::ops::demo::TokenAuth {
-        regtee::ops::demo::TokenAuth {
+    pub fn registry_auth(&self) -> regtee::local_registry::TokenAuth {
+        regtee::local_registry::TokenAuth {
             realm: self.realm(),
             service: self.state.service.clone(),
             issuer: self.state.issuer.clone(),

@@ -18,7 +18,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use regtee::config::{ClientTls, Config, Credentials, Endpoint, Secret};
-use regtee::ops::demo::{LocalRegistry, RegistryOptions};
+use regtee::local_registry::{LocalRegistry, RegistryOptions};
 use regtee::origin::Origin;
 use regtee::registry::RegistryClient;
 
