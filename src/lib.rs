@@ -2,42 +2,53 @@
 //! completed push to cloud registries.
 //!
 //! ```text
-//!  client ──► server ──► proxy ──────────────────────────► Harbor (upstream)
-//!                          │ completed write (route::Write)     ▲
-//!                          ▼                                    │ reads back
-//!                     tee ──► queue (SQLite) ──► mirror workers ──► targets
-//!                                 ▲
-//!        admin API / CLI ─────────┘  status, metrics, backfill, retry, webhooks
+//!  client ──► request::server ──► request::proxy ───────────────► Harbor (upstream)
+//!                                   │ completed write (mirror::tee::Write)   ▲
+//!                                   ▼                                        │ reads back
+//!                      mirror::tee ──► mirror::queue (SQLite) ──► mirror::worker ──► targets
+//!                                            ▲                    (registry client)
+//!        ops: admin API, CLI, backfill ──────┘  status, metrics, retry, webhooks
 //! ```
 //!
-//! Two paths, kept apart. The **request path** (`server`, `proxy`, `route`, `headers`, `body`)
-//! streams every request to Harbor and back; when Harbor answers a completed write it asks the
-//! `tee` to record jobs, durably, before the client sees the answer. The **mirror path**
-//! (`queue`, `mirror`, `registry_client`, `manifest`) claims jobs, copies content in dependency
-//! order, verifies digests and retries until done or clearly impossible. `admin`, `backfill`
-//! and `webhooks` feed and observe the queue.
+//! Two paths, kept apart, in two folders. The **request path** (`request/`: server, proxy,
+//! route, headers; with `body`) streams every request to Harbor and back; when Harbor answers a
+//! completed write it asks the tee to record jobs, durably, before the client sees the answer.
+//! The **mirror path** (`mirror/`: tee, queue, worker, copy) claims jobs and copies content with
+//! the registry client (`registry/`) in dependency order, verifying digests, retrying until done
+//! or clearly impossible. The operator's side (`ops/`: admin, backfill, webhooks, metrics, cli)
+//! feeds and observes the queue. `oci/` holds the specs' vocabulary (digests, names, manifests,
+//! error codes), checked.
 //!
 //! [`Instance::start`] wires everything from a [`config::Config`]; [`run`] adds a shutdown signal.
 
 #![warn(missing_docs)]
 
-#[cfg(test)]
-mod arbitrary;
+// The two paths and the operator's side: internal.
+mod mirror;
+mod ops;
+mod request;
+
+// Building blocks regtee is made of and its tests, benches and demo use.
 pub mod body;
 pub mod config;
-pub mod error;
 pub mod http_client;
 pub mod local_registry;
-pub mod mirror;
 pub mod oci;
-pub mod ops;
 pub mod origin;
-pub mod redact;
 pub mod registry;
-pub mod request;
-pub mod stall;
-pub mod throttle;
 pub mod tls;
+
+// Small mechanisms, internal.
+#[cfg(test)]
+mod arbitrary;
+mod error;
+mod redact;
+mod stall;
+mod throttle;
+
+// The operator's commands, for the binary.
+pub use mirror::queue::{JobFilter, JobState};
+pub use ops::{certs, cli, demo};
 
 use std::future::Future;
 use std::net::SocketAddr;

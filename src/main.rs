@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use regtee::config::{Config, LogFormat};
-use regtee::mirror::queue::{JobFilter, JobState};
+use regtee::{JobFilter, JobState};
 
 /// A transparent registry proxy in front of Harbor that mirrors every push to cloud registries.
 #[derive(Parser)]
@@ -200,7 +200,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Demo { exit } => {
             init_logging(LogFormat::Text, "warn");
             code(
-                regtee::ops::demo::run(!exit)
+                regtee::demo::run(!exit)
                     .await
                     .map(|()| 0)
                     .map_err(Into::into),
@@ -209,17 +209,18 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Certs {
             command: CertsCommand::Generate { hosts, out, days },
         } => code(
-            regtee::ops::certs::generate(&hosts, &out, days)
+            regtee::certs::generate(&hosts, &out, days)
                 .map(|files| {
-                    print!("{}", regtee::ops::certs::next_steps(&files, &hosts, &path));
+                    print!("{}", regtee::certs::next_steps(&files, &hosts, &path));
                     0
                 })
                 .map_err(Into::into),
         ),
         Command::Status { json } => {
-            with_queue_config(&path, |c| async move {
-                regtee::ops::cli::status(&c, json).await
-            })
+            with_queue_config(
+                &path,
+                |c| async move { regtee::cli::status(&c, json).await },
+            )
             .await
         }
         Command::Jobs {
@@ -255,13 +256,13 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 limit,
             };
             with_queue_config(&path, |c| async move {
-                regtee::ops::cli::jobs(&c, filter, json).await
+                regtee::cli::jobs(&c, filter, json).await
             })
             .await
         }
         Command::Retry { id, target, .. } => {
             with_queue_config(&path, |c| async move {
-                regtee::ops::cli::retry(&c, id, target).await
+                regtee::cli::retry(&c, id, target).await
             })
             .await
         }
@@ -271,21 +272,22 @@ async fn dispatch(cli: Cli) -> ExitCode {
             dry_run,
         } => {
             with_config(&path, |c| async move {
-                regtee::ops::cli::sync(&c, &project, target, dry_run).await
+                regtee::cli::sync(&c, &project, target, dry_run).await
             })
             .await
         }
         Command::Diff { projects, json } => {
             with_config(&path, |c| async move {
-                regtee::ops::cli::diff(&c, projects, json).await
+                regtee::cli::diff(&c, projects, json).await
             })
             .await
         }
         Command::Check => {
             let shown = path.clone();
-            with_config(&path, |c| async move {
-                regtee::ops::cli::check(&c, &shown).await
-            })
+            with_config(
+                &path,
+                |c| async move { regtee::cli::check(&c, &shown).await },
+            )
             .await
         }
     }
@@ -295,7 +297,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
 async fn with_config<F, Fut>(path: &std::path::Path, f: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
-    Fut: std::future::Future<Output = Result<i32, regtee::ops::cli::CliError>>,
+    Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
 {
     run_cli(load(path), f).await
 }
@@ -304,7 +306,7 @@ where
 async fn with_queue_config<F, Fut>(path: &std::path::Path, f: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
-    Fut: std::future::Future<Output = Result<i32, regtee::ops::cli::CliError>>,
+    Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
 {
     run_cli(report(Config::load_for_queue_commands(path)), f).await
 }
@@ -312,7 +314,7 @@ where
 async fn run_cli<F, Fut>(config: Result<Config, ExitCode>, f: F) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
-    Fut: std::future::Future<Output = Result<i32, regtee::ops::cli::CliError>>,
+    Fut: std::future::Future<Output = Result<i32, regtee::cli::CliError>>,
 {
     let config = match config {
         Ok(c) => c,

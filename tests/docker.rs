@@ -255,7 +255,7 @@ async fn mirrored(work: &Path, https_on: Option<&str>) -> Mirrored {
         ConfigSpec::new(&harbor, &work.join("state")).target(TargetSpec::cloud("tcr", &cloud));
     if let Some(address) = https_on {
         let files =
-            regtee::ops::certs::generate(&[address.to_string()], &work.join("certs"), 30).unwrap();
+            regtee::certs::generate(&[address.to_string()], &work.join("certs"), 30).unwrap();
         spec.tls = Some((format!("{address}:0"), files.server_cert, files.server_key));
     }
     let regtee = Regtee::start(&spec).await;

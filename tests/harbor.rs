@@ -20,8 +20,7 @@ struct BothListeners {
 }
 
 async fn both_listeners(harbor: &AuthRegistry, cloud: &AuthRegistry, work: &Path) -> BothListeners {
-    let files =
-        regtee::ops::certs::generate(&["localhost".into()], &work.join("certs"), 30).unwrap();
+    let files = regtee::certs::generate(&["localhost".into()], &work.join("certs"), 30).unwrap();
     let mut spec =
         ConfigSpec::new(harbor, &work.join("state")).target(TargetSpec::cloud("tcr", cloud));
     spec.tls = Some(("127.0.0.1:0".into(), files.server_cert, files.server_key));
@@ -220,8 +219,8 @@ fn lines_with(log: &str, needle: &str) -> usize {
 async fn a_client_on_the_wrong_port_or_protocol_is_told_so_once() {
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
-    let files = regtee::ops::certs::generate(&["localhost".into()], &work.path().join("certs"), 30)
-        .unwrap();
+    let files =
+        regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     let (plain, tls) = (
         regtee::local_registry::free_port().unwrap(),

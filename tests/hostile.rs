@@ -185,8 +185,7 @@ async fn bad_names_from_webhooks_the_api_the_cli_or_the_queue_stop_nothing() {
     spec.webhook_secret = Some("hook-secret".into());
     // A queue that holds a job no valid push could make (an older regtee, a hand edit).
     {
-        let queue = regtee::mirror::queue::Queue::open(&state).unwrap();
-        drop(queue);
+        Regtee::start(&spec).await.stop().await;
         let db = rusqlite::Connection::open(state.join("jobs.db")).unwrap();
         db.execute(
             "INSERT INTO jobs (target, kind, repository, tag, digest, origin, state, created_at, \
@@ -740,7 +739,8 @@ async fn a_deleted_queue_database_and_a_deleted_lock_are_noticed() {
         Some((DEV_USER, DEV_PASSWORD)),
     );
     let refused =
-        regtee::local_registry::push_image(&through, "library/lost", "1", &sample_image(&[1_000])).await;
+        regtee::local_registry::push_image(&through, "library/lost", "1", &sample_image(&[1_000]))
+            .await;
     assert!(refused.unwrap_err().to_string().contains("503"));
     world.regtee.stop().await;
 }

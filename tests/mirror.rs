@@ -215,9 +215,14 @@ async fn overwrite_false_leaves_a_conflicting_tag_and_records_both_digests() {
     layout.tag(&ours, "ours");
     // Someone already put another image under the tag on the target.
     let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
-    regtee::local_registry::push_image(&target, "library/app", "v1", &sample_from(&layout, &theirs))
-        .await
-        .unwrap();
+    regtee::local_registry::push_image(
+        &target,
+        "library/app",
+        "v1",
+        &sample_from(&layout, &theirs),
+    )
+    .await
+    .unwrap();
     push_layout_ok(
         &layout.dir,
         "ours",
@@ -299,16 +304,25 @@ async fn two_targets_one_down_during_the_push_both_end_in_sync() {
     );
     let up_client = up.client(CLOUD_USER, CLOUD_PASSWORD);
     wait_for_manifest(&up_client, "library/app", "2.0", &image.digest).await;
-    // The down target's jobs wait and retry.
-    let status = admin_get(&regtee, "/api/v1/status").await;
-    let down_counts = status["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["target"] == "down")
-        .unwrap()
-        .clone();
-    assert!(down_counts["done"].as_u64().unwrap() == 0, "{down_counts}");
+    // The down target's jobs wait and retry, each saying why: its registry is unreachable.
+    let waiting = wait_until(
+        "the down target's jobs to retry as unreachable",
+        Duration::from_secs(30),
+        || async {
+            let page = admin_get(&regtee, "/api/v1/jobs?target=down").await;
+            let jobs = page["jobs"].as_array().unwrap().clone();
+            let retried = !jobs.is_empty()
+                && jobs
+                    .iter()
+                    .all(|j| j["state"] == "pending" && j["error_class"] == "unreachable");
+            retried.then_some(jobs)
+        },
+    )
+    .await;
+    assert!(
+        waiting.iter().any(|j| j["kind"] == "manifest"),
+        "{waiting:?}"
+    );
     down.registry.restart().await.unwrap();
     let down_client = down.client(CLOUD_USER, CLOUD_PASSWORD);
     wait_for_manifest(&down_client, "library/app", "2.0", &image.digest).await;

@@ -88,7 +88,7 @@ async fn skopeo_pushes_and_pulls_every_kind_of_content_over_http() {
 async fn skopeo_pushes_and_pulls_over_https_with_a_generated_certificate() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
-    let files = regtee::ops::certs::generate(&["localhost".into()], &certs, 30).unwrap();
+    let files = regtee::certs::generate(&["localhost".into()], &certs, 30).unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     spec.tls = Some((
@@ -881,8 +881,8 @@ async fn logs_have_one_line_per_request_and_never_a_secret_and_sigterm_exits_cle
 async fn https_listener_speaks_http2_via_alpn_and_rewrites_for_its_own_origin() {
     use rustls::pki_types::pem::PemObject;
     let work = tempfile::tempdir().unwrap();
-    let files = regtee::ops::certs::generate(&["localhost".into()], &work.path().join("certs"), 30)
-        .unwrap();
+    let files =
+        regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     spec.tls = Some((
@@ -935,8 +935,8 @@ async fn stalled_clients_are_cut_by_the_header_and_body_timeouts() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
-    let files = regtee::ops::certs::generate(&["localhost".into()], &work.path().join("certs"), 30)
-        .unwrap();
+    let files =
+        regtee::certs::generate(&["localhost".into()], &work.path().join("certs"), 30).unwrap();
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"));
     spec.tls = Some((
         "127.0.0.1:0".into(),

@@ -141,9 +141,7 @@ impl Mirror {
                 target_digest,
                 note,
             }) => {
-                if job.kind == JobKind::Manifest
-                    && matches!(job.origin.as_str(), "push" | "webhook")
-                {
+                if job.kind == JobKind::Manifest && job.origin.is_live() {
                     let lag = (now_ms() - job.created_at).max(0) as u64;
                     self.metrics
                         .observe_mirror_lag(target.name(), Duration::from_millis(lag));

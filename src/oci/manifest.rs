@@ -177,7 +177,9 @@ pub fn references(bytes: &[u8], content_type: Option<&str>) -> Result<References
     })
 }
 
-/// The spec's fallback tag for referrers of `subject`: `sha256-<hex>`.
+/// The fallback tag for referrers of `subject`, `<alg>-<ref>` (OCI distribution spec v1.1,
+/// "Referrers Tag Schema"): an index a pusher keeps up to date on registries without the
+/// referrers API.
 pub fn referrers_tag(subject: &Digest) -> String {
     format!(
         "{}-{}",

@@ -1,7 +1,7 @@
 //! The client side of the distribution protocol, used to read from Harbor and write to targets.
 //!
 //! This file holds the client and its request plumbing: one [`Call`] describes a request (method,
-//! URL, headers, body, token scopes), [`RegistryClient::send`] authenticates it as the registry
+//! URL, headers, body, token scopes), `RegistryClient::send` authenticates it as the registry
 //! asks, and failures become typed [`RegistryError`]s. The operations live beside it: `blobs`,
 //! `manifests`, `listings` (tags, catalog) and `harbor` (Harbor's own REST API); `auth` answers
 //! challenges. Blob bytes are streamed; only manifests (at most 4 MiB), listings and error bodies

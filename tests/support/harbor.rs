@@ -80,7 +80,7 @@ impl HarborFront {
         let certs = dir.join("certs");
         let ca_cert = (scheme == HarborScheme::Https).then(|| match cert {
             HarborCertificate::SignedByCa => {
-                regtee::ops::certs::generate(&[HOST.to_string()], &certs, 30)
+                regtee::certs::generate(&[HOST.to_string()], &certs, 30)
                     .expect("certificates for Harbor's nginx")
                     .ca_cert
             }

@@ -4,163 +4,29 @@
 //! only safe way to touch a live queue); when none runs, they open the state directory
 //! themselves. Output is a table for people, or JSON with `--json`.
 
+mod api;
+mod check;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Method, Request, StatusCode, header};
+use http::Method;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
-use crate::body;
-use crate::body::read_limited;
-use crate::config::{AdminConfig, ClientTls, Config};
-use crate::http_client::{self, HttpClient};
-use crate::mirror::queue::{Job, JobFilter, JobOrigin, Queue, QueueError, now_ms};
-use crate::mirror::state_lock::StateLock;
+use crate::config::Config;
+use crate::mirror::queue::{Job, JobFilter, JobOrigin, Queue, now_ms};
 use crate::mirror::target::Target;
 use crate::mirror::tee::Tee;
 use crate::oci::digest::Digest;
-use crate::oci::names::NameError;
 use crate::ops::admin::{BackfillBody, JobPage, Status};
 use crate::ops::backfill::{
     self, BackfillRequest, BackfillState, Backfiller, Progress, ProjectEvent, TagRow, TagStatus,
 };
-use crate::registry::{ErrorKind, FixContext, RegistryClient, RegistryError};
+use crate::registry::RegistryClient;
+use api::{Backend, backend};
 
-/// Why a command could not do its work.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The state directory's queue.
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-    /// Harbor or a target.
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// A name given on the command line.
-    #[error(transparent)]
-    Name(#[from] NameError),
-    /// A certificate or CA for a connection.
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    /// The server's admin API did not answer.
-    #[error(
-        "cannot reach regtee's admin API at {base} (is `regtee serve` running with this config?)"
-    )]
-    AdminUnreachable {
-        /// Where it was asked.
-        base: String,
-        /// Why.
-        source: hyper_util::client::legacy::Error,
-    },
-    /// The admin API refused the token, or got none.
-    #[error(
-        "the admin API wants a token: set [admin] token_env/token_file in this config as the server has it"
-    )]
-    AdminToken,
-    /// The admin API said no.
-    #[error("admin API: {status}: {message}")]
-    Admin {
-        /// Its status.
-        status: StatusCode,
-        /// Its message.
-        message: String,
-    },
-    /// The admin API's answer did not parse (another version of regtee?).
-    #[error("admin API answer")]
-    AdminAnswer(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// A server runs on the state directory but cannot be asked.
-    #[error(
-        "a regtee server is using {0} but has no [admin] listener to ask: add one to the config"
-    )]
-    NoAdmin(std::path::PathBuf),
-    /// The request makes no sense for this configuration or queue.
-    #[error("{0}")]
-    Refused(String),
-}
-
-/// A running server's admin API.
-struct AdminClient {
-    base: String,
-    token: Option<crate::config::Secret>,
-    http: HttpClient,
-}
-
-impl AdminClient {
-    fn new(admin: &AdminConfig) -> Result<AdminClient, CliError> {
-        let mut addr = admin.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip([127, 0, 0, 1].into());
-        }
-        Ok(AdminClient {
-            base: format!("http://{addr}"),
-            token: admin.token.clone(),
-            http: http_client::build(
-                &ClientTls::default(),
-                Duration::from_secs(5),
-                Duration::from_secs(10),
-                Duration::from_secs(30),
-            )?,
-        })
-    }
-
-    async fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<T, CliError> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header(header::CONTENT_TYPE, "application/json");
-        if let Some(token) = &self.token {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.expose()));
-        }
-        let request = request
-            .body(body.map(body::full).unwrap_or_else(body::empty))
-            .map_err(|e| CliError::AdminAnswer(e.into()))?;
-        let response =
-            self.http
-                .request(request)
-                .await
-                .map_err(|source| CliError::AdminUnreachable {
-                    base: self.base.clone(),
-                    source,
-                })?;
-        let status = response.status();
-        let bytes = read_limited(response.into_body(), 64 * 1024 * 1024)
-            .await
-            .map_err(CliError::AdminAnswer)?;
-        if status == StatusCode::UNAUTHORIZED {
-            return Err(CliError::AdminToken);
-        }
-        if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(CliError::Admin { status, message });
-        }
-        serde_json::from_slice(&bytes).map_err(|e| CliError::AdminAnswer(e.into()))
-    }
-}
-
-/// Where the CLI gets its answers.
-enum Backend {
-    Api(Box<AdminClient>),
-    Local(Arc<Queue>),
-}
-
-fn backend(config: &Config) -> Result<Backend, CliError> {
-    if StateLock::is_held(&config.state.dir) {
-        let admin = config
-            .admin
-            .as_ref()
-            .ok_or_else(|| CliError::NoAdmin(config.state.dir.clone()))?;
-        return Ok(Backend::Api(Box::new(AdminClient::new(admin)?)));
-    }
-    Ok(Backend::Local(Arc::new(Queue::open(&config.state.dir)?)))
-}
+pub use api::CliError;
+pub use check::check;
 
 fn print_json<T: Serialize>(value: &T) {
     println!(
@@ -560,148 +426,6 @@ pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Resu
     } else {
         0
     })
-}
-
-/// One line of `regtee check`.
-struct CheckLine {
-    ok: bool,
-    what: String,
-    detail: String,
-    hint: Option<String>,
-}
-
-fn report(lines: &[CheckLine]) -> i32 {
-    for l in lines {
-        println!(
-            "{:<5} {}: {}",
-            if l.ok { "ok" } else { "FAIL" },
-            l.what,
-            l.detail
-        );
-        if let Some(h) = &l.hint {
-            println!("      hint: {h}");
-        }
-    }
-    i32::from(lines.iter().any(|l| !l.ok))
-}
-
-/// The fix for a failed check, from the one table of fixes (see the error above otherwise).
-fn hint(e: &RegistryError, section: &str, namespace: Option<&str>) -> String {
-    e.fix(FixContext { section, namespace })
-        .unwrap_or_else(|| "see the error above".to_string())
-}
-
-/// What a passed connection check proves: TLS only for https:// endpoints.
-fn connection_ok(endpoint: &crate::config::Endpoint) -> String {
-    let how = match endpoint.origin.scheme() {
-        crate::origin::Scheme::Https => "reachable, TLS ok",
-        crate::origin::Scheme::Http => "reachable",
-    };
-    let who = if endpoint.credentials.is_some() {
-        "credentials accepted"
-    } else {
-        "anonymous access accepted"
-    };
-    format!("{how}, {who}")
-}
-
-/// `regtee check`: validates the config and tests every endpoint. Exit 1 when a check fails.
-pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32, CliError> {
-    crate::tls::install_crypto_provider();
-    let mut lines = vec![CheckLine {
-        ok: true,
-        what: "config".into(),
-        detail: format!(
-            "{} is valid ({} target(s))",
-            config_path.display(),
-            config.targets.len()
-        ),
-        hint: None,
-    }];
-    let upstream = RegistryClient::new(&config.upstream.endpoint)?;
-    let up = &config.upstream.endpoint;
-    match upstream.ping().await {
-        Ok(()) => lines.push(CheckLine {
-            ok: true,
-            what: format!("upstream {}", up.origin),
-            detail: connection_ok(up),
-            hint: None,
-        }),
-        Err(e) => lines.push(CheckLine {
-            ok: false,
-            what: format!("upstream {}", up.origin),
-            detail: e.kind.to_string(),
-            hint: Some(hint(&e, "[upstream]", None)),
-        }),
-    }
-    for target in &config.targets {
-        let key = format!("[[targets]] \"{}\"", target.endpoint.name);
-        let name = &target.endpoint.name;
-        let client = RegistryClient::new(&target.endpoint)?;
-        let what = format!("target {name} {}", target.endpoint.origin);
-        if let Err(e) = client.ping().await {
-            lines.push(CheckLine {
-                ok: false,
-                what,
-                detail: e.kind.to_string(),
-                hint: Some(hint(&e, &key, None)),
-            });
-            continue;
-        }
-        lines.push(CheckLine {
-            ok: true,
-            what,
-            detail: connection_ok(&target.endpoint),
-            hint: None,
-        });
-        let mut namespaces: Vec<String> = target
-            .policy
-            .mapped_projects()
-            .map(|p| target.policy.target_namespace(p).to_string())
-            .collect();
-        if namespaces.is_empty()
-            && let Ok(projects) = backfill::projects_for(&upstream, target).await
-        {
-            namespaces = projects
-                .iter()
-                .map(|p| target.policy.target_namespace(p).to_string())
-                .collect();
-        }
-        namespaces.sort();
-        namespaces.dedup();
-        if namespaces.is_empty() {
-            lines.push(CheckLine {
-                ok: true,
-                what: format!("target {name} namespaces"),
-                detail: "none mapped and Harbor lists no projects yet: nothing to check".into(),
-                hint: None,
-            });
-        }
-        for ns in namespaces.iter().take(20) {
-            let what = format!("target {name} namespace {ns}");
-            match client.check_push(&format!("{ns}/regtee-check")).await {
-                Ok(()) => lines.push(CheckLine {
-                    ok: true,
-                    what,
-                    detail: "exists and accepts pushes".into(),
-                    hint: None,
-                }),
-                Err(mut e) => {
-                    // Its credentials were just accepted: a refusal here is about the namespace.
-                    if let ErrorKind::Unauthorized(m) = &e.kind {
-                        e.kind = ErrorKind::Denied(m.clone());
-                    }
-                    lines.push(CheckLine {
-                        ok: false,
-                        what,
-                        detail: e.kind.to_string(),
-                        hint: Some(hint(&e, &key, Some(ns))),
-                    });
-                }
-            }
-        }
-    }
-    Ok(report(&lines))
 }
 
 #[cfg(test)]

@@ -1,0 +1,465 @@
+//! The TOML file, validated once into typed values.
+//!
+//! Everything the rest of regtee reads from configuration is checked here, at start-up, so a
+//! mistake surfaces as one clear line before any listener opens. Secrets come from the file, an
+//! environment variable or a file of their own; the environment is read through a function that
+//! tests can fake, never through `set_var`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+mod raw;
+mod validate;
+
+use raw::RawConfig;
+use validate::Validator;
+#[cfg(test)]
+use validate::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CHUNK_SIZE};
+
+use crate::mirror::target::TargetPolicy;
+use crate::origin::Origin;
+
+/// A value that must never be printed: `Debug` and `Display` show `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    /// Wraps a secret value, and remembers it so that text from other servers that echoes it
+    /// is scrubbed (the redact module).
+    pub fn new(value: impl Into<Arc<str>>) -> Secret {
+        let value = value.into();
+        crate::redact::remember(value.clone());
+        Secret(value)
+    }
+
+    /// The value itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A username and password for a registry (Basic, or exchanged for a Bearer token).
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    /// The account name; not secret, may be logged.
+    pub username: String,
+    /// The password or access token.
+    pub password: Secret,
+}
+
+/// TLS settings for connections regtee makes to a registry.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    /// Extra CA certificates (PEM) trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate: for labs only.
+    pub insecure_skip_verify: bool,
+}
+
+/// A registry regtee talks to as a client: Harbor or a target.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// A short name used in logs and errors (`upstream`, or the target's name).
+    pub name: String,
+    /// Harbor or a target.
+    pub side: crate::registry::Side,
+    /// Where the registry lives.
+    pub origin: Origin,
+    /// How to verify its certificate.
+    pub tls: ClientTls,
+    /// Who regtee is there, if anyone.
+    pub credentials: Option<Credentials>,
+    /// How long to wait for a TCP + TLS connection.
+    pub connect_timeout: Duration,
+    /// How long to wait for response headers once the request body is sent.
+    pub response_timeout: Duration,
+    /// How long an idle pooled connection is kept; below the server's own limit.
+    pub pool_idle_timeout: Duration,
+    /// A mirror transfer that moves no byte for this long (a blob from Harbor that stalls, a
+    /// registry that stops reading what regtee sends) is cut and retried.
+    pub idle_timeout: Duration,
+}
+
+/// The whole configuration, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The client-facing listeners and their limits.
+    pub proxy: ProxyConfig,
+    /// Harbor, as clients and regtee reach it.
+    pub upstream: UpstreamConfig,
+    /// Where the durable queue lives.
+    pub state: StateConfig,
+    /// The operator's listener, if any.
+    pub admin: Option<AdminConfig>,
+    /// The shared secret that webhook senders present.
+    pub webhook_secret: Option<Secret>,
+    /// The cloud registries every push is teed to.
+    pub targets: Vec<TargetConfig>,
+    /// Log format and level.
+    pub log: LogConfig,
+}
+
+/// The client-facing side.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Plain HTTP listener.
+    pub listen: Option<SocketAddr>,
+    /// HTTPS listener with its certificate.
+    pub tls: Option<TlsListener>,
+    /// Longest wait for a request head, including on idle keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// A body that moves no byte for this long is cut; there is no limit on total duration.
+    pub body_idle_timeout: Duration,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+/// An HTTPS listener and its PEM files.
+#[derive(Clone, Debug)]
+pub struct TlsListener {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Harbor.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// How regtee connects and who it is there.
+    pub endpoint: Endpoint,
+    /// Send token requests for realms on other origins through regtee.
+    pub rewrite_token_realm: bool,
+}
+
+/// The state directory.
+#[derive(Clone, Debug)]
+pub struct StateConfig {
+    /// Holds the queue database and the lock that keeps two servers apart.
+    pub dir: PathBuf,
+    /// How long finished jobs stay queryable.
+    pub retention: Duration,
+}
+
+/// The operator's listener.
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    /// Address to bind; keep it private.
+    pub listen: SocketAddr,
+    /// When set, every admin request needs `Authorization: Bearer <token>`.
+    pub token: Option<Secret>,
+}
+
+/// Log output.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// Human text or one JSON object per line.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `regtee=debug`.
+    pub level: String,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people at a terminal.
+    Text,
+    /// For log shippers.
+    Json,
+}
+
+/// How regtee authenticates to a target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetAuth {
+    /// Username and password, sent as Basic or exchanged for Bearer tokens as the target asks.
+    Password,
+    /// Huawei SWR long-term login derived from an access key pair.
+    SwrAksk,
+}
+
+/// One cloud registry.
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    /// How regtee connects and who it is there.
+    pub endpoint: Endpoint,
+    /// Which repositories and tags go there, under which names.
+    pub policy: TargetPolicy,
+    /// Replace a tag that exists there with another digest.
+    pub overwrite: bool,
+    /// Propagate manifest deletes.
+    pub delete: bool,
+    /// Jobs copied at once for this target.
+    pub concurrency: usize,
+    /// First retry delay; doubles up to `retry_max`, with jitter.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Attempts before a job fails; 0 retries until success.
+    pub max_attempts: u32,
+    /// Upload blobs in chunks of this size (0: one request, unless the target asks for chunks).
+    pub upload_chunk_size: u64,
+    /// The largest chunk a target may ask for (`OCI-Chunk-Min-Length`); more fails the job.
+    pub max_chunk_size: u64,
+    /// Compare Harbor with this target this often, catching pushes that went around regtee.
+    pub reconcile_interval: Option<Duration>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type, or an unknown key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said, with line and key.
+        message: String,
+    },
+    /// A value that parses but cannot work.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key at fault.
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// Looks up an environment variable; tests pass a map instead of mutating the process.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    /// Reads and validates a config file, taking secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        Config::parse(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::load`], for commands that only read the queue or ask the admin API
+    /// (`status`, `jobs`, `retry`): a registry password that is not at hand does not stop
+    /// them. Secrets that cannot be found are left empty; everything else is validated.
+    pub fn load_for_queue_commands(path: &Path) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        let raw = parse_toml(&text, path)?;
+        Validator {
+            path,
+            base: path.parent().unwrap_or(Path::new(".")),
+            env: &|name| std::env::var(name).ok(),
+            secrets_required: false,
+        }
+        .config(raw)
+    }
+
+    /// Validates config text; relative paths are taken from the directory of `path`.
+    pub fn parse(text: &str, path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let raw = parse_toml(text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Validator {
+            path,
+            base,
+            env,
+            secrets_required: true,
+        }
+        .config(raw)
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_toml(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let env = |name: &str| match name {
+            "UP_PW" => Some("s3cret".to_string()),
+            "TCR_PW" => Some("tcr-pw".to_string()),
+            _ => None,
+        };
+        Config::parse(text, Path::new("/etc/regtee/regtee.toml"), &env)
+    }
+
+    const MINIMAL: &str = r#"
+        [proxy]
+        listen = "127.0.0.1:5000"
+        [upstream]
+        url = "https://harbor.example.com"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.proxy.listen, Some("127.0.0.1:5000".parse().unwrap()));
+        assert!(c.proxy.tls.is_none());
+        assert_eq!(
+            c.upstream.endpoint.origin.to_string(),
+            "https://harbor.example.com"
+        );
+        assert_eq!(c.state.dir, Path::new("/etc/regtee/./regtee-data"));
+        assert!(c.targets.is_empty());
+        assert!(c.upstream.rewrite_token_realm);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse(&format!("{MINIMAL}\nlisten_port = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_env_and_never_print() {
+        let c = parse(
+            r#"
+            [proxy]
+            listen = "127.0.0.1:5000"
+            [upstream]
+            url = "https://harbor.example.com"
+            username = "robot$regtee"
+            password_env = "UP_PW"
+            [[targets]]
+            name = "tcr"
+            url = "https://x.tencentcloudcr.com"
+            username = "100012345"
+            password_env = "TCR_PW"
+            namespaces = { library = "prod-lib" }
+        "#,
+        )
+        .unwrap();
+        let creds = c.upstream.endpoint.credentials.as_ref().unwrap();
+        assert_eq!(creds.password.expose(), "s3cret");
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("s3cret") && !printed.contains("tcr-pw"));
+        assert_eq!(c.targets[0].endpoint.name, "tcr");
+    }
+
+    #[test]
+    fn missing_env_var_is_reported_with_its_name() {
+        let err = parse(
+            r#"
+            [proxy]
+            listen = "127.0.0.1:5000"
+            [upstream]
+            url = "https://harbor.example.com"
+            username = "u"
+            password_env = "NOPE"
+        "#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn queue_commands_do_not_need_registry_passwords() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("regtee.toml");
+        std::fs::write(
+            &path,
+            "[proxy]\nlisten = \"127.0.0.1:1\"\n[upstream]\nurl = \"https://h\"\nusername = \"u\"\npassword_env = \"REGTEE_TEST_SURELY_UNSET_VAR\"\n",
+        )
+        .unwrap();
+        assert!(Config::load(&path).is_err());
+        let c = Config::load_for_queue_commands(&path).unwrap();
+        assert_eq!(c.upstream.endpoint.credentials.unwrap().username, "u");
+    }
+
+    #[test]
+    fn two_secret_sources_are_refused() {
+        let err = parse(
+            r#"
+            [proxy]
+            listen = "127.0.0.1:5000"
+            [upstream]
+            url = "https://harbor.example.com"
+            username = "u"
+            password = "a"
+            password_env = "UP_PW"
+        "#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("only one"), "{err}");
+    }
+
+    #[test]
+    fn needs_a_listener_and_a_root_url() {
+        let err = parse("[proxy]\n[upstream]\nurl = \"https://h\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+        let err = parse("[proxy]\nlisten = \"127.0.0.1:1\"\n[upstream]\nurl = \"https://h/x\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("upstream.url"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_target_names_are_refused() {
+        let err = parse(&format!(
+            "{MINIMAL}\n[[targets]]\nname = \"a\"\nurl = \"https://a\"\n[[targets]]\nname = \"a\"\nurl = \"https://b\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("used twice"), "{err}");
+    }
+
+    #[test]
+    fn swr_credentials_are_derived() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[[targets]]\nname = \"swr\"\nurl = \"https://swr.cn-north-4.myhuaweicloud.com\"\nauth = \"swr-aksk\"\nregion = \"cn-north-4\"\naccess_key = \"AK\"\nsecret_key = \"SK\"\n"
+        ))
+        .unwrap();
+        let creds = c.targets[0].endpoint.credentials.as_ref().unwrap();
+        assert_eq!(creds.username, "cn-north-4@AK");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let env = |name: &str| Some(format!("value-of-{name}"));
+        let c = Config::parse(
+            include_str!("../../regtee.example.toml"),
+            Path::new("/etc/regtee/regtee.toml"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.targets[0].max_chunk_size, DEFAULT_MAX_CHUNK_SIZE);
+        assert_eq!(c.upstream.endpoint.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    }
+}

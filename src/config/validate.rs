@@ -1,0 +1,376 @@
+//! Validation: the file as written becomes typed values, once, with one clear error naming the
+//! key at fault. Secrets are read here, from the file, the environment or a file of their own.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::*;
+use super::*;
+use crate::mirror::target::{TargetPolicy, TargetPolicyError};
+use crate::origin::Origin;
+
+/// Default for `idle_timeout`: long enough for a busy registry, short enough that a stalled
+/// transfer does not hold a worker for long.
+pub(super) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Default for `max_chunk_size`: the largest `OCI-Chunk-Min-Length` regtee accepts from a target.
+pub(super) const DEFAULT_MAX_CHUNK_SIZE: u64 = 256 * 1024 * 1024;
+
+pub(super) struct Validator<'a> {
+    pub(super) path: &'a Path,
+    pub(super) base: &'a Path,
+    pub(super) env: EnvLookup<'a>,
+    /// When false, a secret that cannot be found is left empty instead of failing.
+    pub(super) secrets_required: bool,
+}
+
+/// Where a secret may come from; at most one of the three may be set.
+struct SecretSource<'r> {
+    key: &'r str,
+    inline: Option<&'r str>,
+    env: Option<&'r str>,
+    file: Option<&'r Path>,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn resolve_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+        text.parse()
+            .map_err(|_| self.invalid(key, format!("`{text}` is not an address like 0.0.0.0:5000")))
+    }
+
+    fn secret(&self, s: SecretSource<'_>) -> Result<Option<Secret>, ConfigError> {
+        let given = [s.inline.is_some(), s.env.is_some(), s.file.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(self.invalid(
+                s.key,
+                format!("set only one of `{0}`, `{0}_env` and `{0}_file`", s.key),
+            ));
+        }
+        if let Some(v) = s.inline {
+            return Ok(Some(Secret::new(v)));
+        }
+        let found = if let Some(var) = s.env {
+            (self.env)(var).ok_or_else(|| {
+                self.invalid(
+                    format!("{}_env", s.key),
+                    format!("environment variable {var} is not set"),
+                )
+            })
+        } else if let Some(file) = s.file {
+            let file = self.resolve_path(file);
+            std::fs::read_to_string(&file)
+                .map(|v| v.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|e| {
+                    self.invalid(
+                        format!("{}_file", s.key),
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })
+        } else {
+            return Ok(None);
+        };
+        match found {
+            Ok(value) => Ok(Some(Secret::new(value))),
+            Err(_) if !self.secrets_required => Ok(Some(Secret::new(""))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A username and a password go together, or neither is set (anonymous access).
+    fn login(
+        &self,
+        section: &str,
+        username: Option<String>,
+        password: Option<Secret>,
+    ) -> Result<Option<Credentials>, ConfigError> {
+        match (username, password) {
+            (Some(username), Some(password)) => Ok(Some(Credentials { username, password })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(self.invalid(
+                format!("{section}.username"),
+                "a username needs password, password_env or password_file",
+            )),
+            (None, Some(_)) => {
+                Err(self.invalid(format!("{section}.password"), "a password needs a username"))
+            }
+        }
+    }
+
+    pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let proxy = self.proxy(raw.proxy)?;
+        let upstream = self.upstream(raw.upstream)?;
+        let state = StateConfig {
+            dir: self.resolve_path(
+                raw.state
+                    .dir
+                    .as_deref()
+                    .unwrap_or(Path::new("./regtee-data")),
+            ),
+            retention: raw
+                .state
+                .retention
+                .unwrap_or(Duration::from_secs(30 * 86_400)),
+        };
+        let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
+        let webhook_secret = match raw.webhooks {
+            Some(w) => self.secret(SecretSource {
+                key: "webhooks.secret",
+                inline: w.secret.as_deref(),
+                env: w.secret_env.as_deref(),
+                file: w.secret_file.as_deref(),
+            })?,
+            None => None,
+        };
+        let mut targets = Vec::new();
+        for (i, t) in raw.targets.into_iter().enumerate() {
+            let target = self.target(i, t)?;
+            if targets
+                .iter()
+                .any(|o: &TargetConfig| o.endpoint.name == target.endpoint.name)
+            {
+                return Err(self.invalid(
+                    format!("targets[{i}].name"),
+                    format!("target name `{}` is used twice", target.endpoint.name),
+                ));
+            }
+            targets.push(target);
+        }
+        let log = LogConfig {
+            format: raw.log.format.unwrap_or(LogFormat::Text),
+            level: raw.log.level.unwrap_or_else(|| "info".to_string()),
+        };
+        Ok(Config {
+            proxy,
+            upstream,
+            state,
+            admin,
+            webhook_secret,
+            targets,
+            log,
+        })
+    }
+
+    fn proxy(&self, raw: RawProxy) -> Result<ProxyConfig, ConfigError> {
+        let listen = raw
+            .listen
+            .as_deref()
+            .map(|t| self.addr("proxy.listen", t))
+            .transpose()?;
+        let tls = match (raw.tls_listen.as_deref(), raw.tls_cert, raw.tls_key) {
+            (None, None, None) => None,
+            (Some(addr), Some(cert), Some(key)) => Some(TlsListener {
+                listen: self.addr("proxy.tls_listen", addr)?,
+                cert: self.resolve_path(&cert),
+                key: self.resolve_path(&key),
+            }),
+            _ => {
+                return Err(self.invalid(
+                    "proxy.tls_listen",
+                    "tls_listen, tls_cert and tls_key go together (see `regtee certs generate`)",
+                ));
+            }
+        };
+        if listen.is_none() && tls.is_none() {
+            return Err(self.invalid("proxy", "set `listen` (HTTP), `tls_listen` (HTTPS) or both"));
+        }
+        Ok(ProxyConfig {
+            listen,
+            tls,
+            header_read_timeout: raw.header_read_timeout.unwrap_or(Duration::from_secs(30)),
+            body_idle_timeout: raw.body_idle_timeout.unwrap_or(Duration::from_secs(300)),
+            shutdown_grace: raw.shutdown_grace.unwrap_or(Duration::from_secs(30)),
+        })
+    }
+
+    fn positive(
+        &self,
+        key: &str,
+        value: Option<Duration>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            Some(d) if d.is_zero() => Err(self.invalid(key, "must be more than zero")),
+            Some(d) => Ok(d),
+            None => Ok(default),
+        }
+    }
+
+    fn origin(&self, key: &str, url: &str) -> Result<Origin, ConfigError> {
+        Origin::parse(url).map_err(|e| self.invalid(key, e.to_string()))
+    }
+
+    fn ca_file(&self, key: &str, ca: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(ca) = ca else { return Ok(None) };
+        let ca = self.resolve_path(&ca);
+        if !ca.is_file() {
+            return Err(self.invalid(key, format!("{} does not exist", ca.display())));
+        }
+        Ok(Some(ca))
+    }
+
+    fn upstream(&self, raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+        let origin = self.origin("upstream.url", &raw.url)?;
+        let password = self.secret(SecretSource {
+            key: "upstream.password",
+            inline: raw.password.as_deref(),
+            env: raw.password_env.as_deref(),
+            file: raw.password_file.as_deref(),
+        })?;
+        let credentials = self.login("upstream", raw.username, password)?;
+        Ok(UpstreamConfig {
+            endpoint: Endpoint {
+                name: "upstream".to_string(),
+                side: crate::registry::Side::Upstream,
+                origin,
+                tls: ClientTls {
+                    ca_file: self.ca_file("upstream.ca_file", raw.ca_file)?,
+                    insecure_skip_verify: raw.insecure_skip_verify,
+                },
+                credentials,
+                connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(10)),
+                response_timeout: raw.response_timeout.unwrap_or(Duration::from_secs(600)),
+                pool_idle_timeout: raw.pool_idle_timeout.unwrap_or(Duration::from_secs(50)),
+                idle_timeout: self.positive(
+                    "upstream.idle_timeout",
+                    raw.idle_timeout,
+                    DEFAULT_IDLE_TIMEOUT,
+                )?,
+            },
+            rewrite_token_realm: raw.rewrite_token_realm.unwrap_or(true),
+        })
+    }
+
+    fn admin(&self, raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
+        Ok(AdminConfig {
+            listen: self.addr("admin.listen", &raw.listen)?,
+            token: self.secret(SecretSource {
+                key: "admin.token",
+                inline: raw.token.as_deref(),
+                env: raw.token_env.as_deref(),
+                file: raw.token_file.as_deref(),
+            })?,
+        })
+    }
+
+    fn target(&self, i: usize, raw: RawTarget) -> Result<TargetConfig, ConfigError> {
+        let key = |k: &str| format!("targets[{i}].{k}");
+        let name_ok = !raw.name.is_empty()
+            && raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok {
+            return Err(self.invalid(
+                key("name"),
+                "use letters, digits, `-` and `_` only (it appears in metrics and URLs)",
+            ));
+        }
+        let origin = self.origin(&key("url"), &raw.url)?;
+        let credentials = match raw.auth.unwrap_or(TargetAuth::Password) {
+            TargetAuth::Password => {
+                let password = self.secret(SecretSource {
+                    key: &key("password"),
+                    inline: raw.password.as_deref(),
+                    env: raw.password_env.as_deref(),
+                    file: raw.password_file.as_deref(),
+                })?;
+                self.login(&format!("targets[{i}]"), raw.username, password)?
+            }
+            TargetAuth::SwrAksk => {
+                let region = raw.region.ok_or_else(|| {
+                    self.invalid(
+                        key("region"),
+                        "auth = \"swr-aksk\" needs the SWR region, e.g. cn-north-4",
+                    )
+                })?;
+                let ak = self.secret(SecretSource {
+                    key: &key("access_key"),
+                    inline: raw.access_key.as_deref(),
+                    env: raw.access_key_env.as_deref(),
+                    file: raw.access_key_file.as_deref(),
+                })?;
+                let sk = self.secret(SecretSource {
+                    key: &key("secret_key"),
+                    inline: raw.secret_key.as_deref(),
+                    env: raw.secret_key_env.as_deref(),
+                    file: raw.secret_key_file.as_deref(),
+                })?;
+                let (Some(ak), Some(sk)) = (ak, sk) else {
+                    return Err(self.invalid(
+                        key("access_key"),
+                        "auth = \"swr-aksk\" needs access_key(_env/_file) and secret_key(_env/_file)",
+                    ));
+                };
+                Some(crate::registry::credentials::swr_login(&region, &ak, &sk))
+            }
+        };
+        let policy = TargetPolicy::new(
+            raw.namespaces,
+            &raw.include.unwrap_or_else(|| vec!["**".to_string()]),
+            &raw.exclude,
+            &raw.tags.unwrap_or_else(|| vec!["**".to_string()]),
+        )
+        .map_err(|e| match e {
+            TargetPolicyError::Glob { field, .. } => self.invalid(key(field), e.to_string()),
+            TargetPolicyError::Namespace(..) => self.invalid(key("namespaces"), e.to_string()),
+        })?;
+        let concurrency = raw.concurrency.unwrap_or(4);
+        if concurrency == 0 {
+            return Err(self.invalid(key("concurrency"), "must be at least 1"));
+        }
+        let retry_initial = raw.retry_initial.unwrap_or(Duration::from_secs(1));
+        let retry_max = raw.retry_max.unwrap_or(Duration::from_secs(300));
+        if retry_initial.is_zero() || retry_max < retry_initial {
+            return Err(self.invalid(
+                key("retry_max"),
+                "retry_initial must be positive and retry_max at least retry_initial",
+            ));
+        }
+        Ok(TargetConfig {
+            endpoint: Endpoint {
+                name: raw.name,
+                side: crate::registry::Side::Target,
+                origin,
+                tls: ClientTls {
+                    ca_file: self.ca_file(&key("ca_file"), raw.ca_file)?,
+                    insecure_skip_verify: raw.insecure_skip_verify,
+                },
+                credentials,
+                connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(10)),
+                response_timeout: raw.response_timeout.unwrap_or(Duration::from_secs(600)),
+                pool_idle_timeout: Duration::from_secs(50),
+                idle_timeout: self.positive(
+                    &key("idle_timeout"),
+                    raw.idle_timeout,
+                    DEFAULT_IDLE_TIMEOUT,
+                )?,
+            },
+            policy,
+            overwrite: raw.overwrite.unwrap_or(true),
+            delete: raw.delete,
+            concurrency,
+            retry_initial,
+            retry_max,
+            max_attempts: raw.max_attempts.unwrap_or(0),
+            upload_chunk_size: raw.upload_chunk_size.unwrap_or(0),
+            max_chunk_size: raw.max_chunk_size.unwrap_or(DEFAULT_MAX_CHUNK_SIZE),
+            reconcile_interval: raw.reconcile_interval,
+        })
+    }
+}
