@@ -293,6 +293,19 @@ pub async fn push_image(
     tag: &str,
     image: &SampleImage,
 ) -> Result<(), RegistryError> {
+    push_blobs(client, repository, image).await?;
+    client
+        .put_manifest(repository, tag, OCI_MANIFEST, image.manifest.clone())
+        .await?;
+    Ok(())
+}
+
+/// Uploads an image's config and layers, each in one request.
+pub async fn push_blobs(
+    client: &RegistryClient,
+    repository: &str,
+    image: &SampleImage,
+) -> Result<(), RegistryError> {
     for blob in std::iter::once(&image.config).chain(image.layers.iter()) {
         let digest = Digest::sha256_of(blob);
         client
@@ -305,9 +318,6 @@ pub async fn push_image(
             )
             .await?;
     }
-    client
-        .put_manifest(repository, tag, OCI_MANIFEST, image.manifest.clone())
-        .await?;
     Ok(())
 }
 

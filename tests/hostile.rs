@@ -4,29 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use regtee::local_registry::{SampleImage, sample_image};
-use regtee::registry::{Chunking, RegistryClient};
+use regtee::local_registry::{push_blobs, sample_image};
 
 use crate::support::fault::{Fault, FaultFront};
 use crate::support::layout::Layout;
 use crate::support::*;
-
-/// Uploads an image's blobs through `client` into `repository`.
-async fn push_blobs(client: &RegistryClient, repository: &str, image: &SampleImage) {
-    for blob in std::iter::once(&image.config).chain(image.layers.iter()) {
-        let digest = regtee::oci::digest::Digest::sha256_of(blob);
-        client
-            .upload_blob(
-                repository,
-                &digest,
-                Some(blob.len() as u64),
-                regtee::body::full(blob.clone()),
-                Chunking::WHOLE,
-            )
-            .await
-            .unwrap();
-    }
-}
 
 /// `PUT <base><path>` of a manifest with a bearer token, the path sent exactly as given.
 async fn put_manifest_raw(base: &str, path: &str, token: &str, manifest: &[u8]) -> (u16, String) {
@@ -86,7 +68,7 @@ async fn percent_encoded_names_pass_the_same_filters_as_their_plain_spelling() {
     let target = world.target();
     let image = sample_image(&[10_000]);
     for repo in ["library/enc", "library/private-x"] {
-        push_blobs(&through, repo, &image).await;
+        push_blobs(&through, repo, &image).await.unwrap();
     }
     let token = world
         .harbor

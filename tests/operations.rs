@@ -408,20 +408,7 @@ async fn a_missing_namespace_fails_the_job_with_a_hint_and_retry_fixes_it() {
     let mut layout = Layout::new(&work.path().join("layout"));
     let imgs = images(&mut layout, 1);
     push_layout_ok(&layout.dir, "i0", &regtee.host(), "library/app:1", Tls::Off);
-    let failed = wait_until(
-        "the manifest job to fail",
-        Duration::from_secs(30),
-        || async {
-            let page = admin_get(&regtee, "/api/v1/jobs?state=failed").await;
-            page["jobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|j| j["kind"] == "manifest")
-                .cloned()
-        },
-    )
-    .await;
+    let failed = failed_manifest_job(&regtee, "").await;
     let detail = failed["detail"].as_str().unwrap();
     assert!(
         detail.contains("namespace prod-lib does not exist on target tcr")

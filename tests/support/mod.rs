@@ -655,6 +655,21 @@ pub fn raw_http_client(
     .unwrap()
 }
 
+/// Waits for a failed manifest job among the jobs the admin API lists for `filter` (a query
+/// string such as `repository=library/app`), and returns it.
+pub async fn failed_manifest_job(regtee: &Regtee, filter: &str) -> serde_json::Value {
+    let path = format!("/api/v1/jobs?state=failed&{filter}");
+    wait_until("a failed manifest job", Duration::from_secs(30), || async {
+        admin_get(regtee, &path).await["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["kind"] == "manifest")
+            .cloned()
+    })
+    .await
+}
+
 /// A plain HTTP request; returns status and body text.
 pub async fn http_request(
     url: &str,
