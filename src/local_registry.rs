@@ -329,7 +329,7 @@ pub fn anonymous_client(name: &str, url: &str) -> Result<RegistryClient, ClientE
         side: crate::registry::Side::Target,
         origin,
         tls: ClientTls::default(),
-        credentials: None,
+        login: crate::config::Login::Anonymous,
         connect_timeout: Duration::from_secs(5),
         response_timeout: Duration::from_secs(60),
         pool_idle_timeout: Duration::from_secs(30),

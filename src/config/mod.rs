@@ -64,6 +64,31 @@ pub struct Credentials {
     pub password: Secret,
 }
 
+/// Where regtee's login to a registry comes from.
+#[derive(Clone, Debug)]
+pub enum Login {
+    /// No credentials.
+    Anonymous,
+    /// A username and password from the config (or derived, as SWR's).
+    Static(Credentials),
+    /// A Docker credential helper: `docker-credential-<name> get` (or the program at this path,
+    /// when it has a `/`), asked when needed and again when the registry stops accepting it.
+    Helper(String),
+    /// A Docker client config (`config.json`): its `credHelpers`, `credsStore` and `auths`, read
+    /// as docker reads them, when needed and again when the registry stops accepting them.
+    DockerConfig(PathBuf),
+}
+
+impl Login {
+    /// The static credentials, if that is what the login is.
+    pub fn fixed(&self) -> Option<&Credentials> {
+        match self {
+            Login::Static(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
 /// TLS settings for connections regtee makes to a registry.
 #[derive(Clone, Debug, Default)]
 pub struct ClientTls {
@@ -84,8 +109,8 @@ pub struct Endpoint {
     pub origin: Origin,
     /// How to verify its certificate.
     pub tls: ClientTls,
-    /// Who regtee is there, if anyone.
-    pub credentials: Option<Credentials>,
+    /// Who regtee is there, and where that login comes from.
+    pub login: Login,
     /// How long to wait for a TCP + TLS connection.
     pub connect_timeout: Duration,
     /// How long to wait for response headers once the request body is sent.
@@ -368,7 +393,7 @@ mod tests {
         "#,
         )
         .unwrap();
-        let creds = c.upstream.endpoint.credentials.as_ref().unwrap();
+        let creds = c.upstream.endpoint.login.fixed().unwrap();
         assert_eq!(creds.password.expose(), "s3cret");
         let printed = format!("{c:?}");
         assert!(!printed.contains("s3cret") && !printed.contains("tcr-pw"));
@@ -402,7 +427,7 @@ mod tests {
         .unwrap();
         assert!(Config::load(&path).is_err());
         let c = Config::load_for_queue_commands(&path).unwrap();
-        assert_eq!(c.upstream.endpoint.credentials.unwrap().username, "u");
+        assert_eq!(c.upstream.endpoint.login.fixed().unwrap().username, "u");
     }
 
     #[test]
@@ -446,7 +471,7 @@ mod tests {
             "{MINIMAL}\n[[targets]]\nname = \"swr\"\nurl = \"https://swr.cn-north-4.myhuaweicloud.com\"\nauth = \"swr-aksk\"\nregion = \"cn-north-4\"\naccess_key = \"AK\"\nsecret_key = \"SK\"\n"
         ))
         .unwrap();
-        let creds = c.targets[0].endpoint.credentials.as_ref().unwrap();
+        let creds = c.targets[0].endpoint.login.fixed().unwrap();
         assert_eq!(creds.username, "cn-north-4@AK");
     }
 

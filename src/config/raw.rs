@@ -51,6 +51,8 @@ pub(super) struct RawUpstream {
     pub(super) password: Option<String>,
     pub(super) password_env: Option<String>,
     pub(super) password_file: Option<PathBuf>,
+    pub(super) credential_helper: Option<String>,
+    pub(super) docker_config: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     pub(super) connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -104,6 +106,8 @@ pub(super) struct RawTarget {
     pub(super) password: Option<String>,
     pub(super) password_env: Option<String>,
     pub(super) password_file: Option<PathBuf>,
+    pub(super) credential_helper: Option<String>,
+    pub(super) docker_config: Option<PathBuf>,
     pub(super) region: Option<String>,
     pub(super) access_key: Option<String>,
     pub(super) access_key_env: Option<String>,

@@ -198,6 +198,54 @@ impl Validator<'_> {
         })
     }
 
+    /// The one place a login may come from: a password, a credential helper or a docker config.
+    fn login_source(
+        &self,
+        section: &str,
+        credentials: Option<Credentials>,
+        helper: Option<String>,
+        docker_config: Option<PathBuf>,
+    ) -> Result<Login, ConfigError> {
+        match (credentials, helper, docker_config) {
+            (None, None, None) => Ok(Login::Anonymous),
+            (Some(c), None, None) => Ok(Login::Static(c)),
+            (None, Some(h), None) => {
+                let valid = !h.is_empty()
+                    && (h.contains('/')
+                        || h.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')));
+                if !valid {
+                    return Err(self.invalid(
+                        format!("{section}.credential_helper"),
+                        "name a helper as docker does (`ecr-login` runs docker-credential-ecr-login), or give its path",
+                    ));
+                }
+                Ok(Login::Helper(h))
+            }
+            (None, None, Some(path)) => Ok(Login::DockerConfig(self.docker_config_path(&path))),
+            _ => Err(self.invalid(
+                format!("{section}.credential_helper"),
+                "set one login: username and password, credential_helper, or docker_config",
+            )),
+        }
+    }
+
+    /// `~` expanded; a directory means its `config.json`, as `$DOCKER_CONFIG` does.
+    fn docker_config_path(&self, path: &Path) -> PathBuf {
+        let expanded = match path.strip_prefix("~") {
+            Ok(rest) => match (self.env)("HOME") {
+                Some(home) => PathBuf::from(home).join(rest),
+                None => path.to_path_buf(),
+            },
+            Err(_) => self.resolve_path(path),
+        };
+        if expanded.is_dir() {
+            expanded.join("config.json")
+        } else {
+            expanded
+        }
+    }
+
     fn positive(
         &self,
         key: &str,
@@ -233,6 +281,12 @@ impl Validator<'_> {
             file: raw.password_file.as_deref(),
         })?;
         let credentials = self.login("upstream", raw.username, password)?;
+        let login = self.login_source(
+            "upstream",
+            credentials,
+            raw.credential_helper,
+            raw.docker_config,
+        )?;
         Ok(UpstreamConfig {
             endpoint: Endpoint {
                 name: "upstream".to_string(),
@@ -242,7 +296,7 @@ impl Validator<'_> {
                     ca_file: self.ca_file("upstream.ca_file", raw.ca_file)?,
                     insecure_skip_verify: raw.insecure_skip_verify,
                 },
-                credentials,
+                login,
                 connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(10)),
                 response_timeout: raw.response_timeout.unwrap_or(Duration::from_secs(600)),
                 pool_idle_timeout: raw.pool_idle_timeout.unwrap_or(Duration::from_secs(50)),
@@ -320,6 +374,12 @@ impl Validator<'_> {
                 Some(crate::registry::credentials::swr_login(&region, &ak, &sk))
             }
         };
+        let login = self.login_source(
+            &format!("targets[{i}]"),
+            credentials,
+            raw.credential_helper,
+            raw.docker_config,
+        )?;
         let policy = TargetPolicy::new(
             raw.namespaces,
             &raw.include.unwrap_or_else(|| vec!["**".to_string()]),
@@ -351,7 +411,7 @@ impl Validator<'_> {
                     ca_file: self.ca_file(&key("ca_file"), raw.ca_file)?,
                     insecure_skip_verify: raw.insecure_skip_verify,
                 },
-                credentials,
+                login,
                 connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(10)),
                 response_timeout: raw.response_timeout.unwrap_or(Duration::from_secs(600)),
                 pool_idle_timeout: Duration::from_secs(50),

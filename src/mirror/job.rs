@@ -214,7 +214,7 @@ impl ErrorClass {
             ErrorKind::Unreachable(_) => ErrorClass::Unreachable,
             ErrorKind::Tls(_) | ErrorKind::HttpsOnly { .. } => ErrorClass::Tls,
             ErrorKind::Timeout => ErrorClass::Timeout,
-            ErrorKind::Unauthorized(_) => ErrorClass::Auth,
+            ErrorKind::Unauthorized(_) | ErrorKind::Login(_) => ErrorClass::Auth,
             ErrorKind::Denied(_) => ErrorClass::Denied,
             ErrorKind::NotFound { .. } => ErrorClass::NotFound,
             ErrorKind::RateLimited { .. } => ErrorClass::RateLimited,

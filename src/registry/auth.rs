@@ -223,7 +223,7 @@ impl RegistryClient {
             return Ok(None);
         };
         if challenge.is_basic() {
-            return Ok(self.basic.clone());
+            return Ok(self.login(operation).await?.map(|c| c.basic.clone()));
         }
         if !challenge.is_bearer() {
             return Ok(None);
@@ -235,14 +235,23 @@ impl RegistryClient {
         {
             return Ok(Some(bearer_header(&cached.token)));
         }
-        let token = self.fetch_token(&challenge, scopes, operation).await?;
+        let token = match self.fetch_token(&challenge, scopes, operation).await {
+            // A login from a helper that stopped working (rotated, expired): fetch it again
+            // and ask once more.
+            Err(e) if matches!(e.kind, ErrorKind::Unauthorized(_)) && self.logins.renewable() => {
+                self.logins.forget();
+                self.fetch_token(&challenge, scopes, operation).await?
+            }
+            other => other?,
+        };
         let header = bearer_header(&token.token);
         self.tokens.insert(key, token);
         Ok(Some(header))
     }
 
     /// Asks the challenge's realm for a token (Docker token authentication specification:
-    /// `service`, `account`, one `scope` per scope, Basic credentials).
+    /// `service`, `account`, one `scope` per scope, Basic credentials; or, for an identity
+    /// token, the OAuth2 refresh-token grant of the Docker token spec's "OAuth2" section).
     async fn fetch_token(
         &self,
         challenge: &Challenge,
@@ -255,29 +264,50 @@ impl RegistryClient {
             .ok_or_else(|| protocol("Bearer challenge without a realm".into()))?;
         let mut url = url::Url::parse(realm)
             .map_err(|_| protocol(format!("token realm `{realm}` is not a URL")))?;
-        {
+        let login = self.login(operation).await?;
+        let identity_token = login
+            .as_ref()
+            .filter(|c| c.credentials.username == super::login::IDENTITY_TOKEN_USER);
+        let mut request = Request::new(crate::body::empty());
+        if let Some(c) = identity_token {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "refresh_token")
+                .append_pair("refresh_token", c.credentials.password.expose())
+                .append_pair("client_id", "regtee");
+            if let Some(service) = challenge.param("service") {
+                form.append_pair("service", service);
+            }
+            if !scopes.is_empty() {
+                form.append_pair("scope", &scopes.join(" "));
+            }
+            *request.method_mut() = http::Method::POST;
+            *request.body_mut() = crate::body::full(form.finish());
+            request.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            );
+        } else {
             let mut query = url.query_pairs_mut();
             if let Some(service) = challenge.param("service") {
                 query.append_pair("service", service);
             }
-            if let Some(c) = &self.credentials {
-                query.append_pair("account", &c.username);
+            if let Some(c) = &login {
+                query.append_pair("account", &c.credentials.username);
             }
             for scope in scopes {
                 query.append_pair("scope", scope);
             }
+            drop(query);
+            if let Some(c) = &login {
+                request
+                    .headers_mut()
+                    .insert(header::AUTHORIZATION, c.basic.clone());
+            }
         }
-        let uri: Uri = url
+        *request.uri_mut() = url
             .as_str()
-            .parse()
+            .parse::<Uri>()
             .map_err(|_| protocol("bad token URL".into()))?;
-        let mut request = Request::new(crate::body::empty());
-        *request.uri_mut() = uri;
-        if let Some(basic) = &self.basic {
-            request
-                .headers_mut()
-                .insert(header::AUTHORIZATION, basic.clone());
-        }
         let op = format!("{operation} (token)");
         let response = self.send_once(request, &op).await?;
         let status = response.status();
@@ -285,11 +315,8 @@ impl RegistryClient {
             return Err(self.err(
                 &op,
                 ErrorKind::Unauthorized(format!(
-                    "the token service rejected the credentials of `{}`",
-                    self.credentials
-                        .as_ref()
-                        .map(|c| c.username.as_str())
-                        .unwrap_or("anonymous")
+                    "the token service rejected the login from {}",
+                    self.logins.describe()
                 )),
             ));
         }
@@ -306,6 +333,8 @@ impl RegistryClient {
                 )
             })?
             .to_string();
+        // A token from another server is a secret regtee now holds: never show it.
+        crate::redact::remember(token.as_str().into());
         // Refresh a little early so a token never expires between check and use.
         let life = parsed.lifetime().saturating_sub(Duration::from_secs(10));
         Ok(CachedToken {

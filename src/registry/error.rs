@@ -33,6 +33,8 @@ pub enum ErrorKind {
     Timeout,
     /// The credentials were rejected.
     Unauthorized(String),
+    /// No login could be had (a credential helper failed, a docker config is unusable).
+    Login(String),
     /// Authenticated, but not allowed (or the namespace does not exist).
     Denied(String),
     /// 404 with the registry's error code.
@@ -103,6 +105,7 @@ impl std::fmt::Display for ErrorKind {
                 )
             }
             ErrorKind::Timeout => f.write_str("timed out"),
+            ErrorKind::Login(m) => write!(f, "no login: {m}"),
             ErrorKind::Unauthorized(m) if m.is_empty() => f.write_str("credentials rejected"),
             ErrorKind::Unauthorized(m) => write!(f, "credentials rejected: {m}"),
             ErrorKind::Denied(m) if m.is_empty() => f.write_str("access denied"),
@@ -139,7 +142,9 @@ impl RegistryError {
     pub fn retryable(&self) -> bool {
         match &self.kind {
             ErrorKind::Tls(t) => !t.is_certificate(),
-            ErrorKind::Unreachable(_)
+            // A helper that failed may answer next time (it asks a cloud API itself).
+            ErrorKind::Login(_)
+            | ErrorKind::Unreachable(_)
             | ErrorKind::Timeout
             | ErrorKind::RateLimited { .. }
             | ErrorKind::Server { .. }
@@ -187,6 +192,9 @@ impl RegistryError {
             (ErrorKind::Unreachable(_) | ErrorKind::Timeout, _) => {
                 format!("check the url in {section}, DNS and firewalls from this host")
             }
+            (ErrorKind::Login(_), _) => format!(
+                "check the credential_helper or docker_config in {section}: run the helper by hand (`echo HOST | docker-credential-NAME get`)"
+            ),
             (ErrorKind::Unauthorized(_), _) => format!(
                 "the username or password is wrong: fix username and password(_env/_file) in {section}"
             ),

@@ -55,10 +55,10 @@ impl RegistryClient {
             request
                 .headers_mut()
                 .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-            if let Some(basic) = &self.basic {
+            if let Some(login) = self.login(op).await? {
                 request
                     .headers_mut()
-                    .insert(header::AUTHORIZATION, basic.clone());
+                    .insert(header::AUTHORIZATION, login.basic.clone());
             }
             let response = self.send_once(request, op).await?;
             match response.status() {

@@ -13,6 +13,7 @@ pub mod credentials;
 pub mod error;
 mod harbor;
 mod listings;
+mod login;
 mod manifests;
 
 use std::sync::RwLock;
@@ -26,7 +27,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use crate::body::{self, ProxyBody, read_limited};
-use crate::config::{Credentials, Endpoint};
+use crate::config::Endpoint;
 use crate::error::error_chain;
 use crate::http_client::{self, HttpClient, SendError};
 use crate::oci::error_code::ErrorCode;
@@ -126,9 +127,8 @@ pub struct RegistryClient {
     side: Side,
     origin: Origin,
     http: HttpClient,
-    credentials: Option<Credentials>,
-    /// `Basic <base64(user:password)>`, built once (and remembered for scrubbing).
-    basic: Option<HeaderValue>,
+    /// regtee's login there, fetched when needed.
+    logins: login::Logins,
     response_timeout: Duration,
     idle_timeout: Duration,
     challenge: RwLock<Option<Challenge>>,
@@ -155,8 +155,7 @@ impl RegistryClient {
             side: endpoint.side,
             origin: endpoint.origin.clone(),
             http,
-            basic: endpoint.credentials.as_ref().map(auth::basic_header),
-            credentials: endpoint.credentials.clone(),
+            logins: login::Logins::new(&endpoint.login, endpoint.origin.authority()),
             response_timeout: endpoint.response_timeout,
             idle_timeout: endpoint.idle_timeout,
             challenge: RwLock::new(None),
@@ -167,6 +166,27 @@ impl RegistryClient {
     /// The registry's name in errors and logs.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Where regtee's login there comes from, for people.
+    pub fn login_source(&self) -> String {
+        self.logins.describe()
+    }
+
+    /// Fetches regtee's login (runs a credential helper, reads a docker config), proving it can.
+    pub async fn check_login(&self) -> Result<(), RegistryError> {
+        self.login("fetch the login").await.map(|_| ())
+    }
+
+    /// regtee's login now, fetched if needed (`None`: anonymous).
+    async fn login(
+        &self,
+        operation: &str,
+    ) -> Result<Option<std::sync::Arc<login::Current>>, RegistryError> {
+        self.logins
+            .get()
+            .await
+            .map_err(|e| self.err(operation, ErrorKind::Login(e.to_string())))
     }
 
     /// A request for a path on this registry. Names are validated where they enter regtee, so
@@ -242,6 +262,8 @@ impl RegistryClient {
                 body = replay;
                 continue;
             }
+            // Refused twice: the next attempt fetches the login again, if it can change.
+            self.logins.forget();
             let message = match self.error_from(response, &operation).await.kind {
                 ErrorKind::Unauthorized(m) => m,
                 other => other.to_string(),

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use regtee::config::{ClientTls, Config, Credentials, Endpoint, Secret};
+use regtee::config::{ClientTls, Config, Credentials, Endpoint, Login, Secret};
 use regtee::local_registry::{LocalRegistry, RegistryOptions};
 use regtee::origin::Origin;
 use regtee::registry::RegistryClient;
@@ -149,10 +149,13 @@ pub fn client_for(url: &str, creds: Option<(&str, &str)>) -> RegistryClient {
             ca_file: None,
             insecure_skip_verify: true,
         },
-        credentials: creds.map(|(u, p)| Credentials {
-            username: u.into(),
-            password: Secret::new(p),
-        }),
+        login: match creds {
+            Some((u, p)) => Login::Static(Credentials {
+                username: u.into(),
+                password: Secret::new(p),
+            }),
+            None => Login::Anonymous,
+        },
         connect_timeout: Duration::from_secs(5),
         response_timeout: Duration::from_secs(60),
         pool_idle_timeout: Duration::from_secs(30),

@@ -35,18 +35,24 @@ fn hint(e: &RegistryError, section: &str, namespace: Option<&str>) -> String {
         .unwrap_or_else(|| "see the error above".to_string())
 }
 
-/// What a passed connection check proves: TLS only for https:// endpoints.
-fn connection_ok(endpoint: &crate::config::Endpoint) -> String {
+/// What a passed connection check proves: TLS only for https:// endpoints, and where the
+/// accepted login came from.
+fn connection_ok(endpoint: &crate::config::Endpoint, client: &RegistryClient) -> String {
     let how = match endpoint.origin.scheme() {
         crate::origin::Scheme::Https => "reachable, TLS ok",
         crate::origin::Scheme::Http => "reachable",
     };
-    let who = if endpoint.credentials.is_some() {
-        "credentials accepted"
-    } else {
-        "anonymous access accepted"
-    };
-    format!("{how}, {who}")
+    match endpoint.login {
+        crate::config::Login::Anonymous => format!("{how}, anonymous access accepted"),
+        _ => format!("{how}, credentials accepted ({})", client.login_source()),
+    }
+}
+
+/// Pings a registry, having fetched its login first (so a credential helper is run even where
+/// `/v2/` answers anonymously).
+async fn ping(client: &RegistryClient) -> Result<(), RegistryError> {
+    client.check_login().await?;
+    client.ping().await
 }
 
 /// `regtee check`: validates the config and tests every endpoint. Exit 1 when a check fails.
@@ -64,11 +70,11 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
     }];
     let upstream = RegistryClient::new(&config.upstream.endpoint)?;
     let up = &config.upstream.endpoint;
-    match upstream.ping().await {
+    match ping(&upstream).await {
         Ok(()) => lines.push(CheckLine {
             ok: true,
             what: format!("upstream {}", up.origin),
-            detail: connection_ok(up),
+            detail: connection_ok(up, &upstream),
             hint: None,
         }),
         Err(e) => lines.push(CheckLine {
@@ -83,7 +89,7 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
         let name = &target.endpoint.name;
         let client = RegistryClient::new(&target.endpoint)?;
         let what = format!("target {name} {}", target.endpoint.origin);
-        if let Err(e) = client.ping().await {
+        if let Err(e) = ping(&client).await {
             lines.push(CheckLine {
                 ok: false,
                 what,
@@ -95,7 +101,7 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
         lines.push(CheckLine {
             ok: true,
             what,
-            detail: connection_ok(&target.endpoint),
+            detail: connection_ok(&target.endpoint, &client),
             hint: None,
         });
         let mut namespaces: Vec<String> = target
