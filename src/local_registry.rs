@@ -315,6 +315,7 @@ pub async fn push_blobs(
                 Some(blob.len() as u64),
                 crate::body::full(blob.clone()),
                 crate::registry::Chunking::WHOLE,
+                None,
             )
             .await?;
     }

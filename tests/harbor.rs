@@ -159,12 +159,13 @@ async fn every_push_works_through_both_listeners_in_front_of_https_and_http_harb
             let through = client_for(&origin, Some((DEV_USER, DEV_PASSWORD)));
             let layer: Digest = image.layers()[0].parse().unwrap();
             let mounted_into = format!("{repo}-mounted");
+            let mount = through
+                .mount_blob(&mounted_into, &layer, &repo)
+                .await
+                .unwrap();
             assert!(
-                through
-                    .mount_blob(&mounted_into, &layer, &repo)
-                    .await
-                    .unwrap(),
-                "{case}: mount"
+                matches!(mount, regtee::registry::Mount::Mounted),
+                "{case}: mount: {mount:?}"
             );
             let bytes = layout::random_bytes(700_000);
             let chunked = Digest::sha256_of(&bytes);
@@ -178,6 +179,7 @@ async fn every_push_works_through_both_listeners_in_front_of_https_and_http_harb
                         size: 256 * 1024,
                         ..regtee::registry::Chunking::WHOLE
                     },
+                    None,
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{case}: chunked upload: {e}"));

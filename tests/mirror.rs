@@ -132,6 +132,7 @@ async fn blobs_are_copied_as_soon_as_their_upload_completes() {
             Some(blob.len() as u64),
             regtee::body::full(blob),
             regtee::registry::Chunking::WHOLE,
+            None,
         )
         .await
         .unwrap();

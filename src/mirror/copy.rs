@@ -14,7 +14,7 @@ use crate::oci::digest::{Digest, VerifyingBody};
 use crate::oci::error_code::ErrorCode;
 use crate::oci::manifest::{self, Descriptor, OCI_INDEX, References};
 use crate::oci::names::{RepositoryName, Tag};
-use crate::registry::{Chunking, ErrorKind, FetchedManifest, RegistryError};
+use crate::registry::{Chunking, ErrorKind, FetchedManifest, Mount, RegistryError};
 
 /// How deep indexes may nest (index of index of ...); deeper is treated as malformed.
 const MAX_DEPTH: usize = 4;
@@ -144,13 +144,20 @@ impl Mirror {
         }
         candidates.retain(|c| c != target_repo);
         candidates.dedup();
+        // A declined mount may open an upload session: the upload goes through the first, and
+        // any other is closed, so none is left behind.
+        let mut session = None;
         for from in candidates.iter().take(3) {
             match target.client.mount_blob(target_repo, digest, from).await {
-                Ok(true) => {
+                Ok(Mount::Mounted) => {
+                    if let Some(s) = session {
+                        target.client.cancel_upload(target_repo, s).await;
+                    }
                     self.remember_home(target, digest, target_repo);
                     return Ok("mounted");
                 }
-                Ok(false) => {}
+                Ok(Mount::Session(s)) if session.is_none() => session = Some(s),
+                Ok(Mount::Session(s)) => target.client.cancel_upload(target_repo, s).await,
                 // A refused mount (no pull right on the source, say) falls back to upload.
                 Err(e) if !e.retryable() => {
                     tracing::debug!(error = %e, "mount refused; uploading instead")
@@ -172,6 +179,7 @@ impl Mirror {
                     size: target.config.upload_chunk_size,
                     max: target.config.max_chunk_size,
                 },
+                session,
             )
             .await?;
         self.metrics
@@ -244,11 +252,11 @@ impl Mirror {
                 note: format!("tag {tag} has moved on in Harbor; stored by digest only"),
             });
         }
-        if let Some(existing) = target
+        let existing = target
             .client
             .manifest_head(&target_repo, tag.as_str())
-            .await?
-        {
+            .await?;
+        if let Some(existing) = &existing {
             if existing.digest == fetched.digest {
                 return Ok(Success::Done {
                     target_digest: Some(existing.digest.to_string()),
@@ -264,7 +272,7 @@ impl Mirror {
                 )));
             }
         }
-        let stored = self
+        let stored = match self
             .put_manifest(
                 target,
                 repo,
@@ -274,7 +282,21 @@ impl Mirror {
                 &refs,
                 0,
             )
-            .await?;
+            .await
+        {
+            // The tag is there with another digest and the target refuses to move it: an
+            // immutable tag (Harbor and TCR answer 412 PRECONDITION, ECR 400 TAG_INVALID).
+            // Retrying cannot change that; it is a decision the target's owner made.
+            Err(JobError::Registry(e)) if existing.is_some() && refuses_tag_move(&e) => {
+                let there = existing.map(|h| h.digest.to_string()).unwrap_or_default();
+                return Ok(Success::Skipped(format!(
+                    "immutable on {}: {target_repo}:{tag} is {there}, Harbor has {} ({e})",
+                    target.name(),
+                    fetched.digest
+                )));
+            }
+            other => other?,
+        };
         Ok(Success::Done {
             target_digest: Some(stored.to_string()),
             note: String::new(),
@@ -355,6 +377,13 @@ impl Mirror {
                 self.ensure_references(target, repo, target_repo, refs, depth)
                     .await?;
                 put(fetched.bytes.clone()).await?
+            }
+            Err(e) if refuses_media_type(&e) => {
+                return Err(JobError::Invalid(format!(
+                    "target {} refuses {target_repo}@{} of media type {media_type} ({e}): it may not support this kind of artifact; enable it there, or leave these repositories or tags out of this target (include/exclude/tags)",
+                    target.name(),
+                    fetched.digest
+                )));
             }
             other => other?,
         };
@@ -538,6 +567,25 @@ impl Mirror {
         }
     }
 }
+/// A manifest PUT by tag refused because the tag may not move.
+fn refuses_tag_move(e: &RegistryError) -> bool {
+    match &e.kind {
+        ErrorKind::Rejected { status: 412, .. } => true,
+        ErrorKind::Rejected { code, .. } => code == &Some(ErrorCode::TagInvalid),
+        _ => false,
+    }
+}
+
+/// A manifest PUT refused for what it is: `415`, or `MANIFEST_INVALID` for valid bytes Harbor
+/// accepted (the target does not take that media or artifact type).
+fn refuses_media_type(e: &RegistryError) -> bool {
+    match &e.kind {
+        ErrorKind::Rejected { status: 415, .. } => true,
+        ErrorKind::Rejected { code, .. } => code == &Some(ErrorCode::ManifestInvalid),
+        _ => false,
+    }
+}
+
 fn parse_digest(d: Option<&str>) -> Result<Digest, JobError> {
     let d = d.ok_or_else(|| JobError::Invalid("job has no digest".into()))?;
     d.parse().map_err(|e| JobError::Invalid(format!("{e}")))

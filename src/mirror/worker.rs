@@ -258,9 +258,11 @@ fn with_fix(e: &crate::registry::RegistryError, target: &Target, job: &Job) -> S
             target.config.policy.target_namespace(project),
         ),
     };
+    let repository = target.config.policy.target_repository(&job.repository);
     match e.fix(FixContext {
         section: &section,
         namespace: Some(namespace),
+        repository: (e.side == Side::Target).then_some(repository.as_str()),
     }) {
         Some(fix) => format!("{e}: {fix}, then `regtee retry --failed`"),
         None => e.to_string(),

@@ -17,6 +17,23 @@ pub struct BlobStream {
     pub body: ProxyBody,
 }
 
+/// What a mount request did.
+#[derive(Debug)]
+pub enum Mount {
+    /// The blob is in the repository now.
+    Mounted,
+    /// The registry opened an upload session instead (the spec allows it: `202` with a
+    /// `Location`); upload through it with [`RegistryClient::upload_blob`].
+    Session(Session),
+}
+
+/// An open upload session.
+#[derive(Debug)]
+pub struct Session {
+    location: Uri,
+    min_chunk: Option<u64>,
+}
+
 /// How a blob goes up: in one request, or in chunks.
 #[derive(Clone, Copy, Debug)]
 pub struct Chunking {
@@ -32,6 +49,14 @@ impl Chunking {
         size: 0,
         max: 256 * 1024 * 1024,
     };
+}
+
+/// Where chunks left the upload.
+enum Chunked {
+    /// Open at this location, for the closing PUT.
+    Open(Uri),
+    /// Completed by the registry on the last chunk.
+    Complete,
 }
 
 fn octets() -> HeaderValue {
@@ -118,14 +143,13 @@ impl RegistryClient {
         Err(self.err(&op, ErrorKind::Protocol("too many redirects".into())))
     }
 
-    /// Asks the registry to mount a blob from another repository. Returns false when the
-    /// registry declined (then the blob must be uploaded).
+    /// Asks the registry to mount a blob from another repository.
     pub async fn mount_blob(
         &self,
         repository: &str,
         digest: &Digest,
         from: &str,
-    ) -> Result<bool, RegistryError> {
+    ) -> Result<Mount, RegistryError> {
         let op = format!("mount blob {digest} from {from} into {repository}");
         let query = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("mount", digest.as_str())
@@ -142,25 +166,44 @@ impl RegistryClient {
             .header(header::CONTENT_LENGTH, HeaderValue::from(0));
         let response = self.send(call).await?;
         match response.status() {
-            StatusCode::CREATED => Ok(true),
-            StatusCode::ACCEPTED => {
-                // The registry opened an upload session instead; close it.
-                if let Some(location) = self.location(&response) {
-                    let cancel = Call::to(Method::DELETE, location, &op).push(repository);
-                    let _ = self.send(cancel).await;
-                }
-                Ok(false)
-            }
+            StatusCode::CREATED => Ok(Mount::Mounted),
+            StatusCode::ACCEPTED => Ok(Mount::Session(self.session(&response, &op)?)),
             _ => Err(self.error_from(response, &op).await),
         }
     }
 
-    /// Opens an upload session; returns its URL and the registry's minimum chunk size.
-    async fn start_upload(
+    /// Closes a session regtee will not use (so none is left behind on the registry).
+    pub async fn cancel_upload(&self, repository: &str, session: Session) {
+        let op = format!("cancel upload in {repository}");
+        let _ = self
+            .send(Call::to(Method::DELETE, session.location, &op).push(repository))
+            .await;
+    }
+
+    fn session(
         &self,
-        repository: &str,
+        response: &http::Response<hyper::body::Incoming>,
         op: &str,
-    ) -> Result<(Uri, Option<u64>), RegistryError> {
+    ) -> Result<Session, RegistryError> {
+        let min_chunk = response
+            .headers()
+            .get("oci-chunk-min-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let location = self.location(response).ok_or_else(|| {
+            self.err(
+                op,
+                ErrorKind::Protocol("upload session without a Location".into()),
+            )
+        })?;
+        Ok(Session {
+            location,
+            min_chunk,
+        })
+    }
+
+    /// Opens an upload session.
+    async fn start_upload(&self, repository: &str, op: &str) -> Result<Session, RegistryError> {
         let call = self
             .request(
                 Method::POST,
@@ -170,23 +213,12 @@ impl RegistryClient {
             .push(repository)
             .header(header::CONTENT_LENGTH, HeaderValue::from(0));
         let response = self.expect(call, StatusCode::ACCEPTED).await?;
-        let min_chunk = response
-            .headers()
-            .get("oci-chunk-min-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let location = self.location(&response).ok_or_else(|| {
-            self.err(
-                op,
-                ErrorKind::Protocol("upload started without a Location".into()),
-            )
-        })?;
-        Ok((location, min_chunk))
+        self.session(&response, op)
     }
 
-    /// Uploads a blob from a stream: one PUT, or PATCH chunks when `chunking` or the registry
-    /// (`OCI-Chunk-Min-Length`) asks for them. Chunks are streamed too: memory use does not
-    /// grow with the chunk size, whatever the registry asks for.
+    /// Uploads a blob from a stream, through `session` or a new one: one PUT, or PATCH chunks
+    /// when `chunking` or the registry (`OCI-Chunk-Min-Length`) asks for them. Chunks are
+    /// streamed too: memory use does not grow with the chunk size, whatever the registry asks.
     pub async fn upload_blob(
         &self,
         repository: &str,
@@ -194,9 +226,16 @@ impl RegistryClient {
         size: Option<u64>,
         content: ProxyBody,
         chunking: Chunking,
+        session: Option<Session>,
     ) -> Result<(), RegistryError> {
         let op = format!("upload blob {repository}@{digest}");
-        let (location, min_chunk) = self.start_upload(repository, &op).await?;
+        let Session {
+            location,
+            min_chunk,
+        } = match session {
+            Some(s) => s,
+            None => self.start_upload(repository, &op).await?,
+        };
         if let Some(min) = min_chunk
             && min > chunking.max
         {
@@ -212,10 +251,13 @@ impl RegistryClient {
         let (location, last, last_len) = match (chunk, size) {
             (0, _) => (location, RequestBody::Stream(content), size),
             (chunk, Some(size)) => {
-                let location = self
+                match self
                     .upload_chunks(repository, location, content, size, chunk, &op)
-                    .await?;
-                (location, RequestBody::Empty, Some(0))
+                    .await?
+                {
+                    Chunked::Open(location) => (location, RequestBody::Empty, Some(0)),
+                    Chunked::Complete => return self.confirm(repository, digest, &op).await,
+                }
             }
             // Without a length there is no Content-Range to send: one request, if allowed.
             (_, None) if min_chunk.is_none() => (location, RequestBody::Stream(content), None),
@@ -259,7 +301,7 @@ impl RegistryClient {
     }
 
     /// PATCHes `size` bytes of `content` in chunks of `chunk` bytes (the last one shorter), each
-    /// with its `Content-Range`; returns where to send the closing PUT.
+    /// with its `Content-Range`.
     async fn upload_chunks(
         &self,
         repository: &str,
@@ -268,7 +310,7 @@ impl RegistryClient {
         size: u64,
         chunk: u64,
         op: &str,
-    ) -> Result<Uri, RegistryError> {
+    ) -> Result<Chunked, RegistryError> {
         let chunks = body::Chunks::new(content);
         let mut offset: u64 = 0;
         while offset < size {
@@ -282,20 +324,52 @@ impl RegistryClient {
             if let Ok(range) = HeaderValue::from_str(&format!("{offset}-{end}")) {
                 call = call.header(header::CONTENT_RANGE, range);
             }
-            let response = self.expect(call, StatusCode::ACCEPTED).await?;
+            let response = self.send(call).await?;
+            match response.status() {
+                StatusCode::ACCEPTED => {}
+                // AWS ECR accepts the blob on the last chunk and then rejects the closing PUT
+                // (regclient's blob upload notes it: "distribution-spec is 202, AWS ECR returns
+                // a 201"); the caller confirms with a HEAD instead.
+                StatusCode::CREATED if end + 1 == size => return Ok(Chunked::Complete),
+                StatusCode::CREATED => {
+                    return Err(self.err(
+                        op,
+                        ErrorKind::Protocol(format!(
+                            "the registry answered 201 to the chunk ending at {end}, before the blob's end ({size} bytes)"
+                        )),
+                    ));
+                }
+                _ => return Err(self.error_from(response, op).await),
+            }
             location = self.location(&response).unwrap_or(location);
             offset = end + 1;
         }
-        Ok(location)
+        Ok(Chunked::Open(location))
+    }
+
+    /// Checks that an upload the registry completed on its own holds the blob.
+    async fn confirm(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        op: &str,
+    ) -> Result<(), RegistryError> {
+        match self.blob_exists(repository, digest).await? {
+            Some(_) => Ok(()),
+            None => Err(self.err(
+                op,
+                ErrorKind::Protocol(format!(
+                    "the registry said the upload was complete, but has no {digest}"
+                )),
+            )),
+        }
     }
 
     /// Checks that regtee may push to `repository` by opening and cancelling an upload.
     pub async fn check_push(&self, repository: &str) -> Result<(), RegistryError> {
         let op = format!("start upload in {repository}");
-        let (location, _) = self.start_upload(repository, &op).await?;
-        let _ = self
-            .send(Call::to(Method::DELETE, location, &op).push(repository))
-            .await;
+        let session = self.start_upload(repository, &op).await?;
+        self.cancel_upload(repository, session).await;
         Ok(())
     }
 }

@@ -135,6 +135,8 @@ pub struct FixContext<'a> {
     pub section: &'a str,
     /// The target namespace or Harbor project concerned.
     pub namespace: Option<&'a str>,
+    /// The repository concerned (on the target, after mapping).
+    pub repository: Option<&'a str>,
 }
 
 impl RegistryError {
@@ -202,6 +204,19 @@ impl RegistryError {
                 "give regtee's Harbor account pull access to project {}",
                 at.namespace.unwrap_or("(the project)")
             ),
+            // ECR has no namespaces: each repository must be created before the first push.
+            (
+                ErrorKind::NotFound {
+                    code: Some(ErrorCode::NameUnknown),
+                    ..
+                },
+                Side::Target,
+            ) if at.repository.is_some() => format!(
+                "create repository {} on {} (or namespace {} where the registry has namespaces), or fix namespaces in {section}",
+                at.repository.unwrap_or_default(),
+                self.registry,
+                at.namespace.unwrap_or("(the namespace)")
+            ),
             (ErrorKind::Denied(_) | ErrorKind::NotFound { .. }, Side::Target) => match at.namespace
             {
                 Some(ns) => format!(
@@ -250,6 +265,7 @@ mod tests {
         let at = FixContext {
             section: "[[targets]] \"tcr\"",
             namespace: Some("prod-lib"),
+            repository: Some("prod-lib/app"),
         };
         let denied = e(ErrorKind::Denied("no".into())).fix(at).unwrap();
         assert!(
@@ -262,5 +278,15 @@ mod tests {
             "{wrong}"
         );
         assert!(e(ErrorKind::Protocol("?".into())).fix(at).is_none());
+        let unknown = e(ErrorKind::NotFound {
+            code: Some(ErrorCode::NameUnknown),
+            message: "repository prod-lib/app not found".into(),
+        })
+        .fix(at)
+        .unwrap();
+        assert!(
+            unknown.contains("create repository prod-lib/app on tcr"),
+            "{unknown}"
+        );
     }
 }

@@ -35,7 +35,7 @@ use crate::origin::Origin;
 use crate::tls::TlsFailure;
 
 pub use auth::{pull_scope, push_scope};
-pub use blobs::{BlobStream, Chunking};
+pub use blobs::{BlobStream, Chunking, Mount, Session};
 pub use error::{ErrorKind, FixContext, RegistryError, Side};
 pub use manifests::{FetchedManifest, ManifestHead, StoredManifest};
 

@@ -31,8 +31,12 @@ fn report(lines: &[CheckLine]) -> i32 {
 
 /// The fix for a failed check, from the one table of fixes (see the error above otherwise).
 fn hint(e: &RegistryError, section: &str, namespace: Option<&str>) -> String {
-    e.fix(FixContext { section, namespace })
-        .unwrap_or_else(|| "see the error above".to_string())
+    e.fix(FixContext {
+        section,
+        namespace,
+        repository: None,
+    })
+    .unwrap_or_else(|| "see the error above".to_string())
 }
 
 /// What a passed connection check proves: TLS only for https:// endpoints, and where the
