@@ -312,10 +312,7 @@ pub async fn push_blobs(
             .upload_blob(
                 repository,
                 &digest,
-                Some(blob.len() as u64),
-                crate::body::full(blob.clone()),
-                crate::registry::Chunking::WHOLE,
-                None,
+                crate::registry::Upload::whole(blob.clone()),
             )
             .await?;
     }
@@ -335,5 +332,6 @@ pub fn anonymous_client(name: &str, url: &str) -> Result<RegistryClient, ClientE
         response_timeout: Duration::from_secs(60),
         pool_idle_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(120),
+        limits: Default::default(),
     })?)
 }

@@ -173,13 +173,13 @@ async fn every_push_works_through_both_listeners_in_front_of_https_and_http_harb
                 .upload_blob(
                     &repo,
                     &chunked,
-                    Some(bytes.len() as u64),
-                    regtee::body::full(bytes.clone()),
-                    regtee::registry::Chunking {
-                        size: 256 * 1024,
-                        ..regtee::registry::Chunking::WHOLE
+                    regtee::registry::Upload {
+                        chunking: regtee::registry::Chunking {
+                            size: 256 * 1024,
+                            ..regtee::registry::Chunking::WHOLE
+                        },
+                        ..regtee::registry::Upload::whole(bytes.clone().into())
                     },
-                    None,
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{case}: chunked upload: {e}"));

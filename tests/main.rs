@@ -3,6 +3,7 @@
 
 mod support;
 
+mod clouds;
 mod docker;
 mod harbor;
 mod hostile;

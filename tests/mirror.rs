@@ -7,28 +7,6 @@ use regtee::oci::digest::Digest;
 use crate::support::layout::{self, Layout, Written};
 use crate::support::*;
 
-/// Every blob a manifest references, read from the target, equals the bytes pushed.
-async fn assert_blobs_equal(
-    target: &regtee::registry::RegistryClient,
-    repo: &str,
-    layout: &Layout,
-    manifest: &Written,
-) {
-    use http_body_util::BodyExt;
-    let refs = regtee::oci::manifest::references(&manifest.bytes, None).unwrap();
-    for blob in &refs.blobs {
-        let digest: Digest = blob.digest.parse().unwrap();
-        let stream = target.get_blob(repo, &digest).await.unwrap();
-        let bytes = stream.body.collect().await.unwrap().to_bytes();
-        let pushed = std::fs::read(layout.dir.join("blobs/sha256").join(digest.hex())).unwrap();
-        assert_eq!(
-            &bytes[..],
-            &pushed[..],
-            "{repo}@{digest} differs on the target"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_kind_of_content_reaches_the_target_with_equal_digests_and_bytes() {
     let world = World::start(
@@ -129,10 +107,7 @@ async fn blobs_are_copied_as_soon_as_their_upload_completes() {
         .upload_blob(
             "library/early",
             &digest,
-            Some(blob.len() as u64),
-            regtee::body::full(blob),
-            regtee::registry::Chunking::WHOLE,
-            None,
+            regtee::registry::Upload::whole(blob.into()),
         )
         .await
         .unwrap();

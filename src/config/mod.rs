@@ -120,6 +120,18 @@ pub struct Endpoint {
     /// A mirror transfer that moves no byte for this long (a blob from Harbor that stalls, a
     /// registry that stops reading what regtee sends) is cut and retried.
     pub idle_timeout: Duration,
+    /// How fast regtee may go there, shared by all its transfers.
+    pub limits: RateLimits,
+}
+
+/// A registry's rate limits (`max_bytes_per_second`, `max_requests_per_second`); none by
+/// default. They keep regtee's copies from saturating a shared uplink or a registry's quota.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Blob bytes a second, to or from the registry, metered in KiB.
+    pub bytes_per_second: Option<std::num::NonZeroU64>,
+    /// HTTP requests a second, token requests included.
+    pub requests_per_second: Option<std::num::NonZeroU32>,
 }
 
 /// The whole configuration, validated.

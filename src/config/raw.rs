@@ -61,6 +61,8 @@ pub(super) struct RawUpstream {
     pub(super) pool_idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub(super) idle_timeout: Option<Duration>,
+    pub(super) max_bytes_per_second: Option<u64>,
+    pub(super) max_requests_per_second: Option<u32>,
     pub(super) rewrite_token_realm: Option<bool>,
 }
 
@@ -143,4 +145,6 @@ pub(super) struct RawTarget {
     #[serde(default, with = "humantime_serde")]
     pub(super) idle_timeout: Option<Duration>,
     pub(super) max_chunk_size: Option<u64>,
+    pub(super) max_bytes_per_second: Option<u64>,
+    pub(super) max_requests_per_second: Option<u32>,
 }

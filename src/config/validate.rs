@@ -259,6 +259,40 @@ impl Validator<'_> {
         }
     }
 
+    /// `max_bytes_per_second` and `max_requests_per_second` of a section (`upstream`,
+    /// `targets[0]`).
+    fn rate_limits(
+        &self,
+        section: &str,
+        bytes: Option<u64>,
+        requests: Option<u32>,
+    ) -> Result<RateLimits, ConfigError> {
+        let bytes_per_second = match bytes {
+            None => None,
+            Some(b) if b < 1024 => {
+                return Err(self.invalid(
+                    format!("{section}.max_bytes_per_second"),
+                    "must be at least 1024 (bytes a second; regtee meters in KiB)",
+                ));
+            }
+            Some(b) => std::num::NonZeroU64::new(b),
+        };
+        let requests_per_second = match requests {
+            None => None,
+            Some(0) => {
+                return Err(self.invalid(
+                    format!("{section}.max_requests_per_second"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+            Some(r) => std::num::NonZeroU32::new(r),
+        };
+        Ok(RateLimits {
+            bytes_per_second,
+            requests_per_second,
+        })
+    }
+
     fn origin(&self, key: &str, url: &str) -> Result<Origin, ConfigError> {
         Origin::parse(url).map_err(|e| self.invalid(key, e.to_string()))
     }
@@ -304,6 +338,11 @@ impl Validator<'_> {
                     "upstream.idle_timeout",
                     raw.idle_timeout,
                     DEFAULT_IDLE_TIMEOUT,
+                )?,
+                limits: self.rate_limits(
+                    "upstream",
+                    raw.max_bytes_per_second,
+                    raw.max_requests_per_second,
                 )?,
             },
             rewrite_token_realm: raw.rewrite_token_realm.unwrap_or(true),
@@ -419,6 +458,11 @@ impl Validator<'_> {
                     &key("idle_timeout"),
                     raw.idle_timeout,
                     DEFAULT_IDLE_TIMEOUT,
+                )?,
+                limits: self.rate_limits(
+                    &format!("targets[{i}]"),
+                    raw.max_bytes_per_second,
+                    raw.max_requests_per_second,
                 )?,
             },
             policy,

@@ -14,7 +14,7 @@ use crate::oci::digest::{Digest, VerifyingBody};
 use crate::oci::error_code::ErrorCode;
 use crate::oci::manifest::{self, Descriptor, OCI_INDEX, References};
 use crate::oci::names::{RepositoryName, Tag};
-use crate::registry::{Chunking, ErrorKind, FetchedManifest, Mount, RegistryError};
+use crate::registry::{Chunking, ErrorKind, FetchedManifest, Mount, RegistryError, Reopen, Upload};
 
 /// How deep indexes may nest (index of index of ...); deeper is treated as malformed.
 const MAX_DEPTH: usize = 4;
@@ -142,8 +142,8 @@ impl Mirror {
         if let Some(homes) = self.blob_homes.get(&key) {
             candidates.extend(homes.iter().cloned());
         }
-        candidates.retain(|c| c != target_repo);
-        candidates.dedup();
+        let mut seen = std::collections::HashSet::new();
+        candidates.retain(|c| c != target_repo && seen.insert(c.clone()));
         // A declined mount may open an upload session: the upload goes through the first, and
         // any other is closed, so none is left behind.
         let mut session = None;
@@ -168,19 +168,30 @@ impl Mirror {
         let blob = self.upstream.get_blob(source_repo, digest).await?;
         let size = blob.size;
         let verified = body::boxed(VerifyingBody::new(blob.body, digest.clone(), size));
+        // A resumed upload reads the rest from Harbor again; the target checks the whole
+        // blob's digest when the upload closes.
+        let reopen: Reopen<'_> = Box::new(move |from| {
+            Box::pin(async move {
+                Ok(self
+                    .upstream
+                    .get_blob_from(source_repo, digest, from)
+                    .await?
+                    .body)
+            })
+        });
+        let upload = Upload {
+            size,
+            content: verified,
+            chunking: Chunking {
+                size: target.config.upload_chunk_size,
+                max: target.config.max_chunk_size,
+            },
+            session,
+            reopen: Some(reopen),
+        };
         target
             .client
-            .upload_blob(
-                target_repo,
-                digest,
-                size,
-                verified,
-                Chunking {
-                    size: target.config.upload_chunk_size,
-                    max: target.config.max_chunk_size,
-                },
-                session,
-            )
+            .upload_blob(target_repo, digest, upload)
             .await?;
         self.metrics
             .observe_mirrored_bytes(target.name(), size.unwrap_or(0));
@@ -287,10 +298,14 @@ impl Mirror {
             // The tag is there with another digest and the target refuses to move it: an
             // immutable tag (Harbor and TCR answer 412 PRECONDITION, ECR 400 TAG_INVALID).
             // Retrying cannot change that; it is a decision the target's owner made.
+            // Harbor's manifest is still stored by digest, so it can be pulled from the target
+            // by digest and the tag can be moved by hand if the owner lifts the rule.
             Err(JobError::Registry(e)) if existing.is_some() && refuses_tag_move(&e) => {
+                self.put_manifest(target, repo, &target_repo, None, &fetched, &refs, 0)
+                    .await?;
                 let there = existing.map(|h| h.digest.to_string()).unwrap_or_default();
                 return Ok(Success::Skipped(format!(
-                    "immutable on {}: {target_repo}:{tag} is {there}, Harbor has {} ({e})",
+                    "immutable on {}: {target_repo}:{tag} is {there}, Harbor has {} (stored by digest only; {e})",
                     target.name(),
                     fetched.digest
                 )));
@@ -379,8 +394,12 @@ impl Mirror {
                 put(fetched.bytes.clone()).await?
             }
             Err(e) if refuses_media_type(&e) => {
+                let kind = match &refs.artifact_type {
+                    Some(t) if *t != media_type => format!("{media_type} (artifact type {t})"),
+                    _ => media_type.clone(),
+                };
                 return Err(JobError::Invalid(format!(
-                    "target {} refuses {target_repo}@{} of media type {media_type} ({e}): it may not support this kind of artifact; enable it there, or leave these repositories or tags out of this target (include/exclude/tags)",
+                    "target {} refuses {target_repo}@{} of media type {kind} ({e}): it does not take this kind of artifact; allow the type there (Quay: ADDITIONAL_OCI_ARTIFACT_TYPES; GitLab: REGISTRY_FF_DYNAMIC_MEDIA_TYPES), or leave these repositories or tags out of this target (include, exclude, tags)",
                     target.name(),
                     fetched.digest
                 )));

@@ -164,6 +164,17 @@ impl TokenResponse {
     }
 }
 
+/// How long to use a token that lives `lifetime`: until 10 seconds before it expires, or half
+/// its life when it is short (tokens of a few seconds, as some clouds issue), so a token never
+/// expires between the check and the registry reading the request.
+fn usable_for(lifetime: Duration) -> Duration {
+    if lifetime > Duration::from_secs(20) {
+        lifetime - Duration::from_secs(10)
+    } else {
+        lifetime / 2
+    }
+}
+
 /// The scope to read a repository (Docker token scope grammar: `repository:<name>:<actions>`).
 pub fn pull_scope(repository: &str) -> String {
     format!("repository:{repository}:pull")
@@ -335,11 +346,9 @@ impl RegistryClient {
             .to_string();
         // A token from another server is a secret regtee now holds: never show it.
         crate::redact::remember(token.as_str().into());
-        // Refresh a little early so a token never expires between check and use.
-        let life = parsed.lifetime().saturating_sub(Duration::from_secs(10));
         Ok(CachedToken {
             token,
-            expires: Instant::now() + life.max(Duration::from_secs(1)),
+            expires: Instant::now() + usable_for(parsed.lifetime()),
         })
     }
 }
@@ -382,6 +391,22 @@ mod tests {
         let mut c = Challenge::parse(r#"Bearer realm="x",service="s""#).unwrap();
         c.set_param("realm", "y".into());
         assert_eq!(c.to_header_value(), r#"Bearer realm="y",service="s""#);
+    }
+
+    #[test]
+    fn tokens_are_renewed_before_they_expire() {
+        assert_eq!(
+            usable_for(Duration::from_secs(300)),
+            Duration::from_secs(290)
+        );
+        assert_eq!(
+            usable_for(Duration::from_secs(3)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            usable_for(Duration::from_secs(1)),
+            Duration::from_millis(500)
+        );
     }
 
     #[test]

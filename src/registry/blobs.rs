@@ -1,6 +1,8 @@
 //! Blobs: existence, streaming download (following redirects to object storage), mounts, and
 //! uploads in one request or in streamed chunks (distribution spec, "Pushing blobs").
 
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode, Uri};
 
@@ -51,6 +53,62 @@ impl Chunking {
     };
 }
 
+/// Reads a blob again from a byte offset (a ranged GET from Harbor), for a target that asks
+/// to resume an upload.
+pub type Reopen<'a> =
+    Box<dyn Fn(u64) -> BoxFuture<'a, Result<ProxyBody, RegistryError>> + Send + Sync + 'a>;
+
+/// One blob to upload.
+pub struct Upload<'a> {
+    /// Its length, when known (chunks need it).
+    pub size: Option<u64>,
+    /// Its bytes.
+    pub content: ProxyBody,
+    /// In one request or in chunks.
+    pub chunking: Chunking,
+    /// A session already open (from a declined mount), or `None` to open one.
+    pub session: Option<Session>,
+    /// How to read the blob again from an offset; without it a resume is an error.
+    pub reopen: Option<Reopen<'a>>,
+}
+
+impl Upload<'_> {
+    /// Bytes in hand, in one request.
+    pub fn whole(content: Bytes) -> Upload<'static> {
+        Upload {
+            size: Some(content.len() as u64),
+            content: body::full(content),
+            chunking: Chunking::WHOLE,
+            session: None,
+            reopen: None,
+        }
+    }
+}
+
+/// How many times one upload may resume before regtee starts it over.
+const MAX_RESUMES: u32 = 3;
+
+/// A blob on its way up in chunks.
+struct Chunks<'a> {
+    content: ProxyBody,
+    size: u64,
+    chunk: u64,
+    reopen: Option<Reopen<'a>>,
+}
+
+/// The length an upload's `Range: 0-<last>` reports (distribution reports `0-0` for an empty
+/// upload too; resuming from 0 is then right, or answered with another 416).
+fn upload_length(headers: &http::HeaderMap) -> Option<u64> {
+    let range = headers.get(header::RANGE)?.to_str().ok()?;
+    let (start, last) = range.trim().trim_start_matches("bytes=").split_once('-')?;
+    let last: u64 = last.parse().ok()?;
+    match (start.parse::<u64>().ok()?, last) {
+        (0, 0) => Some(0),
+        (0, last) => last.checked_add(1),
+        _ => None,
+    }
+}
+
 /// Where chunks left the upload.
 enum Chunked {
     /// Open at this location, for the closing PUT.
@@ -96,7 +154,25 @@ impl RegistryClient {
         repository: &str,
         digest: &Digest,
     ) -> Result<BlobStream, RegistryError> {
-        let op = format!("GET blob {repository}@{digest}");
+        self.get_blob_from(repository, digest, 0).await
+    }
+
+    /// Streams a blob from byte `from` on (RFC 9110 `Range: bytes=<from>-`, answered `206`).
+    pub async fn get_blob_from(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        from: u64,
+    ) -> Result<BlobStream, RegistryError> {
+        let op = format!("GET blob {repository}@{digest} from byte {from}");
+        let range = (from > 0)
+            .then(|| HeaderValue::from_str(&format!("bytes={from}-")).ok())
+            .flatten();
+        let expected = if from > 0 {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        };
         let mut call = self.request(
             Method::GET,
             &format!("/v2/{repository}/blobs/{digest}"),
@@ -104,11 +180,17 @@ impl RegistryClient {
         )?;
         for _ in 0..8 {
             let url = call.url.clone();
+            if let Some(range) = &range {
+                call = call.header(header::RANGE, range.clone());
+            }
             let response = if Origin::of(&url).as_ref() == Some(&self.origin) {
                 self.send(call.pull(repository)).await?
             } else {
                 let mut request = http::Request::new(body::empty());
                 *request.uri_mut() = url.clone();
+                if let Some(range) = &range {
+                    request.headers_mut().insert(header::RANGE, range.clone());
+                }
                 self.send_once(request, &op).await?
             };
             let status = response.status();
@@ -129,13 +211,13 @@ impl RegistryClient {
                 call = Call::to(Method::GET, next, &op);
                 continue;
             }
-            if status == StatusCode::OK {
+            if status == expected {
                 return Ok(BlobStream {
                     size: content_length(response.headers()),
-                    body: body::boxed(
+                    body: self.limits.throttle(body::boxed(
                         body::Tracked::new(response.into_body(), Default::default())
                             .idle_timeout(self.idle_timeout),
-                    ),
+                    )),
                 });
             }
             return Err(self.error_from(response, &op).await);
@@ -172,12 +254,22 @@ impl RegistryClient {
         }
     }
 
-    /// Closes a session regtee will not use (so none is left behind on the registry).
+    /// Closes a session regtee will not use (so none is left behind on the registry). An
+    /// account without delete rights cannot; the registry then expires the session itself
+    /// (distribution: after a week), so the refusal is worth a debug line only.
     pub async fn cancel_upload(&self, repository: &str, session: Session) {
         let op = format!("cancel upload in {repository}");
-        let _ = self
-            .send(Call::to(Method::DELETE, session.location, &op).push(repository))
-            .await;
+        let call = Call::to(Method::DELETE, session.location, &op)
+            .delete(repository)
+            .push(repository);
+        match self.send(call).await {
+            Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {}
+            Ok(r) => {
+                let e = self.error_from(r, &op).await;
+                tracing::debug!(error = %e, "upload session left to expire");
+            }
+            Err(e) => tracing::debug!(error = %e, "upload session left to expire"),
+        }
     }
 
     fn session(
@@ -223,12 +315,17 @@ impl RegistryClient {
         &self,
         repository: &str,
         digest: &Digest,
-        size: Option<u64>,
-        content: ProxyBody,
-        chunking: Chunking,
-        session: Option<Session>,
+        upload: Upload<'_>,
     ) -> Result<(), RegistryError> {
         let op = format!("upload blob {repository}@{digest}");
+        let Upload {
+            size,
+            content,
+            chunking,
+            session,
+            reopen,
+        } = upload;
+        let content = self.limits.throttle(content);
         let Session {
             location,
             min_chunk,
@@ -251,8 +348,14 @@ impl RegistryClient {
         let (location, last, last_len) = match (chunk, size) {
             (0, _) => (location, RequestBody::Stream(content), size),
             (chunk, Some(size)) => {
+                let chunks = Chunks {
+                    content,
+                    size,
+                    chunk,
+                    reopen,
+                };
                 match self
-                    .upload_chunks(repository, location, content, size, chunk, &op)
+                    .upload_chunks(repository, location, chunks, &op)
                     .await?
                 {
                     Chunked::Open(location) => (location, RequestBody::Empty, Some(0)),
@@ -300,19 +403,23 @@ impl RegistryClient {
         }
     }
 
-    /// PATCHes `size` bytes of `content` in chunks of `chunk` bytes (the last one shorter), each
-    /// with its `Content-Range`.
+    /// PATCHes the blob in chunks (the last one shorter), each with its `Content-Range`.
     async fn upload_chunks(
         &self,
         repository: &str,
         mut location: Uri,
-        content: ProxyBody,
-        size: u64,
-        chunk: u64,
+        chunks: Chunks<'_>,
         op: &str,
     ) -> Result<Chunked, RegistryError> {
-        let chunks = body::Chunks::new(content);
+        let Chunks {
+            content,
+            size,
+            chunk,
+            reopen,
+        } = chunks;
+        let mut source = body::Chunks::new(content);
         let mut offset: u64 = 0;
+        let mut resumes = 0;
         while offset < size {
             let len = chunk.min(size - offset);
             let end = offset + len - 1;
@@ -320,7 +427,7 @@ impl RegistryClient {
                 .push(repository)
                 .header(header::CONTENT_TYPE, octets())
                 .header(header::CONTENT_LENGTH, HeaderValue::from(len))
-                .body(RequestBody::Stream(chunks.next(len)));
+                .body(RequestBody::Stream(source.next(len)));
             if let Ok(range) = HeaderValue::from_str(&format!("{offset}-{end}")) {
                 call = call.header(header::CONTENT_RANGE, range);
             }
@@ -339,12 +446,63 @@ impl RegistryClient {
                         )),
                     ));
                 }
+                // OCI distribution spec, "Pushing a blob in chunks": a chunk that does not
+                // start where the upload ends is answered 416; the client resumes from the
+                // offset the registry reports (its `Range`, or the upload's status).
+                StatusCode::RANGE_NOT_SATISFIABLE if resumes < MAX_RESUMES => {
+                    location = self.location(&response).unwrap_or(location);
+                    let have = match upload_length(response.headers()) {
+                        Some(have) => have,
+                        None => self.upload_status(repository, &location, op).await?,
+                    };
+                    let Some(reopen) = &reopen else {
+                        return Err(self.err(
+                            op,
+                            ErrorKind::Transfer(format!(
+                                "the registry asks to resume at byte {have}, and this stream cannot be read again"
+                            )),
+                        ));
+                    };
+                    if have > size {
+                        return Err(self.err(
+                            op,
+                            ErrorKind::Protocol(format!(
+                                "the registry reports {have} bytes of a {size}-byte blob"
+                            )),
+                        ));
+                    }
+                    tracing::info!(
+                        registry = %self.name,
+                        "{op}: the registry has {have} of {size} bytes; resuming there"
+                    );
+                    resumes += 1;
+                    source = body::Chunks::new(self.limits.throttle(reopen(have).await?));
+                    offset = have;
+                    continue;
+                }
                 _ => return Err(self.error_from(response, op).await),
             }
             location = self.location(&response).unwrap_or(location);
             offset = end + 1;
         }
         Ok(Chunked::Open(location))
+    }
+
+    /// How many bytes an upload session holds (`GET` on it: `204` with `Range: 0-<last>`).
+    async fn upload_status(
+        &self,
+        repository: &str,
+        location: &Uri,
+        op: &str,
+    ) -> Result<u64, RegistryError> {
+        let call = Call::to(Method::GET, location.clone(), op).push(repository);
+        let response = self.expect(call, StatusCode::NO_CONTENT).await?;
+        upload_length(response.headers()).ok_or_else(|| {
+            self.err(
+                op,
+                ErrorKind::Protocol("upload status without a Range".into()),
+            )
+        })
     }
 
     /// Checks that an upload the registry completed on its own holds the blob.

@@ -217,6 +217,19 @@ impl RegistryError {
                 self.registry,
                 at.namespace.unwrap_or("(the namespace)")
             ),
+            // `regtee check` probes a namespace with a made-up repository: on a registry where
+            // each repository is created beforehand (ECR) that is refused the same way.
+            (
+                ErrorKind::NotFound {
+                    code: Some(ErrorCode::NameUnknown),
+                    ..
+                },
+                Side::Target,
+            ) => format!(
+                "create namespace {ns} on {target}, or, where each repository must exist before its first push (ECR), create the repositories regtee will push under {ns}; or fix namespaces in {section}",
+                ns = at.namespace.unwrap_or("(the namespace)"),
+                target = self.registry
+            ),
             (ErrorKind::Denied(_) | ErrorKind::NotFound { .. }, Side::Target) => match at.namespace
             {
                 Some(ns) => format!(

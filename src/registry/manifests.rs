@@ -185,7 +185,7 @@ impl RegistryClient {
                 &format!("/v2/{repository}/manifests/{reference}"),
                 &op,
             )?
-            .scope(format!("repository:{repository}:delete"))
+            .delete(repository)
             .push(repository);
         let response = self.send(call).await?;
         match response.status() {

@@ -15,6 +15,7 @@ mod harbor;
 mod listings;
 mod login;
 mod manifests;
+mod rate_limit;
 
 use std::sync::RwLock;
 use std::time::Duration;
@@ -35,7 +36,7 @@ use crate::origin::Origin;
 use crate::tls::TlsFailure;
 
 pub use auth::{pull_scope, push_scope};
-pub use blobs::{BlobStream, Chunking, Mount, Session};
+pub use blobs::{BlobStream, Chunking, Mount, Reopen, Session, Upload};
 pub use error::{ErrorKind, FixContext, RegistryError, Side};
 pub use manifests::{FetchedManifest, ManifestHead, StoredManifest};
 
@@ -94,6 +95,12 @@ impl Call {
         self.scope(push_scope(repository))
     }
 
+    /// Needs delete access to `repository` too (distribution asks for it on any DELETE,
+    /// cancelling an upload included).
+    pub fn delete(self, repository: &str) -> Call {
+        self.scope(format!("repository:{repository}:delete"))
+    }
+
     /// With this header.
     pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Call {
         self.headers.insert(name, value);
@@ -133,6 +140,8 @@ pub struct RegistryClient {
     idle_timeout: Duration,
     challenge: RwLock<Option<Challenge>>,
     tokens: DashMap<String, CachedToken>,
+    /// The configured rate limits, shared by every transfer through this client.
+    limits: rate_limit::Limits,
 }
 
 impl RegistryClient {
@@ -160,6 +169,7 @@ impl RegistryClient {
             idle_timeout: endpoint.idle_timeout,
             challenge: RwLock::new(None),
             tokens: DashMap::new(),
+            limits: rate_limit::Limits::new(&endpoint.limits),
         })
     }
 
@@ -244,6 +254,8 @@ impl RegistryClient {
             if response.status() != StatusCode::UNAUTHORIZED {
                 return Ok(response);
             }
+            // Whatever token was used is no good any more (expired early, revoked).
+            self.tokens.remove(&scopes.join(" "));
             let challenge = response
                 .headers()
                 .get_all(header::WWW_AUTHENTICATE)
@@ -301,6 +313,7 @@ impl RegistryClient {
         request: Request<ProxyBody>,
         operation: &str,
     ) -> Result<Response<Incoming>, RegistryError> {
+        self.limits.request().await;
         let (request, sent) = http_client::track_end(request);
         http_client::send_with_deadline(&self.http, request, sent, self.response_timeout)
             .await

@@ -15,6 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use regtee::body::{BoxError, ProxyBody};
 
+use super::quirks::{Quirk, QuirkState};
+
 /// How the front misbehaves.
 #[derive(Clone, Debug, Default)]
 pub enum Fault {
@@ -33,14 +35,17 @@ pub enum Fault {
     ChunkMinLength(u64),
     /// Hold requests whose path and query contain this text until [`FaultFront::release`].
     Hold(String),
+    /// Behave as a cloud registry is documented to (see [`Quirk`]).
+    Quirk(Quirk),
 }
 
-struct State {
+pub(super) struct State {
     upstream: String,
     fault: Mutex<Fault>,
     released: tokio::sync::Notify,
     requests: AtomicU64,
     client: regtee::http_client::HttpClient,
+    pub(super) quirks: QuirkState,
 }
 
 /// The front, on a free loopback port; stopped on drop.
@@ -67,6 +72,7 @@ impl FaultFront {
             released: tokio::sync::Notify::new(),
             requests: AtomicU64::new(0),
             client: super::raw_http_client(None, true),
+            quirks: QuirkState::default(),
         });
         let serving = state.clone();
         let task = tokio::spawn(async move {
@@ -107,13 +113,28 @@ impl FaultFront {
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
     }
+
+    /// What the quirks saw and remember.
+    pub fn quirks(&self) -> &QuirkState {
+        &self.state.quirks
+    }
+
+    /// Creates a repository, for [`Quirk::RepositoriesMustExist`].
+    pub fn create_repository(&self, name: &str) {
+        self.state
+            .quirks
+            .repositories
+            .lock()
+            .unwrap()
+            .insert(name.to_string());
+    }
 }
 
 fn is_upload(req: &Request<Incoming>) -> bool {
     req.uri().path().contains("/blobs/uploads/")
 }
 
-fn answer(status: StatusCode, body: String) -> Response<ProxyBody> {
+pub(super) fn answer(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut r = Response::new(regtee::body::full(body));
     *r.status_mut() = status;
     r.headers_mut()
@@ -131,6 +152,7 @@ impl State {
             http::Method::PUT | http::Method::PATCH | http::Method::POST
         );
         match &fault {
+            Fault::Quirk(quirk) => return self.quirk(quirk, req).await,
             Fault::StallUploads { after }
                 if is_upload(&req) && matches!(method, http::Method::PUT | http::Method::PATCH) =>
             {
@@ -199,7 +221,11 @@ impl State {
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
+    pub(super) async fn forward<B>(&self, req: Request<B>) -> Result<Response<Incoming>, BoxError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let (mut parts, body) = req.into_parts();
         let path = parts
             .uri

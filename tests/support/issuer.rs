@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -48,7 +49,34 @@ struct State {
     key: EcdsaKeyPair,
     leaf_der: Vec<u8>,
     rng: SystemRandom,
-    token_lifetime: u64,
+    token_lifetime: AtomicU64,
+    rotating: Mutex<BTreeMap<String, Rotating>>,
+}
+
+/// A user whose passwords are short-lived tokens, as ECR's (`aws ecr get-login-password`,
+/// 12 hours) and ACR's are: `<issued at>-<sha256(seed, issued at)>`, good for `valid_for`
+/// seconds. The harness's credential helper mints them with the same seed.
+#[derive(Clone, Debug)]
+pub struct Rotating {
+    pub seed: String,
+    pub valid_for: u64,
+}
+
+impl Rotating {
+    /// The password minted at `issued_at` (what the helper script computes).
+    pub fn password(&self, issued_at: u64) -> String {
+        use sha2::Digest;
+        let mac = sha2::Sha256::digest(format!("{}{issued_at}", self.seed));
+        format!("{issued_at}-{}", &hex::encode(mac)[..32])
+    }
+
+    /// Whether `password` is one of ours and still good.
+    fn accepts(&self, password: &str) -> bool {
+        let Some(issued_at) = password.split('-').next().and_then(|t| t.parse().ok()) else {
+            return false;
+        };
+        password == self.password(issued_at) && unix_now() < issued_at + self.valid_for
+    }
 }
 
 /// A running token service.
@@ -106,7 +134,8 @@ impl TokenIssuer {
             key,
             leaf_der: leaf.der().to_vec(),
             rng,
-            token_lifetime: 300,
+            token_lifetime: AtomicU64::new(300),
+            rotating: Mutex::new(BTreeMap::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -156,6 +185,20 @@ impl TokenIssuer {
             .insert(name.to_string(), user);
     }
 
+    /// Adds an admin whose passwords rotate (see [`Rotating`]).
+    pub fn add_rotating_user(&self, name: &str, rotating: Rotating) {
+        self.state
+            .rotating
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), rotating);
+    }
+
+    /// Tokens issued from now on live this long (`expires_in` says so too).
+    pub fn set_token_lifetime(&self, seconds: u64) {
+        self.state.token_lifetime.store(seconds, Ordering::Relaxed);
+    }
+
     pub fn add_project(&self, project: &str) {
         self.state
             .projects
@@ -183,7 +226,7 @@ fn b64url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -245,8 +288,20 @@ impl State {
                 r#"{"errors":[{"code":"NOT_FOUND"}]}"#.into(),
             );
         }
+        let rotating = credentials.and_then(|(name, password)| {
+            let r = self.rotating.lock().unwrap().get(name).cloned()?;
+            r.accepts(password).then(|| {
+                let admin = User {
+                    password: String::new(),
+                    admin: true,
+                    grants: BTreeMap::new(),
+                };
+                (name.clone(), admin)
+            })
+        });
         let user = match credentials {
             None => None,
+            Some(_) if rotating.is_some() => rotating,
             Some((name, password)) => match self.users.lock().unwrap().get(name) {
                 Some(u) if &u.password == password => Some((name.clone(), u.clone())),
                 _ => {
@@ -293,6 +348,7 @@ impl State {
             }
         }
         let now = unix_now();
+        let lifetime = self.token_lifetime.load(Ordering::Relaxed);
         let header = serde_json::json!({
             "typ": "JWT",
             "alg": "ES256",
@@ -302,7 +358,7 @@ impl State {
             "iss": self.issuer,
             "sub": user.as_ref().map(|(n, _)| n.as_str()).unwrap_or(""),
             "aud": self.service,
-            "exp": now + self.token_lifetime,
+            "exp": now + lifetime,
             "nbf": now - 5,
             "iat": now,
             "jti": format!("{}", rand::random::<u64>()),
@@ -318,7 +374,7 @@ impl State {
         let body = serde_json::json!({
             "token": token,
             "access_token": token,
-            "expires_in": self.token_lifetime,
+            "expires_in": lifetime,
         });
         (StatusCode::OK, body.to_string())
     }

@@ -8,6 +8,7 @@ pub mod fault;
 pub mod harbor;
 pub mod issuer;
 pub mod layout;
+pub mod quirks;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -129,6 +130,21 @@ impl AuthRegistry {
             .to_string()
     }
 
+    /// The token service's answer to a login, as a status code.
+    pub async fn token_status(&self, user: &str, password: &str) -> u16 {
+        use base64::Engine;
+        let url = format!("{}?service={}", self.issuer.realm(), self.issuer.service());
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        http_request(
+            &url,
+            "GET",
+            None,
+            &[("authorization", &format!("Basic {basic}"))],
+        )
+        .await
+        .0
+    }
+
     /// An HTTP(S) client for raw requests, trusting this registry's CA.
     pub fn raw_client(&self) -> regtee::http_client::HttpClient {
         raw_http_client(self.ca_file(), false)
@@ -160,6 +176,7 @@ pub fn client_for(url: &str, creds: Option<(&str, &str)>) -> RegistryClient {
         response_timeout: Duration::from_secs(60),
         pool_idle_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(120),
+        limits: Default::default(),
     })
     .unwrap()
 }
@@ -284,6 +301,8 @@ pub struct TargetSpec {
     pub name: String,
     pub url: String,
     pub extra: String,
+    /// The login lines; `None`: the cloud's user with `CLOUD_PASSWORD`.
+    pub login: Option<String>,
 }
 
 impl TargetSpec {
@@ -296,7 +315,14 @@ impl TargetSpec {
             name: name.into(),
             url: url.into(),
             extra: String::new(),
+            login: None,
         }
+    }
+
+    /// With these login lines instead of the cloud's user and password.
+    pub fn login(mut self, lines: &str) -> TargetSpec {
+        self.login = Some(lines.to_string());
+        self
     }
 
     pub fn with(mut self, line: &str) -> TargetSpec {
@@ -382,8 +408,11 @@ impl ConfigSpec {
             s.push_str("[webhooks]\nsecret_env = \"REGTEE_WEBHOOK_SECRET\"\n");
         }
         for t in &self.targets {
+            let login = t.login.clone().unwrap_or_else(|| {
+                format!("username = \"{CLOUD_USER}\"\npassword_env = \"CLOUD_PASSWORD\"\n")
+            });
             s.push_str(&format!(
-                "[[targets]]\nname = \"{}\"\nurl = \"{}\"\nusername = \"{CLOUD_USER}\"\npassword_env = \"CLOUD_PASSWORD\"\nretry_initial = \"100ms\"\nretry_max = \"500ms\"\n{}",
+                "[[targets]]\nname = \"{}\"\nurl = \"{}\"\n{login}retry_initial = \"100ms\"\nretry_max = \"500ms\"\n{}",
                 t.name, t.url, t.extra
             ));
         }
@@ -776,5 +805,27 @@ impl World {
     /// An empty OCI layout in the work directory.
     pub fn layout(&self) -> layout::Layout {
         layout::Layout::new(&self.work.path().join("layout"))
+    }
+}
+
+/// Every blob a manifest references, read from the target, equals the bytes pushed.
+pub async fn assert_blobs_equal(
+    target: &regtee::registry::RegistryClient,
+    repo: &str,
+    layout: &layout::Layout,
+    manifest: &layout::Written,
+) {
+    use http_body_util::BodyExt;
+    let refs = regtee::oci::manifest::references(&manifest.bytes, None).unwrap();
+    for blob in &refs.blobs {
+        let digest: regtee::oci::digest::Digest = blob.digest.parse().unwrap();
+        let stream = target.get_blob(repo, &digest).await.unwrap();
+        let bytes = stream.body.collect().await.unwrap().to_bytes();
+        let pushed = std::fs::read(layout.dir.join("blobs/sha256").join(digest.hex())).unwrap();
+        assert_eq!(
+            &bytes[..],
+            &pushed[..],
+            "{repo}@{digest} differs on the target"
+        );
     }
 }
