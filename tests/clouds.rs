@@ -15,6 +15,7 @@ use crate::support::*;
 struct Cloud {
     world: World,
     front: FaultFront,
+    spec: ConfigSpec,
 }
 
 impl Cloud {
@@ -45,6 +46,7 @@ impl Cloud {
                 regtee,
             },
             front,
+            spec,
         }
     }
 
@@ -422,15 +424,27 @@ async fn a_credential_helper_is_asked_again_when_its_password_expires() {
         .iter()
         .any(|s| s.status == 401 && s.account.as_deref() == Some(CLOUD_USER));
     assert!(refused, "the token service refused the expired password");
+    // `regtee check` runs the helper too, and says where the login came from.
+    let config = c.spec.write(&c.world.work.path().join("regtee.toml"));
+    let out = regtee_cli(&config, &c.spec, &["check"]);
+    assert_says(
+        &out,
+        &format!(
+            "credentials accepted (credential helper {})",
+            script.display()
+        ),
+    );
+    assert!(out.status.success(), "{}", text(&out));
     // The passwords never show in what regtee tells operators.
     let jobs = admin_get(&c.world.regtee, "/api/v1/jobs").await.to_string();
     let status = admin_get(&c.world.regtee, "/api/v1/status")
         .await
         .to_string();
-    for t in runs {
+    let checked = text(&out);
+    for t in minted() {
         let password = rotating.password(t);
         let secret = password.split('-').nth(1).unwrap();
-        assert!(!jobs.contains(secret) && !status.contains(secret));
+        assert!(!jobs.contains(secret) && !status.contains(secret) && !checked.contains(secret));
     }
     c.world.regtee.stop().await;
 }

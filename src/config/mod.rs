@@ -478,6 +478,55 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_are_read_and_checked() {
+        let c = parse(&format!(
+            "{MINIMAL}max_bytes_per_second = 1048576
+[[targets]]
+name = \"a\"
+url = \"https://a\"
+max_requests_per_second = 20
+"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.upstream.endpoint.limits.bytes_per_second.map(|b| b.get()),
+            Some(1_048_576)
+        );
+        assert_eq!(
+            c.targets[0]
+                .endpoint
+                .limits
+                .requests_per_second
+                .map(|r| r.get()),
+            Some(20)
+        );
+        assert!(c.targets[0].endpoint.limits.bytes_per_second.is_none());
+        let err = parse(&format!(
+            "{MINIMAL}max_bytes_per_second = 100
+"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("upstream.max_bytes_per_second"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}
+[[targets]]
+name = \"a\"
+url = \"https://a\"
+max_requests_per_second = 0
+"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("targets[0].max_requests_per_second"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn swr_credentials_are_derived() {
         let c = parse(&format!(
             "{MINIMAL}\n[[targets]]\nname = \"swr\"\nurl = \"https://swr.cn-north-4.myhuaweicloud.com\"\nauth = \"swr-aksk\"\nregion = \"cn-north-4\"\naccess_key = \"AK\"\nsecret_key = \"SK\"\n"
