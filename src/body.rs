@@ -69,10 +69,35 @@ pub struct IdleTimeout(pub Duration);
 pub struct Tracked<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    idle: Option<Idle>,
     waiting: bool,
     finished: Option<watch::Sender<bool>>,
     _guard: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// The idle timer of a body. Resetting a tokio timer for every frame churns the timer wheel (a
+/// tenth of the proxy's CPU on a pull, measured with callgrind); instead the start of each wait
+/// is noted, and the timer, when it fires, is moved on to that wait's deadline if it has not
+/// passed. The timer is touched at most once per `limit` while data flows.
+struct Idle {
+    limit: Duration,
+    sleep: Pin<Box<Sleep>>,
+    /// When the current wait for the inner body began.
+    since: Instant,
+}
+
+impl Idle {
+    /// Whether the current wait has lasted `limit`; re-arms the timer otherwise.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let deadline = self.since + self.limit;
+            if Instant::now() >= deadline {
+                return true;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+        false
+    }
 }
 
 impl<B> Tracked<B> {
@@ -95,7 +120,11 @@ impl<B> Tracked<B> {
         B: Body,
     {
         if !self.inner.is_end_stream() {
-            self.idle = Some((limit, Box::pin(tokio::time::sleep(limit))));
+            self.idle = Some(Idle {
+                limit,
+                sleep: Box::pin(tokio::time::sleep(limit)),
+                since: Instant::now(),
+            });
         }
         self
     }
@@ -140,8 +169,8 @@ where
         let this = &mut *self;
         if !this.waiting {
             this.waiting = true;
-            if let Some((limit, sleep)) = this.idle.as_mut() {
-                sleep.as_mut().reset(Instant::now() + *limit);
+            if let Some(idle) = this.idle.as_mut() {
+                idle.since = Instant::now();
             }
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -165,10 +194,10 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if let Some((limit, sleep)) = this.idle.as_mut()
-                    && sleep.as_mut().poll(cx).is_ready()
+                if let Some(idle) = this.idle.as_mut()
+                    && idle.expired(cx)
                 {
-                    return Poll::Ready(Some(Err(IdleTimeout(*limit).into())));
+                    return Poll::Ready(Some(Err(IdleTimeout(idle.limit).into())));
                 }
                 Poll::Pending
             }

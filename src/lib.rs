@@ -78,6 +78,9 @@ pub enum StartError {
     /// A target's client could not be built.
     #[error(transparent)]
     Registry(#[from] registry::RegistryError),
+    /// The upstream URL cannot be sent as a request's authority or `Host`.
+    #[error("[upstream] url {0}: not usable as a request authority")]
+    UpstreamAuthority(String),
 }
 
 /// A running regtee: its bound addresses and the handles that stop it.

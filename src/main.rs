@@ -136,20 +136,30 @@ fn report(loaded: Result<Config, regtee::config::ConfigError>) -> Result<Config,
 
 /// `RUST_LOG` when it holds a filter, else the config's level: an empty or unparsable
 /// `RUST_LOG` must not silence regtee.
-fn init_logging(format: LogFormat, level: &str) {
+///
+/// Lines are formatted where they happen and written to stderr by a writer thread, so a request
+/// never waits on a `write(2)` to a slow terminal, pipe or journal. The writer is not lossy: if
+/// its queue fills, the logging task waits rather than dropping a line. The returned guard
+/// flushes every queued line when it is dropped, at the end of `main`.
+fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty())
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok());
     let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("regtee-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 async fn shutdown_signal() {
@@ -189,7 +199,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging(config.log.format, &config.log.level);
+            let _log = init_logging(config.log.format, &config.log.level);
             code(
                 regtee::run(config, shutdown_signal())
                     .await
@@ -198,7 +208,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             )
         }
         Command::Demo { exit } => {
-            init_logging(LogFormat::Text, "warn");
+            let _log = init_logging(LogFormat::Text, "warn");
             code(
                 regtee::demo::run(!exit)
                     .await
@@ -320,6 +330,6 @@ where
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(config.log.format, "warn");
+    let _log = init_logging(config.log.format, "warn");
     code(f(config).await.map_err(Into::into))
 }

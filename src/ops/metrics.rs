@@ -16,21 +16,39 @@ use prometheus_client::registry::Registry;
 
 use crate::mirror::queue::{ErrorClass, TargetCounts};
 
+// The request path's labels are static strings and numbers: recording a request allocates
+// nothing once its label set exists.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
-    route: String,
-    status: String,
+    method: &'static str,
+    route: &'static str,
+    status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
-    direction: String,
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
+    route: &'static str,
+}
+
+/// A method as a label: the registry protocol's methods by name, anything else as `other`
+/// (so a client cannot grow the label set).
+fn method_label(method: &http::Method) -> &'static str {
+    use http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,7 +87,8 @@ fn lag_histogram() -> Histogram {
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
-    bytes: Family<DirectionLabels, Counter>,
+    bytes_in: Counter,
+    bytes_out: Counter,
     upstream_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     jobs: Family<TargetStateLabels, Gauge>,
     oldest_pending: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -145,10 +164,16 @@ impl Metrics {
             "Jobs that reached a final state, by target, kind and outcome",
             outcomes.clone(),
         );
+        let direction = |d| {
+            bytes
+                .get_or_create(&DirectionLabels { direction: d })
+                .clone()
+        };
         Metrics {
             registry: Mutex::new(registry),
             requests,
-            bytes,
+            bytes_in: direction("in"),
+            bytes_out: direction("out"),
             upstream_latency,
             jobs,
             oldest_pending,
@@ -162,7 +187,7 @@ impl Metrics {
     /// Called once per proxied request when its response is done.
     pub fn observe_request(
         &self,
-        method: &str,
+        method: &http::Method,
         route: &'static str,
         status: u16,
         bytes_in: u64,
@@ -171,23 +196,16 @@ impl Metrics {
     ) {
         self.requests
             .get_or_create(&RequestLabels {
-                method: method.to_string(),
-                route: route.to_string(),
-                status: status.to_string(),
+                method: method_label(method),
+                route,
+                status,
             })
             .inc();
-        for (direction, n) in [("in", bytes_in), ("out", bytes_out)] {
-            self.bytes
-                .get_or_create(&DirectionLabels {
-                    direction: direction.to_string(),
-                })
-                .inc_by(n);
-        }
+        self.bytes_in.inc_by(bytes_in);
+        self.bytes_out.inc_by(bytes_out);
         if let Some(latency) = upstream_latency {
             self.upstream_latency
-                .get_or_create(&RouteLabels {
-                    route: route.to_string(),
-                })
+                .get_or_create(&RouteLabels { route })
                 .observe(latency.as_secs_f64());
         }
     }
@@ -279,7 +297,7 @@ mod tests {
     fn renders_requests_and_queue_gauges() {
         let m = Metrics::new();
         m.observe_request(
-            "PUT",
+            &http::Method::PUT,
             "manifest",
             201,
             10,
@@ -299,6 +317,7 @@ mod tests {
         assert!(text.contains(
             r#"regtee_proxy_requests_total{method="PUT",route="manifest",status="201"} 1"#
         ));
+        assert!(text.contains(r#"regtee_proxy_body_bytes_total{direction="in"} 10"#));
         assert!(text.contains(r#"regtee_jobs{target="tcr",state="pending"} 2"#));
         assert!(text.contains(r#"regtee_oldest_pending_job_age_seconds{target="tcr"} 10.0"#));
         assert!(text.contains("regtee_mirror_lag_seconds_count{target=\"tcr\"} 1"));

@@ -20,8 +20,16 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// Removes hop-by-hop headers, including those the `Connection` header names. Most messages
+/// carry none: one pass over the names decides, and only a message that has one pays for the
+/// removals.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let any = headers
+        .keys()
+        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -51,33 +59,45 @@ const CLIENT_FORWARDED: [HeaderName; 2] = [
 /// Harbor's scheme, an origin nobody listens on. Without it, the registry builds them from `Host`
 /// (the upstream's authority), which [`Rebase`] recognises whatever scheme a front put on it;
 /// and no header a client chooses can steer a URL that regtee later follows.
+///
+/// `upstream_host` is the upstream's authority as a header value, built once per process.
 pub fn prepare_request(
     headers: &mut HeaderMap,
-    upstream: &Origin,
+    upstream_host: &HeaderValue,
     client_ip: std::net::IpAddr,
-    public: &Origin,
+    scheme: Scheme,
 ) {
     strip_hop_by_hop(headers);
-    headers.remove(header::EXPECT);
-    for name in &CLIENT_FORWARDED {
-        headers.remove(name);
+    let client_chosen = headers
+        .keys()
+        .any(|name| name == header::EXPECT || CLIENT_FORWARDED.contains(name));
+    if client_chosen {
+        headers.remove(header::EXPECT);
+        for name in &CLIENT_FORWARDED {
+            headers.remove(name);
+        }
     }
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
         _ => client_ip.to_string(),
     };
-    set(headers, "x-forwarded-for", &forwarded_for);
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(public.scheme().as_str()),
-    );
-    set(headers, header::HOST.as_str(), &upstream.authority());
+    // One allocation: the string becomes the header value's bytes.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded_for)) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
+    headers.insert(header::HOST, upstream_host.clone());
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), v);
-    }
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Whether a response carries a header [`rewrite_response`] may change beyond hop-by-hop ones:
+/// only then is the client's public origin worth working out.
+pub fn may_point_back(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::LOCATION)
+        || headers.contains_key(header::LINK)
+        || headers.contains_key(header::WWW_AUTHENTICATE)
 }
 
 /// Which absolute URLs point back into the registry, and the origin they are rebased onto.
@@ -232,20 +252,19 @@ pub fn redirect_to_https(
     (target.scheme() == Scheme::Https && same_request).then_some(target)
 }
 
-/// The origin the client used: the listener's scheme and the request's authority.
+/// The origin the client used: the listener's scheme and the request's authority (its URI's, or
+/// its `Host` value, kept after the headers went upstream).
 pub fn public_origin(
     scheme: Scheme,
     uri: &http::Uri,
-    headers: &HeaderMap,
+    host: Option<&HeaderValue>,
     local: std::net::SocketAddr,
 ) -> Origin {
-    let host = uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
-        headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    });
-    host.and_then(|h| Origin::from_host_header(scheme, &h))
+    let host = uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| host.and_then(|v| v.to_str().ok()));
+    host.and_then(|h| Origin::from_host_header(scheme, h))
         .unwrap_or_else(|| Origin::of_socket(scheme, local))
 }
 
@@ -302,7 +321,8 @@ mod tests {
         );
         h.insert(header::HOST, "regtee.example.com:5000".parse().unwrap());
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
-        prepare_request(&mut h, &up, "192.0.2.7".parse().unwrap(), &public);
+        let host = HeaderValue::from_str(&up.authority()).unwrap();
+        prepare_request(&mut h, &host, "192.0.2.7".parse().unwrap(), public.scheme());
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("x-forwarded-host"));
@@ -512,26 +532,31 @@ mod tests {
         let local: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let mut h = HeaderMap::new();
         h.insert(header::HOST, "reg.example.com:5000".parse().unwrap());
-        let o = public_origin(Scheme::Http, &"/v2/".parse().unwrap(), &h, local);
+        let o = public_origin(
+            Scheme::Http,
+            &"/v2/".parse().unwrap(),
+            h.get(header::HOST),
+            local,
+        );
         assert_eq!(o.to_string(), "http://reg.example.com:5000");
         let o = public_origin(
             Scheme::Https,
             &"https://h2.example.com/v2/".parse().unwrap(),
-            &h,
+            h.get(header::HOST),
             local,
         );
         assert_eq!(o.to_string(), "https://h2.example.com");
-        let o = public_origin(
-            Scheme::Http,
-            &"/v2/".parse().unwrap(),
-            &HeaderMap::new(),
-            local,
-        );
+        let o = public_origin(Scheme::Http, &"/v2/".parse().unwrap(), None, local);
         assert_eq!(o.to_string(), "http://127.0.0.1:5000");
         let mut bad = HeaderMap::new();
         bad.insert(header::HOST, "a b".parse().unwrap());
         let v6: std::net::SocketAddr = "[::1]:5443".parse().unwrap();
-        let o = public_origin(Scheme::Https, &"/v2/".parse().unwrap(), &bad, v6);
+        let o = public_origin(
+            Scheme::Https,
+            &"/v2/".parse().unwrap(),
+            bad.get(header::HOST),
+            v6,
+        );
         assert_eq!(o.to_string(), "https://[::1]:5443");
     }
 

@@ -26,7 +26,7 @@ use crate::origin::{Origin, Scheme};
 use crate::request::headers::{self, RealmRewrite};
 use crate::request::route::{self, FOREIGN_TOKEN_PREFIX, Route};
 use crate::throttle::Throttle;
-use crate::tls::{TlsError, TlsFailure};
+use crate::tls::TlsFailure;
 
 /// Facts about the client connection a request arrived on.
 #[derive(Clone, Copy, Debug)]
@@ -93,6 +93,10 @@ impl RealmRelay {
 /// The request path's state: one per process, shared by every connection.
 pub struct Proxy {
     upstream: Origin,
+    /// The upstream as request URIs and `Host` need it, built once.
+    upstream_scheme: http::uri::Scheme,
+    upstream_authority: http::uri::Authority,
+    upstream_host: http::HeaderValue,
     client: HttpClient,
     response_timeout: Duration,
     body_idle_timeout: Duration,
@@ -108,10 +112,18 @@ impl Proxy {
         upstream: &UpstreamConfig,
         tee: Option<Arc<Tee>>,
         metrics: Option<Arc<crate::ops::metrics::Metrics>>,
-    ) -> Result<Proxy, TlsError> {
+    ) -> Result<Proxy, crate::StartError> {
         let e = &upstream.endpoint;
+        let authority = e.origin.authority();
+        let invalid = || crate::StartError::UpstreamAuthority(e.origin.to_string());
         Ok(Proxy {
             upstream: e.origin.clone(),
+            upstream_scheme: match e.origin.scheme() {
+                Scheme::Http => http::uri::Scheme::HTTP,
+                Scheme::Https => http::uri::Scheme::HTTPS,
+            },
+            upstream_authority: authority.parse().map_err(|_| invalid())?,
+            upstream_host: http::HeaderValue::from_str(&authority).map_err(|_| invalid())?,
             client: http_client::build(
                 &e.tls,
                 e.connect_timeout,
@@ -137,7 +149,8 @@ impl Proxy {
             return Ok(options_asterisk());
         }
         let route = Route::classify(parts.uri.path());
-        let public = headers::public_origin(conn.scheme, &parts.uri, &parts.headers, conn.local);
+        // What the client's origin is worked out from, if a response needs it.
+        let client_host = parts.headers.get(http::header::HOST).cloned();
         let log = Arc::new(RequestLog::new(&parts.method, &route, self.metrics.clone()));
         // The client's URI, kept for recognising completed writes (a refcounted clone).
         let client_uri = parts.uri.clone();
@@ -146,7 +159,15 @@ impl Proxy {
             Ok(found) => found,
             Err(error) => return Ok(log.answer(error)),
         };
-        headers::prepare_request(&mut parts.headers, &destination, conn.peer.ip(), &public);
+        let host = if destination == self.upstream {
+            self.upstream_host.clone()
+        } else {
+            match http::HeaderValue::from_str(&destination.authority()) {
+                Ok(v) => v,
+                Err(_) => return Ok(log.answer(OciError::bad_gateway("invalid token realm host"))),
+            }
+        };
+        headers::prepare_request(&mut parts.headers, &host, conn.peer.ip(), conn.scheme);
         let (end_tx, end_rx) = watch::channel(false);
         let request_body = Tracked::new(incoming, log.bytes_in.clone())
             .idle_timeout(self.body_idle_timeout)
@@ -194,11 +215,17 @@ impl Proxy {
             Some(register) => RealmRewrite::Relay(register),
             None => RealmRewrite::SameOriginOnly,
         };
-        let rebase = headers::Rebase {
-            upstream: &self.upstream,
-            public: &public,
-        };
-        headers::rewrite_response(&mut parts.headers, &rebase, realms);
+        if headers::may_point_back(&parts.headers) {
+            let public =
+                headers::public_origin(conn.scheme, &client_uri, client_host.as_ref(), conn.local);
+            let rebase = headers::Rebase {
+                upstream: &self.upstream,
+                public: &public,
+            };
+            headers::rewrite_response(&mut parts.headers, &rebase, realms);
+        } else {
+            headers::strip_hop_by_hop(&mut parts.headers);
+        }
         log.status.store(status.as_u16(), Ordering::Relaxed);
         let body = Tracked::new(upstream_body, log.bytes_out.clone())
             .idle_timeout(self.body_idle_timeout)
@@ -236,8 +263,16 @@ impl Proxy {
                     )
                 });
         }
-        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let target = self.upstream.join(path).map_err(|_| {
+        // The client's path and query as they are (a refcounted clone), on the upstream.
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(self.upstream_scheme.clone());
+        target.authority = Some(self.upstream_authority.clone());
+        target.path_and_query = Some(
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        let target = Uri::from_parts(target).map_err(|_| {
             OciError::new(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::Unsupported,
@@ -405,7 +440,7 @@ impl Drop for RequestLog {
         );
         if let Some(metrics) = &self.metrics {
             metrics.observe_request(
-                self.method.as_str(),
+                &self.method,
                 self.kind,
                 status,
                 bytes_in,
