@@ -102,7 +102,8 @@ pub async fn download(
     (started.elapsed(), n)
 }
 
-/// regtee as a release process with a config file; killed on drop.
+/// regtee as a release process with a config file, logging as deployed (the config's level, a
+/// line per request); killed on drop.
 pub struct RegteeProcess(pub Child);
 
 impl RegteeProcess {
@@ -111,7 +112,7 @@ impl RegteeProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_regtee"))
             .args(["serve", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

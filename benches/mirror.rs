@@ -1,6 +1,11 @@
-//! Mirror lag: from the 201 of the manifest PUT a client sees until the manifest is pullable on
-//! the target, for an image of 20 x 5 MiB layers pushed through regtee; compared in the same run
-//! with `skopeo copy` of the same image from Harbor to the target after the fact.
+//! The mirror side, against skopeo in the same run (Harbor and the cloud are local
+//! docker-registry instances):
+//!
+//! - mirror lag: from the 201 of the manifest PUT a client sees until the manifest is pullable on
+//!   the target, for an image of 20 x 5 MiB layers pushed through regtee, vs `skopeo copy` of the
+//!   same image from Harbor to the target after the fact;
+//! - one 1 GiB layer: a backfill copying it Harbor -> cloud vs `skopeo copy`;
+//! - an already-mirrored project of 200 tags: a backfill (HEAD only) vs `skopeo sync`.
 //!
 //! Run: `cargo bench --bench mirror`
 
@@ -24,11 +29,12 @@ async fn main() {
         .await
         .unwrap();
     let port = free_port().unwrap();
+    let admin_port = free_port().unwrap();
     let config = work.path().join("regtee.toml");
     std::fs::write(
         &config,
         format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n[[targets]]\nname = \"cloud\"\nurl = \"{}\"\nconcurrency = 4\n",
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[[targets]]\nname = \"cloud\"\nurl = \"{}\"\nconcurrency = 4\n",
             harbor.url(),
             work.path().join("state").display(),
             cloud.url()
@@ -37,6 +43,8 @@ async fn main() {
     .unwrap();
     let _regtee = RegteeProcess::start(&config, &work.path().join("regtee.log"));
     wait_listening(&format!("127.0.0.1:{port}")).await;
+    wait_listening(&format!("127.0.0.1:{admin_port}")).await;
+    let admin = format!("http://127.0.0.1:{admin_port}");
     let through = anonymous_client("regtee", &format!("http://127.0.0.1:{port}")).unwrap();
     let cloud_client = anonymous_client("cloud", &cloud.url()).unwrap();
 
@@ -50,54 +58,199 @@ async fn main() {
         .unwrap();
     let acknowledged = Instant::now();
     let push_time = acknowledged - push_started;
-    loop {
-        if let Some(h) = cloud_client
-            .manifest_head("library/big", "1.0")
-            .await
-            .unwrap()
-        {
-            assert_eq!(h.digest, image.digest);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_manifest(&cloud_client, "library/big", "1.0", &image.digest).await;
     let lag = acknowledged.elapsed();
 
-    let started = Instant::now();
-    let out = std::process::Command::new("skopeo")
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--all",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-        ])
-        .arg(format!("docker://{}/library/big:1.0", harbor.addr()))
-        .arg(format!("docker://{}/after/big:1.0", cloud.addr()))
-        .output()
-        .expect("skopeo is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let skopeo_time = started.elapsed();
+    let skopeo_time = skopeo(&[
+        "copy",
+        "--all",
+        "--preserve-digests",
+        &format!("docker://{}/library/big:1.0", harbor.addr()),
+        &format!("docker://{}/after/big:1.0", cloud.addr()),
+    ]);
 
     println!(
-        "push through regtee (client's view):          {:>8.0} ms",
+        "push through regtee (client's view):             {:>8.0} ms",
         push_time.as_secs_f64() * 1000.0
     );
     println!(
-        "mirror lag (manifest 201 -> pullable on cloud): {:>6.0} ms",
+        "mirror lag (manifest 201 -> pullable on cloud):  {:>8.0} ms",
         lag.as_secs_f64() * 1000.0
     );
     println!(
-        "skopeo copy Harbor -> cloud after the fact:    {:>7.0} ms",
-        skopeo_time.as_secs_f64() * 1000.0
-    );
-    println!(
-        "\nlag / skopeo copy: {:.3}",
+        "skopeo copy Harbor -> cloud after the fact:      {:>8.0} ms   (lag / skopeo {:.3})",
+        skopeo_time.as_secs_f64() * 1000.0,
         lag.as_secs_f64() / skopeo_time.as_secs_f64()
     );
+
+    // One 1 GiB layer already in Harbor: a backfill copies it, then skopeo does.
+    let client = client();
+    let chunk = random_chunk(1024 * 1024);
+    let layer = repeated_digest(&chunk, 1024);
+    upload(&client, &harbor.url(), "bulk/gib", &chunk, 1024, &layer).await;
+    let gib_image = put_image(&client, &harbor.url(), "bulk/gib", "1", &[(layer, 1 << 30)]).await;
+    let started = Instant::now();
+    let done = backfill(&client, &admin, "bulk").await;
+    assert_eq!(done["queued"], 1, "{done}");
+    wait_for_manifest(&cloud_client, "bulk/gib", "1", &gib_image).await;
+    let regtee_gib = started.elapsed();
+    let skopeo_gib = skopeo(&[
+        "copy",
+        "--preserve-digests",
+        &format!("docker://{}/bulk/gib:1", harbor.addr()),
+        &format!("docker://{}/skopeo/gib:1", cloud.addr()),
+    ]);
+    println!(
+        "\n1 GiB layer, Harbor -> cloud: backfill {:>6.0} ms ({:.0} MiB/s), skopeo copy {:>6.0} ms ({:.0} MiB/s), skopeo / regtee {:.2}",
+        regtee_gib.as_secs_f64() * 1000.0,
+        mib_per_s(1 << 30, regtee_gib),
+        skopeo_gib.as_secs_f64() * 1000.0,
+        mib_per_s(1 << 30, skopeo_gib),
+        skopeo_gib.as_secs_f64() / regtee_gib.as_secs_f64()
+    );
+
+    // A project of 200 tags, each its own small image, mirrored by skopeo sync; then both check
+    // it again: regtee's backfill HEADs each tag on both sides, skopeo sync copies each image.
+    const TAGS: usize = 200;
+    for i in 0..TAGS {
+        let blob = random_chunk(1024);
+        let digest = repeated_digest(&blob, 1);
+        upload(&client, &harbor.url(), "synced/app", &blob, 1, &digest).await;
+        put_image(
+            &client,
+            &harbor.url(),
+            "synced/app",
+            &format!("t{i}"),
+            &[(digest, 1024)],
+        )
+        .await;
+    }
+    let sync_args = [
+        "sync",
+        "--preserve-digests",
+        "--src",
+        "docker",
+        "--dest",
+        "docker",
+        &format!("{}/synced/app", harbor.addr()),
+        &format!("{}/synced", cloud.addr()),
+    ];
+    skopeo(&sync_args);
+    let started = Instant::now();
+    let done = backfill(&client, &admin, "synced").await;
+    let regtee_sync = started.elapsed();
+    assert_eq!(
+        done["in_sync"], TAGS,
+        "every tag was mirrored by skopeo sync: {done}"
+    );
+    assert_eq!(done["queued"], 0, "{done}");
+    let skopeo_sync = skopeo(&sync_args);
+    println!(
+        "in-sync project of {TAGS} tags: backfill {:>6.0} ms, skopeo sync {:>6.0} ms, skopeo / regtee {:.1}",
+        regtee_sync.as_secs_f64() * 1000.0,
+        skopeo_sync.as_secs_f64() * 1000.0,
+        skopeo_sync.as_secs_f64() / regtee_sync.as_secs_f64()
+    );
+}
+
+/// Runs `skopeo` with plain HTTP on both sides; returns how long it took.
+fn skopeo(args: &[&str]) -> Duration {
+    let mut command = std::process::Command::new("skopeo");
+    command.args(["--insecure-policy"]).arg(args[0]);
+    command.args(["--src-tls-verify=false", "--dest-tls-verify=false"]);
+    command.args(&args[1..]);
+    let started = Instant::now();
+    let out = command.output().expect("skopeo is installed");
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed()
+}
+
+/// Puts an OCI manifest of `layers` (digest, size) with a small config into `repo:tag`; returns
+/// its digest.
+async fn put_image(
+    client: &regtee::http_client::HttpClient,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    layers: &[(String, u64)],
+) -> regtee::oci::digest::Digest {
+    let config = format!(r#"{{"architecture":"amd64","os":"linux","tag":"{tag}"}}"#);
+    let config_digest = repeated_digest(config.as_bytes(), 1);
+    upload(
+        client,
+        base,
+        repo,
+        &bytes::Bytes::from(config.clone()),
+        1,
+        &config_digest,
+    )
+    .await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": layers.iter().map(|(d, n)| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": n,
+        })).collect::<Vec<_>>(),
+    }))
+    .unwrap();
+    let digest = regtee::oci::digest::Digest::sha256_of(&manifest);
+    let put = http::Request::put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(regtee::body::full(manifest))
+        .unwrap();
+    assert_eq!(client.request(put).await.unwrap().status(), 201);
+    digest
+}
+
+/// Starts a backfill of `project` through the admin API and waits for its result.
+async fn backfill(
+    client: &regtee::http_client::HttpClient,
+    admin: &str,
+    project: &str,
+) -> serde_json::Value {
+    use http_body_util::BodyExt;
+    let json = |resp: http::Response<hyper::body::Incoming>| async move {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    let post = http::Request::post(format!("{admin}/api/v1/backfills"))
+        .header("content-type", "application/json")
+        .body(regtee::body::full(
+            serde_json::json!({"project": project}).to_string(),
+        ))
+        .unwrap();
+    let started = json(client.request(post).await.unwrap()).await;
+    let id = started["id"].as_u64().expect("a backfill id");
+    loop {
+        let get = http::Request::get(format!("{admin}/api/v1/backfills/{id}"))
+            .body(regtee::body::empty())
+            .unwrap();
+        let progress = json(client.request(get).await.unwrap()).await;
+        if progress["state"] != "running" {
+            assert_eq!(progress["state"], "finished", "{progress}");
+            return progress;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Waits until `repo:tag` on `registry` is `digest`.
+async fn wait_for_manifest(
+    registry: &regtee::registry::RegistryClient,
+    repo: &str,
+    tag: &str,
+    digest: &regtee::oci::digest::Digest,
+) {
+    loop {
+        if let Some(h) = registry.manifest_head(repo, tag).await.unwrap() {
+            assert_eq!(&h.digest, digest);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

@@ -45,10 +45,11 @@ mod error;
 mod redact;
 mod stall;
 mod throttle;
+mod wait_limit;
 
 // The operator's commands, for the binary.
 pub use mirror::queue::{JobFilter, JobState};
-pub use ops::{certs, cli, demo};
+pub use ops::{certs, cli, demo, log_writer};
 
 use std::future::Future;
 use std::net::SocketAddr;

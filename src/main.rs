@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use regtee::config::{Config, LogFormat};
 use regtee::{JobFilter, JobState};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// A transparent registry proxy in front of Harbor that mirrors every push to cloud registries.
 #[derive(Parser)]
@@ -137,29 +138,32 @@ fn report(loaded: Result<Config, regtee::config::ConfigError>) -> Result<Config,
 /// `RUST_LOG` when it holds a filter, else the config's level: an empty or unparsable
 /// `RUST_LOG` must not silence regtee.
 ///
-/// Lines are formatted where they happen and written to stderr by a writer thread, so a request
-/// never waits on a `write(2)` to a slow terminal, pipe or journal. The writer is not lossy: if
-/// its queue fills, the logging task waits rather than dropping a line. The returned guard
-/// flushes every queued line when it is dropped, at the end of `main`.
-fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+/// Lines are formatted where they happen and written to stderr in batches by a thread of their
+/// own (`ops::log_writer`); the returned guard writes what is left when `main` ends. If that
+/// thread cannot start, lines go straight to stderr.
+fn init_logging(format: LogFormat, level: &str) -> Option<regtee::log_writer::LogFlush> {
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty())
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok());
     let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(level));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("regtee-log")
-        .finish(std::io::stderr());
+    let ansi = std::io::stderr().is_terminal();
+    let (writer, flush) = match regtee::log_writer::start(std::io::stderr()) {
+        Ok((writer, flush)) => (BoxMakeWriter::new(writer), Some(flush)),
+        Err(e) => {
+            eprintln!("regtee: log writer thread: {e}; writing log lines directly");
+            (BoxMakeWriter::new(std::io::stderr), None)
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(ansi)
         .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    guard
+    flush
 }
 
 async fn shutdown_signal() {

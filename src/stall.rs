@@ -13,12 +13,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use tokio::time::{Instant, Sleep};
+
+use crate::wait_limit::WaitLimit;
 
 /// The write-stall timer of one connection.
 pub struct WriteStall {
-    limit: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
+    limit: WaitLimit,
+    /// A write is pending.
     armed: bool,
 }
 
@@ -26,8 +27,7 @@ impl WriteStall {
     /// Writes may stay pending for at most `limit`.
     pub fn new(limit: Duration) -> WriteStall {
         WriteStall {
-            limit,
-            timer: None,
+            limit: WaitLimit::new(limit),
             armed: false,
         }
     }
@@ -45,19 +45,15 @@ impl WriteStall {
         }
         if !self.armed {
             self.armed = true;
-            let deadline = Instant::now() + self.limit;
-            match self.timer.as_mut() {
-                Some(t) => t.as_mut().reset(deadline),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
+            self.limit.start();
         }
-        match self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
+        if self.limit.expired(cx) {
+            return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the peer read nothing for {:?}", self.limit),
-            ))),
-            _ => Poll::Pending,
+                format!("the peer read nothing for {:?}", self.limit.limit()),
+            )));
         }
+        Poll::Pending
     }
 }
 

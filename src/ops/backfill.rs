@@ -21,7 +21,7 @@ use crate::oci::names::{NameError, RepositoryName, Tag};
 use crate::registry::{RegistryClient, RegistryError};
 
 /// HEAD requests in flight at once during a comparison.
-const COMPARE_PARALLELISM: usize = 8;
+const COMPARE_PARALLELISM: usize = 16;
 
 /// One tag as seen on one target.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -192,37 +192,51 @@ pub async fn compare_tag(
         errors: Vec::new(),
     };
     let (repository, tag) = (repository.as_str(), tag.as_str());
-    match upstream.manifest_head(repository, tag).await {
+    // Harbor and every target are asked at once: a tag costs one round trip, not 1 + targets.
+    let on_targets = targets.iter().map(|target| async move {
+        let policy = &target.config.policy;
+        let wanted = policy.wants_repository(repository) && policy.wants_tag(tag);
+        let target_repo = policy.target_repository(repository);
+        let head = if wanted {
+            Some(target.client.manifest_head(&target_repo, tag).await)
+        } else {
+            None
+        };
+        (target, target_repo, head)
+    });
+    let (harbor, on_targets) = futures_util::future::join(
+        upstream.manifest_head(repository, tag),
+        futures_util::future::join_all(on_targets),
+    )
+    .await;
+    match harbor {
         Ok(head) => row.harbor = head.map(|h| h.digest),
         Err(e) => {
             row.errors.push(e.to_string());
             return row;
         }
     }
-    for target in targets {
-        let policy = &target.config.policy;
-        let target_repo = policy.target_repository(repository);
+    for (target, target_repo, head) in on_targets {
         let mut view = TargetView {
             target: target.name().to_string(),
-            repository: target_repo.clone(),
+            repository: target_repo,
             digest: None,
             status: TagStatus::NotMirrored,
         };
-        if policy.wants_repository(repository) && policy.wants_tag(tag) {
-            match target.client.manifest_head(&target_repo, tag).await {
-                Ok(head) => {
-                    view.digest = head.map(|h| h.digest);
-                    view.status = match (&view.digest, &row.harbor) {
-                        (None, _) => TagStatus::Missing,
-                        (Some(t), Some(h)) if t == h => TagStatus::InSync,
-                        (Some(_), _) if !target.config.overwrite => TagStatus::Conflict,
-                        (Some(_), _) => TagStatus::Different,
-                    };
-                }
-                Err(e) => {
-                    view.status = TagStatus::Error;
-                    row.errors.push(e.to_string());
-                }
+        match head {
+            None => {}
+            Some(Ok(head)) => {
+                view.digest = head.map(|h| h.digest);
+                view.status = match (&view.digest, &row.harbor) {
+                    (None, _) => TagStatus::Missing,
+                    (Some(t), Some(h)) if t == h => TagStatus::InSync,
+                    (Some(_), _) if !target.config.overwrite => TagStatus::Conflict,
+                    (Some(_), _) => TagStatus::Different,
+                };
+            }
+            Some(Err(e)) => {
+                view.status = TagStatus::Error;
+                row.errors.push(e.to_string());
             }
         }
         row.targets.push(view);

@@ -1,10 +1,11 @@
 //! The operator's side: the admin API and its webhooks, backfills and comparisons, metrics, the
-//! command line, certificates and the demo.
+//! command line, certificates, the demo and the log writer.
 
 pub mod admin;
 pub mod backfill;
 pub mod certs;
 pub mod cli;
 pub mod demo;
+pub mod log_writer;
 pub mod metrics;
 pub mod webhooks;
