@@ -32,6 +32,7 @@ mod request;
 pub mod body;
 pub mod config;
 pub mod http_client;
+pub mod local_postgres;
 pub mod local_registry;
 pub mod oci;
 pub mod origin;
@@ -103,7 +104,13 @@ impl Instance {
     pub async fn start(config: Config) -> Result<Instance, StartError> {
         tls::install_crypto_provider();
         let lock = mirror::state_lock::StateLock::acquire(&config.state.dir)?;
-        let queue = Arc::new(mirror::queue::Queue::open(&config.state.dir)?);
+        let queue = Arc::new(mirror::queue::Queue::open_state(&config.state).await?);
+        if let Some(replica) = queue.replica() {
+            tracing::info!(
+                replica,
+                "job queue in PostgreSQL, shared with any other replica"
+            );
+        }
         let recovered = queue.recover_interrupted().await?;
         if recovered > 0 {
             tracing::info!(
@@ -179,6 +186,7 @@ impl Instance {
         mirror.spawn_workers(&tasks, &cancel, config.proxy.shutdown_grace);
         backfiller.spawn_reconcilers(&tasks, &cancel, &config.targets);
         mirror::queue::spawn_retention(&tasks, &cancel, queue.clone(), config.state.retention);
+        mirror::queue::spawn_lease_keeper(&tasks, &cancel, queue.clone());
         if let Some(listener) = admin_listener {
             let admin = Arc::new(ops::admin::Admin::new(
                 &config,

@@ -10,3 +10,4 @@ mod hostile;
 mod mirror;
 mod operations;
 mod proxy;
+mod replicas;

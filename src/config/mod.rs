@@ -191,10 +191,30 @@ pub struct UpstreamConfig {
 /// The state directory.
 #[derive(Clone, Debug)]
 pub struct StateConfig {
-    /// Holds the queue database and the lock that keeps two servers apart.
+    /// Holds the queue database (SQLite) and the lock that keeps two servers on one directory
+    /// apart.
     pub dir: PathBuf,
     /// How long finished jobs stay queryable.
     pub retention: Duration,
+    /// The queue in PostgreSQL instead of SQLite, shared by every replica.
+    pub database: Option<DatabaseConfig>,
+}
+
+/// A PostgreSQL server holding the queue.
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    /// Where and as whom to connect; its `Debug` hides the password.
+    pub connect: tokio_postgres::Config,
+    /// Whether TLS is used (`sslmode` other than `disable`). When it is, the server's
+    /// certificate is always verified, as libpq's `verify-full` does.
+    pub tls: bool,
+    /// CA certificates for the server's certificate (PEM); the system's roots otherwise.
+    pub ca_file: Option<PathBuf>,
+    /// `host:port/dbname`, for logs and errors.
+    pub shown: String,
+    /// How long a claimed job stays a replica's without renewal: a dead replica's jobs run
+    /// elsewhere within this.
+    pub lease: Duration,
 }
 
 /// The operator's listener.
@@ -365,6 +385,57 @@ mod tests {
         [upstream]
         url = "https://harbor.example.com"
     "#;
+
+    #[test]
+    fn a_postgres_queue_is_completed_from_pg_variables_and_never_shows_its_password() {
+        let with_env = |text: &str, vars: &'static [(&'static str, &'static str)]| {
+            let env = move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            };
+            Config::parse(text, Path::new("/etc/regtee/regtee.toml"), &env)
+        };
+        let state = |lines: &str| format!("{MINIMAL}\n[state]\n{lines}\n");
+        let c = with_env(
+            &state(r#"database = "postgres://db.internal/mirror?sslmode=verify-full""#),
+            &[
+                ("PGUSER", "svc"),
+                ("PGPASSWORD", "pg-s3cret"),
+                ("PGPORT", "6432"),
+            ],
+        )
+        .unwrap();
+        let db = c.state.database.unwrap();
+        assert_eq!(db.shown, "db.internal:6432/mirror");
+        assert_eq!(db.connect.get_user(), Some("svc"));
+        assert_eq!(db.connect.get_password(), Some(&b"pg-s3cret"[..]));
+        assert!(db.tls, "verify-full means TLS, verified");
+        assert_eq!(db.lease, Duration::from_secs(30));
+        assert!(!format!("{db:?}").contains("pg-s3cret"), "{db:?}");
+
+        let e = with_env(&state(r#"database = "postgres://u:inline@db/x""#), &[]).unwrap_err();
+        assert!(e.to_string().contains("database_password_env"), "{e}");
+        assert!(!e.to_string().contains("inline"), "{e}");
+        let e = with_env(&state(r#"database = "postgres://db/x?sslmode=allow""#), &[]).unwrap_err();
+        assert!(e.to_string().contains("sslmode `allow`"), "{e}");
+        let e = with_env(&state(r#"database_password_env = "X""#), &[]).unwrap_err();
+        assert!(e.to_string().contains("needs `database`"), "{e}");
+        assert!(
+            with_env(
+                &state(
+                    r#"database = "postgres://db/x"
+lease = "100ms""#
+                ),
+                &[]
+            )
+            .is_err()
+        );
+        assert!(
+            parse(MINIMAL).unwrap().state.database.is_none(),
+            "SQLite by default"
+        );
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

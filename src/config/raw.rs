@@ -70,6 +70,12 @@ pub(super) struct RawUpstream {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawState {
     pub(super) dir: Option<PathBuf>,
+    pub(super) database: Option<String>,
+    pub(super) database_password_env: Option<String>,
+    pub(super) database_password_file: Option<PathBuf>,
+    pub(super) database_ca_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) lease: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub(super) retention: Option<Duration>,
 }

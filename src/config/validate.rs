@@ -126,6 +126,7 @@ impl Validator<'_> {
                 .state
                 .retention
                 .unwrap_or(Duration::from_secs(30 * 86_400)),
+            database: self.database(&raw.state)?,
         };
         let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
         let webhook_secret = match raw.webhooks {
@@ -349,6 +350,108 @@ impl Validator<'_> {
         })
     }
 
+    /// `[state] database`: a libpq-style URL, completed from the standard `PG*` variables
+    /// as libpq would (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`, `PGSSLMODE`,
+    /// `PGSSLROOTCERT`). A password in the URL is refused: it would end up wherever the URL is
+    /// shown.
+    fn database(&self, raw: &RawState) -> Result<Option<DatabaseConfig>, ConfigError> {
+        let key = "state.database";
+        let Some(url) = raw.database.as_deref() else {
+            if raw.database_password_env.is_some() || raw.database_password_file.is_some() {
+                return Err(self.invalid(key, "a database password needs `database`"));
+            }
+            return Ok(None);
+        };
+        let var = |name: &str| (self.env)(name).filter(|v| !v.is_empty());
+        let (mut url, sslmode) = split_sslmode(url);
+        // tokio-postgres fills in 5432 when the URL names no port, so PGPORT goes into the URL.
+        if let Some(port) = var("PGPORT")
+            && let Ok(mut parsed) = url::Url::parse(&url)
+            && parsed.port().is_none()
+            && parsed.has_host()
+        {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| self.invalid(key, format!("PGPORT `{port}` is not a port")))?;
+            if parsed.set_port(Some(port)).is_ok() {
+                url = parsed.to_string();
+            }
+        }
+        let mut connect: tokio_postgres::Config = url.parse().map_err(|e| {
+            self.invalid(
+                key,
+                format!("not a PostgreSQL URL like postgres://regtee@db:5432/regtee: {e}"),
+            )
+        })?;
+        if connect.get_password().is_some() {
+            return Err(self.invalid(
+                key,
+                "put the password in `database_password_env` or `database_password_file` (or PGPASSWORD), not in the URL",
+            ));
+        }
+        if connect.get_hosts().is_empty() {
+            connect.host(var("PGHOST").as_deref().unwrap_or("localhost"));
+        }
+        if connect.get_user().is_none() {
+            connect.user(var("PGUSER").as_deref().unwrap_or("regtee"));
+        }
+        if connect.get_dbname().is_none() {
+            connect.dbname(var("PGDATABASE").as_deref().unwrap_or("regtee"));
+        }
+        let password = self
+            .secret(SecretSource {
+                key: "state.database_password",
+                inline: None,
+                env: raw.database_password_env.as_deref(),
+                file: raw.database_password_file.as_deref(),
+            })?
+            .or_else(|| var("PGPASSWORD").map(Secret::new));
+        if let Some(p) = &password {
+            connect.password(p.expose());
+        }
+        let sslmode = sslmode.or_else(|| var("PGSSLMODE"));
+        let tls = match sslmode.as_deref() {
+            None | Some("disable") => false,
+            Some("prefer" | "require" | "verify-ca" | "verify-full") => true,
+            Some(other) => {
+                return Err(self.invalid(
+                    key,
+                    format!("sslmode `{other}`: use disable, require or verify-full"),
+                ));
+            }
+        };
+        let ca_file = raw
+            .database_ca_file
+            .as_deref()
+            .map(|p| self.resolve_path(p))
+            .or_else(|| var("PGSSLROOTCERT").map(PathBuf::from));
+        let shown = format!(
+            "{}:{}/{}",
+            match connect.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                #[cfg(unix)]
+                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                None => String::new(),
+            },
+            connect.get_ports().first().copied().unwrap_or(5432),
+            connect.get_dbname().unwrap_or_default()
+        );
+        let lease = raw.lease.unwrap_or(Duration::from_secs(30));
+        if lease < Duration::from_secs(1) {
+            return Err(self.invalid(
+                "state.lease",
+                "a lease shorter than 1s cannot be renewed in time",
+            ));
+        }
+        Ok(Some(DatabaseConfig {
+            connect,
+            tls,
+            ca_file,
+            shown,
+            lease,
+        }))
+    }
+
     fn admin(&self, raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
         Ok(AdminConfig {
             listen: self.addr("admin.listen", &raw.listen)?,
@@ -476,5 +579,29 @@ impl Validator<'_> {
             max_chunk_size: raw.max_chunk_size.unwrap_or(DEFAULT_MAX_CHUNK_SIZE),
             reconcile_interval: raw.reconcile_interval,
         })
+    }
+}
+
+/// Takes libpq's `sslmode` out of a URL's query: tokio-postgres knows only some of its values,
+/// and regtee decides TLS itself.
+fn split_sslmode(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None);
+    };
+    let mut mode = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("sslmode=") {
+            Some(m) => {
+                mode = Some(m.to_string());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    if rest.is_empty() {
+        (base.to_string(), mode)
+    } else {
+        (format!("{base}?{}", rest.join("&")), mode)
     }
 }

@@ -429,3 +429,46 @@ pub struct TargetCounts {
     /// When the oldest unfinished job was created (ms), if any.
     pub oldest_pending_at: Option<i64>,
 }
+
+impl TargetCounts {
+    /// Counts from `(target, state, jobs, oldest unfinished created_at)` rows ordered by target;
+    /// every name in `configured` gets a row, so a target with no jobs yet still shows (and
+    /// exports zeros).
+    pub fn tally(
+        rows: impl IntoIterator<Item = (String, String, u64, Option<i64>)>,
+        configured: &[String],
+    ) -> Vec<TargetCounts> {
+        let mut out: Vec<TargetCounts> = Vec::new();
+        for (target, state, n, oldest) in rows {
+            if out.last().is_none_or(|c| c.target != target) {
+                out.push(TargetCounts {
+                    target,
+                    ..Default::default()
+                });
+            }
+            let Some(entry) = out.last_mut() else {
+                continue;
+            };
+            match JobState::parse(&state) {
+                Some(JobState::Pending) => entry.pending = n,
+                Some(JobState::Running) => entry.running = n,
+                Some(JobState::Done) => entry.done = n,
+                Some(JobState::Skipped) => entry.skipped = n,
+                Some(JobState::Failed) => entry.failed = n,
+                None => {}
+            }
+            if let Some(o) = oldest {
+                entry.oldest_pending_at = Some(entry.oldest_pending_at.map_or(o, |p| p.min(o)));
+            }
+        }
+        for name in configured {
+            if !out.iter().any(|c| &c.target == name) {
+                out.push(TargetCounts {
+                    target: name.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        out
+    }
+}

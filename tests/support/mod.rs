@@ -346,6 +346,9 @@ pub struct ConfigSpec {
     pub targets: Vec<TargetSpec>,
     /// What `CLOUD_PASSWORD` holds for the targets.
     pub cloud_password: String,
+    /// The queue in PostgreSQL: its URL and the role's password, and `[state]` lines to add.
+    pub database: Option<(String, String)>,
+    pub state_extra: String,
 }
 
 impl ConfigSpec {
@@ -372,7 +375,20 @@ impl ConfigSpec {
             proxy_extra: String::new(),
             targets: Vec::new(),
             cloud_password: CLOUD_PASSWORD.into(),
+            database: None,
+            state_extra: String::new(),
         }
+    }
+
+    /// The queue in a database of `server` (a new one, named `database`).
+    pub fn on_postgres(
+        mut self,
+        server: &regtee::local_postgres::LocalPostgres,
+        database: &str,
+    ) -> ConfigSpec {
+        let url = server.create_database(database).unwrap();
+        self.database = Some((url, server.password().to_string()));
+        self
     }
 
     pub fn target(mut self, t: TargetSpec) -> ConfigSpec {
@@ -398,6 +414,12 @@ impl ConfigSpec {
             "[state]\ndir = \"{}\"\n",
             self.state_dir.display()
         ));
+        if let Some((url, _)) = &self.database {
+            s.push_str(&format!(
+                "database = \"{url}\"\ndatabase_password_env = \"REGTEE_DB_PASSWORD\"\n"
+            ));
+        }
+        s.push_str(&self.state_extra);
         if let Some(admin) = &self.admin {
             s.push_str(&format!("[admin]\nlisten = \"{admin}\"\n"));
             if self.admin_token.is_some() {
@@ -433,6 +455,9 @@ impl ConfigSpec {
         }
         if let Some(s) = &self.webhook_secret {
             env.push(("REGTEE_WEBHOOK_SECRET".into(), s.clone()));
+        }
+        if let Some((_, password)) = &self.database {
+            env.push(("REGTEE_DB_PASSWORD".into(), password.clone()));
         }
         env
     }
@@ -828,4 +853,14 @@ pub async fn assert_blobs_equal(
             "{repo}@{digest} differs on the target"
         );
     }
+}
+
+/// One PostgreSQL server for the whole test binary; each test makes its own database on it.
+pub fn postgres() -> &'static regtee::local_postgres::LocalPostgres {
+    static SERVER: std::sync::OnceLock<regtee::local_postgres::LocalPostgres> =
+        std::sync::OnceLock::new();
+    SERVER.get_or_init(|| {
+        regtee::local_postgres::LocalPostgres::start()
+            .expect("PostgreSQL starts (apt-get install postgresql)")
+    })
 }

@@ -1,29 +1,48 @@
 //! The durable job queue: what must reach which target, and what happened when it was tried.
 //!
-//! A push Harbor acknowledged must never be lost to the mirror, so a job is committed to SQLite
-//! (WAL, `synchronous=FULL`) before the client sees its 201. Jobs are deduplicated by identity
+//! A push Harbor acknowledged must never be lost to the mirror, so a job is committed before the
+//! client sees its 201: to SQLite under the state directory for one instance (`sqlite`), or to
+//! PostgreSQL shared by several replicas (`postgres`). Jobs are deduplicated by identity
 //! (target, kind, repository, tag, digest): the same push seen twice is one job, and a finished
-//! job seen again is re-armed. A process that dies mid-job leaves it `running`; the next start
-//! puts it back to `pending`, and because every job is idempotent, redoing it is harmless.
+//! job seen again is re-armed. A process that dies mid-job leaves it `running`; it goes back to
+//! `pending` at the next start (SQLite) or when its lease runs out (PostgreSQL), and because
+//! every job is idempotent, redoing it is harmless.
+
+mod postgres;
+mod sqlite;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Notify;
 
 pub use super::job::{
     Attempt, AttemptResult, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob,
     Outcome, TargetCounts,
 };
-use crate::oci::digest::Digest;
-use crate::oci::names::{RepositoryName, Tag};
+use crate::config::StateConfig;
 
 /// The database could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    /// PostgreSQL failed (unreachable, refused, or a statement failed).
+    #[error("job queue database {database}: {source}")]
+    Postgres {
+        /// `host:port/dbname`.
+        database: String,
+        /// The driver's error.
+        source: tokio_postgres::Error,
+    },
+    /// No connection to PostgreSQL could be had, or TLS to it could not be set up.
+    #[error("job queue database {database}: {message}")]
+    PostgresPool {
+        /// `host:port/dbname`.
+        database: String,
+        /// What failed.
+        message: String,
+    },
     /// SQLite failed (disk full, corruption, permissions).
     #[error("job queue database {path}: {source}")]
     Sqlite {
@@ -64,173 +83,107 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The queue: a SQLite database behind a mutex, used from blocking threads.
+/// The workers' notifiers, one per target, shared with the backends (PostgreSQL wakes them on
+/// other replicas' jobs).
+#[derive(Clone, Default)]
+pub(crate) struct Wakers(Arc<DashMap<String, Arc<Notify>>>);
+
+impl Wakers {
+    fn get(&self, target: &str) -> Arc<Notify> {
+        self.0
+            .entry(target.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    fn wake(&self, target: &str) {
+        let waker = self.get(target);
+        waker.notify_waiters();
+        waker.notify_one();
+    }
+
+    fn wake_all(&self) {
+        let targets: Vec<String> = self.0.iter().map(|e| e.key().clone()).collect();
+        for t in targets {
+            self.wake(&t);
+        }
+    }
+}
+
+enum Store {
+    Sqlite(sqlite::SqliteQueue),
+    Postgres(postgres::PgQueue),
+}
+
+/// The queue, in whichever database the config names.
 pub struct Queue {
-    path: PathBuf,
-    /// The database file's identity when opened (device, inode), to notice it vanishing.
-    identity: (u64, u64),
-    conn: Arc<Mutex<Connection>>,
-    wakers: DashMap<String, Arc<Notify>>,
+    store: Store,
+    wakers: Wakers,
     /// Set while an attempt's outcome could not be recorded; the instance is not ready then.
     outcome_unrecorded: std::sync::atomic::AtomicBool,
 }
 
-fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path)?;
-    Ok((m.dev(), m.ino()))
-}
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS jobs (
-    id              INTEGER PRIMARY KEY,
-    target          TEXT NOT NULL,
-    kind            TEXT NOT NULL,
-    repository      TEXT NOT NULL,
-    tag             TEXT NOT NULL DEFAULT '',
-    digest          TEXT NOT NULL DEFAULT '',
-    mount_from      TEXT NOT NULL DEFAULT '',
-    origin          TEXT NOT NULL,
-    state           TEXT NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    created_at      INTEGER NOT NULL,
-    updated_at      INTEGER NOT NULL,
-    next_attempt_at INTEGER NOT NULL,
-    started_at      INTEGER,
-    finished_at     INTEGER,
-    detail          TEXT NOT NULL DEFAULT '',
-    error_class     TEXT NOT NULL DEFAULT '',
-    target_digest   TEXT NOT NULL DEFAULT ''
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_identity ON jobs(target, kind, repository, tag, digest);
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs(target, state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, finished_at);
-CREATE INDEX IF NOT EXISTS jobs_repository ON jobs(repository);
-CREATE TABLE IF NOT EXISTS attempts (
-    job_id      INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    started_at  INTEGER NOT NULL,
-    finished_at INTEGER NOT NULL,
-    result      TEXT NOT NULL,
-    detail      TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job_id);
-CREATE TABLE IF NOT EXISTS health (
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
-    checked_at INTEGER NOT NULL
-);
-"#;
-
-/// Columns added after the first release, with their definitions; added to older databases at
-/// open.
-const ADDED_COLUMNS: [(&str, &str); 1] = [
-    // Set when the same write arrives while the job runs: it runs again once it ends, so what it
-    // copies is never older than the last push.
-    ("rearm", "INTEGER NOT NULL DEFAULT 0"),
-];
-
-const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
-     attempts, created_at, updated_at, next_attempt_at, finished_at, detail, error_class, target_digest";
-
-fn non_empty(s: String) -> Option<String> {
-    (!s.is_empty()).then_some(s)
-}
-
-fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
-    Ok(Job {
-        id: row.get(0)?,
-        target: row.get(1)?,
-        kind: JobKind::parse(&row.get::<_, String>(2)?),
-        repository: row.get(3)?,
-        tag: non_empty(row.get(4)?),
-        digest: non_empty(row.get(5)?),
-        mount_from: non_empty(row.get(6)?),
-        origin: JobOrigin::parse(&row.get::<_, String>(7)?),
-        state: JobState::parse(&row.get::<_, String>(8)?).unwrap_or(JobState::Failed),
-        attempts: row.get(9)?,
-        created_at: row.get(10)?,
-        updated_at: row.get(11)?,
-        next_attempt_at: row.get(12)?,
-        finished_at: row.get(13)?,
-        detail: row.get(14)?,
-        error_class: ErrorClass::parse(&row.get::<_, String>(15)?),
-        target_digest: non_empty(row.get(16)?),
-    })
+/// Runs the same call on whichever store holds the queue.
+macro_rules! on_store {
+    ($self:ident, $q:ident => $call:expr) => {
+        match &$self.store {
+            Store::Sqlite($q) => $call,
+            Store::Postgres($q) => $call,
+        }
+    };
 }
 
 impl Queue {
-    /// Opens (creating if needed) `jobs.db` in `dir`, and returns interrupted jobs to pending.
+    /// Opens (creating if needed) `jobs.db` in `dir`.
     pub fn open(dir: &Path) -> Result<Queue, QueueError> {
-        std::fs::create_dir_all(dir).map_err(|source| QueueError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let path = dir.join("jobs.db");
-        let sql = |source| QueueError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let conn = Connection::open(&path).map_err(sql)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-        )
-        .map_err(sql)?;
-        conn.execute_batch(SCHEMA).map_err(sql)?;
-        for (column, definition) in ADDED_COLUMNS {
-            let present: bool = conn
-                .query_row(
-                    "SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = ?1",
-                    params![column],
-                    |r| r.get(0),
-                )
-                .map_err(sql)?;
-            if !present {
-                conn.execute_batch(&format!(
-                    "ALTER TABLE jobs ADD COLUMN {column} {definition}"
-                ))
-                .map_err(sql)?;
+        Ok(Queue::with_store(
+            Store::Sqlite(sqlite::SqliteQueue::open(dir)?),
+            Wakers::default(),
+        ))
+    }
+
+    /// Opens the queue the config names: PostgreSQL when `[state] database` is set, else SQLite
+    /// under `[state] dir`.
+    pub async fn open_state(state: &StateConfig) -> Result<Queue, QueueError> {
+        match &state.database {
+            None => Queue::open(&state.dir),
+            Some(database) => {
+                let wakers = Wakers::default();
+                let store = postgres::PgQueue::connect(database, wakers.clone()).await?;
+                Ok(Queue::with_store(Store::Postgres(store), wakers))
             }
         }
-        let identity = file_identity(&path).map_err(|source| QueueError::Dir {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Queue {
-            path,
-            identity,
-            conn: Arc::new(Mutex::new(conn)),
-            wakers: DashMap::new(),
+    }
+
+    fn with_store(store: Store, wakers: Wakers) -> Queue {
+        Queue {
+            store,
+            wakers,
             outcome_unrecorded: Default::default(),
-        })
+        }
     }
 
-    /// Fails when the database file at the path is not the one regtee opened.
-    fn check_file(&self) -> Result<(), QueueError> {
-        let what = match file_identity(&self.path) {
-            Ok(id) if id == self.identity => return Ok(()),
-            Ok(_) => "replaced",
-            Err(_) => "deleted",
-        };
-        Err(QueueError::FileGone {
-            path: self.path.clone(),
-            what,
-        })
+    /// The SQLite store, for tests that reach into the file.
+    #[cfg(test)]
+    fn sqlite(&self) -> &sqlite::SqliteQueue {
+        match &self.store {
+            Store::Sqlite(q) => q,
+            Store::Postgres(_) => panic!("not a SQLite queue"),
+        }
     }
 
-    /// Proves the queue can take a job now: the file is the one opened, and a write transaction
-    /// commits (a full disk or a damaged file fails it; a `SELECT` would not notice).
+    /// This process's id among the replicas sharing a PostgreSQL queue.
+    pub fn replica(&self) -> Option<&str> {
+        match &self.store {
+            Store::Sqlite(_) => None,
+            Store::Postgres(q) => Some(q.replica()),
+        }
+    }
+
+    /// Proves the queue can take a job now: a write transaction commits (a full disk, a
+    /// damaged or replaced file, a database that is away fail it; a `SELECT` would not notice).
     pub async fn health(&self) -> Result<(), QueueError> {
-        self.check_file()?;
-        let now = now_ms();
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO health (id, checked_at) VALUES (1, ?1) \
-                 ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
-                params![now],
-            )
-            .map(|_| ())
-        })
-        .await
+        on_store!(self, q => q.health().await)
     }
 
     /// Whether an attempt's outcome is waiting to be recorded (the database refused it).
@@ -239,46 +192,19 @@ impl Queue {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Puts jobs a dead process left `running` back to `pending`. Call once the state lock is held.
+    /// Puts jobs a dead process left `running` back to `pending`. SQLite: every running job
+    /// (call once the state lock is held). PostgreSQL: those whose lease ran out; the others
+    /// belong to live replicas.
     pub async fn recover_interrupted(&self) -> Result<usize, QueueError> {
-        let now = now_ms();
-        self.with(move |c| {
-            c.execute(
-                "UPDATE jobs SET state = 'pending', next_attempt_at = ?1, updated_at = ?1 \
-                 WHERE state = 'running'",
-                params![now],
-            )
-        })
-        .await
-    }
-
-    /// Runs `f` on a blocking thread with the connection.
-    async fn with<T, F>(&self, f: F) -> Result<T, QueueError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
-    {
-        let conn = self.conn.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&mut guard).map_err(|source| QueueError::Sqlite { path, source })
-        })
-        .await?
+        match &self.store {
+            Store::Sqlite(q) => q.recover_interrupted().await,
+            Store::Postgres(q) => Ok(q.tend_leases().await?.len()),
+        }
     }
 
     /// The notifier workers of `target` wait on.
     pub fn waker(&self, target: &str) -> Arc<Notify> {
-        self.wakers
-            .entry(target.to_string())
-            .or_insert_with(|| Arc::new(Notify::new()))
-            .clone()
-    }
-
-    fn wake(&self, target: &str) {
-        let waker = self.waker(target);
-        waker.notify_waiters();
-        waker.notify_one();
+        self.wakers.get(target)
     }
 
     /// Adds jobs in one transaction. A job identical to a pending one is merged into it; one
@@ -286,98 +212,23 @@ impl Queue {
     /// finished job re-arms that job. Returns how many were armed.
     ///
     /// Once called, the jobs are committed even if the caller's future is dropped (a client
-    /// hanging up mid-push): the work runs to completion on a blocking thread, workers included.
+    /// hanging up mid-push): the work runs to completion on a task of its own, workers woken.
     pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
         if jobs.is_empty() {
             return Ok(0);
         }
-        self.check_file()?;
         let wakers: Vec<Arc<Notify>> = jobs.iter().map(|j| self.waker(&j.target)).collect();
-        let now = now_ms();
-        self.with(move |c| {
-            let tx = c.transaction()?;
-            let mut armed = 0;
-            {
-                // A job running now may already have read what this write replaced: it runs
-                // again when it ends.
-                let mut rearm = tx.prepare_cached(
-                    "UPDATE jobs SET rearm = 1 WHERE target = ?1 AND kind = ?2 AND repository = ?3 \
-                     AND tag = ?4 AND digest = ?5 AND state = 'running'",
-                )?;
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
-                                       state, created_at, updated_at, next_attempt_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8, ?8) \
-                     ON CONFLICT (target, kind, repository, tag, digest) DO UPDATE SET \
-                         state = 'pending', attempts = 0, origin = excluded.origin, \
-                         mount_from = excluded.mount_from, created_at = excluded.created_at, \
-                         updated_at = excluded.updated_at, next_attempt_at = excluded.next_attempt_at, \
-                         started_at = NULL, finished_at = NULL, detail = '', error_class = '', \
-                         rearm = 0 \
-                     WHERE jobs.state NOT IN ('pending', 'running')",
-                )?;
-                for job in &jobs {
-                    armed += rearm.execute(params![
-                        job.target,
-                        job.kind.as_str(),
-                        job.repository.as_str(),
-                        job.tag.as_ref().map_or("", Tag::as_str),
-                        job.digest.as_ref().map_or("", Digest::as_str),
-                    ])?;
-                    armed += insert.execute(params![
-                        job.target,
-                        job.kind.as_str(),
-                        job.repository.as_str(),
-                        job.tag.as_ref().map_or("", Tag::as_str),
-                        job.digest.as_ref().map_or("", Digest::as_str),
-                        job.mount_from.as_ref().map_or("", RepositoryName::as_str),
-                        job.origin.as_str(),
-                        now,
-                    ])?;
-                }
-            }
-            tx.commit()?;
-            for waker in &wakers {
-                waker.notify_waiters();
-                waker.notify_one();
-            }
-            Ok(armed)
-        })
-        .await
+        on_store!(self, q => q.enqueue(jobs, wakers).await)
     }
 
     /// Takes the next due job of `target`, marking it running.
     pub async fn claim(&self, target: &str) -> Result<Option<Job>, QueueError> {
-        let target = target.to_string();
-        let now = now_ms();
-        self.with(move |c| {
-            c.query_row(
-                &format!(
-                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
-                         updated_at = ?2, started_at = ?2 \
-                     WHERE id = (SELECT id FROM jobs WHERE target = ?1 AND state = 'pending' \
-                                 AND next_attempt_at <= ?2 ORDER BY next_attempt_at, id LIMIT 1) \
-                     RETURNING {JOB_COLUMNS}"
-                ),
-                params![target, now],
-                job_from_row,
-            )
-            .optional()
-        })
-        .await
+        on_store!(self, q => q.claim(target).await)
     }
 
     /// When the next pending job of `target` becomes due (ms), if any is pending.
     pub async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
-        let target = target.to_string();
-        self.with(move |c| {
-            c.query_row(
-                "SELECT MIN(next_attempt_at) FROM jobs WHERE target = ?1 AND state = 'pending'",
-                params![target],
-                |r| r.get(0),
-            )
-        })
-        .await
+        on_store!(self, q => q.next_due(target).await)
     }
 
     /// Records how an attempt ended.
@@ -385,70 +236,8 @@ impl Queue {
     /// A job re-armed while it ran (the same write arrived again) goes back to pending at once.
     /// While the database refuses outcomes, [`Queue::outcome_unrecorded`] says so.
     pub async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
-        let now = now_ms();
         let outcome = outcome.scrubbed();
-        let result = self
-            .with(move |c| {
-                let tx = c.transaction()?;
-                let started: i64 = tx
-                    .query_row(
-                        "SELECT COALESCE(started_at, updated_at) FROM jobs WHERE id = ?1",
-                        params![id],
-                        |r| r.get(0),
-                    )
-                    .optional()?
-                    .unwrap_or(now);
-                let (result, detail) = match &outcome {
-                    Outcome::Done {
-                        target_digest,
-                        note,
-                    } => {
-                        tx.execute(
-                            "UPDATE jobs SET state = 'done', finished_at = ?2, updated_at = ?2, \
-                         detail = ?3, error_class = '', target_digest = ?4 WHERE id = ?1",
-                            params![id, now, note, target_digest.as_deref().unwrap_or("")],
-                        )?;
-                        (AttemptResult::Done, note.clone())
-                    }
-                    Outcome::Skipped { reason } => {
-                        tx.execute(
-                            "UPDATE jobs SET state = 'skipped', finished_at = ?2, updated_at = ?2, \
-                         detail = ?3, error_class = '' WHERE id = ?1",
-                            params![id, now, reason],
-                        )?;
-                        (AttemptResult::Skipped, reason.clone())
-                    }
-                    Outcome::Failed { reason, class } => {
-                        tx.execute(
-                            "UPDATE jobs SET state = 'failed', finished_at = ?2, updated_at = ?2, \
-                         detail = ?3, error_class = ?4 WHERE id = ?1",
-                            params![id, now, reason, class.as_str()],
-                        )?;
-                        (AttemptResult::Failed, reason.clone())
-                    }
-                    Outcome::RetryAt { at, error, class } => {
-                        tx.execute(
-                        "UPDATE jobs SET state = 'pending', next_attempt_at = ?2, updated_at = ?3, \
-                         detail = ?4, error_class = ?5 WHERE id = ?1",
-                        params![id, at, now, error, class.as_str()],
-                    )?;
-                        (AttemptResult::Retry, error.clone())
-                    }
-                };
-                tx.execute(
-                    "INSERT INTO attempts (job_id, started_at, finished_at, result, detail) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![id, started, now, result.as_str(), detail],
-                )?;
-                tx.execute(
-                "UPDATE jobs SET state = 'pending', rearm = 0, attempts = 0, next_attempt_at = ?2, \
-                     started_at = NULL, finished_at = NULL \
-                 WHERE id = ?1 AND rearm = 1",
-                params![id, now],
-            )?;
-                tx.commit()
-            })
-            .await;
+        let result = on_store!(self, q => q.finish(id, outcome).await);
         self.outcome_unrecorded
             .store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
         result
@@ -456,111 +245,35 @@ impl Queue {
 
     /// One job.
     pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
-        self.with(move |c| {
-            c.query_row(
-                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
-                params![id],
-                job_from_row,
-            )
-            .optional()
-        })
-        .await
+        on_store!(self, q => q.get(id).await)
     }
 
     /// A job's attempts, oldest first.
     pub async fn attempts(&self, id: i64) -> Result<Vec<Attempt>, QueueError> {
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT started_at, finished_at, result, detail FROM attempts \
-                 WHERE job_id = ?1 ORDER BY rowid",
-            )?;
-            stmt.query_map(params![id], |r| {
-                Ok(Attempt {
-                    started_at: r.get(0)?,
-                    finished_at: r.get(1)?,
-                    result: AttemptResult::parse(&r.get::<_, String>(2)?),
-                    detail: r.get(3)?,
-                })
-            })?
-            .collect()
-        })
-        .await
+        on_store!(self, q => q.attempts(id).await)
     }
 
     /// Jobs matching `filter`, newest first.
     pub async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
-        self.with(move |c| {
-            let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1");
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(state) = filter.state {
-                sql.push_str(" AND state = ?");
-                args.push(state.as_str().to_string().into());
-            }
-            if let Some(target) = filter.target {
-                sql.push_str(" AND target = ?");
-                args.push(target.into());
-            }
-            if let Some(repository) = filter.repository {
-                sql.push_str(" AND repository = ?");
-                args.push(repository.into());
-            }
-            if let Some(project) = filter.project {
-                sql.push_str(" AND substr(repository, 1, length(?) + 1) = ? || '/'");
-                args.push(project.clone().into());
-                args.push(project.into());
-            }
-            if let Some(before) = filter.before_id {
-                sql.push_str(" AND id < ?");
-                args.push(before.into());
-            }
-            sql.push_str(" ORDER BY id DESC LIMIT ?");
-            args.push(i64::from(filter.limit.clamp(1, 1000)).into());
-            let mut stmt = c.prepare(&sql)?;
-            stmt.query_map(rusqlite::params_from_iter(args), job_from_row)?
-                .collect()
-        })
-        .await
+        on_store!(self, q => q.list(filter).await)
     }
 
-    /// Re-arms one finished (failed or skipped) job. Returns whether it was re-armed.
+    /// Re-arms one finished (failed, skipped or done) job. Returns whether it was re-armed.
     pub async fn retry(&self, id: i64) -> Result<bool, QueueError> {
-        let now = now_ms();
         let target = self.get(id).await?.map(|j| j.target);
-        let changed = self
-            .with(move |c| {
-                c.execute(
-                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?2, \
-                         updated_at = ?2, finished_at = NULL \
-                     WHERE id = ?1 AND state IN ('failed', 'skipped', 'done')",
-                    params![id, now],
-                )
-            })
-            .await?;
+        let changed = on_store!(self, q => q.retry(id).await)?;
         if let Some(t) = target {
-            self.wake(&t);
+            self.wakers.wake(&t);
         }
-        Ok(changed > 0)
+        Ok(changed)
     }
 
     /// Re-arms every failed job (of one target, if given). Returns how many.
     pub async fn retry_failed(&self, target: Option<String>) -> Result<usize, QueueError> {
-        let now = now_ms();
-        let t = target.clone();
-        let changed = self
-            .with(move |c| {
-                c.execute(
-                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1, \
-                         updated_at = ?1, finished_at = NULL \
-                     WHERE state = 'failed' AND (?2 IS NULL OR target = ?2)",
-                    params![now, t],
-                )
-            })
-            .await?;
-        let targets: Vec<String> = self.wakers.iter().map(|e| e.key().clone()).collect();
-        for t in targets {
-            if target.as_ref().is_none_or(|only| *only == t) {
-                self.wake(&t);
-            }
+        let changed = on_store!(self, q => q.retry_failed(target.clone()).await)?;
+        match &target {
+            Some(t) => self.wakers.wake(t),
+            None => self.wakers.wake_all(),
         }
         Ok(changed)
     }
@@ -568,69 +281,50 @@ impl Queue {
     /// Counts per target and state, with the oldest unfinished job's age. Every name in
     /// `configured` gets a row, so a target with no jobs yet still shows (and exports zeros).
     pub async fn counts(&self, configured: &[String]) -> Result<Vec<TargetCounts>, QueueError> {
-        let configured = configured.to_vec();
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT target, state, COUNT(*), \
-                        MIN(CASE WHEN state IN ('pending', 'running') THEN created_at END) \
-                 FROM jobs GROUP BY target, state ORDER BY target",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?.max(0) as u64,
-                    r.get::<_, Option<i64>>(3)?,
-                ))
-            })?;
-            let mut out: Vec<TargetCounts> = Vec::new();
-            for row in rows {
-                let (target, state, n, oldest) = row?;
-                if out.last().is_none_or(|c| c.target != target) {
-                    out.push(TargetCounts {
-                        target: target.clone(),
-                        ..Default::default()
-                    });
-                }
-                let entry = out.last_mut().expect("just pushed");
-                match JobState::parse(&state) {
-                    Some(JobState::Pending) => entry.pending = n,
-                    Some(JobState::Running) => entry.running = n,
-                    Some(JobState::Done) => entry.done = n,
-                    Some(JobState::Skipped) => entry.skipped = n,
-                    Some(JobState::Failed) => entry.failed = n,
-                    None => {}
-                }
-                if let Some(o) = oldest {
-                    entry.oldest_pending_at =
-                        Some(entry.oldest_pending_at.map_or(o, |prev| prev.min(o)));
-                }
-            }
-            for name in configured {
-                if !out.iter().any(|c| c.target == name) {
-                    out.push(TargetCounts {
-                        target: name,
-                        ..Default::default()
-                    });
-                }
-            }
-            Ok(out)
-        })
-        .await
+        on_store!(self, q => q.counts(configured).await)
     }
 
     /// Deletes done and skipped jobs that finished before `older_than` ago. Failed jobs stay
     /// until someone retries them: they are work nobody has done yet.
     pub async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
-        let cutoff = now_ms() - older_than.as_millis() as i64;
-        self.with(move |c| {
-            c.execute(
-                "DELETE FROM jobs WHERE state IN ('done', 'skipped') AND finished_at < ?1",
-                params![cutoff],
-            )
-        })
-        .await
+        on_store!(self, q => q.purge(older_than).await)
     }
+}
+
+/// PostgreSQL only: renews this replica's leases and takes back a dead replica's jobs, every
+/// third of a lease.
+pub fn spawn_lease_keeper(
+    tasks: &tokio_util::task::TaskTracker,
+    cancel: &tokio_util::sync::CancellationToken,
+    queue: Arc<Queue>,
+) {
+    let cancel = cancel.clone();
+    let Store::Postgres(q) = &queue.store else {
+        return;
+    };
+    let period = q.lease() / 3;
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+            let Store::Postgres(q) = &queue.store else {
+                return;
+            };
+            match q.tend_leases().await {
+                Ok(resumed) => {
+                    for target in &resumed {
+                        queue.wakers.wake(target);
+                    }
+                    if !resumed.is_empty() {
+                        tracing::info!(jobs = resumed.len(), "took over jobs whose replica stopped renewing their lease");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not renew job leases; if this lasts a lease period, other replicas will redo this replica's running jobs"),
+            }
+        }
+    });
 }
 
 /// Purges finished jobs older than `retention` once an hour (and shortly after start).

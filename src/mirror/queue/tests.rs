@@ -1,5 +1,7 @@
 //! The queue against a real SQLite file.
 use super::*;
+use crate::oci::digest::Digest;
+use rusqlite::params;
 
 fn digest(n: &str) -> Digest {
     Digest::sha256_of(n.as_bytes())
@@ -171,14 +173,15 @@ async fn purge_deletes_old_finished_jobs_and_keeps_failed_ones() {
     // The first two finished long ago; the third just now.
     let long_ago = now_ms() - 40 * 86_400_000;
     let (old, broken) = (ids[0], ids[1]);
-    q.with(move |c| {
-        c.execute(
-            "UPDATE jobs SET finished_at = ?1 WHERE id IN (?2, ?3)",
-            params![long_ago, old, broken],
-        )
-    })
-    .await
-    .unwrap();
+    q.sqlite()
+        .with(move |c| {
+            c.execute(
+                "UPDATE jobs SET finished_at = ?1 WHERE id IN (?2, ?3)",
+                params![long_ago, old, broken],
+            )
+        })
+        .await
+        .unwrap();
     assert_eq!(q.purge(Duration::from_secs(30 * 86_400)).await.unwrap(), 1);
     assert!(
         q.get(ids[0]).await.unwrap().is_none(),
@@ -194,4 +197,185 @@ async fn purge_deletes_old_finished_jobs_and_keeps_failed_ones() {
         q.attempts(ids[0]).await.unwrap().is_empty(),
         "its attempts go with it"
     );
+}
+
+/// The same queue on a real PostgreSQL server, shared by the tests of this binary (one database
+/// each), as several replicas use it.
+mod on_postgres {
+    use super::*;
+    use crate::config::Config;
+    use crate::local_postgres::LocalPostgres;
+
+    fn server() -> &'static LocalPostgres {
+        static SERVER: std::sync::OnceLock<LocalPostgres> = std::sync::OnceLock::new();
+        SERVER.get_or_init(|| LocalPostgres::start().expect("PostgreSQL starts"))
+    }
+
+    /// A config whose queue is a new database `name`, with `extra` lines under `[state]`.
+    fn state(name: &str, extra: &str) -> StateConfig {
+        let pg = server();
+        let url = pg.create_database(name).unwrap();
+        let text = format!(
+            "[proxy]\nlisten = \"127.0.0.1:1\"\n[upstream]\nurl = \"https://h\"\n[state]\ndir = \"/nonexistent\"\ndatabase = \"{url}\"\ndatabase_password_env = \"DB_PASSWORD\"\n{extra}"
+        );
+        let password = pg.password().to_string();
+        let env = move |k: &str| (k == "DB_PASSWORD").then(|| password.clone());
+        Config::parse(&text, std::path::Path::new("/r.toml"), &env)
+            .unwrap()
+            .state
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn dedups_rearms_and_keeps_attempts_like_sqlite() {
+        let q = Queue::open_state(&state("dedups", "")).await.unwrap();
+        q.health().await.unwrap();
+        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
+        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 0);
+        let claimed = q.claim("a").await.unwrap().unwrap();
+        assert_eq!((claimed.state, claimed.attempts), (JobState::Running, 1));
+        assert!(q.claim("a").await.unwrap().is_none());
+        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
+        let done = || Outcome::Done {
+            target_digest: Some(digest("d1").to_string()),
+            note: String::new(),
+        };
+        q.finish(claimed.id, done()).await.unwrap();
+        let rearmed = q.get(claimed.id).await.unwrap().unwrap();
+        assert_eq!((rearmed.state, rearmed.attempts), (JobState::Pending, 0));
+        let claimed = q.claim("a").await.unwrap().unwrap();
+        q.finish(claimed.id, done()).await.unwrap();
+        let attempts = q.attempts(claimed.id).await.unwrap();
+        assert_eq!(attempts.len(), 2);
+        assert!(attempts.iter().all(|a| a.result == AttemptResult::Done));
+        let counts = q.counts(&["a".into(), "b".into()]).await.unwrap();
+        assert_eq!((counts[0].target.as_str(), counts[0].done), ("a", 1));
+        assert_eq!((counts[1].target.as_str(), counts[1].pending), ("b", 0));
+        let listed = q
+            .list(JobFilter {
+                project: Some("library".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn replicas_never_claim_the_same_job() {
+        let config = state("claims", "");
+        let a = Arc::new(Queue::open_state(&config).await.unwrap());
+        let b = Arc::new(Queue::open_state(&config).await.unwrap());
+        let jobs: Vec<NewJob> = (0..200).map(|i| job("t", &format!("v{i}"), "d")).collect();
+        assert_eq!(a.enqueue(jobs).await.unwrap(), 200);
+        let claim_all = |q: Arc<Queue>| async move {
+            let mut ids = Vec::new();
+            while let Some(job) = q.claim("t").await.unwrap() {
+                ids.push(job.id);
+            }
+            ids
+        };
+        let (from_a, from_b) = tokio::join!(
+            tokio::spawn(claim_all(a.clone())),
+            tokio::spawn(claim_all(b.clone()))
+        );
+        let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
+        assert!(
+            !from_a.is_empty() && !from_b.is_empty(),
+            "both replicas took work"
+        );
+        let mut all: Vec<i64> = from_a.iter().chain(&from_b).copied().collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 200, "every job claimed exactly once");
+        assert_eq!(from_a.len() + from_b.len(), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_dead_replicas_job_is_taken_over_once_its_lease_runs_out() {
+        let config = state("leases", "lease = \"1s\"\n");
+        let dead = Queue::open_state(&config).await.unwrap();
+        let alive = Queue::open_state(&config).await.unwrap();
+        dead.enqueue(vec![job("t", "v1", "d")]).await.unwrap();
+        let taken = dead.claim("t").await.unwrap().unwrap();
+        // `dead` renews nothing from here on. Within a lease, the job stays its own.
+        assert_eq!(alive.recover_interrupted().await.unwrap(), 0);
+        assert!(alive.claim("t").await.unwrap().is_none());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let resumed = loop {
+            if alive.recover_interrupted().await.unwrap() == 1 {
+                break alive.claim("t").await.unwrap().unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "lease never ran out");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!((resumed.id, resumed.attempts), (taken.id, 2));
+        // The dead replica's late outcome is history, not state: the job is the other's now.
+        dead.finish(
+            taken.id,
+            Outcome::Failed {
+                reason: "late".into(),
+                class: ErrorClass::Unreachable,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            alive.get(taken.id).await.unwrap().unwrap().state,
+            JobState::Running
+        );
+        alive
+            .finish(
+                taken.id,
+                Outcome::Done {
+                    target_digest: None,
+                    note: String::new(),
+                },
+            )
+            .await
+            .unwrap();
+        let results: Vec<AttemptResult> = alive
+            .attempts(taken.id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|a| a.result)
+            .collect();
+        assert_eq!(results, vec![AttemptResult::Failed, AttemptResult::Done]);
+        assert_eq!(
+            alive.get(taken.id).await.unwrap().unwrap().state,
+            JobState::Done
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_job_recorded_on_one_replica_wakes_the_others_workers() {
+        let config = state("notify", "");
+        let recorder = Queue::open_state(&config).await.unwrap();
+        let worker = Queue::open_state(&config).await.unwrap();
+        let waker = worker.waker("t");
+        // Wait until the worker's replica listens, then drain the wake-up it gives on connecting.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while server()
+            .psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'notify' AND query LIKE 'LISTEN%'",
+            )
+            .unwrap()
+            .trim()
+            == "0"
+        {
+            assert!(std::time::Instant::now() < deadline, "never listened");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while tokio::time::timeout(Duration::from_millis(300), waker.notified())
+            .await
+            .is_ok()
+        {}
+        recorder.enqueue(vec![job("t", "v1", "d")]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waker.notified())
+            .await
+            .expect("the other replica's worker was woken");
+        assert!(worker.claim("t").await.unwrap().is_some());
+    }
 }

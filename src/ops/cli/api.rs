@@ -139,7 +139,14 @@ pub(super) enum Backend {
     Local(Arc<Queue>),
 }
 
-pub(super) fn backend(config: &Config) -> Result<Backend, CliError> {
+/// A PostgreSQL queue is read and written directly (replicas share it safely); a SQLite queue
+/// directly only while no server holds its directory, else through that server's admin API.
+pub(super) async fn backend(config: &Config) -> Result<Backend, CliError> {
+    if config.state.database.is_some() {
+        return Ok(Backend::Local(Arc::new(
+            Queue::open_state(&config.state).await?,
+        )));
+    }
     if StateLock::is_held(&config.state.dir) {
         let admin = config
             .admin

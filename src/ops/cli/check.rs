@@ -72,6 +72,28 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
         ),
         hint: None,
     }];
+    if let Some(database) = &config.state.database {
+        let what = format!("queue database {}", database.shown);
+        let opened = crate::mirror::queue::Queue::open_state(&config.state).await;
+        let healthy = match opened {
+            Ok(queue) => queue.health().await,
+            Err(e) => Err(e),
+        };
+        lines.push(match healthy {
+            Ok(()) => CheckLine {
+                ok: true,
+                what,
+                detail: "connected; a write transaction commits".into(),
+                hint: None,
+            },
+            Err(e) => CheckLine {
+                ok: false,
+                what,
+                detail: e.to_string(),
+                hint: Some("check [state] database (host, port, database, user), the password in database_password_env / _file or PGPASSWORD, and that the role may create tables in that database".into()),
+            },
+        });
+    }
     let upstream = RegistryClient::new(&config.upstream.endpoint)?;
     let up = &config.upstream.endpoint;
     match ping(&upstream).await {

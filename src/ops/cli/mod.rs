@@ -66,7 +66,7 @@ fn job_subject(job: &Job) -> String {
 
 /// `regtee status`.
 pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
-    let status = match backend(config)? {
+    let status = match backend(config).await? {
         Backend::Api(api) => {
             api.call::<Status>(Method::GET, "/api/v1/status", None)
                 .await?
@@ -120,7 +120,7 @@ pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
 
 /// `regtee jobs`.
 pub async fn jobs(config: &Config, filter: JobFilter, as_json: bool) -> Result<i32, CliError> {
-    let page = match backend(config)? {
+    let page = match backend(config).await? {
         Backend::Api(api) => {
             let mut q = url::form_urlencoded::Serializer::new(String::new());
             if let Some(s) = filter.state {
@@ -178,7 +178,7 @@ pub async fn retry(
     id: Option<i64>,
     target: Option<String>,
 ) -> Result<i32, CliError> {
-    let retried: u64 = match (backend(config)?, id) {
+    let retried: u64 = match (backend(config).await?, id) {
         (Backend::Api(api), Some(id)) => {
             let v: serde_json::Value = api
                 .call(Method::POST, &format!("/api/v1/jobs/{id}/retry"), None)
@@ -271,7 +271,7 @@ pub async fn sync(
         )));
     }
     let bar = progress_bar();
-    let result = match backend(config)? {
+    let result = match backend(config).await? {
         Backend::Api(api) => {
             let body = serde_json::to_vec(&BackfillBody {
                 project: project.to_string(),

@@ -1,0 +1,677 @@
+//! The queue in PostgreSQL, shared by every replica.
+//!
+//! The same rules as the SQLite queue, made safe for several processes:
+//! - a job is committed (`synchronous_commit = on`) before the client's 201;
+//! - a claim takes the next due row with `FOR UPDATE SKIP LOCKED`, so two replicas never take
+//!   the same job, and stamps it with this replica's id and a lease;
+//! - every replica renews the leases of the jobs it runs, and puts back to `pending` any running
+//!   job whose lease ran out (its replica died): the work resumes within one lease period;
+//! - an outcome is recorded only by the replica that still holds the lease;
+//! - an enqueue sends `NOTIFY regtee_jobs, '<target>'`, so idle workers on every replica wake.
+//!
+//! Deduplication across replicas is the unique index on a job's identity, as in SQLite.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::Notify;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::{
+    Attempt, AttemptResult, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob,
+    Outcome, QueueError, TargetCounts, Wakers, now_ms, sqlite::non_empty,
+};
+use crate::config::DatabaseConfig;
+use crate::oci::digest::Digest;
+use crate::oci::names::{RepositoryName, Tag};
+
+/// The channel enqueues notify on.
+const CHANNEL: &str = "regtee_jobs";
+/// Serialises schema creation when several replicas start at once.
+const SCHEMA_LOCK: i64 = 0x7265_6774_6565; // "regtee"
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    id              BIGSERIAL PRIMARY KEY,
+    target          TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    repository      TEXT NOT NULL,
+    tag             TEXT NOT NULL DEFAULT '',
+    digest          TEXT NOT NULL DEFAULT '',
+    mount_from      TEXT NOT NULL DEFAULT '',
+    origin          TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    created_at      BIGINT NOT NULL,
+    updated_at      BIGINT NOT NULL,
+    next_attempt_at BIGINT NOT NULL,
+    started_at      BIGINT,
+    finished_at     BIGINT,
+    detail          TEXT NOT NULL DEFAULT '',
+    error_class     TEXT NOT NULL DEFAULT '',
+    target_digest   TEXT NOT NULL DEFAULT '',
+    rearm           INTEGER NOT NULL DEFAULT 0,
+    lease_owner     TEXT NOT NULL DEFAULT '',
+    lease_until     BIGINT NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_identity ON jobs(target, kind, repository, tag, digest);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs(target, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, finished_at);
+CREATE INDEX IF NOT EXISTS jobs_repository ON jobs(repository);
+CREATE INDEX IF NOT EXISTS jobs_leases ON jobs(state, lease_until);
+CREATE TABLE IF NOT EXISTS attempts (
+    id          BIGSERIAL PRIMARY KEY,
+    job_id      BIGINT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    started_at  BIGINT NOT NULL,
+    finished_at BIGINT NOT NULL,
+    result      TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    replica     TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job_id);
+CREATE TABLE IF NOT EXISTS health (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at BIGINT NOT NULL
+);
+"#;
+
+const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
+     attempts, created_at, updated_at, next_attempt_at, finished_at, detail, error_class, target_digest";
+
+fn job_from_row(row: &Row) -> Result<Job, tokio_postgres::Error> {
+    Ok(Job {
+        id: row.try_get(0)?,
+        target: row.try_get(1)?,
+        kind: JobKind::parse(row.try_get(2)?),
+        repository: row.try_get(3)?,
+        tag: non_empty(row.try_get(4)?),
+        digest: non_empty(row.try_get(5)?),
+        mount_from: non_empty(row.try_get(6)?),
+        origin: JobOrigin::parse(row.try_get(7)?),
+        state: JobState::parse(row.try_get(8)?).unwrap_or(JobState::Failed),
+        attempts: row.try_get::<_, i32>(9)?.max(0) as u32,
+        created_at: row.try_get(10)?,
+        updated_at: row.try_get(11)?,
+        next_attempt_at: row.try_get(12)?,
+        finished_at: row.try_get(13)?,
+        detail: row.try_get(14)?,
+        error_class: ErrorClass::parse(row.try_get(15)?),
+        target_digest: non_empty(row.try_get(16)?),
+    })
+}
+
+/// The queue in a PostgreSQL database.
+pub(super) struct PgQueue {
+    pool: Pool,
+    /// This process, as written into leases and attempts.
+    replica: String,
+    shown: String,
+    lease: Duration,
+}
+
+impl PgQueue {
+    /// Connects, creates the schema if needed, and starts listening for other replicas' jobs.
+    pub(super) async fn connect(
+        config: &DatabaseConfig,
+        wakers: Wakers,
+    ) -> Result<PgQueue, QueueError> {
+        let mut connect = config.connect.clone();
+        // A job must be durable before the client hears of it, whatever the server's default.
+        connect.options("-c synchronous_commit=on");
+        connect.application_name("regtee");
+        connect.connect_timeout(Duration::from_secs(10));
+        let shown = config.shown.clone();
+        let pg = |source| QueueError::Postgres {
+            database: shown.clone(),
+            source,
+        };
+        let tls = tls_connector(config)?;
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(
+                connect.clone(),
+                tls.clone(),
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            ),
+            None => Manager::from_config(
+                connect.clone(),
+                tokio_postgres::NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            ),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| QueueError::PostgresPool {
+                database: shown.clone(),
+                message: e.to_string(),
+            })?;
+        let queue = PgQueue {
+            pool,
+            replica: replica_id(),
+            shown: shown.clone(),
+            lease: config.lease,
+        };
+        {
+            let mut client = queue.client().await?;
+            let tx = client.transaction().await.map_err(pg)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+                .await
+                .map_err(pg)?;
+            tx.batch_execute(SCHEMA).await.map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+        }
+        tokio::spawn(listen(connect, tls, wakers, shown));
+        Ok(queue)
+    }
+
+    /// How long a claim lasts without renewal.
+    pub(super) fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// This replica's id.
+    pub(super) fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    fn error(&self, source: tokio_postgres::Error) -> QueueError {
+        QueueError::Postgres {
+            database: self.shown.clone(),
+            source,
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(source) => QueueError::Postgres {
+                database: self.shown.clone(),
+                source,
+            },
+            other => QueueError::PostgresPool {
+                database: self.shown.clone(),
+                message: other.to_string(),
+            },
+        })
+    }
+
+    async fn execute(&self, sql: &str, args: &[&(dyn ToSql + Sync)]) -> Result<u64, QueueError> {
+        let client = self.client().await?;
+        client.execute(sql, args).await.map_err(|e| self.error(e))
+    }
+
+    async fn query(&self, sql: &str, args: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, QueueError> {
+        let client = self.client().await?;
+        client.query(sql, args).await.map_err(|e| self.error(e))
+    }
+
+    fn jobs(&self, rows: &[Row]) -> Result<Vec<Job>, QueueError> {
+        rows.iter()
+            .map(|r| job_from_row(r).map_err(|e| self.error(e)))
+            .collect()
+    }
+
+    pub(super) async fn health(&self) -> Result<(), QueueError> {
+        self.execute(
+            "INSERT INTO health (id, checked_at) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+            &[&now_ms()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Renews this replica's leases and returns jobs whose lease ran out to `pending`; returns
+    /// the targets of the jobs put back. Every replica runs it; it is idempotent.
+    pub(super) async fn tend_leases(&self) -> Result<Vec<String>, QueueError> {
+        let now = now_ms();
+        let until = now + self.lease.as_millis() as i64;
+        self.execute(
+            "UPDATE jobs SET lease_until = $2 WHERE state = 'running' AND lease_owner = $1",
+            &[&self.replica, &until],
+        )
+        .await?;
+        let rows = self
+            .query(
+                "UPDATE jobs SET state = 'pending', next_attempt_at = $1, updated_at = $1, \
+                     lease_owner = '' \
+                 WHERE state = 'running' AND lease_until < $1 RETURNING target",
+                &[&now],
+            )
+            .await?;
+        Ok(rows.iter().filter_map(|r| r.try_get(0).ok()).collect())
+    }
+
+    pub(super) async fn enqueue(
+        &self,
+        jobs: Vec<NewJob>,
+        wakers: Vec<Arc<Notify>>,
+    ) -> Result<usize, QueueError> {
+        let mut client = self.client().await?;
+        let now = now_ms();
+        let pg = |e| self.error(e);
+        let tx = client.transaction().await.map_err(pg)?;
+        let rearm = tx
+            .prepare_cached(
+                "UPDATE jobs SET rearm = 1 WHERE target = $1 AND kind = $2 AND repository = $3 \
+                 AND tag = $4 AND digest = $5 AND state = 'running'",
+            )
+            .await
+            .map_err(pg)?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
+                                   state, created_at, updated_at, next_attempt_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $8, $8) \
+                 ON CONFLICT (target, kind, repository, tag, digest) DO UPDATE SET \
+                     state = 'pending', attempts = 0, origin = excluded.origin, \
+                     mount_from = excluded.mount_from, created_at = excluded.created_at, \
+                     updated_at = excluded.updated_at, next_attempt_at = excluded.next_attempt_at, \
+                     started_at = NULL, finished_at = NULL, detail = '', error_class = '', \
+                     rearm = 0, lease_owner = '' \
+                 WHERE jobs.state NOT IN ('pending', 'running')",
+            )
+            .await
+            .map_err(pg)?;
+        let mut armed = 0;
+        let mut targets: Vec<&str> = Vec::new();
+        for job in &jobs {
+            let (kind, repository) = (job.kind.as_str(), job.repository.as_str());
+            let tag = job.tag.as_ref().map_or("", Tag::as_str);
+            let digest = job.digest.as_ref().map_or("", Digest::as_str);
+            let mount_from = job.mount_from.as_ref().map_or("", RepositoryName::as_str);
+            let origin = job.origin.as_str();
+            armed += tx
+                .execute(&rearm, &[&job.target, &kind, &repository, &tag, &digest])
+                .await
+                .map_err(pg)?;
+            armed += tx
+                .execute(
+                    &insert,
+                    &[
+                        &job.target,
+                        &kind,
+                        &repository,
+                        &tag,
+                        &digest,
+                        &mount_from,
+                        &origin,
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            if !targets.contains(&job.target.as_str()) {
+                targets.push(&job.target);
+            }
+        }
+        for target in targets {
+            // Delivered to every listening replica when the transaction commits.
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &target])
+                .await
+                .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)?;
+        for waker in &wakers {
+            waker.notify_waiters();
+            waker.notify_one();
+        }
+        Ok(armed as usize)
+    }
+
+    pub(super) async fn claim(&self, target: &str) -> Result<Option<Job>, QueueError> {
+        let now = now_ms();
+        let until = now + self.lease.as_millis() as i64;
+        let rows = self
+            .query(
+                &format!(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
+                         updated_at = $2, started_at = $2, lease_owner = $3, lease_until = $4 \
+                     WHERE id = (SELECT id FROM jobs WHERE target = $1 AND state = 'pending' \
+                                 AND next_attempt_at <= $2 ORDER BY next_attempt_at, id LIMIT 1 \
+                                 FOR UPDATE SKIP LOCKED) \
+                     RETURNING {JOB_COLUMNS}"
+                ),
+                &[&target, &now, &self.replica, &until],
+            )
+            .await?;
+        Ok(self.jobs(&rows)?.into_iter().next())
+    }
+
+    pub(super) async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
+        let rows = self
+            .query(
+                "SELECT MIN(next_attempt_at) FROM jobs WHERE target = $1 AND state = 'pending'",
+                &[&target],
+            )
+            .await?;
+        Ok(rows.first().and_then(|r| r.try_get(0).ok()).flatten())
+    }
+
+    /// Records how an attempt ended. The attempt is always kept in the history; the job's state
+    /// changes only while this replica still holds its lease (another may have taken it over).
+    pub(super) async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
+        let now = now_ms();
+        let mut client = self.client().await?;
+        let pg = |e| self.error(e);
+        let tx = client.transaction().await.map_err(pg)?;
+        let held = tx
+            .query_opt(
+                "SELECT COALESCE(started_at, updated_at), lease_owner = $2 AND state = 'running' \
+                 FROM jobs WHERE id = $1 FOR UPDATE",
+                &[&id, &self.replica],
+            )
+            .await
+            .map_err(pg)?;
+        let (started, ours): (i64, bool) = match &held {
+            Some(row) => (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?),
+            None => (now, false),
+        };
+        let (result, detail) = match &outcome {
+            Outcome::Done { note, .. } => (AttemptResult::Done, note.clone()),
+            Outcome::Skipped { reason } => (AttemptResult::Skipped, reason.clone()),
+            Outcome::Failed { reason, .. } => (AttemptResult::Failed, reason.clone()),
+            Outcome::RetryAt { error, .. } => (AttemptResult::Retry, error.clone()),
+        };
+        if ours {
+            match &outcome {
+                Outcome::Done {
+                    target_digest,
+                    note,
+                } => {
+                    let target_digest = target_digest.as_deref().unwrap_or("");
+                    tx.execute(
+                        "UPDATE jobs SET state = 'done', finished_at = $2, updated_at = $2, \
+                         detail = $3, error_class = '', target_digest = $4, lease_owner = '' \
+                         WHERE id = $1",
+                        &[&id, &now, note, &target_digest],
+                    )
+                    .await
+                }
+                Outcome::Skipped { reason } => {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'skipped', finished_at = $2, updated_at = $2, \
+                         detail = $3, error_class = '', lease_owner = '' WHERE id = $1",
+                        &[&id, &now, reason],
+                    )
+                    .await
+                }
+                Outcome::Failed { reason, class } => {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'failed', finished_at = $2, updated_at = $2, \
+                         detail = $3, error_class = $4, lease_owner = '' WHERE id = $1",
+                        &[&id, &now, reason, &class.as_str()],
+                    )
+                    .await
+                }
+                Outcome::RetryAt { at, error, class } => {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'pending', next_attempt_at = $2, updated_at = $3, \
+                         detail = $4, error_class = $5, lease_owner = '' WHERE id = $1",
+                        &[&id, at, &now, error, &class.as_str()],
+                    )
+                    .await
+                }
+            }
+            .map_err(pg)?;
+            tx.execute(
+                "UPDATE jobs SET state = 'pending', rearm = 0, attempts = 0, next_attempt_at = $2, \
+                     started_at = NULL, finished_at = NULL \
+                 WHERE id = $1 AND rearm = 1",
+                &[&id, &now],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        if held.is_some() {
+            tx.execute(
+                "INSERT INTO attempts (job_id, started_at, finished_at, result, detail, replica) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &id,
+                    &started,
+                    &now,
+                    &result.as_str(),
+                    &detail,
+                    &self.replica,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+
+    pub(super) async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
+        let rows = self
+            .query(
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
+                &[&id],
+            )
+            .await?;
+        Ok(self.jobs(&rows)?.into_iter().next())
+    }
+
+    pub(super) async fn attempts(&self, id: i64) -> Result<Vec<Attempt>, QueueError> {
+        let rows = self
+            .query(
+                "SELECT started_at, finished_at, result, detail FROM attempts \
+                 WHERE job_id = $1 ORDER BY id",
+                &[&id],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Attempt {
+                    started_at: r.try_get(0)?,
+                    finished_at: r.try_get(1)?,
+                    result: AttemptResult::parse(r.try_get(2)?),
+                    detail: r.try_get(3)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| self.error(e))
+    }
+
+    pub(super) async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
+        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1");
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut arg = |sql: &mut String, clause: &str, value: Box<dyn ToSql + Sync + Send>| {
+            args.push(value);
+            sql.push_str(&clause.replace('?', &format!("${}", args.len())));
+        };
+        if let Some(state) = filter.state {
+            arg(
+                &mut sql,
+                " AND state = ?",
+                Box::new(state.as_str().to_string()),
+            );
+        }
+        if let Some(target) = filter.target {
+            arg(&mut sql, " AND target = ?", Box::new(target));
+        }
+        if let Some(repository) = filter.repository {
+            arg(&mut sql, " AND repository = ?", Box::new(repository));
+        }
+        if let Some(project) = filter.project {
+            arg(
+                &mut sql,
+                " AND starts_with(repository, ?)",
+                Box::new(format!("{project}/")),
+            );
+        }
+        if let Some(before) = filter.before_id {
+            arg(&mut sql, " AND id < ?", Box::new(before));
+        }
+        arg(
+            &mut sql,
+            " ORDER BY id DESC LIMIT ?",
+            Box::new(i64::from(filter.limit.clamp(1, 1000))),
+        );
+        let refs: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = self.query(&sql, &refs).await?;
+        self.jobs(&rows)
+    }
+
+    pub(super) async fn retry(&self, id: i64) -> Result<bool, QueueError> {
+        let now = now_ms();
+        let changed = self
+            .execute(
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $2, \
+                     updated_at = $2, finished_at = NULL \
+                 WHERE id = $1 AND state IN ('failed', 'skipped', 'done')",
+                &[&id, &now],
+            )
+            .await?;
+        Ok(changed > 0)
+    }
+
+    pub(super) async fn retry_failed(&self, target: Option<String>) -> Result<usize, QueueError> {
+        let now = now_ms();
+        self.execute(
+            "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1, \
+                 updated_at = $1, finished_at = NULL \
+             WHERE state = 'failed' AND ($2::TEXT IS NULL OR target = $2)",
+            &[&now, &target],
+        )
+        .await
+        .map(|n| n as usize)
+    }
+
+    pub(super) async fn counts(
+        &self,
+        configured: &[String],
+    ) -> Result<Vec<TargetCounts>, QueueError> {
+        let rows = self
+            .query(
+                "SELECT target, state, COUNT(*), \
+                        MIN(CASE WHEN state IN ('pending', 'running') THEN created_at END) \
+                 FROM jobs GROUP BY target, state ORDER BY target",
+                &[],
+            )
+            .await?;
+        let mut counted = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let row: (String, String, i64, Option<i64>) = (|| {
+                Ok::<_, tokio_postgres::Error>((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                ))
+            })()
+            .map_err(|e| self.error(e))?;
+            counted.push((row.0, row.1, row.2.max(0) as u64, row.3));
+        }
+        Ok(TargetCounts::tally(counted, configured))
+    }
+
+    pub(super) async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
+        let cutoff = now_ms() - older_than.as_millis() as i64;
+        self.execute(
+            "DELETE FROM jobs WHERE state IN ('done', 'skipped') AND finished_at < $1",
+            &[&cutoff],
+        )
+        .await
+        .map(|n| n as usize)
+    }
+}
+
+/// This process among the replicas: host name, process id and start time.
+fn replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!("{host}-{}-{}", std::process::id(), now_ms())
+}
+
+/// TLS to the database, verifying its certificate (against `ca_file` or the system's roots).
+fn tls_connector(
+    config: &DatabaseConfig,
+) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, QueueError> {
+    if !config.tls {
+        return Ok(None);
+    }
+    let trust = crate::config::ClientTls {
+        ca_file: config.ca_file.clone(),
+        ..Default::default()
+    };
+    let mut tls = crate::tls::client_config(&trust).map_err(|e| QueueError::PostgresPool {
+        database: config.shown.clone(),
+        message: format!("TLS setup: {e}"),
+    })?;
+    // The HTTP clients' ALPN means nothing to PostgreSQL.
+    tls.alpn_protocols.clear();
+    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls)))
+}
+
+/// Listens for jobs recorded by any replica and wakes this one's workers for their target.
+/// Reconnects after a lost connection, waking every worker then (a notification may have been
+/// missed while away).
+async fn listen(
+    connect: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    wakers: Wakers,
+    shown: String,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result = match &tls {
+            Some(tls) => listen_once(&connect, tls.clone(), &wakers).await,
+            None => listen_once(&connect, tokio_postgres::NoTls, &wakers).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(database = %shown, error = %e, "lost the job notifications from other replicas; reconnecting (workers poll meanwhile)");
+        }
+        wakers.wake_all();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn listen_once<T>(
+    connect: &tokio_postgres::Config,
+    tls: T,
+    wakers: &Wakers,
+) -> Result<(), tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut connection) = connect.connect(tls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_string()).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    wakers.wake_all();
+    while let Some(target) = rx.recv().await {
+        wakers.wake(&target);
+    }
+    drop(client);
+    match driver.await {
+        Ok(result) => result,
+        Err(_) => Ok(()),
+    }
+}

@@ -1,0 +1,153 @@
+//! Several replicas on one PostgreSQL queue (a real server from Debian's `postgresql`), and the
+//! database going away under them.
+
+use std::time::Duration;
+
+use crate::support::layout::Layout;
+use crate::support::*;
+
+/// Two replicas in front of one Harbor, sharing a queue: a push through either is mirrored, and
+/// either answers for the whole queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_through_either_replica_are_mirrored_and_both_see_the_queue() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    let spec = |name: &str| {
+        ConfigSpec::new(&harbor, &work.path().join(name)).target(TargetSpec::cloud("tcr", &cloud))
+    };
+    let a_spec = spec("a").on_postgres(postgres(), "two_replicas");
+    let mut b_spec = spec("b");
+    b_spec.database = a_spec.database.clone();
+    let a = Regtee::start(&a_spec).await;
+    let b = Regtee::start(&b_spec).await;
+
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let first = layout.image(&[300_000, 50_000], "amd64");
+    layout.tag(&first, "first");
+    let second = layout.image(&[200_000], "arm64");
+    layout.tag(&second, "second");
+    push_layout_ok(&layout.dir, "first", &a.host(), "library/app:1", Tls::Off);
+    push_layout_ok(&layout.dir, "second", &b.host(), "library/app:2", Tls::Off);
+
+    let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
+    wait_for_manifest(&target, "library/app", "1", &first.digest).await;
+    wait_for_manifest(&target, "library/app", "2", &second.digest).await;
+    assert_blobs_equal(&target, "library/app", &layout, &first).await;
+    assert_blobs_equal(&target, "library/app", &layout, &second).await;
+
+    // Each replica lists the jobs the other recorded, and counts the same queue.
+    for r in [&a, &b] {
+        let tags = wait_until(
+            "both manifest jobs done",
+            Duration::from_secs(30),
+            || async {
+                let page = admin_get(r, "/api/v1/jobs?target=tcr&state=done").await;
+                let mut tags: Vec<String> = page["jobs"]
+                    .as_array()?
+                    .iter()
+                    .filter(|j| j["kind"] == "manifest")
+                    .filter_map(|j| j["tag"].as_str().map(str::to_string))
+                    .collect();
+                tags.sort();
+                (tags.len() == 2).then_some(tags)
+            },
+        )
+        .await;
+        assert_eq!(tags, vec!["1", "2"]);
+    }
+    let status = |r| async move { admin_get(r, "/api/v1/status").await["targets"].clone() };
+    assert_eq!(status(&a).await, status(&b).await);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The database restarted while clients push: a push whose job cannot be recorded gets a 503
+/// (and succeeds when retried), pulls never fail, nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn while_the_database_is_away_pushes_get_503_and_pulls_keep_flowing() {
+    let work = tempfile::tempdir().unwrap();
+    // A server of its own: this test stops it.
+    let database = regtee::local_postgres::LocalPostgres::start().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    let spec = ConfigSpec::new(&harbor, &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud))
+        .on_postgres(&database, "away");
+    let regtee = Regtee::start(&spec).await;
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let before = layout.image(&[150_000], "amd64");
+    layout.tag(&before, "before");
+    let during = layout.image(&[120_000], "arm64");
+    layout.tag(&during, "during");
+    push_layout_ok(
+        &layout.dir,
+        "before",
+        &regtee.host(),
+        "library/app:before",
+        Tls::Off,
+    );
+    let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
+    wait_for_manifest(&target, "library/app", "before", &before.digest).await;
+
+    database.stop().unwrap();
+    // Pulls go on: they need Harbor, not the queue.
+    let pulled = work.path().join("pulled");
+    pull_to_layout(
+        &regtee.host(),
+        "library/app:before",
+        &pulled,
+        (DEV_USER, DEV_PASSWORD),
+        Tls::Off,
+    );
+    // A push's blobs and manifest reach Harbor, but regtee cannot record them: 503, retry.
+    let refused = push_layout(
+        &layout.dir,
+        "during",
+        &regtee.host(),
+        "library/app:during",
+        Tls::Off,
+    );
+    assert!(
+        !refused.status.success(),
+        "the push must not be acknowledged"
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("503") || said.contains("could not record"),
+        "told why: {said}"
+    );
+    let ready = raw_http_client(None, false)
+        .request(
+            http::Request::get(regtee.admin_url("/readyz"))
+                .body(regtee::body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "not ready while the queue is away");
+
+    database.restart().unwrap();
+    database.wait_ready(Duration::from_secs(30)).unwrap();
+    // The client's retry, once the database is back, is acknowledged and mirrored.
+    wait_until(
+        "the retried push to succeed",
+        Duration::from_secs(30),
+        || async {
+            push_layout(
+                &layout.dir,
+                "during",
+                &regtee.host(),
+                "library/app:during",
+                Tls::Off,
+            )
+            .status
+            .success()
+            .then_some(())
+        },
+    )
+    .await;
+    wait_for_manifest(&target, "library/app", "during", &during.digest).await;
+    assert_blobs_equal(&target, "library/app", &layout, &during).await;
+    regtee.stop().await;
+}
