@@ -32,6 +32,11 @@ enum Command {
         #[arg(long)]
         exit: bool,
     },
+    /// The queue's database.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Development certificates for the HTTPS listener.
     Certs {
         #[command(subcommand)]
@@ -103,6 +108,17 @@ enum Command {
     },
     /// Validate the config and test Harbor and every target.
     Check,
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Copy the SQLite queue under [state] dir (all jobs, all states, their history) into
+    /// PostgreSQL, before running several replicas. The password comes from PGPASSWORD.
+    Migrate {
+        /// postgres://user@host:port/database (libpq's URL; PG* variables fill what it leaves out).
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -230,6 +246,14 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 })
                 .map_err(Into::into),
         ),
+        Command::State {
+            command: StateCommand::Migrate { to },
+        } => {
+            with_queue_config(&path, |c| async move {
+                regtee::cli::migrate_state(&c, &to).await
+            })
+            .await
+        }
         Command::Status { json } => {
             with_queue_config(
                 &path,

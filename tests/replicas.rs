@@ -151,3 +151,92 @@ async fn while_the_database_is_away_pushes_get_503_and_pulls_keep_flowing() {
     assert_blobs_equal(&target, "library/app", &layout, &during).await;
     regtee.stop().await;
 }
+
+/// One row per job, with its attempt history's length, comparable across both databases: what
+/// a migration must carry over (a running job arrives pending: no replica holds it).
+const JOB_ROWS: &str = "SELECT target || '|' || kind || '|' || repository || '|' || tag || '|' || \
+     digest || '|' || CASE state WHEN 'running' THEN 'pending' ELSE state END || '|' || \
+     attempts || '|' || detail || '|' || error_class || '|' || target_digest || '|' || \
+     (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id) FROM jobs j ORDER BY 1";
+
+fn migrate(config: &std::path::Path, spec: &ConfigSpec, url: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_regtee"))
+        .args(["state", "migrate", "--to", url, "--config"])
+        .arg(config)
+        .envs(spec.env())
+        .env("PGPASSWORD", postgres().password())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_migrate_copies_a_populated_queue_once_and_refuses_while_served() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    // A target nobody answers for: its jobs wait, retried, with attempts in their history.
+    let spec = ConfigSpec::new(&harbor, &work.path().join("state"))
+        .target(TargetSpec::cloud("tcr", &cloud))
+        .target(TargetSpec::at(
+            "gone",
+            &format!(
+                "http://127.0.0.1:{}",
+                regtee::local_registry::free_port().unwrap()
+            ),
+        ));
+    let config = spec.write(&work.path().join("regtee.toml"));
+    let regtee = Regtee::start(&spec).await;
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let image = layout.image(&[100_000, 20_000], "amd64");
+    layout.tag(&image, "x");
+    push_layout_ok(&layout.dir, "x", &regtee.host(), "library/app:1", Tls::Off);
+    let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
+    wait_for_manifest(&target, "library/app", "1", &image.digest).await;
+    wait_until(
+        "the gone target's jobs to have been tried",
+        Duration::from_secs(30),
+        || async {
+            let page = admin_get(&regtee, "/api/v1/jobs?target=gone").await;
+            let jobs = page["jobs"].as_array()?.clone();
+            (!jobs.is_empty() && jobs.iter().all(|j| j["attempts"].as_u64() >= Some(1)))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let url = postgres().create_database("migrated").unwrap();
+    let refused = migrate(&config, &spec, &url);
+    assert!(!refused.status.success());
+    assert_says(&refused, "stop it first");
+    regtee.stop().await;
+
+    let sqlite = rusqlite::Connection::open(work.path().join("state/jobs.db")).unwrap();
+    let rows = |sql: &str| -> Vec<String> {
+        let mut stmt = sqlite.prepare(sql).unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let before = rows(JOB_ROWS);
+    assert!(before.len() >= 4, "jobs on both targets: {before:?}");
+
+    let first = migrate(&config, &spec, &url);
+    assert!(first.status.success(), "{}", text(&first));
+    assert_says(&first, &format!("{} jobs in", before.len()));
+    assert_says(&first, "0 already there");
+    let in_postgres = || -> Vec<String> {
+        let out = postgres().psql("migrated", JOB_ROWS).unwrap();
+        out.lines().map(str::to_string).collect()
+    };
+    assert_eq!(
+        in_postgres(),
+        before,
+        "every job and its history, as it was"
+    );
+
+    let second = migrate(&config, &spec, &url);
+    assert!(second.status.success(), "{}", text(&second));
+    assert_says(&second, "0 copied into");
+    assert_eq!(in_postgres(), before, "a second run adds nothing");
+}

@@ -352,6 +352,28 @@ impl Config {
     }
 }
 
+impl DatabaseConfig {
+    /// A database named on the command line (`regtee state migrate --to URL`): the URL
+    /// completed from the `PG*` variables as `[state] database` is, the password from
+    /// `PGPASSWORD`.
+    pub fn from_url(url: &str, env: EnvLookup<'_>) -> Result<DatabaseConfig, ConfigError> {
+        let path = Path::new("--to");
+        let raw = raw::RawState {
+            database: Some(url.to_string()),
+            ..Default::default()
+        };
+        let validator = Validator {
+            path,
+            base: Path::new("."),
+            env,
+            secrets_required: true,
+        };
+        validator
+            .database(&raw)?
+            .ok_or_else(|| validator.invalid("database", "no database URL"))
+    }
+}
+
 fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),

@@ -33,7 +33,11 @@ struct SecretSource<'r> {
 }
 
 impl Validator<'_> {
-    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    pub(super) fn invalid(
+        &self,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
             key: key.into(),
@@ -354,7 +358,7 @@ impl Validator<'_> {
     /// as libpq would (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`, `PGSSLMODE`,
     /// `PGSSLROOTCERT`). A password in the URL is refused: it would end up wherever the URL is
     /// shown.
-    fn database(&self, raw: &RawState) -> Result<Option<DatabaseConfig>, ConfigError> {
+    pub(super) fn database(&self, raw: &RawState) -> Result<Option<DatabaseConfig>, ConfigError> {
         let key = "state.database";
         let Some(url) = raw.database.as_deref() else {
             if raw.database_password_env.is_some() || raw.database_password_file.is_some() {

@@ -291,6 +291,45 @@ impl Queue {
     }
 }
 
+/// A queue's whole content, for a migration: jobs (with when their attempt began) and attempts
+/// (with their job's id).
+pub(crate) struct Exported {
+    jobs: Vec<(Job, Option<i64>)>,
+    attempts: Vec<(i64, Attempt)>,
+}
+
+/// What a migration did.
+#[derive(Debug)]
+pub struct Migrated {
+    /// Jobs in the SQLite queue.
+    pub jobs: usize,
+    /// Of those, added to PostgreSQL (the rest were there already).
+    pub added: usize,
+    /// Attempts added with them.
+    pub attempts: usize,
+}
+
+impl Queue {
+    /// Copies this SQLite queue into a PostgreSQL one: every job in every state, with its
+    /// attempts. Jobs already there (by identity) are left alone, so it can run twice.
+    pub async fn migrate_into(&self, to: &Queue) -> Result<Migrated, QueueError> {
+        let (Store::Sqlite(from), Store::Postgres(into)) = (&self.store, &to.store) else {
+            return Err(QueueError::PostgresPool {
+                database: String::new(),
+                message: "a migration copies a SQLite queue into PostgreSQL".into(),
+            });
+        };
+        let exported = from.export().await?;
+        let jobs = exported.jobs.len();
+        let (added, attempts) = into.import(exported).await?;
+        Ok(Migrated {
+            jobs,
+            added,
+            attempts,
+        })
+    }
+}
+
 /// PostgreSQL only: renews this replica's leases and takes back a dead replica's jobs, every
 /// third of a lease.
 pub fn spawn_lease_keeper(

@@ -587,6 +587,88 @@ impl PgQueue {
     }
 }
 
+impl PgQueue {
+    /// Adds what another queue exported, in one transaction. A job whose identity is already
+    /// here is left as it is, with its history: running the migration again adds nothing. A
+    /// job that was running is pending here (no replica holds it). Returns the jobs and
+    /// attempts added.
+    pub(super) async fn import(&self, from: super::Exported) -> Result<(usize, usize), QueueError> {
+        let mut client = self.client().await?;
+        let pg = |e| self.error(e);
+        let tx = client.transaction().await.map_err(pg)?;
+        let insert = tx
+            .prepare(
+                "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin,                      state, attempts, created_at, updated_at, next_attempt_at, started_at,                      finished_at, detail, error_class, target_digest)                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)                  ON CONFLICT (target, kind, repository, tag, digest) DO NOTHING RETURNING id",
+            )
+            .await
+            .map_err(pg)?;
+        let attempt = tx
+            .prepare(
+                "INSERT INTO attempts (job_id, started_at, finished_at, result, detail, replica)                  VALUES ($1, $2, $3, $4, $5, 'migrated')",
+            )
+            .await
+            .map_err(pg)?;
+        let mut new_ids = std::collections::HashMap::new();
+        for (job, started_at) in &from.jobs {
+            let state = match job.state {
+                JobState::Running => JobState::Pending,
+                other => other,
+            };
+            let attempts = i32::try_from(job.attempts).unwrap_or(i32::MAX);
+            let error_class = job.error_class.map_or("", |c| c.as_str());
+            let empty = String::new();
+            let row = tx
+                .query_opt(
+                    &insert,
+                    &[
+                        &job.target,
+                        &job.kind.as_str(),
+                        &job.repository,
+                        job.tag.as_ref().unwrap_or(&empty),
+                        job.digest.as_ref().unwrap_or(&empty),
+                        job.mount_from.as_ref().unwrap_or(&empty),
+                        &job.origin.as_str(),
+                        &state.as_str(),
+                        &attempts,
+                        &job.created_at,
+                        &job.updated_at,
+                        &job.next_attempt_at,
+                        started_at,
+                        &job.finished_at,
+                        &job.detail,
+                        &error_class,
+                        job.target_digest.as_ref().unwrap_or(&empty),
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            if let Some(row) = row {
+                new_ids.insert(job.id, row.try_get::<_, i64>(0).map_err(pg)?);
+            }
+        }
+        let mut attempts = 0;
+        for (job_id, a) in &from.attempts {
+            if let Some(id) = new_ids.get(job_id) {
+                tx.execute(
+                    &attempt,
+                    &[
+                        id,
+                        &a.started_at,
+                        &a.finished_at,
+                        &a.result.as_str(),
+                        &a.detail,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+                attempts += 1;
+            }
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok((new_ids.len(), attempts))
+    }
+}
+
 /// This process among the replicas: host name, process id and start time.
 fn replica_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -513,4 +513,35 @@ impl SqliteQueue {
         })
         .await
     }
+
+    /// Every job (with when its attempt began) and every attempt (with its job's id), for a
+    /// migration to another database.
+    pub(super) async fn export(&self) -> Result<super::Exported, QueueError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {JOB_COLUMNS}, started_at FROM jobs ORDER BY id"
+            ))?;
+            let jobs = stmt
+                .query_map([], |r| Ok((job_from_row(r)?, r.get::<_, Option<i64>>(17)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt = c.prepare(
+                "SELECT job_id, started_at, finished_at, result, detail FROM attempts ORDER BY rowid",
+            )?;
+            let attempts = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        Attempt {
+                            started_at: r.get(1)?,
+                            finished_at: r.get(2)?,
+                            result: AttemptResult::parse(&r.get::<_, String>(3)?),
+                            detail: r.get(4)?,
+                        },
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(super::Exported { jobs, attempts })
+        })
+        .await
+    }
 }

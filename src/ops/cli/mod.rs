@@ -334,6 +334,42 @@ fn local_backfiller(config: &Config, queue: Arc<Queue>) -> Result<Backfiller, Cl
     })
 }
 
+/// `regtee state migrate --to URL`: copies the SQLite queue under `[state] dir` (every job in
+/// every state, with its attempts) into PostgreSQL. Refuses while a regtee serves on that
+/// directory, and holds its lock meanwhile so none starts; running it again adds nothing.
+pub async fn migrate_state(config: &Config, to: &str) -> Result<i32, CliError> {
+    let dir = &config.state.dir;
+    let _lock = crate::mirror::state_lock::StateLock::acquire(dir).map_err(|_| {
+        CliError::Refused(format!(
+            "a regtee is serving on {}: stop it first, so no push lands in SQLite after the copy",
+            dir.display()
+        ))
+    })?;
+    let database = crate::config::DatabaseConfig::from_url(to, &|k| std::env::var(k).ok())
+        .map_err(|e| CliError::Refused(e.to_string()))?;
+    let from = Queue::open(dir)?;
+    let into = Queue::open_state(&crate::config::StateConfig {
+        dir: dir.clone(),
+        retention: config.state.retention,
+        database: Some(database.clone()),
+    })
+    .await?;
+    let m = from.migrate_into(&into).await?;
+    println!(
+        "{} jobs in {}: {} copied into {} with {} attempts, {} already there",
+        m.jobs,
+        dir.join("jobs.db").display(),
+        m.added,
+        database.shown,
+        m.attempts,
+        m.jobs - m.added
+    );
+    println!(
+        "next: set [state] database = \"{to}\" (password in database_password_env or _file) and start the replicas"
+    );
+    Ok(0)
+}
+
 /// `regtee diff [PROJECT...]`: exit 0 when every mirrored tag matches, 1 when any differs,
 /// 2 when something could not be compared.
 pub async fn diff(config: &Config, projects: Vec<String>, as_json: bool) -> Result<i32, CliError> {
