@@ -56,8 +56,19 @@ async fn pushes_through_either_replica_are_mirrored_and_both_see_the_queue() {
         .await;
         assert_eq!(tags, vec!["1", "2"]);
     }
-    let status = |r| async move { admin_get(r, "/api/v1/status").await["targets"].clone() };
-    assert_eq!(status(&a).await, status(&b).await);
+    let status = |r| async move { admin_get(r, "/api/v1/status").await };
+    let (seen_by_a, seen_by_b) = (status(&a).await, status(&b).await);
+    assert_eq!(seen_by_a["targets"], seen_by_b["targets"]);
+    // The cluster, whichever replica answers: both replicas, each once, with their version.
+    assert_eq!(seen_by_a["replicas"], seen_by_b["replicas"]);
+    let replicas = seen_by_a["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    assert_ne!(replicas[0]["id"], replicas[1]["id"]);
+    assert!(
+        replicas
+            .iter()
+            .all(|r| r["version"] == env!("CARGO_PKG_VERSION"))
+    );
     a.stop().await;
     b.stop().await;
 }

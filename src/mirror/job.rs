@@ -411,6 +411,23 @@ pub struct JobFilter {
     pub limit: u32,
 }
 
+/// A replica sharing a PostgreSQL queue, as its heartbeats show it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replica {
+    /// Host name, process id and start time.
+    pub id: String,
+    /// Host it runs on.
+    pub host: String,
+    /// regtee's version.
+    pub version: String,
+    /// When it started (ms).
+    pub started_at: i64,
+    /// Its last heartbeat (ms); every third of a lease while it lives.
+    pub heartbeat_at: i64,
+    /// Jobs it is running now.
+    pub jobs_in_hand: u64,
+}
+
 /// Per-target counts for status displays and metrics.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TargetCounts {

@@ -67,6 +67,11 @@ pub struct Tee {
 }
 
 impl Tee {
+    /// The queue jobs go to.
+    pub fn queue(&self) -> &Arc<Queue> {
+        &self.queue
+    }
+
     /// A tee for these targets.
     pub fn new(queue: Arc<Queue>, targets: &[TargetConfig]) -> Tee {
         Tee {

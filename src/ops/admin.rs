@@ -38,6 +38,9 @@ pub struct Status {
     pub targets: Vec<TargetCounts>,
     /// The most recent failed jobs.
     pub recent_failures: Vec<Job>,
+    /// The replicas sharing a PostgreSQL queue (empty with SQLite).
+    #[serde(default)]
+    pub replicas: Vec<crate::mirror::queue::Replica>,
     /// When this was computed (ms).
     pub now: i64,
 }
@@ -54,6 +57,7 @@ impl Status {
                     ..Default::default()
                 })
                 .await?,
+            replicas: queue.replicas().await?,
             now: now_ms(),
         })
     }

@@ -438,28 +438,40 @@ impl Backfiller {
                         () = cancel.cancelled() => return,
                         () = tokio::time::sleep(interval) => {}
                     }
-                    let projects = match projects_for(&this.upstream, &target).await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            tracing::warn!(target = %target.endpoint.name, error = %e, "reconcile could not list projects; trying again next interval");
-                            continue;
-                        }
-                    };
-                    for project in projects {
-                        let request = BackfillRequest {
-                            project: project.clone(),
-                            target: Some(target.endpoint.name.clone()),
-                            dry_run: false,
-                            origin: JobOrigin::Reconcile,
-                        };
-                        let progress = Mutex::new(Progress::started(0, &request));
-                        tokio::select! {
-                            () = cancel.cancelled() => return,
-                            () = this.run(&request, &progress) => {}
+                    // With several replicas, one reconciles a target at a time.
+                    let name = format!("reconcile {}", target.endpoint.name);
+                    let round = this.tee.queue().alone(&name, this.reconcile(&target));
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        ran = round => if let Err(e) = ran {
+                            tracing::warn!(target = %target.endpoint.name, error = %e, "reconcile could not take its turn; trying again next interval");
                         }
                     }
                 }
             });
+        }
+    }
+}
+
+impl Backfiller {
+    /// One reconcile round of `target`: a backfill of each project it mirrors.
+    async fn reconcile(&self, target: &TargetConfig) {
+        let projects = match projects_for(&self.upstream, target).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(target = %target.endpoint.name, error = %e, "reconcile could not list projects; trying again next interval");
+                return;
+            }
+        };
+        for project in projects {
+            let request = BackfillRequest {
+                project: project.clone(),
+                target: Some(target.endpoint.name.clone()),
+                dry_run: false,
+                origin: JobOrigin::Reconcile,
+            };
+            let progress = Mutex::new(Progress::started(0, &request));
+            self.run(&request, &progress).await;
         }
     }
 }

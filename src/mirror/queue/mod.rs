@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 pub use super::job::{
     Attempt, AttemptResult, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob,
-    Outcome, TargetCounts,
+    Outcome, Replica, TargetCounts,
 };
 use crate::config::StateConfig;
 
@@ -177,6 +177,29 @@ impl Queue {
         match &self.store {
             Store::Sqlite(_) => None,
             Store::Postgres(q) => Some(q.replica()),
+        }
+    }
+
+    /// Runs `work` unless another replica sharing the queue is running work of that `name`
+    /// (a PostgreSQL advisory lock, held on a connection of its own that closes when the work
+    /// ends or is dropped, so a dead replica never keeps it). `None` when another one has it.
+    /// With SQLite there is one instance: the work always runs.
+    pub async fn alone<T>(
+        &self,
+        name: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<Option<T>, QueueError> {
+        match &self.store {
+            Store::Sqlite(_) => Ok(Some(work.await)),
+            Store::Postgres(q) => q.alone(name, work).await,
+        }
+    }
+
+    /// The replicas sharing this queue that sent a heartbeat lately (none for SQLite).
+    pub async fn replicas(&self) -> Result<Vec<Replica>, QueueError> {
+        match &self.store {
+            Store::Sqlite(_) => Ok(Vec::new()),
+            Store::Postgres(q) => q.replicas().await,
         }
     }
 
@@ -366,7 +389,8 @@ pub fn spawn_lease_keeper(
     });
 }
 
-/// Purges finished jobs older than `retention` once an hour (and shortly after start).
+/// Purges finished jobs older than `retention` once an hour (and shortly after start); with
+/// several replicas, one of them at a time.
 pub fn spawn_retention(
     tasks: &tokio_util::task::TaskTracker,
     cancel: &tokio_util::sync::CancellationToken,
@@ -382,12 +406,12 @@ pub fn spawn_retention(
                 () = tokio::time::sleep(wait) => {}
             }
             wait = Duration::from_secs(3600);
-            match queue.purge(retention).await {
-                Ok(0) => {}
-                Ok(n) => {
+            match queue.alone("retention", queue.purge(retention)).await {
+                Ok(None) | Ok(Some(Ok(0))) => {}
+                Ok(Some(Ok(n))) => {
                     tracing::info!(jobs = n, ?retention, "purged finished jobs past retention")
                 }
-                Err(e) => tracing::warn!(error = %e, "could not purge old jobs"),
+                Ok(Some(Err(e))) | Err(e) => tracing::warn!(error = %e, "could not purge old jobs"),
             }
         }
     });

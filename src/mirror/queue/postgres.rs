@@ -21,7 +21,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     Attempt, AttemptResult, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob,
-    Outcome, QueueError, TargetCounts, Wakers, now_ms, sqlite::non_empty,
+    Outcome, QueueError, Replica, TargetCounts, Wakers, now_ms, sqlite::non_empty,
 };
 use crate::config::DatabaseConfig;
 use crate::oci::digest::Digest;
@@ -71,6 +71,13 @@ CREATE TABLE IF NOT EXISTS attempts (
     replica     TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job_id);
+CREATE TABLE IF NOT EXISTS replicas (
+    id           TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    started_at   BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS health (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
     checked_at BIGINT NOT NULL
@@ -107,6 +114,8 @@ pub(super) struct PgQueue {
     pool: Pool,
     /// This process, as written into leases and attempts.
     replica: String,
+    host: String,
+    started_at: i64,
     shown: String,
     lease: Duration,
 }
@@ -156,6 +165,8 @@ impl PgQueue {
         let queue = PgQueue {
             pool,
             replica: replica_id(),
+            host: host_name(),
+            started_at: now_ms(),
             shown: shown.clone(),
             lease: config.lease,
         };
@@ -168,6 +179,7 @@ impl PgQueue {
             tx.batch_execute(SCHEMA).await.map_err(pg)?;
             tx.commit().await.map_err(pg)?;
         }
+        queue.heartbeat().await?;
         tokio::spawn(listen(connect, tls, wakers, shown));
         Ok(queue)
     }
@@ -228,9 +240,80 @@ impl PgQueue {
         .map(|_| ())
     }
 
+    /// See [`super::Queue::alone`].
+    pub(super) async fn alone<T>(
+        &self,
+        name: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<Option<T>, QueueError> {
+        // Out of the pool: when this connection closes, its session's locks go with it.
+        let client = deadpool_postgres::Object::take(self.client().await?);
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&name])
+            .await
+            .map_err(|e| self.error(e))?;
+        if !row.try_get::<_, bool>(0).map_err(|e| self.error(e))? {
+            return Ok(None);
+        }
+        let done = work.await;
+        drop(client);
+        Ok(Some(done))
+    }
+
+    /// Says this replica is alive; forgets replicas silent for a day.
+    async fn heartbeat(&self) -> Result<(), QueueError> {
+        let now = now_ms();
+        self.execute(
+            "INSERT INTO replicas (id, host, version, started_at, heartbeat_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            &[
+                &self.replica,
+                &self.host,
+                &env!("CARGO_PKG_VERSION"),
+                &self.started_at,
+                &now,
+            ],
+        )
+        .await?;
+        self.execute(
+            "DELETE FROM replicas WHERE heartbeat_at < $1",
+            &[&(now - 86_400_000)],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Replicas whose last heartbeat is within three leases, with the jobs each runs.
+    pub(super) async fn replicas(&self) -> Result<Vec<Replica>, QueueError> {
+        let since = now_ms() - 3 * self.lease.as_millis() as i64;
+        let rows = self
+            .query(
+                "SELECT r.id, r.host, r.version, r.started_at, r.heartbeat_at, \
+                        (SELECT COUNT(*) FROM jobs j WHERE j.state = 'running' AND j.lease_owner = r.id) \
+                 FROM replicas r WHERE r.heartbeat_at >= $1 ORDER BY r.id",
+                &[&since],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Replica {
+                    id: r.try_get(0)?,
+                    host: r.try_get(1)?,
+                    version: r.try_get(2)?,
+                    started_at: r.try_get(3)?,
+                    heartbeat_at: r.try_get(4)?,
+                    jobs_in_hand: r.try_get::<_, i64>(5)?.max(0) as u64,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| self.error(e))
+    }
+
     /// Renews this replica's leases and returns jobs whose lease ran out to `pending`; returns
     /// the targets of the jobs put back. Every replica runs it; it is idempotent.
     pub(super) async fn tend_leases(&self) -> Result<Vec<String>, QueueError> {
+        self.heartbeat().await?;
         let now = now_ms();
         let until = now + self.lease.as_millis() as i64;
         self.execute(
@@ -669,12 +752,15 @@ impl PgQueue {
     }
 }
 
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// This process among the replicas: host name, process id and start time.
 fn replica_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    format!("{host}-{}-{}", std::process::id(), now_ms())
+    format!("{}-{}-{}", host_name(), std::process::id(), now_ms())
 }
 
 /// TLS to the database, verifying its certificate (against `ca_file` or the system's roots).

@@ -378,4 +378,61 @@ mod on_postgres {
             .expect("the other replica's worker was woken");
         assert!(worker.claim("t").await.unwrap().is_some());
     }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn work_named_alone_runs_on_one_replica_at_a_time_and_a_dropped_turn_frees_it() {
+        let config = state("alone", "");
+        let a = Queue::open_state(&config).await.unwrap();
+        let b = Queue::open_state(&config).await.unwrap();
+        {
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+            let holding = a.alone("reconcile tcr", async move {
+                let _ = started_tx.send(());
+                let _ = release_rx.await;
+                "a ran"
+            });
+            tokio::pin!(holding);
+            tokio::select! {
+                _ = &mut holding => panic!("released too early"),
+                _ = started_rx => {}
+            }
+            assert_eq!(
+                b.alone("reconcile tcr", async { "b ran" }).await.unwrap(),
+                None
+            );
+            assert_eq!(
+                b.alone("retention", async { "other work" }).await.unwrap(),
+                Some("other work"),
+                "other names are free"
+            );
+            let _ = release_tx.send(());
+            assert_eq!(holding.await.unwrap(), Some("a ran"));
+        }
+        let a = Arc::new(a);
+        assert_eq!(
+            b.alone("reconcile tcr", async { "b ran" }).await.unwrap(),
+            Some("b ran")
+        );
+
+        // A turn whose future is dropped (shutdown, a panic) leaves nothing held.
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let abandoned = tokio::spawn(async move {
+            a.alone("reconcile tcr", async move {
+                let _ = started_tx.send(());
+                std::future::pending::<()>().await
+            })
+            .await
+        });
+        started_rx.await.unwrap();
+        abandoned.abort();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while b.alone("reconcile tcr", async {}).await.unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the dropped turn kept its lock"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

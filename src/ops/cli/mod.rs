@@ -102,6 +102,21 @@ pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
                 .unwrap_or_else(|| "-".into())
         );
     }
+    if !status.replicas.is_empty() {
+        println!(
+            "\n{:<40} {:<10} {:>8}  LAST HEARTBEAT",
+            "REPLICA", "VERSION", "RUNNING"
+        );
+        for r in &status.replicas {
+            println!(
+                "{:<40} {:<10} {:>8}  {} ago",
+                r.id,
+                r.version,
+                r.jobs_in_hand,
+                human_age(status.now - r.heartbeat_at)
+            );
+        }
+    }
     if !status.recent_failures.is_empty() {
         println!("\nrecent failures (retry with `regtee retry --failed` once fixed):");
         for j in &status.recent_failures {
