@@ -251,3 +251,104 @@ async fn state_migrate_copies_a_populated_queue_once_and_refuses_while_served() 
     assert_says(&second, "0 copied into");
     assert_eq!(in_postgres(), before, "a second run adds nothing");
 }
+
+/// A replica SIGKILLed in the middle of mirroring: its running jobs are resumed by the other
+/// once their lease runs out, everything acknowledged reaches the target with Harbor's digest,
+/// and no job ever had two attempts at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_mid_mirroring_has_its_jobs_resumed_by_another() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    // A slow target (256 KiB/s), so copies are still running when the replica dies.
+    let target = TargetSpec::cloud("tcr", &cloud).with("max_bytes_per_second = 262144");
+    let replica = |name: &str| {
+        let mut spec = ConfigSpec::new(&harbor, &work.path().join(name)).target(target.clone());
+        spec.listen = format!("127.0.0.1:{}", regtee::local_registry::free_port().unwrap());
+        spec.admin = Some(format!(
+            "127.0.0.1:{}",
+            regtee::local_registry::free_port().unwrap()
+        ));
+        spec.state_extra = "lease = \"2s\"\n".into();
+        spec
+    };
+    let doomed_spec = replica("doomed").on_postgres(postgres(), "killed_replica");
+    let mut survivor_spec = replica("survivor");
+    survivor_spec.database = doomed_spec.database.clone();
+    let mut doomed = RegteeProcess::spawn(
+        &doomed_spec.write(&work.path().join("doomed.toml")),
+        &doomed_spec,
+        &work.path().join("doomed.log"),
+    );
+    wait_listening(doomed_spec.listen.parse().unwrap()).await;
+
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let image = layout.image(&[1_000_000, 300_000], "amd64");
+    layout.tag(&image, "x");
+    let host = doomed_spec.listen.clone();
+    push_layout_ok(&layout.dir, "x", &host, "library/app:1", Tls::Off);
+    let admin =
+        |spec: &ConfigSpec, path: &str| format!("http://{}{path}", spec.admin.as_ref().unwrap());
+    let client = raw_http_client(None, false);
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let resp = client
+                .request(http::Request::get(url).body(regtee::body::empty()).unwrap())
+                .await
+                .ok()?;
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .ok()?;
+            serde_json::from_slice::<serde_json::Value>(&body.to_bytes()).ok()
+        }
+    };
+    let running = wait_until("a running job", Duration::from_secs(30), || async {
+        let page = get(admin(&doomed_spec, "/api/v1/jobs?state=running")).await?;
+        let jobs = page["jobs"].as_array()?.clone();
+        (!jobs.is_empty()).then_some(jobs)
+    })
+    .await;
+    doomed.kill9();
+
+    let mut survivor = RegteeProcess::spawn(
+        &survivor_spec.write(&work.path().join("survivor.toml")),
+        &survivor_spec,
+        &work.path().join("survivor.log"),
+    );
+    wait_listening(survivor_spec.listen.parse().unwrap()).await;
+    let cloud_client = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
+    wait_for_manifest(&cloud_client, "library/app", "1", &image.digest).await;
+    assert_blobs_equal(&cloud_client, "library/app", &layout, &image).await;
+
+    // The jobs the dead replica held ran again, on the survivor, one attempt at a time.
+    for job in &running {
+        let id = job["id"].as_i64().unwrap();
+        let detail = wait_until(
+            "the resumed job to finish",
+            Duration::from_secs(60),
+            || async {
+                let detail = get(admin(&survivor_spec, &format!("/api/v1/jobs/{id}"))).await?;
+                (detail["job"]["state"] == "done" || detail["state"] == "done").then_some(detail)
+            },
+        )
+        .await;
+        let attempts = detail["attempts"].as_array().cloned().unwrap_or_default();
+        assert!(!attempts.is_empty(), "{detail}");
+        let mut spans: Vec<(i64, i64)> = attempts
+            .iter()
+            .map(|a| {
+                (
+                    a["started_at"].as_i64().unwrap(),
+                    a["finished_at"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        spans.sort();
+        assert!(
+            spans.windows(2).all(|w| w[0].1 <= w[1].0),
+            "overlapping attempts: {spans:?}"
+        );
+    }
+    survivor.kill9();
+}
