@@ -4,6 +4,7 @@
 mod support;
 
 mod clouds;
+mod deploy;
 mod docker;
 mod harbor;
 mod hostile;
