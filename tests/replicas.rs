@@ -352,3 +352,68 @@ async fn a_replica_killed_mid_mirroring_has_its_jobs_resumed_by_another() {
     }
     survivor.kill9();
 }
+
+/// Harbor's token service on another origin: the challenge from one replica names a relay path
+/// on it, and the client's token request lands on another replica, which has never seen that
+/// realm: it learns it from Harbor and relays the request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_challenged_by_one_replica_gets_its_token_through_another() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_bare_harbor(&work.path().join("harbor")).await;
+    let a = Regtee::start(&ConfigSpec::new(&harbor, &work.path().join("a"))).await;
+    let b = Regtee::start(&ConfigSpec::new(&harbor, &work.path().join("b"))).await;
+    let client = raw_http_client(None, false);
+    let challenge = client
+        .request(
+            http::Request::get(format!("http://{}/v2/", a.host()))
+                .body(regtee::body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(challenge.status(), 401);
+    let header = challenge.headers()["www-authenticate"].to_str().unwrap();
+    let realm = regtee::registry::auth::Challenge::parse(header)
+        .and_then(|c| c.param("realm").map(str::to_string))
+        .unwrap();
+    let on_a = format!("http://{}/", a.host());
+    assert!(
+        realm.starts_with(&on_a),
+        "the realm is relayed by regtee: {realm}"
+    );
+    // The balancer sends the token request to the other replica.
+    let on_b = realm.replacen(&on_a, &format!("http://{}/", b.host()), 1);
+    assert!(
+        on_b.len() > 16
+            && on_b[on_b.len() - 16..]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit())
+    );
+    use base64::Engine as _;
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{DEV_USER}:{DEV_PASSWORD}"));
+    let (status, body) = http_request(
+        &format!("{on_b}?service=registry&scope=repository:library/app:pull"),
+        "GET",
+        None,
+        &[("authorization", &format!("Basic {basic}"))],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        token["token"].as_str().is_some_and(|t| !t.is_empty()) || token["access_token"].is_string(),
+        "{body}"
+    );
+    // A relay id no Harbor realm has stays unknown, and nothing is fetched for it.
+    let (status, _) = http_request(
+        &format!("{}0000000000000000", &on_b[..on_b.len() - 16]),
+        "GET",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 404);
+    a.stop().await;
+    b.stop().await;
+}

@@ -155,7 +155,13 @@ impl Proxy {
         // The client's URI, kept for recognising completed writes (a refcounted clone).
         let client_uri = parts.uri.clone();
 
-        let (destination, uri) = match self.destination(&route, &parts.uri) {
+        let found = match self.destination(&route, &parts.uri) {
+            Err(_) if matches!(route, Route::ForeignToken { .. }) && self.learn_realms().await => {
+                self.destination(&route, &parts.uri)
+            }
+            found => found,
+        };
+        let (destination, uri) = match found {
             Ok(found) => found,
             Err(error) => return Ok(log.answer(error)),
         };
@@ -231,6 +237,49 @@ impl Proxy {
             .idle_timeout(self.body_idle_timeout)
             .hold(log);
         Ok(Response::from_parts(parts, body::boxed(body)))
+    }
+
+    /// A relay id this process never handed out: another replica did (or this process before a
+    /// restart). Ids are derived from the realms, and the realms are Harbor's, so asking Harbor
+    /// for a challenge (`GET /v2/`, anonymous) teaches this process the same ones: no state to
+    /// share between replicas. Returns whether a realm was learned.
+    async fn learn_realms(&self) -> bool {
+        let Some(relay) = &self.relay else {
+            return false;
+        };
+        let mut ping = http::uri::Parts::default();
+        ping.scheme = Some(self.upstream_scheme.clone());
+        ping.authority = Some(self.upstream_authority.clone());
+        ping.path_and_query = Some(http::uri::PathAndQuery::from_static("/v2/"));
+        let Ok(uri) = Uri::from_parts(ping) else {
+            return false;
+        };
+        let Ok(request) = Request::get(uri)
+            .header(http::header::HOST, self.upstream_host.clone())
+            .body(body::empty())
+        else {
+            return false;
+        };
+        let answer = tokio::time::timeout(self.response_timeout, self.client.request(request));
+        let Ok(Ok(response)) = answer.await else {
+            return false;
+        };
+        let mut learned = false;
+        for value in response.headers().get_all(http::header::WWW_AUTHENTICATE) {
+            let realm = value
+                .to_str()
+                .ok()
+                .and_then(crate::registry::auth::Challenge::parse)
+                .and_then(|c| c.param("realm").map(str::to_string));
+            let foreign = realm.as_deref().and_then(|r| {
+                let origin = r.trim().parse::<Uri>().ok().and_then(|u| Origin::of(&u))?;
+                (!self.upstream.same_authority(&origin)).then_some(r)
+            });
+            if let Some(realm) = foreign {
+                learned |= relay.register(realm).is_some();
+            }
+        }
+        learned
     }
 
     /// Where a request goes: Harbor, or a relayed token realm.
