@@ -1,0 +1,106 @@
+//! What recording a push costs: manifest PUT latency through regtee with no target (nothing
+//! recorded), with a target and the queue in SQLite, and with the queue in PostgreSQL (a real
+//! server on this machine, `synchronous_commit = on`), in one run. The target is an address
+//! nobody answers, so jobs wait and no copy competes for the CPU.
+//!
+//! Run: `cargo bench --bench queue`
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use regtee::local_postgres::LocalPostgres;
+use regtee::local_registry::{LocalRegistry, RegistryOptions, free_port};
+
+const PUTS: usize = 500;
+
+#[tokio::main]
+async fn main() {
+    let work = tempfile::tempdir().unwrap();
+    let harbor = LocalRegistry::start(&work.path().join("harbor"), RegistryOptions::default())
+        .await
+        .expect("docker-registry is installed");
+    let postgres = LocalPostgres::start().expect("PostgreSQL is installed");
+    let url = postgres.create_database("bench").unwrap();
+    let password_file = work.path().join("db-password");
+    std::fs::write(&password_file, postgres.password()).unwrap();
+    let client = client();
+
+    // One small image in Harbor; each PUT tags it anew, so each records a new job.
+    let config_blob = bytes::Bytes::from_static(br#"{"architecture":"amd64","os":"linux"}"#);
+    let config_digest = repeated_digest(&config_blob, 1);
+    upload(
+        &client,
+        &harbor.url(),
+        "bench/app",
+        &config_blob,
+        1,
+        &config_digest,
+    )
+    .await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_blob.len()},
+        "layers": [],
+    }))
+    .unwrap();
+
+    let nobody = format!("http://127.0.0.1:{}", free_port().unwrap());
+    let target = format!(
+        "[[targets]]\nname = \"cloud\"\nurl = \"{nobody}\"\nretry_initial = \"10m\"\nretry_max = \"1h\"\n"
+    );
+    let setups = [
+        ("no target (nothing recorded)", String::new(), String::new()),
+        ("target, queue in SQLite", String::new(), target.clone()),
+        (
+            "target, queue in PostgreSQL",
+            format!(
+                "database = \"{url}\"\ndatabase_password_file = \"{}\"\n",
+                password_file.display()
+            ),
+            target.clone(),
+        ),
+    ];
+    println!("manifest PUT through regtee, {PUTS} sequential, docker-registry as Harbor\n");
+    println!("{:<32} {:>10} {:>10}", "", "p50 (ms)", "p99 (ms)");
+    for (i, (name, state, targets)) in setups.iter().enumerate() {
+        let port = free_port().unwrap();
+        let config = work.path().join(format!("regtee-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n{state}{targets}",
+                harbor.url(),
+                work.path().join(format!("state-{i}")).display()
+            ),
+        )
+        .unwrap();
+        let _regtee = RegteeProcess::start(&config, &work.path().join(format!("regtee-{i}.log")));
+        wait_listening(&format!("127.0.0.1:{port}")).await;
+        let mut latencies = Vec::with_capacity(PUTS);
+        for n in 0..PUTS + 20 {
+            let put = http::Request::put(format!(
+                "http://127.0.0.1:{port}/v2/bench/app/manifests/s{i}-{n}"
+            ))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(regtee::body::full(manifest.clone()))
+            .unwrap();
+            let started = std::time::Instant::now();
+            let status = client.request(put).await.unwrap().status();
+            assert_eq!(status, 201, "{name}");
+            // The first PUTs warm connections and caches.
+            if n >= 20 {
+                latencies.push(started.elapsed());
+            }
+        }
+        latencies.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "{name:<32} {:>10.2} {:>10.2}",
+            ms(percentile(&latencies, 0.5)),
+            ms(percentile(&latencies, 0.99))
+        );
+    }
+}
