@@ -101,6 +101,8 @@ pub struct Proxy {
     response_timeout: Duration,
     body_idle_timeout: Duration,
     relay: Option<RealmRelay>,
+    /// Made-up relay ids cost Harbor at most one challenge a second.
+    learning: Throttle,
     tee: Option<Arc<Tee>>,
     metrics: Option<Arc<crate::ops::metrics::Metrics>>,
 }
@@ -133,6 +135,7 @@ impl Proxy {
             response_timeout: e.response_timeout,
             body_idle_timeout: proxy.body_idle_timeout,
             relay: upstream.rewrite_token_realm.then(RealmRelay::default),
+            learning: Throttle::new(Duration::from_secs(1)),
             tee,
             metrics,
         })
@@ -247,6 +250,9 @@ impl Proxy {
         let Some(relay) = &self.relay else {
             return false;
         };
+        if self.learning.allow().is_none() {
+            return false;
+        }
         let mut ping = http::uri::Parts::default();
         ping.scheme = Some(self.upstream_scheme.clone());
         ping.authority = Some(self.upstream_authority.clone());
