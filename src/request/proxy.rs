@@ -253,11 +253,7 @@ impl Proxy {
         if self.learning.allow().is_none() {
             return false;
         }
-        let mut ping = http::uri::Parts::default();
-        ping.scheme = Some(self.upstream_scheme.clone());
-        ping.authority = Some(self.upstream_authority.clone());
-        ping.path_and_query = Some(http::uri::PathAndQuery::from_static("/v2/"));
-        let Ok(uri) = Uri::from_parts(ping) else {
+        let Ok(uri) = self.on_upstream(http::uri::PathAndQuery::from_static("/v2/")) else {
             return false;
         };
         let Ok(request) = Request::get(uri)
@@ -286,6 +282,18 @@ impl Proxy {
             }
         }
         learned
+    }
+
+    /// `path` on the upstream, from the parts built once at start.
+    fn on_upstream(
+        &self,
+        path: http::uri::PathAndQuery,
+    ) -> Result<Uri, http::uri::InvalidUriParts> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.upstream_scheme.clone());
+        parts.authority = Some(self.upstream_authority.clone());
+        parts.path_and_query = Some(path);
+        Uri::from_parts(parts)
     }
 
     /// Where a request goes: Harbor, or a relayed token realm.
@@ -319,15 +327,11 @@ impl Proxy {
                 });
         }
         // The client's path and query as they are (a refcounted clone), on the upstream.
-        let mut target = http::uri::Parts::default();
-        target.scheme = Some(self.upstream_scheme.clone());
-        target.authority = Some(self.upstream_authority.clone());
-        target.path_and_query = Some(
-            uri.path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        let target = Uri::from_parts(target).map_err(|_| {
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let target = self.on_upstream(path).map_err(|_| {
             OciError::new(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::Unsupported,

@@ -43,6 +43,9 @@ pub enum QueueError {
         /// What failed.
         message: String,
     },
+    /// A migration was asked for between stores it does not join.
+    #[error("a migration copies a SQLite queue into PostgreSQL")]
+    NotAMigration,
     /// SQLite failed (disk full, corruption, permissions).
     #[error("job queue database {path}: {source}")]
     Sqlite {
@@ -337,10 +340,7 @@ impl Queue {
     /// attempts. Jobs already there (by identity) are left alone, so it can run twice.
     pub async fn migrate_into(&self, to: &Queue) -> Result<Migrated, QueueError> {
         let (Store::Sqlite(from), Store::Postgres(into)) = (&self.store, &to.store) else {
-            return Err(QueueError::PostgresPool {
-                database: String::new(),
-                message: "a migration copies a SQLite queue into PostgreSQL".into(),
-            });
+            return Err(QueueError::NotAMigration);
         };
         let exported = from.export().await?;
         let jobs = exported.jobs.len();

@@ -137,22 +137,7 @@ impl PgQueue {
             source,
         };
         let tls = tls_connector(config)?;
-        let manager = match &tls {
-            Some(tls) => Manager::from_config(
-                connect.clone(),
-                tls.clone(),
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            ),
-            None => Manager::from_config(
-                connect.clone(),
-                tokio_postgres::NoTls,
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            ),
-        };
+        let manager = manager(connect.clone(), tls.clone());
         let pool = Pool::builder(manager)
             .max_size(16)
             .wait_timeout(Some(Duration::from_secs(10)))
@@ -643,19 +628,18 @@ impl PgQueue {
                 &[],
             )
             .await?;
-        let mut counted = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let row: (String, String, i64, Option<i64>) = (|| {
-                Ok::<_, tokio_postgres::Error>((
+        let counted = rows
+            .iter()
+            .map(|r| {
+                Ok((
                     r.try_get(0)?,
                     r.try_get(1)?,
-                    r.try_get(2)?,
+                    r.try_get::<_, i64>(2)?.max(0) as u64,
                     r.try_get(3)?,
                 ))
-            })()
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
             .map_err(|e| self.error(e))?;
-            counted.push((row.0, row.1, row.2.max(0) as u64, row.3));
-        }
         Ok(TargetCounts::tally(counted, configured))
     }
 
@@ -761,6 +745,20 @@ fn host_name() -> String {
 /// This process among the replicas: host name, process id and start time.
 fn replica_id() -> String {
     format!("{}-{}-{}", host_name(), std::process::id(), now_ms())
+}
+
+/// The pool's connection maker, with TLS when the config asks for it.
+fn manager(
+    connect: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+) -> Manager {
+    let config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    match tls {
+        Some(tls) => Manager::from_config(connect, tls, config),
+        None => Manager::from_config(connect, tokio_postgres::NoTls, config),
+    }
 }
 
 /// TLS to the database, verifying its certificate (against `ca_file` or the system's roots).

@@ -19,10 +19,9 @@ fn job(target: &str, tag: &str, d: &str) -> NewJob {
     }
 }
 
-#[tokio::test]
-async fn enqueue_dedups_and_rearms_finished_jobs() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(dir.path()).unwrap();
+/// Deduplication and re-arming, the same on every store: what a push seen twice, a push seen
+/// while its job runs, and a push seen after its job finished each do.
+async fn dedups_and_rearms(q: &Queue) {
     assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
     assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 0);
     assert_eq!(q.enqueue(vec![job("b", "v1", "d1")]).await.unwrap(), 1);
@@ -55,6 +54,34 @@ async fn enqueue_dedups_and_rearms_finished_jobs() {
     assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
     let again = q.get(claimed.id).await.unwrap().unwrap();
     assert_eq!((again.state, again.attempts), (JobState::Pending, 0));
+    // Every attempt stays in the history; counts and listings see the same jobs.
+    let attempts = q.attempts(claimed.id).await.unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert!(attempts.iter().all(|a| a.result == AttemptResult::Done));
+    let counts = q
+        .counts(&["a".into(), "b".into(), "c".into()])
+        .await
+        .unwrap();
+    let pending: Vec<(&str, u64)> = counts
+        .iter()
+        .map(|c| (c.target.as_str(), c.pending))
+        .collect();
+    assert_eq!(pending, vec![("a", 1), ("b", 1), ("c", 0)]);
+    let listed = q
+        .list(JobFilter {
+            project: Some("library".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+}
+
+#[tokio::test]
+async fn enqueue_dedups_and_rearms_finished_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    dedups_and_rearms(&Queue::open(dir.path()).unwrap()).await;
 }
 
 #[tokio::test]
@@ -229,36 +256,7 @@ mod on_postgres {
     async fn dedups_rearms_and_keeps_attempts_like_sqlite() {
         let q = Queue::open_state(&state("dedups", "")).await.unwrap();
         q.health().await.unwrap();
-        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
-        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 0);
-        let claimed = q.claim("a").await.unwrap().unwrap();
-        assert_eq!((claimed.state, claimed.attempts), (JobState::Running, 1));
-        assert!(q.claim("a").await.unwrap().is_none());
-        assert_eq!(q.enqueue(vec![job("a", "v1", "d1")]).await.unwrap(), 1);
-        let done = || Outcome::Done {
-            target_digest: Some(digest("d1").to_string()),
-            note: String::new(),
-        };
-        q.finish(claimed.id, done()).await.unwrap();
-        let rearmed = q.get(claimed.id).await.unwrap().unwrap();
-        assert_eq!((rearmed.state, rearmed.attempts), (JobState::Pending, 0));
-        let claimed = q.claim("a").await.unwrap().unwrap();
-        q.finish(claimed.id, done()).await.unwrap();
-        let attempts = q.attempts(claimed.id).await.unwrap();
-        assert_eq!(attempts.len(), 2);
-        assert!(attempts.iter().all(|a| a.result == AttemptResult::Done));
-        let counts = q.counts(&["a".into(), "b".into()]).await.unwrap();
-        assert_eq!((counts[0].target.as_str(), counts[0].done), ("a", 1));
-        assert_eq!((counts[1].target.as_str(), counts[1].pending), ("b", 0));
-        let listed = q
-            .list(JobFilter {
-                project: Some("library".into()),
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(listed.len(), 1);
+        dedups_and_rearms(&q).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
