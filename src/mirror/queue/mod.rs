@@ -122,8 +122,9 @@ enum Store {
 pub struct Queue {
     store: Store,
     wakers: Wakers,
-    /// Set while an attempt's outcome could not be recorded; the instance is not ready then.
-    outcome_unrecorded: std::sync::atomic::AtomicBool,
+    /// Jobs whose last attempt's outcome could not be recorded yet; the instance is not ready
+    /// while any is. Per job: one worker's success says nothing about another's.
+    outcome_unrecorded: DashMap<i64, ()>,
 }
 
 /// Runs the same call on whichever store holds the queue.
@@ -214,8 +215,7 @@ impl Queue {
 
     /// Whether an attempt's outcome is waiting to be recorded (the database refused it).
     pub fn outcome_unrecorded(&self) -> bool {
-        self.outcome_unrecorded
-            .load(std::sync::atomic::Ordering::Relaxed)
+        !self.outcome_unrecorded.is_empty()
     }
 
     /// Puts jobs a dead process left `running` back to `pending`. SQLite: every running job
@@ -264,8 +264,11 @@ impl Queue {
     pub async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
         let outcome = outcome.scrubbed();
         let result = on_store!(self, q => q.finish(id, outcome).await);
-        self.outcome_unrecorded
-            .store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        if result.is_ok() {
+            self.outcome_unrecorded.remove(&id);
+        } else {
+            self.outcome_unrecorded.insert(id, ());
+        }
         result
     }
 
