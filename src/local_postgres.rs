@@ -245,6 +245,58 @@ impl LocalPostgres {
         self.start_server()
     }
 
+    /// Stops every server process with SIGSTOP: connections stay open and accepted, nothing
+    /// answers. A database that stalls, as an overloaded or storage-hung server does.
+    pub fn freeze(&self) -> Result<(), PostgresError> {
+        self.signal("-STOP")
+    }
+
+    /// Lets the processes [`LocalPostgres::freeze`] stopped run on.
+    pub fn thaw(&self) -> Result<(), PostgresError> {
+        self.signal("-CONT")
+    }
+
+    /// Sends `signal` to the postmaster and its children (the backends serving connections).
+    fn signal(&self, signal: &str) -> Result<(), PostgresError> {
+        let pid_file = self.dir.join("data/postmaster.pid");
+        let postmaster = std::fs::read_to_string(&pid_file)
+            .map_err(io(format!("reading {}", pid_file.display())))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let mut pids = vec![postmaster.clone()];
+        for entry in std::fs::read_dir("/proc")
+            .map_err(io("listing /proc"))?
+            .flatten()
+        {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`; comm may hold spaces, so read after the last ')'.
+            let parent = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1));
+            if parent == Some(postmaster.as_str()) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let out = Command::new("kill")
+            .arg(signal)
+            .args(&pids)
+            .output()
+            .map_err(io("running kill"))?;
+        if !out.status.success() {
+            return Err(PostgresError::Failed {
+                command: format!("kill {signal} {}", pids.join(" ")),
+                output: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// Runs one SQL statement with `psql` in `database`; returns its unaligned output.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, PostgresError> {
         let port = self.port.to_string();
@@ -311,6 +363,8 @@ impl LocalPostgres {
 
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
+        // A frozen server would not hear the stop.
+        let _ = self.thaw();
         let data = self.dir.join("data");
         let _ = self.run(
             "pg_ctl",

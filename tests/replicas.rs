@@ -73,18 +73,39 @@ async fn pushes_through_either_replica_are_mirrored_and_both_see_the_queue() {
     b.stop().await;
 }
 
+/// How the database goes away under a running replica.
+#[derive(Clone, Copy, Debug)]
+enum Away {
+    /// Shut down: connections refused.
+    Stopped,
+    /// Every server process SIGSTOPped: connections accepted, nothing answers.
+    Stalled,
+}
+
 /// The database restarted while clients push: a push whose job cannot be recorded gets a 503
 /// (and succeeds when retried), pulls never fail, nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn while_the_database_is_away_pushes_get_503_and_pulls_keep_flowing() {
+    database_away(Away::Stopped).await;
+}
+
+/// The same when the database accepts and then stalls: the push gets its 503 once
+/// `database_timeout` passes instead of hanging with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn while_the_database_stalls_pushes_get_503_within_the_deadline() {
+    database_away(Away::Stalled).await;
+}
+
+async fn database_away(how: Away) {
     let work = tempfile::tempdir().unwrap();
     // A server of its own: this test stops it.
     let database = regtee::local_postgres::LocalPostgres::start().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
-    let spec = ConfigSpec::new(&harbor, &work.path().join("state"))
+    let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud))
         .on_postgres(&database, "away");
+    spec.state_extra = "database_timeout = \"1s\"\n".into();
     let regtee = Regtee::start(&spec).await;
     let mut layout = Layout::new(&work.path().join("layout"));
     let before = layout.image(&[150_000], "amd64");
@@ -101,7 +122,10 @@ async fn while_the_database_is_away_pushes_get_503_and_pulls_keep_flowing() {
     let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
     wait_for_manifest(&target, "library/app", "before", &before.digest).await;
 
-    database.stop().unwrap();
+    match how {
+        Away::Stopped => database.stop().unwrap(),
+        Away::Stalled => database.freeze().unwrap(),
+    }
     // Pulls go on: they need Harbor, not the queue.
     let pulled = work.path().join("pulled");
     pull_to_layout(
@@ -112,6 +136,7 @@ async fn while_the_database_is_away_pushes_get_503_and_pulls_keep_flowing() {
         Tls::Off,
     );
     // A push's blobs and manifest reach Harbor, but regtee cannot record them: 503, retry.
+    let began = std::time::Instant::now();
     let refused = push_layout(
         &layout.dir,
         "during",
@@ -122,6 +147,13 @@ async fn while_the_database_is_away_pushes_get_503_and_pulls_keep_flowing() {
     assert!(
         !refused.status.success(),
         "the push must not be acknowledged"
+    );
+    // A liveness bound, not a timing target: without the deadline a stalled database holds
+    // the push for as long as it stalls.
+    assert!(
+        began.elapsed() < Duration::from_secs(60),
+        "the push waited {:?} on the database",
+        began.elapsed()
     );
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -138,7 +170,10 @@ async fn while_the_database_is_away_pushes_get_503_and_pulls_keep_flowing() {
         .unwrap();
     assert_eq!(ready.status(), 503, "not ready while the queue is away");
 
-    database.restart().unwrap();
+    match how {
+        Away::Stopped => database.restart().unwrap(),
+        Away::Stalled => database.thaw().unwrap(),
+    }
     database.wait_ready(Duration::from_secs(30)).unwrap();
     // The client's retry, once the database is back, is acknowledged and mirrored.
     wait_until(

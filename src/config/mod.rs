@@ -215,6 +215,9 @@ pub struct DatabaseConfig {
     /// How long a claimed job stays a replica's without renewal: a dead replica's jobs run
     /// elsewhere within this.
     pub lease: Duration,
+    /// How long one queue operation may take, connection included: past it, a push gets a 503
+    /// instead of waiting on a database that accepts and then stalls.
+    pub timeout: Duration,
 }
 
 /// The operator's listener.

@@ -77,6 +77,8 @@ pub(super) struct RawState {
     #[serde(default, with = "humantime_serde")]
     pub(super) lease: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    pub(super) database_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     pub(super) retention: Option<Duration>,
 }
 

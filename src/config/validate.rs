@@ -447,12 +447,20 @@ impl Validator<'_> {
                 "a lease shorter than 1s cannot be renewed in time",
             ));
         }
+        let timeout = raw.database_timeout.unwrap_or(Duration::from_secs(5));
+        if timeout < Duration::from_millis(100) {
+            return Err(self.invalid(
+                "state.database_timeout",
+                "under 100ms, a busy but healthy database would refuse pushes",
+            ));
+        }
         Ok(Some(DatabaseConfig {
             connect,
             tls,
             ca_file,
             shown,
             lease,
+            timeout,
         }))
     }
 

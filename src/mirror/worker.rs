@@ -109,7 +109,7 @@ impl Mirror {
                     job = job.id,
                     held_back,
                     error = %e,
-                    "could not record a job's outcome: free space on (or repair) the state directory's disk; the job stays queued and its worker waits, retrying"
+                    "could not record a job's outcome: free space on (or repair) the state directory's disk, or bring the queue database back; the job stays queued and its worker waits, retrying"
                 );
             }
             tokio::select! {

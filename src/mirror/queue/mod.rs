@@ -43,6 +43,17 @@ pub enum QueueError {
         /// What failed.
         message: String,
     },
+    /// PostgreSQL did not answer in time: it accepts connections but stalls (overloaded, a
+    /// lock held for long, a storage hang), or the network to it drops packets.
+    #[error(
+        "job queue database {database} did not answer within {after:?}: check the database server's load, locks and disk; pushes get 503 until it answers"
+    )]
+    PostgresTimeout {
+        /// `host:port/dbname`.
+        database: String,
+        /// The deadline that passed (`[state] database_timeout`).
+        after: Duration,
+    },
     /// A migration was asked for between stores it does not join.
     #[error("a migration copies a SQLite queue into PostgreSQL")]
     NotAMigration,
@@ -127,12 +138,12 @@ pub struct Queue {
     outcome_unrecorded: DashMap<i64, ()>,
 }
 
-/// Runs the same call on whichever store holds the queue.
+/// Runs the same call on whichever store holds the queue; on PostgreSQL, within its deadline.
 macro_rules! on_store {
     ($self:ident, $q:ident => $call:expr) => {
         match &$self.store {
-            Store::Sqlite($q) => $call,
-            Store::Postgres($q) => $call,
+            Store::Sqlite($q) => $call.await,
+            Store::Postgres($q) => $q.within($call).await,
         }
     };
 }
@@ -210,7 +221,7 @@ impl Queue {
     /// Proves the queue can take a job now: a write transaction commits (a full disk, a
     /// damaged or replaced file, a database that is away fail it; a `SELECT` would not notice).
     pub async fn health(&self) -> Result<(), QueueError> {
-        on_store!(self, q => q.health().await)
+        on_store!(self, q => q.health())
     }
 
     /// Whether an attempt's outcome is waiting to be recorded (the database refused it).
@@ -244,17 +255,17 @@ impl Queue {
             return Ok(0);
         }
         let wakers: Vec<Arc<Notify>> = jobs.iter().map(|j| self.waker(&j.target)).collect();
-        on_store!(self, q => q.enqueue(jobs, wakers).await)
+        on_store!(self, q => q.enqueue(jobs, wakers))
     }
 
     /// Takes the next due job of `target`, marking it running.
     pub async fn claim(&self, target: &str) -> Result<Option<Job>, QueueError> {
-        on_store!(self, q => q.claim(target).await)
+        on_store!(self, q => q.claim(target))
     }
 
     /// When the next pending job of `target` becomes due (ms), if any is pending.
     pub async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
-        on_store!(self, q => q.next_due(target).await)
+        on_store!(self, q => q.next_due(target))
     }
 
     /// Records how an attempt ended.
@@ -263,7 +274,7 @@ impl Queue {
     /// While the database refuses outcomes, [`Queue::outcome_unrecorded`] says so.
     pub async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
         let outcome = outcome.scrubbed();
-        let result = on_store!(self, q => q.finish(id, outcome).await);
+        let result = on_store!(self, q => q.finish(id, outcome));
         if result.is_ok() {
             self.outcome_unrecorded.remove(&id);
         } else {
@@ -274,23 +285,23 @@ impl Queue {
 
     /// One job.
     pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
-        on_store!(self, q => q.get(id).await)
+        on_store!(self, q => q.get(id))
     }
 
     /// A job's attempts, oldest first.
     pub async fn attempts(&self, id: i64) -> Result<Vec<Attempt>, QueueError> {
-        on_store!(self, q => q.attempts(id).await)
+        on_store!(self, q => q.attempts(id))
     }
 
     /// Jobs matching `filter`, newest first.
     pub async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
-        on_store!(self, q => q.list(filter).await)
+        on_store!(self, q => q.list(filter))
     }
 
     /// Re-arms one finished (failed, skipped or done) job. Returns whether it was re-armed.
     pub async fn retry(&self, id: i64) -> Result<bool, QueueError> {
         let target = self.get(id).await?.map(|j| j.target);
-        let changed = on_store!(self, q => q.retry(id).await)?;
+        let changed = on_store!(self, q => q.retry(id))?;
         if let Some(t) = target {
             self.wakers.wake(&t);
         }
@@ -299,7 +310,7 @@ impl Queue {
 
     /// Re-arms every failed job (of one target, if given). Returns how many.
     pub async fn retry_failed(&self, target: Option<String>) -> Result<usize, QueueError> {
-        let changed = on_store!(self, q => q.retry_failed(target.clone()).await)?;
+        let changed = on_store!(self, q => q.retry_failed(target.clone()))?;
         match &target {
             Some(t) => self.wakers.wake(t),
             None => self.wakers.wake_all(),
@@ -310,13 +321,13 @@ impl Queue {
     /// Counts per target and state, with the oldest unfinished job's age. Every name in
     /// `configured` gets a row, so a target with no jobs yet still shows (and exports zeros).
     pub async fn counts(&self, configured: &[String]) -> Result<Vec<TargetCounts>, QueueError> {
-        on_store!(self, q => q.counts(configured).await)
+        on_store!(self, q => q.counts(configured))
     }
 
     /// Deletes done and skipped jobs that finished before `older_than` ago. Failed jobs stay
     /// until someone retries them: they are work nobody has done yet.
     pub async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
-        on_store!(self, q => q.purge(older_than).await)
+        on_store!(self, q => q.purge(older_than))
     }
 }
 

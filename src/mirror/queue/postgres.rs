@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::Notify;
 use tokio_postgres::Row;
@@ -118,6 +119,12 @@ pub(super) struct PgQueue {
     started_at: i64,
     shown: String,
     lease: Duration,
+    /// How long one operation may take ([`PgQueue::within`]).
+    deadline: Duration,
+    /// The jobs this replica's workers claimed and have not finished: the only leases it
+    /// renews. A claim whose answer was lost (the deadline passed after the database committed
+    /// it) is then not renewed, and its lease runs out like a dead replica's.
+    in_hand: DashMap<i64, ()>,
 }
 
 impl PgQueue {
@@ -130,17 +137,17 @@ impl PgQueue {
         // A job must be durable before the client hears of it, whatever the server's default.
         connect.options("-c synchronous_commit=on");
         connect.application_name("regtee");
-        connect.connect_timeout(Duration::from_secs(10));
+        connect.connect_timeout(config.timeout);
+        // A link that silently drops packets closes the connection (the pool then makes a new
+        // one) instead of leaving it to wait for ever.
+        connect.tcp_user_timeout(config.timeout * 2);
+        connect.keepalives_idle(Duration::from_secs(30));
         let shown = config.shown.clone();
-        let pg = |source| QueueError::Postgres {
-            database: shown.clone(),
-            source,
-        };
         let tls = tls_connector(config)?;
         let manager = manager(connect.clone(), tls.clone());
         let pool = Pool::builder(manager)
             .max_size(16)
-            .wait_timeout(Some(Duration::from_secs(10)))
+            .wait_timeout(Some(config.timeout))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| QueueError::PostgresPool {
@@ -154,9 +161,20 @@ impl PgQueue {
             started_at: now_ms(),
             shown: shown.clone(),
             lease: config.lease,
+            deadline: config.timeout,
+            in_hand: DashMap::new(),
         };
+        queue.within(queue.create_schema()).await?;
+        queue.within(queue.heartbeat()).await?;
+        tokio::spawn(listen(connect, tls, wakers, shown));
+        Ok(queue)
+    }
+
+    /// Creates the tables and indexes, one replica at a time.
+    async fn create_schema(&self) -> Result<(), QueueError> {
+        let pg = |e| self.error(e);
         {
-            let mut client = queue.client().await?;
+            let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(pg)?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
                 .await
@@ -164,9 +182,30 @@ impl PgQueue {
             tx.batch_execute(SCHEMA).await.map_err(pg)?;
             tx.commit().await.map_err(pg)?;
         }
-        queue.heartbeat().await?;
-        tokio::spawn(listen(connect, tls, wakers, shown));
-        Ok(queue)
+        Ok(())
+    }
+
+    /// Runs one queue operation within the deadline. Past it the caller gets
+    /// [`QueueError::PostgresTimeout`] (a push: 503) and the operation is dropped: a transaction
+    /// not committed yet rolls back, and one whose commit was already sent stands, which is
+    /// harmless since jobs are deduplicated by identity.
+    pub(super) async fn within<T>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
+        match tokio::time::timeout(self.deadline, operation).await {
+            Ok(result) => result,
+            Err(_) => Err(QueueError::PostgresTimeout {
+                database: self.shown.clone(),
+                after: self.deadline,
+            }),
+        }
+    }
+
+    /// Forgets a claim as if its answer had been lost.
+    #[cfg(test)]
+    pub(super) fn forget_claim(&self, id: i64) {
+        self.in_hand.remove(&id);
     }
 
     /// How long a claim lasts without renewal.
@@ -232,14 +271,18 @@ impl PgQueue {
         work: impl std::future::Future<Output = T>,
     ) -> Result<Option<T>, QueueError> {
         // Out of the pool: when this connection closes, its session's locks go with it.
-        let client = deadpool_postgres::Object::take(self.client().await?);
-        let row = client
-            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&name])
-            .await
-            .map_err(|e| self.error(e))?;
-        if !row.try_get::<_, bool>(0).map_err(|e| self.error(e))? {
+        let locked = self.within(async {
+            let client = deadpool_postgres::Object::take(self.client().await?);
+            let row = client
+                .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&name])
+                .await
+                .map_err(|e| self.error(e))?;
+            let got = row.try_get::<_, bool>(0).map_err(|e| self.error(e))?;
+            Ok(got.then_some(client))
+        });
+        let Some(client) = locked.await? else {
             return Ok(None);
-        }
+        };
         let done = work.await;
         drop(client);
         Ok(Some(done))
@@ -271,6 +314,10 @@ impl PgQueue {
 
     /// Replicas whose last heartbeat is within three leases, with the jobs each runs.
     pub(super) async fn replicas(&self) -> Result<Vec<Replica>, QueueError> {
+        self.within(self.replicas_seen()).await
+    }
+
+    async fn replicas_seen(&self) -> Result<Vec<Replica>, QueueError> {
         let since = now_ms() - 3 * self.lease.as_millis() as i64;
         let rows = self
             .query(
@@ -295,17 +342,25 @@ impl PgQueue {
             .map_err(|e| self.error(e))
     }
 
-    /// Renews this replica's leases and returns jobs whose lease ran out to `pending`; returns
-    /// the targets of the jobs put back. Every replica runs it; it is idempotent.
+    /// Renews the leases of the jobs in hand and returns jobs whose lease ran out to `pending`;
+    /// returns the targets of the jobs put back. Every replica runs it; it is idempotent.
     pub(super) async fn tend_leases(&self) -> Result<Vec<String>, QueueError> {
+        self.within(self.renew_and_reclaim()).await
+    }
+
+    async fn renew_and_reclaim(&self) -> Result<Vec<String>, QueueError> {
         self.heartbeat().await?;
         let now = now_ms();
         let until = now + self.lease.as_millis() as i64;
-        self.execute(
-            "UPDATE jobs SET lease_until = $2 WHERE state = 'running' AND lease_owner = $1",
-            &[&self.replica, &until],
-        )
-        .await?;
+        let in_hand: Vec<i64> = self.in_hand.iter().map(|e| *e.key()).collect();
+        if !in_hand.is_empty() {
+            self.execute(
+                "UPDATE jobs SET lease_until = $2 \
+                 WHERE id = ANY($3) AND state = 'running' AND lease_owner = $1",
+                &[&self.replica, &until, &in_hand],
+            )
+            .await?;
+        }
         let rows = self
             .query(
                 "UPDATE jobs SET state = 'pending', next_attempt_at = $1, updated_at = $1, \
@@ -410,7 +465,11 @@ impl PgQueue {
                 &[&target, &now, &self.replica, &until],
             )
             .await?;
-        Ok(self.jobs(&rows)?.into_iter().next())
+        let job = self.jobs(&rows)?.into_iter().next();
+        if let Some(job) = &job {
+            self.in_hand.insert(job.id, ());
+        }
+        Ok(job)
     }
 
     pub(super) async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
@@ -514,7 +573,9 @@ impl PgQueue {
             .await
             .map_err(pg)?;
         }
-        tx.commit().await.map_err(pg)
+        tx.commit().await.map_err(pg)?;
+        self.in_hand.remove(&id);
+        Ok(())
     }
 
     pub(super) async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {

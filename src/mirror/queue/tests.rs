@@ -346,6 +346,43 @@ mod on_postgres {
         );
     }
 
+    /// A replica renews the leases of the jobs its workers hold, and only those: a claim whose
+    /// answer never reached it (its deadline passed after the database committed) runs out like
+    /// a dead replica's and is taken over, while the job in hand stays its own.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn only_jobs_in_hand_are_renewed_so_a_lost_claim_runs_again() {
+        let config = state("lost_claim", "lease = \"1s\"\n");
+        let a = Queue::open_state(&config).await.unwrap();
+        let b = Queue::open_state(&config).await.unwrap();
+        a.enqueue(vec![job("t", "held", "d"), job("t", "lost", "d")])
+            .await
+            .unwrap();
+        let held = a.claim("t").await.unwrap().unwrap();
+        let lost = a.claim("t").await.unwrap().unwrap();
+        let Store::Postgres(pg) = &a.store else {
+            unreachable!()
+        };
+        pg.forget_claim(lost.id);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let taken = loop {
+            // Either replica may be the one to put it back.
+            let put_back =
+                a.recover_interrupted().await.unwrap() + b.recover_interrupted().await.unwrap();
+            if put_back > 0 {
+                break b.claim("t").await.unwrap().unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "lease never ran out");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(taken.id, lost.id);
+        // Renewed all along: still running, nobody else can claim it.
+        assert_eq!(
+            a.get(held.id).await.unwrap().unwrap().state,
+            JobState::Running
+        );
+        assert!(b.claim("t").await.unwrap().is_none());
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_job_recorded_on_one_replica_wakes_the_others_workers() {
         let config = state("notify", "");
