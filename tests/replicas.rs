@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use regtee::oci::digest::Digest;
+
 use crate::support::layout::Layout;
 use crate::support::*;
 
@@ -17,8 +19,7 @@ async fn pushes_through_either_replica_are_mirrored_and_both_see_the_queue() {
         ConfigSpec::new(&harbor, &work.path().join(name)).target(TargetSpec::cloud("tcr", &cloud))
     };
     let a_spec = spec("a").on_postgres(postgres(), "two_replicas");
-    let mut b_spec = spec("b");
-    b_spec.database = a_spec.database.clone();
+    let b_spec = spec("b").with_database(&a_spec);
     let a = Regtee::start(&a_spec).await;
     let b = Regtee::start(&b_spec).await;
 
@@ -71,6 +72,48 @@ async fn pushes_through_either_replica_are_mirrored_and_both_see_the_queue() {
     );
     a.stop().await;
     b.stop().await;
+
+    // Where a blob lives on the target is shared, and outlives the processes: a replica that
+    // never copied it mounts it from there. The client uploads the bytes again (no mount of
+    // its own for regtee to follow), so only the recorded home can make it a mount.
+    let c = Regtee::start(&spec("c").with_database(&a_spec)).await;
+    let layer: Digest = first.layers()[0].parse().unwrap();
+    let bytes = std::fs::read(layout.dir.join("blobs/sha256").join(layer.hex())).unwrap();
+    client_for(
+        &format!("http://{}", c.host()),
+        Some((DEV_USER, DEV_PASSWORD)),
+    )
+    .upload_blob(
+        "library/copy",
+        &layer,
+        regtee::registry::Upload::whole(bytes.into()),
+    )
+    .await
+    .unwrap();
+    let how = wait_until(
+        "the copy's blob job done",
+        Duration::from_secs(30),
+        || async {
+            let page = admin_get(
+                &c,
+                "/api/v1/jobs?target=tcr&state=done&repository=library/copy",
+            )
+            .await;
+            page["jobs"].as_array()?.first()?["detail"]
+                .as_str()
+                .map(str::to_string)
+        },
+    )
+    .await;
+    assert_eq!(how, "mounted");
+    assert!(
+        target
+            .blob_exists("library/copy", &layer)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    c.stop().await;
 }
 
 /// How the database goes away under a running replica.
@@ -308,8 +351,7 @@ async fn a_replica_killed_mid_mirroring_has_its_jobs_resumed_by_another() {
         spec
     };
     let doomed_spec = replica("doomed").on_postgres(postgres(), "killed_replica");
-    let mut survivor_spec = replica("survivor");
-    survivor_spec.database = doomed_spec.database.clone();
+    let survivor_spec = replica("survivor").with_database(&doomed_spec);
     let mut doomed = RegteeProcess::spawn(
         &doomed_spec.write(&work.path().join("doomed.toml")),
         &doomed_spec,

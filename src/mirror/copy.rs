@@ -134,13 +134,14 @@ impl Mirror {
             .await?
             .is_some()
         {
-            self.remember_home(target, digest, target_repo);
+            self.remember_home(target, digest, target_repo).await;
             return Ok("already present");
         }
-        let key = (target.name().to_string(), digest.to_string());
         let mut candidates: Vec<String> = mount_hint.map(str::to_string).into_iter().collect();
-        if let Some(homes) = self.blob_homes.get(&key) {
-            candidates.extend(homes.iter().cloned());
+        match self.queue.blob_homes(target.name(), digest).await {
+            Ok(homes) => candidates.extend(homes),
+            // Homes only save bytes: without them the blob is uploaded.
+            Err(e) => tracing::debug!(error = %e, "no mount sources; uploading"),
         }
         let mut seen = std::collections::HashSet::new();
         candidates.retain(|c| c != target_repo && seen.insert(c.clone()));
@@ -153,7 +154,7 @@ impl Mirror {
                     if let Some(s) = session {
                         target.client.cancel_upload(target_repo, s).await;
                     }
-                    self.remember_home(target, digest, target_repo);
+                    self.remember_home(target, digest, target_repo).await;
                     return Ok("mounted");
                 }
                 Ok(Mount::Session(s)) if session.is_none() => session = Some(s),
@@ -195,20 +196,19 @@ impl Mirror {
             .await?;
         self.metrics
             .observe_mirrored_bytes(target.name(), size.unwrap_or(0));
-        self.remember_home(target, digest, target_repo);
+        self.remember_home(target, digest, target_repo).await;
         Ok("uploaded")
     }
 
-    fn remember_home(&self, target: &Target, digest: &Digest, repo: &str) {
-        let mut homes = self
-            .blob_homes
-            .entry((target.name().to_string(), digest.to_string()))
-            .or_default();
-        if !homes.iter().any(|h| h == repo) {
-            homes.push(repo.to_string());
-            if homes.len() > 8 {
-                homes.remove(0);
-            }
+    /// Records a repository holding the blob, in the queue's database, so every replica (and
+    /// this one after a restart) can mount from it.
+    async fn remember_home(&self, target: &Target, digest: &Digest, repo: &str) {
+        if let Err(e) = self
+            .queue
+            .remember_blob_home(target.name(), digest, repo)
+            .await
+        {
+            tracing::debug!(error = %e, "could not record a mount source; later copies of this blob may upload instead of mounting");
         }
     }
 

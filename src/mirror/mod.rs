@@ -16,8 +16,6 @@ mod worker;
 
 use std::sync::Arc;
 
-use dashmap::DashMap;
-
 use crate::config::TargetConfig;
 use crate::ops::metrics::Metrics;
 use crate::registry::{RegistryClient, RegistryError};
@@ -33,8 +31,6 @@ pub struct Mirror {
     metrics: Arc<Metrics>,
     blob_locks: KeyedLocks,
     tag_locks: KeyedLocks,
-    /// Target repositories where a blob is known to exist, for cross-repository mounts.
-    blob_homes: DashMap<(String, String), Vec<String>>,
 }
 
 impl Mirror {
@@ -52,7 +48,6 @@ impl Mirror {
             metrics,
             blob_locks: KeyedLocks::default(),
             tag_locks: KeyedLocks::default(),
-            blob_homes: DashMap::new(),
         })
     }
 

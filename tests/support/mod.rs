@@ -391,6 +391,12 @@ impl ConfigSpec {
         self
     }
 
+    /// The same queue database as `other` (another replica of it).
+    pub fn with_database(mut self, other: &ConfigSpec) -> ConfigSpec {
+        self.database = other.database.clone();
+        self
+    }
+
     pub fn target(mut self, t: TargetSpec) -> ConfigSpec {
         self.targets.push(t);
         self

@@ -23,6 +23,7 @@ pub use super::job::{
     Outcome, Replica, TargetCounts,
 };
 use crate::config::StateConfig;
+use crate::oci::digest::Digest;
 
 /// The database could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +129,9 @@ enum Store {
     Sqlite(sqlite::SqliteQueue),
     Postgres(postgres::PgQueue),
 }
+
+/// How many repositories a blob's homes list offers as mount sources.
+pub const BLOB_HOMES_KEPT: i64 = 8;
 
 /// The queue, in whichever database the config names.
 pub struct Queue {
@@ -324,7 +328,35 @@ impl Queue {
         on_store!(self, q => q.counts(configured))
     }
 
-    /// Deletes done and skipped jobs that finished before `older_than` ago. Failed jobs stay
+    /// Records that `repository` on `target` holds the blob `digest`: a source for later
+    /// cross-repository mounts of it, for every replica and after restarts.
+    pub async fn remember_blob_home(
+        &self,
+        target: &str,
+        digest: &Digest,
+        repository: &str,
+    ) -> Result<(), QueueError> {
+        let (target, digest, repository) = (
+            target.to_string(),
+            digest.to_string(),
+            repository.to_string(),
+        );
+        on_store!(self, q => q.remember_blob_home(target, digest, repository))
+    }
+
+    /// Repositories on `target` known to hold the blob `digest`, most recently seen first (at
+    /// most [`BLOB_HOMES_KEPT`]).
+    pub async fn blob_homes(
+        &self,
+        target: &str,
+        digest: &Digest,
+    ) -> Result<Vec<String>, QueueError> {
+        let (target, digest) = (target.to_string(), digest.to_string());
+        on_store!(self, q => q.blob_homes(target, digest))
+    }
+
+    /// Deletes done and skipped jobs that finished before `older_than` ago, and blob homes not
+    /// seen since. Failed jobs stay
     /// until someone retries them: they are work nobody has done yet.
     pub async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
         on_store!(self, q => q.purge(older_than))

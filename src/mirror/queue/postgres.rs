@@ -83,6 +83,13 @@ CREATE TABLE IF NOT EXISTS health (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
     checked_at BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS blob_homes (
+    target     TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    seen_at    BIGINT NOT NULL,
+    PRIMARY KEY (target, digest, repository)
+);
 "#;
 
 const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
@@ -704,8 +711,43 @@ impl PgQueue {
         Ok(TargetCounts::tally(counted, configured))
     }
 
+    pub(super) async fn remember_blob_home(
+        &self,
+        target: String,
+        digest: String,
+        repository: String,
+    ) -> Result<(), QueueError> {
+        self.execute(
+            "INSERT INTO blob_homes (target, digest, repository, seen_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (target, digest, repository) DO UPDATE SET seen_at = excluded.seen_at",
+            &[&target, &digest, &repository, &now_ms()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub(super) async fn blob_homes(
+        &self,
+        target: String,
+        digest: String,
+    ) -> Result<Vec<String>, QueueError> {
+        let rows = self
+            .query(
+                "SELECT repository FROM blob_homes WHERE target = $1 AND digest = $2 \
+                 ORDER BY seen_at DESC LIMIT $3",
+                &[&target, &digest, &super::BLOB_HOMES_KEPT],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.error(e))
+    }
+
     pub(super) async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
         let cutoff = now_ms() - older_than.as_millis() as i64;
+        self.execute("DELETE FROM blob_homes WHERE seen_at < $1", &[&cutoff])
+            .await?;
         self.execute(
             "DELETE FROM jobs WHERE state IN ('done', 'skipped') AND finished_at < $1",
             &[&cutoff],

@@ -66,6 +66,13 @@ CREATE TABLE IF NOT EXISTS health (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
     checked_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS blob_homes (
+    target     TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    seen_at    INTEGER NOT NULL,
+    PRIMARY KEY (target, digest, repository)
+);
 "#;
 
 /// Columns added after the first release, with their definitions; added to older databases at
@@ -506,10 +513,48 @@ impl SqliteQueue {
     pub(super) async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
         let cutoff = now_ms() - older_than.as_millis() as i64;
         self.with(move |c| {
+            c.execute("DELETE FROM blob_homes WHERE seen_at < ?1", params![cutoff])?;
             c.execute(
                 "DELETE FROM jobs WHERE state IN ('done', 'skipped') AND finished_at < ?1",
                 params![cutoff],
             )
+        })
+        .await
+    }
+
+    pub(super) async fn remember_blob_home(
+        &self,
+        target: String,
+        digest: String,
+        repository: String,
+    ) -> Result<(), QueueError> {
+        let now = now_ms();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO blob_homes (target, digest, repository, seen_at) \
+                 VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (target, digest, repository) DO UPDATE SET seen_at = excluded.seen_at",
+                params![target, digest, repository, now],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    pub(super) async fn blob_homes(
+        &self,
+        target: String,
+        digest: String,
+    ) -> Result<Vec<String>, QueueError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT repository FROM blob_homes WHERE target = ?1 AND digest = ?2 \
+                 ORDER BY seen_at DESC LIMIT ?3",
+            )?;
+            stmt.query_map(params![target, digest, super::BLOB_HOMES_KEPT], |r| {
+                r.get(0)
+            })?
+            .collect()
         })
         .await
     }
