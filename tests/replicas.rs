@@ -70,6 +70,37 @@ async fn pushes_through_either_replica_are_mirrored_and_both_see_the_queue() {
             .iter()
             .all(|r| r["version"] == env!("CARGO_PKG_VERSION"))
     );
+
+    // A backfill started on one replica is seen, as it goes and once ended, on the other.
+    let (status, body) = http_request(
+        &a.admin_url("/api/v1/backfills"),
+        "POST",
+        Some(br#"{"project": "library"}"#.to_vec()),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].clone();
+    let on_b = wait_until(
+        "the backfill ended, seen from b",
+        Duration::from_secs(30),
+        || async {
+            let p = admin_get(&b, &format!("/api/v1/backfills/{id}")).await;
+            (p["state"] == "finished").then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(
+        (on_b["tags"].as_u64(), on_b["in_sync"].as_u64()),
+        (Some(2), Some(2)),
+        "{on_b}"
+    );
+    assert_eq!(
+        admin_get(&a, &format!("/api/v1/backfills/{id}")).await,
+        on_b
+    );
+    assert_eq!(admin_get(&b, "/api/v1/backfills").await[0], on_b);
+
     a.stop().await;
     b.stop().await;
 

@@ -6,8 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -23,7 +22,8 @@ use crate::mirror::queue::{
     Job, JobFilter, JobOrigin, JobState, Queue, QueueError, TargetCounts, now_ms,
 };
 use crate::oci::names::{RepositoryName, Tag};
-use crate::ops::backfill::{self, BackfillRequest, BackfillState, Backfiller, Progress, TagRow};
+use crate::ops::backfill::{self, BackfillRequest, Backfiller, TagRow};
+use crate::ops::backfill_runs::BackfillRuns;
 use crate::ops::metrics::Metrics;
 use crate::ops::webhooks;
 use crate::registry::ErrorKind;
@@ -126,9 +126,7 @@ pub struct Admin {
     /// Harbor, the targets and the tee: what backfills, comparisons and webhooks need.
     backfiller: Arc<Backfiller>,
     metrics: Arc<Metrics>,
-    backfills: Mutex<BTreeMap<u64, Arc<Mutex<Progress>>>>,
-    next_backfill: AtomicU64,
-    tasks: TaskTracker,
+    backfills: Arc<BackfillRuns>,
     cancel: CancellationToken,
 }
 
@@ -176,12 +174,15 @@ impl Admin {
         Admin {
             token: config.admin.as_ref().and_then(|a| a.token.clone()),
             webhook_secret: config.webhook_secret.clone(),
+            backfills: Arc::new(BackfillRuns::new(
+                queue.clone(),
+                backfiller.clone(),
+                tasks,
+                cancel.clone(),
+            )),
             queue,
             backfiller,
             metrics,
-            backfills: Mutex::new(BTreeMap::new()),
-            next_backfill: AtomicU64::new(1),
-            tasks,
             cancel,
         }
     }
@@ -238,8 +239,8 @@ impl Admin {
                 self.repository_status(&rest.join("/")).await
             }
             (&Method::POST, ["api", "v1", "backfills"]) => self.start_backfill(req).await,
-            (&Method::GET, ["api", "v1", "backfills"]) => self.list_backfills(),
-            (&Method::GET, ["api", "v1", "backfills", id]) => self.backfill(id),
+            (&Method::GET, ["api", "v1", "backfills"]) => self.list_backfills().await,
+            (&Method::GET, ["api", "v1", "backfills", id]) => self.backfill(id).await,
             (&Method::POST, ["api", "v1", "webhooks", sender @ ("harbor" | "registry")]) => {
                 self.webhook(sender, req).await
             }
@@ -431,68 +432,33 @@ impl Admin {
         {
             return error(StatusCode::BAD_REQUEST, format!("no target named {t}"));
         }
-        let id = self.next_backfill.fetch_add(1, Ordering::Relaxed);
         let request = BackfillRequest {
             project: body.project,
             target: body.target,
             dry_run: body.dry_run,
             origin: JobOrigin::Backfill,
         };
-        let progress = Arc::new(Mutex::new(Progress::started(id, &request)));
-        self.backfills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, progress.clone());
-        let (backfiller, cancel, task_progress) = (
-            self.backfiller.clone(),
-            self.cancel.clone(),
-            progress.clone(),
-        );
-        self.tasks.spawn(async move {
-            use futures_util::FutureExt as _;
-            let run = std::panic::AssertUnwindSafe(backfiller.run(&request, &task_progress))
-                .catch_unwind();
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                outcome = run => if outcome.is_err() {
-                    // A bug must not leave the backfill `running` forever.
-                    let mut p = task_progress.lock().unwrap_or_else(|p| p.into_inner());
-                    p.state = BackfillState::Failed;
-                    p.finished_at = Some(now_ms());
-                    p.errors.insert(0, "internal error: the backfill stopped (a bug in regtee: please report it)".into());
-                    tracing::error!(project = %p.project, "a backfill stopped on an internal error");
-                },
-            }
-        });
-        let snapshot = progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        json(StatusCode::ACCEPTED, &snapshot)
-    }
-
-    fn list_backfills(&self) -> Answer {
-        let all: Vec<Progress> = self
-            .backfills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|p| p.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .collect();
-        json(StatusCode::OK, &all)
-    }
-
-    fn backfill(&self, id: &str) -> Answer {
-        let found = id.parse::<u64>().ok().and_then(|id| {
-            self.backfills
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .cloned()
-        });
-        match found {
-            Some(p) => json(
-                StatusCode::OK,
-                &*p.lock().unwrap_or_else(|p| p.into_inner()),
+        match self.backfills.start(request).await {
+            Ok(progress) => json(StatusCode::ACCEPTED, &progress),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("could not record the backfill, nothing started: {e}"),
             ),
-            None => error(StatusCode::NOT_FOUND, format!("no backfill {id}")),
+        }
+    }
+
+    async fn list_backfills(&self) -> Answer {
+        json(StatusCode::OK, &self.backfills.list().await)
+    }
+
+    async fn backfill(&self, id: &str) -> Answer {
+        let Ok(number) = id.parse::<u64>() else {
+            return error(StatusCode::NOT_FOUND, format!("no backfill {id}"));
+        };
+        match self.backfills.get(number).await {
+            Ok(Some(p)) => json(StatusCode::OK, &p),
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("no backfill {id}")),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod backfill;
+pub mod backfill_runs;
 pub mod certs;
 pub mod cli;
 pub mod demo;

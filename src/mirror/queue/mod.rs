@@ -130,6 +130,19 @@ enum Store {
     Postgres(postgres::PgQueue),
 }
 
+/// A backfill as the queue's database keeps it, so that any replica can show it. Its progress
+/// is the operator side's own JSON: the queue only stores it.
+#[derive(Clone, Debug)]
+pub struct BackfillRecord {
+    /// Unique across replicas.
+    pub id: i64,
+    /// The progress, as last saved.
+    pub progress: String,
+    /// Its process stopped (died, or was restarted) before it ended: the progress is where it
+    /// stopped.
+    pub interrupted: bool,
+}
+
 /// How many repositories a blob's homes list offers as mount sources.
 pub const BLOB_HOMES_KEPT: i64 = 8;
 
@@ -355,8 +368,35 @@ impl Queue {
         on_store!(self, q => q.blob_homes(target, digest))
     }
 
-    /// Deletes done and skipped jobs that finished before `older_than` ago, and blob homes not
-    /// seen since. Failed jobs stay
+    /// Records a backfill started by this process; returns its id.
+    pub async fn record_backfill(&self, progress: String) -> Result<i64, QueueError> {
+        on_store!(self, q => q.record_backfill(progress))
+    }
+
+    /// Saves a backfill's progress; `running` false once it ended.
+    pub async fn save_backfill(
+        &self,
+        id: i64,
+        progress: String,
+        running: bool,
+    ) -> Result<(), QueueError> {
+        on_store!(self, q => q.save_backfill(id, progress, running))
+    }
+
+    /// The newest backfills (at most 100), any replica's, newest first.
+    pub async fn backfills(&self) -> Result<Vec<BackfillRecord>, QueueError> {
+        on_store!(self, q => q.backfills(None))
+    }
+
+    /// One backfill, whichever replica runs or ran it.
+    pub async fn backfill(&self, id: i64) -> Result<Option<BackfillRecord>, QueueError> {
+        Ok(on_store!(self, q => q.backfills(Some(id)))?
+            .into_iter()
+            .next())
+    }
+
+    /// Deletes done and skipped jobs that finished before `older_than` ago, and blob homes and
+    /// ended backfills not touched since. Failed jobs stay
     /// until someone retries them: they are work nobody has done yet.
     pub async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
         on_store!(self, q => q.purge(older_than))

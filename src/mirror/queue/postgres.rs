@@ -90,6 +90,14 @@ CREATE TABLE IF NOT EXISTS blob_homes (
     seen_at    BIGINT NOT NULL,
     PRIMARY KEY (target, digest, repository)
 );
+CREATE TABLE IF NOT EXISTS backfills (
+    id          BIGSERIAL PRIMARY KEY,
+    replica     TEXT NOT NULL DEFAULT '',
+    running     BOOLEAN NOT NULL,
+    interrupted BOOLEAN NOT NULL DEFAULT FALSE,
+    progress    TEXT NOT NULL,
+    updated_at  BIGINT NOT NULL
+);
 "#;
 
 const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
@@ -376,6 +384,13 @@ impl PgQueue {
                 &[&now],
             )
             .await?;
+        // A backfill whose replica fell silent for three leases will not end.
+        self.execute(
+            "UPDATE backfills SET running = FALSE, interrupted = TRUE \
+             WHERE running AND replica NOT IN (SELECT id FROM replicas WHERE heartbeat_at >= $1)",
+            &[&(now - 3 * self.lease.as_millis() as i64)],
+        )
+        .await?;
         Ok(rows.iter().filter_map(|r| r.try_get(0).ok()).collect())
     }
 
@@ -726,6 +741,59 @@ impl PgQueue {
         .map(|_| ())
     }
 
+    pub(super) async fn record_backfill(&self, progress: String) -> Result<i64, QueueError> {
+        let rows = self
+            .query(
+                "INSERT INTO backfills (replica, running, progress, updated_at) \
+                 VALUES ($1, TRUE, $2, $3) RETURNING id",
+                &[&self.replica, &progress, &now_ms()],
+            )
+            .await?;
+        let row = rows.first().ok_or_else(|| QueueError::PostgresPool {
+            database: self.shown.clone(),
+            message: "recording a backfill returned no id".into(),
+        })?;
+        row.try_get(0).map_err(|e| self.error(e))
+    }
+
+    pub(super) async fn save_backfill(
+        &self,
+        id: i64,
+        progress: String,
+        running: bool,
+    ) -> Result<(), QueueError> {
+        self.execute(
+            "UPDATE backfills SET progress = $2, running = $3, updated_at = $4 WHERE id = $1",
+            &[&id, &progress, &running, &now_ms()],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The newest backfills, or the one with `id`.
+    pub(super) async fn backfills(
+        &self,
+        id: Option<i64>,
+    ) -> Result<Vec<super::BackfillRecord>, QueueError> {
+        let rows = self
+            .query(
+                "SELECT id, progress, interrupted FROM backfills \
+                 WHERE $1::BIGINT IS NULL OR id = $1 ORDER BY id DESC LIMIT 100",
+                &[&id],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(super::BackfillRecord {
+                    id: r.try_get(0)?,
+                    progress: r.try_get(1)?,
+                    interrupted: r.try_get(2)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| self.error(e))
+    }
+
     pub(super) async fn blob_homes(
         &self,
         target: String,
@@ -748,6 +816,11 @@ impl PgQueue {
         let cutoff = now_ms() - older_than.as_millis() as i64;
         self.execute("DELETE FROM blob_homes WHERE seen_at < $1", &[&cutoff])
             .await?;
+        self.execute(
+            "DELETE FROM backfills WHERE NOT running AND updated_at < $1",
+            &[&cutoff],
+        )
+        .await?;
         self.execute(
             "DELETE FROM jobs WHERE state IN ('done', 'skipped') AND finished_at < $1",
             &[&cutoff],

@@ -73,6 +73,13 @@ CREATE TABLE IF NOT EXISTS blob_homes (
     seen_at    INTEGER NOT NULL,
     PRIMARY KEY (target, digest, repository)
 );
+CREATE TABLE IF NOT EXISTS backfills (
+    id          INTEGER PRIMARY KEY,
+    running     INTEGER NOT NULL,
+    interrupted INTEGER NOT NULL DEFAULT 0,
+    progress    TEXT NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
 "#;
 
 /// Columns added after the first release, with their definitions; added to older databases at
@@ -186,10 +193,15 @@ impl SqliteQueue {
         .await
     }
 
-    /// Puts jobs a dead process left `running` back to `pending`. Call once the state lock is held.
+    /// Puts jobs a dead process left `running` back to `pending`, and marks its backfills
+    /// interrupted. Call once the state lock is held.
     pub(super) async fn recover_interrupted(&self) -> Result<usize, QueueError> {
         let now = now_ms();
         self.with(move |c| {
+            c.execute(
+                "UPDATE backfills SET running = 0, interrupted = 1 WHERE running = 1",
+                [],
+            )?;
             c.execute(
                 "UPDATE jobs SET state = 'pending', next_attempt_at = ?1, updated_at = ?1 \
                  WHERE state = 'running'",
@@ -515,6 +527,10 @@ impl SqliteQueue {
         self.with(move |c| {
             c.execute("DELETE FROM blob_homes WHERE seen_at < ?1", params![cutoff])?;
             c.execute(
+                "DELETE FROM backfills WHERE running = 0 AND updated_at < ?1",
+                params![cutoff],
+            )?;
+            c.execute(
                 "DELETE FROM jobs WHERE state IN ('done', 'skipped') AND finished_at < ?1",
                 params![cutoff],
             )
@@ -537,6 +553,57 @@ impl SqliteQueue {
                 params![target, digest, repository, now],
             )
             .map(|_| ())
+        })
+        .await
+    }
+
+    pub(super) async fn record_backfill(&self, progress: String) -> Result<i64, QueueError> {
+        let now = now_ms();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO backfills (running, progress, updated_at) VALUES (1, ?1, ?2)",
+                params![progress, now],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    pub(super) async fn save_backfill(
+        &self,
+        id: i64,
+        progress: String,
+        running: bool,
+    ) -> Result<(), QueueError> {
+        let now = now_ms();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE backfills SET progress = ?2, running = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, progress, running, now],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// The newest backfills, or the one with `id`.
+    pub(super) async fn backfills(
+        &self,
+        id: Option<i64>,
+    ) -> Result<Vec<super::BackfillRecord>, QueueError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, progress, interrupted FROM backfills \
+                 WHERE ?1 IS NULL OR id = ?1 ORDER BY id DESC LIMIT 100",
+            )?;
+            stmt.query_map(params![id], |r| {
+                Ok(super::BackfillRecord {
+                    id: r.get(0)?,
+                    progress: r.get(1)?,
+                    interrupted: r.get(2)?,
+                })
+            })?
+            .collect()
         })
         .await
     }

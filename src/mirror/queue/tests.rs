@@ -109,10 +109,16 @@ async fn retry_later_waits_and_interrupted_jobs_recover() {
         "retry is not due yet"
     );
     assert!(q.next_due("a").await.unwrap().unwrap() > now_ms());
+    let backfill = q.record_backfill("{}".into()).await.unwrap();
+    let ended = q.record_backfill("{}".into()).await.unwrap();
+    q.save_backfill(ended, "{}".into(), false).await.unwrap();
 
     drop(q);
     let q = Queue::open(dir.path()).unwrap();
     assert_eq!(q.recover_interrupted().await.unwrap(), 1);
+    // A backfill the dead process was running will not end; one that ended stays as it was.
+    assert!(q.backfill(backfill).await.unwrap().unwrap().interrupted);
+    assert!(!q.backfill(ended).await.unwrap().unwrap().interrupted);
     assert_eq!(q.claim("a").await.unwrap().unwrap().id, second.id);
     let attempts = q.attempts(first.id).await.unwrap();
     assert_eq!(attempts.len(), 1);
@@ -381,6 +387,37 @@ mod on_postgres {
             JobState::Running
         );
         assert!(b.claim("t").await.unwrap().is_none());
+    }
+
+    /// A backfill is seen by every replica as its replica saved it; once that replica has been
+    /// silent for three leases, the backfill is marked interrupted.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_silent_replicas_backfill_is_marked_interrupted() {
+        let config = state("backfills", "lease = \"1s\"\n");
+        let dead = Queue::open_state(&config).await.unwrap();
+        let alive = Queue::open_state(&config).await.unwrap();
+        let id = dead.record_backfill("{\"n\":1}".into()).await.unwrap();
+        dead.save_backfill(id, "{\"n\":2}".into(), true)
+            .await
+            .unwrap();
+        let seen = alive.backfill(id).await.unwrap().unwrap();
+        assert_eq!(
+            (seen.progress.as_str(), seen.interrupted),
+            ("{\"n\":2}", false)
+        );
+        // Both heartbeat now; only `alive` goes on.
+        alive.recover_interrupted().await.unwrap();
+        assert!(!alive.backfill(id).await.unwrap().unwrap().interrupted);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !alive.backfill(id).await.unwrap().unwrap().interrupted {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never marked interrupted"
+            );
+            alive.recover_interrupted().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(alive.backfills().await.unwrap().len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,210 @@
+//! Backfills started through the admin API: run on the replica that was asked, one per project
+//! and target across all replicas, their progress kept in the queue's database so that any
+//! replica shows any backfill (and a restart does not forget them).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::mirror::queue::{BackfillRecord, Queue, QueueError, now_ms};
+use crate::ops::backfill::{BackfillRequest, BackfillState, Backfiller, Progress};
+
+/// How often a running backfill's progress is saved for other replicas to read.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// The backfills of this replica, and the way to everyone's.
+pub struct BackfillRuns {
+    queue: Arc<Queue>,
+    backfiller: Arc<Backfiller>,
+    /// This replica's backfills whose end is not saved yet: fresher than the database, and
+    /// what is shown if it cannot be read.
+    local: Mutex<BTreeMap<u64, Arc<Mutex<Progress>>>>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+fn snapshot(progress: &Mutex<Progress>) -> Progress {
+    progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+impl BackfillRuns {
+    /// Backfills run by `backfiller`, recorded in `queue`.
+    pub fn new(
+        queue: Arc<Queue>,
+        backfiller: Arc<Backfiller>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BackfillRuns {
+        BackfillRuns {
+            queue,
+            backfiller,
+            local: Mutex::new(BTreeMap::new()),
+            tasks,
+            cancel,
+        }
+    }
+
+    /// Records a backfill and starts it; returns its progress so far. Fails only when the
+    /// database cannot record it (nothing is started then).
+    pub async fn start(self: &Arc<Self>, request: BackfillRequest) -> Result<Progress, QueueError> {
+        let started = Progress::started(0, &request);
+        let id = self.queue.record_backfill(to_json(&started)).await?;
+        let progress = Arc::new(Mutex::new(Progress {
+            id: id as u64,
+            ..started
+        }));
+        self.local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id as u64, progress.clone());
+        let runs = self.clone();
+        let task_progress = progress.clone();
+        self.tasks
+            .spawn(async move { runs.run(id, request, task_progress).await });
+        Ok(snapshot(&progress))
+    }
+
+    /// Runs one backfill unless another replica runs one of the same project and target,
+    /// saving its progress as it goes and once it ends.
+    async fn run(&self, id: i64, request: BackfillRequest, progress: Arc<Mutex<Progress>>) {
+        use futures_util::FutureExt as _;
+        let name = format!(
+            "backfill {} {}",
+            request.project,
+            request.target.as_deref().unwrap_or("*")
+        );
+        let work =
+            std::panic::AssertUnwindSafe(self.backfiller.run(&request, &progress)).catch_unwind();
+        let alone = self.queue.alone(&name, work);
+        tokio::pin!(alone);
+        let mut ticker = tokio::time::interval(SAVE_EVERY);
+        let ended = loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                ended = &mut alone => break ended,
+                _ = ticker.tick() => {
+                    let _ = self.save(id, &progress).await;
+                }
+            }
+        };
+        {
+            let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+            let stopped = match ended {
+                Ok(Some(Ok(()))) => None,
+                Ok(Some(Err(_))) => Some(
+                    "internal error: the backfill stopped (a bug in regtee: please report it)"
+                        .to_string(),
+                ),
+                Ok(None) => Some(format!(
+                    "a backfill of project {} for {} is already running on another replica: see GET /api/v1/backfills",
+                    request.project,
+                    request.target.as_deref().unwrap_or("every target")
+                )),
+                Err(e) => Some(format!("could not take this backfill's turn: {e}")),
+            };
+            if let Some(why) = stopped {
+                tracing::error!(project = %p.project, error = %why, "a backfill did not run to its end");
+                p.state = BackfillState::Failed;
+                p.finished_at = Some(now_ms());
+                p.errors.insert(0, why);
+            }
+        }
+        // The end must reach the database, or other replicas show it running for ever.
+        let mut delay = Duration::from_secs(1);
+        for _ in 0..6 {
+            if self.save(id, &progress).await.is_ok() {
+                self.local
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(id as u64));
+                return;
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay *= 2;
+        }
+        tracing::warn!(
+            backfill = id,
+            "could not save a finished backfill's result to the queue database; this replica shows it, the others show it running until this one stops"
+        );
+    }
+
+    async fn save(&self, id: i64, progress: &Mutex<Progress>) -> Result<(), QueueError> {
+        let p = snapshot(progress);
+        let running = p.state == BackfillState::Running;
+        self.queue.save_backfill(id, to_json(&p), running).await
+    }
+
+    /// The newest backfills of every replica, newest first. If the database cannot be read,
+    /// this replica's own.
+    pub async fn list(&self) -> Vec<Progress> {
+        let mut all: BTreeMap<u64, Progress> = match self.queue.backfills().await {
+            Ok(records) => records
+                .iter()
+                .filter_map(from_record)
+                .map(|p| (p.id, p))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read backfills from the queue database; showing this replica's only");
+                BTreeMap::new()
+            }
+        };
+        for (id, p) in self.local.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            all.insert(*id, snapshot(p));
+        }
+        all.into_values().rev().collect()
+    }
+
+    /// One backfill, whichever replica runs or ran it. `Err` when it can be on no replica's
+    /// record because the database cannot be read.
+    pub async fn get(&self, id: u64) -> Result<Option<Progress>, QueueError> {
+        if let Some(p) = self
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            return Ok(Some(snapshot(p)));
+        }
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        Ok(self
+            .queue
+            .backfill(id)
+            .await?
+            .as_ref()
+            .and_then(from_record))
+    }
+}
+
+fn to_json(progress: &Progress) -> String {
+    serde_json::to_string(progress).unwrap_or_default()
+}
+
+/// A saved backfill as the API shows it: one whose replica stopped before it ended is failed,
+/// with the reason first.
+fn from_record(record: &BackfillRecord) -> Option<Progress> {
+    let mut p: Progress = match serde_json::from_str(&record.progress) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(backfill = record.id, error = %e, "a saved backfill cannot be read; left out");
+            return None;
+        }
+    };
+    p.id = u64::try_from(record.id).ok()?;
+    if record.interrupted && p.state == BackfillState::Running {
+        p.state = BackfillState::Failed;
+        p.errors.insert(
+            0,
+            "interrupted: the regtee process running it stopped before it ended; start it again"
+                .into(),
+        );
+    }
+    Some(p)
+}
