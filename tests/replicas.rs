@@ -71,6 +71,38 @@ async fn pushes_through_either_replica_are_mirrored_and_both_see_the_queue() {
             .all(|r| r["version"] == env!("CARGO_PKG_VERSION"))
     );
 
+    // Metrics of queue state are the cluster's, the same on both; work done is per replica.
+    let queue_gauges = |r: &Regtee| {
+        let url = r.admin_url("/metrics");
+        async move {
+            let (status, text) = http_request(&url, "GET", None, &[]).await;
+            assert_eq!(status, 200);
+            // The exposition's order of label sets is not fixed.
+            let mut lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with("regtee_jobs{"))
+                .map(str::to_string)
+                .collect();
+            lines.sort();
+            lines
+        }
+    };
+    let settled = wait_until("the queue settled", Duration::from_secs(30), || async {
+        let gauges = queue_gauges(&a).await;
+        let busy = gauges.iter().any(|l| {
+            (l.contains("\"pending\"") || l.contains("\"running\"")) && !l.ends_with(" 0")
+        });
+        (!busy).then_some(gauges)
+    })
+    .await;
+    assert!(
+        settled
+            .iter()
+            .any(|l| l.contains("\"done\"") && !l.ends_with(" 0")),
+        "{settled:?}"
+    );
+    assert_eq!(queue_gauges(&b).await, settled);
+
     // A backfill started on one replica is seen, as it goes and once ended, on the other.
     let (status, body) = http_request(
         &a.admin_url("/api/v1/backfills"),
