@@ -557,3 +557,314 @@ async fn a_login_challenged_by_one_replica_gets_its_token_through_another() {
     a.stop().await;
     b.stop().await;
 }
+
+/// One push as a client makes it: retried (up to five times, as a CI job would) while it fails.
+/// Returns what the acknowledged try printed (none if no try was), and how many tries failed.
+fn push_with_retries(
+    push: impl Fn() -> std::process::Output,
+) -> (Option<std::process::Output>, usize) {
+    for failed in 0..5 {
+        let out = push();
+        if out.status.success() {
+            return (Some(out), failed);
+        }
+    }
+    (None, 5)
+}
+
+/// The digest `docker push` reports at its end (`TAG: digest: sha256:... size: N`).
+fn docker_pushed_digest(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.split("digest: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no digest in: {stdout}"))
+        .to_string()
+}
+
+/// The nginx front of `deploy/nginx/regtee-replicas.conf`, as shipped, with its listen address
+/// and upstream servers set to this test's.
+fn balancer_config(listen: &str, replicas: &[&str]) -> String {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/regtee-replicas.conf"),
+    )
+    .unwrap();
+    let servers: String = replicas
+        .iter()
+        .map(|r| format!("    server {r} max_fails=2 fail_timeout=5s;\n"))
+        .collect();
+    let mut out = String::new();
+    let mut servers_written = false;
+    for line in shipped.lines() {
+        if line.trim_start().starts_with("server 127.0.0.1:") {
+            if !std::mem::replace(&mut servers_written, true) {
+                out.push_str(&servers);
+            }
+        } else if line.trim() == "listen 5000;" {
+            out.push_str(&format!("    listen {listen};\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    assert!(servers_written && out.contains(listen), "{out}");
+    out
+}
+
+/// Three replicas on one database behind nginx doing round-robin (the shipped front), Harbor as
+/// deployed (HTTPS, its nginx) behind them; skopeo and the Docker engine push a burst through
+/// the front. One replica is SIGKILLed in the middle of the burst, another while it mirrors.
+/// Every push a client saw succeed reaches the target with Harbor's digest, no job ever had two
+/// attempts at once, and the second replica's running jobs run again within a lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_behind_nginx_lose_nothing_when_two_are_killed() {
+    const LEASE: Duration = Duration::from_secs(4);
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    // A slow target (256 KiB/s per replica), so copies are still running when a replica dies.
+    let target = TargetSpec::cloud("tcr", &cloud).with("max_bytes_per_second = 262144");
+    let first =
+        ConfigSpec::new(&harbor, &work.path().join("r0")).on_postgres(postgres(), "three_replicas");
+    let specs: Vec<ConfigSpec> = (0..3)
+        .map(|i| {
+            let mut spec = ConfigSpec::new(&harbor, &work.path().join(format!("r{i}")))
+                .target(target.clone())
+                .with_database(&first);
+            spec.listen = format!("127.0.0.1:{}", regtee::local_registry::free_port().unwrap());
+            spec.admin = Some(format!(
+                "127.0.0.1:{}",
+                regtee::local_registry::free_port().unwrap()
+            ));
+            spec.state_extra = format!("lease = \"{}s\"\n", LEASE.as_secs());
+            spec
+        })
+        .collect();
+    let mut replicas: Vec<RegteeProcess> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            RegteeProcess::spawn(
+                &spec.write(&work.path().join(format!("r{i}.toml"))),
+                spec,
+                &work.path().join(format!("r{i}.log")),
+            )
+        })
+        .collect();
+    for spec in &specs {
+        wait_listening(spec.listen.parse().unwrap()).await;
+    }
+    let front_addr = format!("127.0.0.1:{}", regtee::local_registry::free_port().unwrap());
+    let listens: Vec<&str> = specs.iter().map(|s| s.listen.as_str()).collect();
+    let _front = crate::support::nginx::Nginx::start(
+        &work.path().join("front"),
+        &balancer_config(&front_addr, &listens),
+        front_addr.parse().unwrap(),
+    )
+    .await;
+
+    // The burst: skopeo images and Docker engine images, all through the front.
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let skopeo_images: Vec<_> = (0..4)
+        .map(|i| {
+            let image = layout.image(&[200_000 + i, 100_000 + i], "amd64");
+            layout.tag(&image, &format!("s{i}"));
+            image
+        })
+        .collect();
+    let daemon = crate::support::docker::dockerd();
+    let docker_config = work.path().join("docker-config");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    let docker_images: Vec<_> = (0..2)
+        .map(|i| {
+            let image =
+                layout.docker_image(&[layout.tar_layer(250_000), layout.tar_layer(20_000 + i)]);
+            layout.tag(&image, &format!("d{i}"));
+            daemon.load(
+                &docker_config,
+                &layout,
+                &format!("d{i}"),
+                &format!("regtee-burst/d{i}"),
+                work.path(),
+            );
+            image
+        })
+        .collect();
+    let login = tokio::task::block_in_place(|| {
+        daemon.command_with_stdin(
+            &docker_config,
+            &["login", "-u", DEV_USER, "--password-stdin", &front_addr],
+            Some(DEV_PASSWORD),
+        )
+    });
+    assert!(login.status.success(), "docker login: {}", text(&login));
+
+    let pid = |i: usize| replicas[i].child.id();
+    let pids: Vec<u32> = (0..3).map(pid).collect();
+    let database = postgres();
+    let running_on = |pid: u32| {
+        let rows = database
+            .psql(
+                "three_replicas",
+                &format!(
+                    "SELECT id FROM jobs WHERE state = 'running' AND lease_owner LIKE '%-{pid}-%'"
+                ),
+            )
+            .unwrap();
+        rows.lines()
+            .filter_map(|l| l.trim().parse::<i64>().ok())
+            .collect::<Vec<i64>>()
+    };
+    let (results, killed) = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let skopeo_pushes: Vec<_> = (0..skopeo_images.len())
+                .map(|i| {
+                    let (dir, host) = (&layout.dir, &front_addr);
+                    scope.spawn(move || {
+                        push_with_retries(|| {
+                            push_layout(
+                                dir,
+                                &format!("s{i}"),
+                                host,
+                                &format!("library/s{i}:1"),
+                                Tls::Off,
+                            )
+                        })
+                    })
+                })
+                .collect();
+            let docker_pushes: Vec<_> = (0..docker_images.len())
+                .map(|i| {
+                    let (config, host) = (&docker_config, &front_addr);
+                    scope.spawn(move || {
+                        let reference = format!("{host}/library/d{i}:1");
+                        let tagged = daemon.command(
+                            config,
+                            &["tag", &format!("regtee-burst/d{i}:latest"), &reference],
+                        );
+                        assert!(tagged.status.success(), "{}", text(&tagged));
+                        push_with_retries(|| daemon.command(config, &["push", &reference]))
+                    })
+                })
+                .collect();
+            // Mid-burst: replica 0 dies once the first job is recorded.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while database
+                .psql("three_replicas", "SELECT COUNT(*) FROM jobs")
+                .unwrap()
+                .trim()
+                == "0"
+            {
+                assert!(std::time::Instant::now() < deadline, "no job recorded");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            replicas[0].kill9();
+            // Mid-mirroring: replica 1 dies while it holds running jobs.
+            let held = loop {
+                let held = running_on(pids[1]);
+                if !held.is_empty() {
+                    break held;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "replica 1 never ran a job"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            replicas[1].kill9();
+            let killed_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            let results: Vec<(Option<std::process::Output>, usize)> = skopeo_pushes
+                .into_iter()
+                .chain(docker_pushes)
+                .map(|h| h.join().unwrap())
+                .collect();
+            (results, (held, killed_at))
+        })
+    });
+    let retried: Vec<usize> = results.iter().map(|(_, failed)| *failed).collect();
+    assert!(
+        results
+            .iter()
+            .all(|(acknowledged, _)| acknowledged.is_some()),
+        "every push acknowledged within five tries (failed tries per push: {retried:?})"
+    );
+    eprintln!("failed tries per push before it was acknowledged: {retried:?}");
+
+    // Every acknowledged push is on the target with Harbor's digest.
+    let on_harbor = harbor.client(DEV_USER, DEV_PASSWORD);
+    let on_target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
+    // skopeo pushes the layout's manifest as it is; docker writes its own, and says its digest.
+    let acknowledged: Vec<(String, String)> = (0..skopeo_images.len())
+        .map(|i| (format!("library/s{i}"), skopeo_images[i].digest.clone()))
+        .chain((0..docker_images.len()).map(|i| {
+            let out = results[skopeo_images.len() + i].0.as_ref().unwrap();
+            (format!("library/d{i}"), docker_pushed_digest(out))
+        }))
+        .collect();
+    for (repository, digest) in &acknowledged {
+        let harbors = on_harbor
+            .manifest_head(repository, "1")
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{repository}:1 on Harbor"));
+        assert_eq!(harbors.digest.as_str(), digest, "{repository}");
+        wait_for_manifest(&on_target, repository, "1", digest).await;
+    }
+    for (i, image) in skopeo_images.iter().enumerate() {
+        assert_blobs_equal(&on_target, &format!("library/s{i}"), &layout, image).await;
+    }
+
+    // Replica 1's running jobs ran again elsewhere, once its leases ran out.
+    let (held, killed_at) = killed;
+    for id in &held {
+        let resumed_at = wait_until(
+            "a killed replica's job resumed and done",
+            Duration::from_secs(60),
+            || async {
+                let rows = database
+                    .psql(
+                        "three_replicas",
+                        &format!(
+                            "SELECT MIN(a.started_at) FROM attempts a JOIN jobs j ON j.id = a.job_id \
+                             WHERE a.job_id = {id} AND a.replica NOT LIKE '%-{}-%' AND j.state = 'done'",
+                            pids[1]
+                        ),
+                    )
+                    .ok()?;
+                rows.trim().parse::<i64>().ok()
+            },
+        )
+        .await;
+        // Its lease runs out at most a lease after the kill, and a live replica's keeper takes
+        // it back within a third of a lease more: within two leases, scheduling included.
+        let waited = Duration::from_millis((resumed_at - killed_at).max(0) as u64);
+        assert!(
+            waited <= 2 * LEASE,
+            "job {id} resumed {waited:?} after its replica was killed (lease {LEASE:?})"
+        );
+    }
+    // No job ever had two attempts at once.
+    let overlapping = database
+        .psql(
+            "three_replicas",
+            "SELECT COUNT(*) FROM attempts a JOIN attempts b ON a.job_id = b.job_id AND a.id < b.id \
+             AND a.started_at < b.finished_at AND b.started_at < a.finished_at",
+        )
+        .unwrap();
+    assert_eq!(overlapping.trim(), "0", "overlapping attempts");
+    let docker_out = tokio::task::block_in_place(|| {
+        for i in 0..docker_images.len() {
+            let _ = daemon.command(
+                &docker_config,
+                &["rmi", "-f", &format!("regtee-burst/d{i}:latest")],
+            );
+        }
+        daemon.command(&docker_config, &["logout", &front_addr])
+    });
+    assert!(docker_out.status.success(), "{}", text(&docker_out));
+    replicas[2].kill9();
+}

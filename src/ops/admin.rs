@@ -147,6 +147,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Answer {
     json(status, &serde_json::json!({ "error": message.into() }))
 }
 
+/// The queue's database could not answer: the client may retry (503), told why.
+fn queue_unavailable(e: &QueueError) -> Answer {
+    error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
     let mut r = Response::new(body::full(body.into()));
     *r.status_mut() = status;
@@ -258,7 +263,7 @@ impl Admin {
         if self.queue.outcome_unrecorded() {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "queue: a job's outcome could not be recorded (is the state directory's disk full?)",
+                "queue: a job's outcome could not be recorded (is the state directory's disk full, or the queue database away?)",
             );
         }
         if !self.cancel.is_cancelled() {
@@ -310,7 +315,7 @@ impl Admin {
     async fn status(&self) -> Answer {
         match Status::gather(&self.queue, &self.target_names()).await {
             Ok(s) => json(StatusCode::OK, &s),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            Err(e) => queue_unavailable(&e),
         }
     }
 
@@ -335,7 +340,7 @@ impl Admin {
         };
         match JobPage::fetch(&self.queue, filter).await {
             Ok(page) => json(StatusCode::OK, &page),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            Err(e) => queue_unavailable(&e),
         }
     }
 
@@ -346,7 +351,7 @@ impl Admin {
         match (self.queue.get(id).await, self.queue.attempts(id).await) {
             (Ok(Some(job)), Ok(attempts)) => json(StatusCode::OK, &JobDetail { job, attempts }),
             (Ok(None), _) => error(StatusCode::NOT_FOUND, format!("no job {id}")),
-            (Err(e), _) | (_, Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            (Err(e), _) | (_, Err(e)) => queue_unavailable(&e),
         }
     }
 
@@ -360,7 +365,7 @@ impl Admin {
                 StatusCode::CONFLICT,
                 format!("job {id} does not exist or is still pending or running"),
             ),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            Err(e) => queue_unavailable(&e),
         }
     }
 
@@ -373,7 +378,7 @@ impl Admin {
         }
         match self.queue.retry_failed(q.get("target").cloned()).await {
             Ok(n) => json(StatusCode::OK, &serde_json::json!({ "retried": n })),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            Err(e) => queue_unavailable(&e),
         }
     }
 
@@ -458,7 +463,7 @@ impl Admin {
         match self.backfills.get(number).await {
             Ok(Some(p)) => json(StatusCode::OK, &p),
             Ok(None) => error(StatusCode::NOT_FOUND, format!("no backfill {id}")),
-            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            Err(e) => queue_unavailable(&e),
         }
     }
 

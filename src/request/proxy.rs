@@ -204,7 +204,7 @@ impl Proxy {
             tracing::error!(
                 error = %e,
                 repository = %write.repository(),
-                "could not record a completed push for mirroring; the client was told to retry. Check the state directory's disk"
+                "could not record a completed push for mirroring; the client was told to retry. Check the state directory's disk, or the queue database the error names"
             );
             return Ok(log.answer(OciError::unavailable(
                 "the registry accepted the push but regtee could not record it for mirroring; retry the push",

@@ -117,6 +117,30 @@ impl Dockerd {
         child.wait_with_output().unwrap()
     }
 
+    /// Makes `image` of `layout` (a docker image: tar layers) an image of this daemon named
+    /// `name:latest`, through a `docker-archive` written by skopeo under `work`.
+    pub fn load(
+        &self,
+        config_dir: &Path,
+        layout: &crate::support::layout::Layout,
+        tag: &str,
+        name: &str,
+        work: &Path,
+    ) {
+        let archive = work.join(format!("{}.tar", name.replace('/', "-")));
+        crate::support::skopeo_ok(&[
+            "copy",
+            &format!("oci:{}:{tag}", layout.dir.display()),
+            &format!("docker-archive:{}:{name}:latest", archive.display()),
+        ]);
+        let out = self.command(config_dir, &["load", "-i", &archive.display().to_string()]);
+        assert!(
+            out.status.success(),
+            "docker load: {}",
+            crate::support::text(&out)
+        );
+    }
+
     /// What dockerd logged, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()

@@ -12,10 +12,9 @@
 //! registry in a real Harbor; it forwards `Host` and the `X-Forwarded-*` headers unchanged, so the
 //! registry sees what it sees here. The token realm is Harbor's external URL (`ext_endpoint`).
 
+use super::nginx::Nginx;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use regtee::local_registry::free_port;
 
@@ -30,7 +29,7 @@ pub enum HarborScheme {
 
 /// Harbor's nginx, started on free loopback ports; stopped on drop.
 pub struct HarborFront {
-    child: Option<Child>,
+    child: Option<Nginx>,
     dir: PathBuf,
     /// The port clients use (TLS for an HTTPS Harbor).
     pub port: u16,
@@ -111,46 +110,14 @@ impl HarborFront {
 
     /// Starts nginx in front of the registry and the token service and waits until it listens.
     pub async fn start(&mut self, registry: SocketAddr, token_service: SocketAddr) {
-        let conf = self.dir.join("nginx.conf");
-        std::fs::write(&conf, self.config(registry, token_service)).unwrap();
-        let log = std::fs::File::create(self.dir.join("nginx.stderr")).unwrap();
-        use std::os::unix::process::CommandExt as _;
-        let child = Command::new("nginx")
-            // Its own process group, so stopping it stops the workers too.
-            .process_group(0)
-            .arg("-p")
-            .arg(&self.dir)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("nginx is installed (apt-get install nginx-light)");
-        self.child = Some(child);
         let addr: SocketAddr = format!("{HOST}:{}", self.port).parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "nginx exited ({status}): {}{}",
-                    std::fs::read_to_string(self.dir.join("nginx.stderr")).unwrap_or_default(),
-                    std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let config = self.config(registry, token_service);
+        self.child = Some(Nginx::start(&self.dir, &config, addr).await);
     }
 
     /// Stops nginx, master and workers: Harbor is unreachable.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", c.id())])
-                .status();
-            let _ = c.wait();
-        }
+        self.child = None;
     }
 
     /// What nginx logged about requests (`access.log`), for assertions on what reached Harbor.

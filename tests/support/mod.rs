@@ -8,6 +8,7 @@ pub mod fault;
 pub mod harbor;
 pub mod issuer;
 pub mod layout;
+pub mod nginx;
 pub mod quirks;
 
 use std::collections::BTreeMap;

@@ -136,10 +136,12 @@ pub(super) struct PgQueue {
     lease: Duration,
     /// How long one operation may take ([`PgQueue::within`]).
     deadline: Duration,
-    /// The jobs this replica's workers claimed and have not finished: the only leases it
-    /// renews. A claim whose answer was lost (the deadline passed after the database committed
-    /// it) is then not renewed, and its lease runs out like a dead replica's.
-    in_hand: DashMap<i64, ()>,
+    /// The jobs this replica's workers claimed and have not finished, with when each was
+    /// claimed: the only leases it renews. A claim whose answer was lost (the deadline passed
+    /// after the database committed it) is then not renewed, and its lease runs out like a dead
+    /// replica's. The claim time dates this replica's attempt in the history, even when another
+    /// replica has claimed the job since.
+    in_hand: DashMap<i64, i64>,
 }
 
 impl PgQueue {
@@ -489,7 +491,7 @@ impl PgQueue {
             .await?;
         let job = self.jobs(&rows)?.into_iter().next();
         if let Some(job) = &job {
-            self.in_hand.insert(job.id, ());
+            self.in_hand.insert(job.id, now);
         }
         Ok(job)
     }
@@ -523,6 +525,7 @@ impl PgQueue {
             Some(row) => (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?),
             None => (now, false),
         };
+        let started = self.in_hand.get(&id).map_or(started, |claimed| *claimed);
         let (result, detail) = match &outcome {
             Outcome::Done { note, .. } => (AttemptResult::Done, note.clone()),
             Outcome::Skipped { reason } => (AttemptResult::Skipped, reason.clone()),
