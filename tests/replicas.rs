@@ -211,7 +211,7 @@ async fn database_away(how: Away) {
     let mut spec = ConfigSpec::new(&harbor, &work.path().join("state"))
         .target(TargetSpec::cloud("tcr", &cloud))
         .on_postgres(&database, "away");
-    spec.state_extra = "database_timeout = \"1s\"\n".into();
+    spec.state_extra = "database_timeout = \"2s\"\n".into();
     let regtee = Regtee::start(&spec).await;
     let mut layout = Layout::new(&work.path().join("layout"));
     let before = layout.image(&[150_000], "amd64");
@@ -276,31 +276,106 @@ async fn database_away(how: Away) {
         .unwrap();
     assert_eq!(ready.status(), 503, "not ready while the queue is away");
 
-    match how {
-        Away::Stopped => database.restart().unwrap(),
-        Away::Stalled => database.thaw().unwrap(),
+    // A burst while it is away: each push refused at least once, then retried by its client
+    // until acknowledged once the database is back; a client pulls all along and never fails.
+    let burst: Vec<_> = (0..3)
+        .map(|i| {
+            let image = layout.image(&[60_000 + i], "amd64");
+            layout.tag(&image, &format!("burst{i}"));
+            image
+        })
+        .collect();
+    let refusals: Vec<std::sync::atomic::AtomicUsize> =
+        (0..burst.len()).map(|_| Default::default()).collect();
+    let burst_done = std::sync::atomic::AtomicBool::new(false);
+    let host = regtee.host();
+    let pulls = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let puller = scope.spawn(|| {
+                let mut pulls = 0;
+                while !burst_done.load(std::sync::atomic::Ordering::SeqCst) {
+                    let dest = work.path().join(format!("pulled-{pulls}"));
+                    pull_to_layout(
+                        &host,
+                        "library/app:before",
+                        &dest,
+                        (DEV_USER, DEV_PASSWORD),
+                        Tls::Off,
+                    );
+                    pulls += 1;
+                }
+                pulls
+            });
+            let pushers: Vec<_> = (0..burst.len())
+                .map(|i| {
+                    let (dir, host, refused) = (&layout.dir, &host, &refusals[i]);
+                    scope.spawn(move || {
+                        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+                        loop {
+                            let tag = format!("burst{i}");
+                            let out = push_layout(
+                                dir,
+                                &tag,
+                                host,
+                                &format!("library/app:{tag}"),
+                                Tls::Off,
+                            );
+                            if out.status.success() {
+                                return;
+                            }
+                            refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            assert!(
+                                std::time::Instant::now() < deadline,
+                                "push {i} never acknowledged: {}",
+                                text(&out)
+                            );
+                            // A client's pause between retries.
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    })
+                })
+                .collect();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while refusals
+                .iter()
+                .any(|r| r.load(std::sync::atomic::Ordering::SeqCst) == 0)
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "burst pushes were not refused"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            match how {
+                Away::Stopped => database.restart().unwrap(),
+                Away::Stalled => database.thaw().unwrap(),
+            }
+            database.wait_ready(Duration::from_secs(30)).unwrap();
+            for pusher in pushers {
+                pusher.join().unwrap();
+            }
+            burst_done.store(true, std::sync::atomic::Ordering::SeqCst);
+            puller.join().unwrap()
+        })
+    });
+    assert!(pulls >= 1, "pulls ran during the burst");
+    // The refused push, retried, is acknowledged too; all of it reaches the target.
+    push_layout_ok(
+        &layout.dir,
+        "during",
+        &regtee.host(),
+        "library/app:during",
+        Tls::Off,
+    );
+    for (tag, image) in std::iter::once(("during".to_string(), &during)).chain(
+        burst
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (format!("burst{i}"), b)),
+    ) {
+        wait_for_manifest(&target, "library/app", &tag, &image.digest).await;
+        assert_blobs_equal(&target, "library/app", &layout, image).await;
     }
-    database.wait_ready(Duration::from_secs(30)).unwrap();
-    // The client's retry, once the database is back, is acknowledged and mirrored.
-    wait_until(
-        "the retried push to succeed",
-        Duration::from_secs(30),
-        || async {
-            push_layout(
-                &layout.dir,
-                "during",
-                &regtee.host(),
-                "library/app:during",
-                Tls::Off,
-            )
-            .status
-            .success()
-            .then_some(())
-        },
-    )
-    .await;
-    wait_for_manifest(&target, "library/app", "during", &during.digest).await;
-    assert_blobs_equal(&target, "library/app", &layout, &during).await;
     regtee.stop().await;
 }
 

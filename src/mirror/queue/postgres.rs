@@ -28,6 +28,8 @@ use crate::config::DatabaseConfig;
 use crate::oci::digest::Digest;
 use crate::oci::names::{RepositoryName, Tag};
 
+/// How long connecting and creating the schema may take when regtee starts.
+const STARTUP: Duration = Duration::from_secs(30);
 /// The channel enqueues notify on.
 const CHANNEL: &str = "regtee_jobs";
 /// Serialises schema creation when several replicas start at once.
@@ -154,7 +156,8 @@ impl PgQueue {
         // A job must be durable before the client hears of it, whatever the server's default.
         connect.options("-c synchronous_commit=on");
         connect.application_name("regtee");
-        connect.connect_timeout(config.timeout);
+        // Requests are bounded by `within`; this bounds a connection the keeper or start waits for.
+        connect.connect_timeout(STARTUP.max(config.timeout));
         // A link that silently drops packets closes the connection (the pool then makes a new
         // one) instead of leaving it to wait for ever.
         connect.tcp_user_timeout(config.timeout * 2);
@@ -181,8 +184,17 @@ impl PgQueue {
             deadline: config.timeout,
             in_hand: DashMap::new(),
         };
-        queue.within(queue.create_schema()).await?;
-        queue.within(queue.heartbeat()).await?;
+        // No client waits on the start: it may take longer than one request may.
+        let startup = STARTUP.max(config.timeout);
+        tokio::time::timeout(startup, async {
+            queue.create_schema().await?;
+            queue.heartbeat().await
+        })
+        .await
+        .map_err(|_| QueueError::PostgresTimeout {
+            database: shown.clone(),
+            after: startup,
+        })??;
         tokio::spawn(listen(connect, tls, wakers, shown));
         Ok(queue)
     }
