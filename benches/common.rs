@@ -12,6 +12,19 @@ use hyper::body::Frame;
 use regtee::body::ProxyBody;
 use regtee::http_client::HttpClient;
 
+/// A work directory in memory (`/dev/shm`) where the machine has it, for registry storage:
+/// docker-registry syncs every blob it writes, and the disk's flushes would be the figure
+/// instead of what is measured.
+pub fn memory_work_dir() -> tempfile::TempDir {
+    let memory = Path::new("/dev/shm");
+    if memory.is_dir() {
+        tempfile::tempdir_in(memory)
+    } else {
+        tempfile::tempdir()
+    }
+    .unwrap()
+}
+
 pub fn client() -> HttpClient {
     regtee::tls::install_crypto_provider();
     regtee::http_client::build(

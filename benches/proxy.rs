@@ -184,13 +184,7 @@ async fn head_latencies(base: &str, connections: usize, requests: usize) -> (Dur
 async fn main() {
     // Registry storage in memory where the machine has it: the disk's write-back pauses are
     // larger than anything a proxy adds, and would decide which endpoint looks fastest.
-    let memory = std::path::Path::new("/dev/shm");
-    let work = if memory.is_dir() {
-        tempfile::tempdir_in(memory)
-    } else {
-        tempfile::tempdir()
-    }
-    .unwrap();
+    let work = memory_work_dir();
     let registry = LocalRegistry::start(&work.path().join("registry"), RegistryOptions::default())
         .await
         .expect("docker-registry is installed");

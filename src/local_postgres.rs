@@ -256,8 +256,9 @@ impl LocalPostgres {
         self.signal("-CONT")
     }
 
-    /// Sends `signal` to the postmaster and its children (the backends serving connections).
-    fn signal(&self, signal: &str) -> Result<(), PostgresError> {
+    /// The server's processes: the postmaster and its children (the backends serving
+    /// connections, the WAL writer, the checkpointer...).
+    pub fn server_pids(&self) -> Result<Vec<String>, PostgresError> {
         let pid_file = self.dir.join("data/postmaster.pid");
         let postmaster = std::fs::read_to_string(&pid_file)
             .map_err(io(format!("reading {}", pid_file.display())))?
@@ -283,6 +284,12 @@ impl LocalPostgres {
                 pids.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
+        Ok(pids)
+    }
+
+    /// Sends `signal` to the server's processes.
+    fn signal(&self, signal: &str) -> Result<(), PostgresError> {
+        let pids = self.server_pids()?;
         let out = Command::new("kill")
             .arg(signal)
             .args(&pids)

@@ -60,7 +60,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until     BIGINT NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_identity ON jobs(target, kind, repository, tag, digest);
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs(target, state, next_attempt_at);
+-- A claim's order, id included: without it every claim sorts all the jobs due at once.
+DROP INDEX IF EXISTS jobs_due;
+CREATE INDEX IF NOT EXISTS jobs_due_in_order ON jobs(target, state, next_attempt_at, id);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, finished_at);
 CREATE INDEX IF NOT EXISTS jobs_repository ON jobs(repository);
 CREATE INDEX IF NOT EXISTS jobs_leases ON jobs(state, lease_until);
@@ -130,6 +132,8 @@ fn job_from_row(row: &Row) -> Result<Job, tokio_postgres::Error> {
 /// The queue in a PostgreSQL database.
 pub(super) struct PgQueue {
     pool: Pool,
+    /// Connections whose commits do not wait for the WAL flush: see [`PgQueue::query_relaxed`].
+    relaxed: Pool,
     /// This process, as written into leases and attempts.
     replica: String,
     host: String,
@@ -164,18 +168,22 @@ impl PgQueue {
         connect.keepalives_idle(Duration::from_secs(30));
         let shown = config.shown.clone();
         let tls = tls_connector(config)?;
-        let manager = manager(connect.clone(), tls.clone());
-        let pool = Pool::builder(manager)
-            .max_size(16)
-            .wait_timeout(Some(config.timeout))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .map_err(|e| QueueError::PostgresPool {
-                database: shown.clone(),
-                message: e.to_string(),
-            })?;
+        let pool = |connect: &tokio_postgres::Config, size: usize| {
+            Pool::builder(manager(connect.clone(), tls.clone()))
+                .max_size(size)
+                .wait_timeout(Some(config.timeout))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .build()
+                .map_err(|e| QueueError::PostgresPool {
+                    database: shown.clone(),
+                    message: e.to_string(),
+                })
+        };
+        let mut relaxed = connect.clone();
+        relaxed.options("-c synchronous_commit=off");
         let queue = PgQueue {
-            pool,
+            pool: pool(&connect, 16)?,
+            relaxed: pool(&relaxed, 8)?,
             replica: replica_id(),
             host: host_name(),
             started_at: now_ms(),
@@ -255,7 +263,11 @@ impl PgQueue {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
-        self.pool.get().await.map_err(|e| match e {
+        self.from_pool(&self.pool).await
+    }
+
+    async fn from_pool(&self, pool: &Pool) -> Result<deadpool_postgres::Object, QueueError> {
+        pool.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Backend(source) => QueueError::Postgres {
                 database: self.shown.clone(),
                 source,
@@ -267,14 +279,40 @@ impl PgQueue {
         })
     }
 
+    // Statements are prepared once per connection (deadpool's cache): a statement given as
+    // text is otherwise parsed, planned and described again on every call, a round trip more.
+
     async fn execute(&self, sql: &str, args: &[&(dyn ToSql + Sync)]) -> Result<u64, QueueError> {
+        let pg = |e| self.error(e);
         let client = self.client().await?;
-        client.execute(sql, args).await.map_err(|e| self.error(e))
+        let statement = client.prepare_cached(sql).await.map_err(pg)?;
+        client.execute(&statement, args).await.map_err(pg)
     }
 
     async fn query(&self, sql: &str, args: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, QueueError> {
+        let pg = |e| self.error(e);
         let client = self.client().await?;
-        client.query(sql, args).await.map_err(|e| self.error(e))
+        let statement = client.prepare_cached(sql).await.map_err(pg)?;
+        client.query(&statement, args).await.map_err(pg)
+    }
+
+    /// Runs one statement on a connection whose commits do not wait for their WAL flush
+    /// (`synchronous_commit = off`), for writes whose loss in a crash of the database server is
+    /// harmless: a claim (the job is pending again and runs again), a lease renewal or takeover
+    /// and a heartbeat (the next round redoes them), a mount source, a backfill's progress. The
+    /// server applies them in order and never half; only the last moments before a crash can be
+    /// lost. A recorded job never goes this way: its commit is what the client's 201 promises.
+    /// A worker then waits for no flush but its outcome's, and a pool of its own (rather than
+    /// `SET LOCAL` in a transaction) keeps each such write one round trip.
+    async fn query_relaxed(
+        &self,
+        sql: &str,
+        args: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, QueueError> {
+        let pg = |e| self.error(e);
+        let client = self.from_pool(&self.relaxed).await?;
+        let statement = client.prepare_cached(sql).await.map_err(pg)?;
+        client.query(&statement, args).await.map_err(pg)
     }
 
     fn jobs(&self, rows: &[Row]) -> Result<Vec<Job>, QueueError> {
@@ -320,7 +358,7 @@ impl PgQueue {
     /// Says this replica is alive; forgets replicas silent for a day.
     async fn heartbeat(&self) -> Result<(), QueueError> {
         let now = now_ms();
-        self.execute(
+        self.query_relaxed(
             "INSERT INTO replicas (id, host, version, started_at, heartbeat_at) \
              VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
@@ -333,7 +371,7 @@ impl PgQueue {
             ],
         )
         .await?;
-        self.execute(
+        self.query_relaxed(
             "DELETE FROM replicas WHERE heartbeat_at < $1",
             &[&(now - 86_400_000)],
         )
@@ -383,7 +421,7 @@ impl PgQueue {
         let until = now + self.lease.as_millis() as i64;
         let in_hand: Vec<i64> = self.in_hand.iter().map(|e| *e.key()).collect();
         if !in_hand.is_empty() {
-            self.execute(
+            self.query_relaxed(
                 "UPDATE jobs SET lease_until = $2 \
                  WHERE id = ANY($3) AND state = 'running' AND lease_owner = $1",
                 &[&self.replica, &until, &in_hand],
@@ -391,7 +429,7 @@ impl PgQueue {
             .await?;
         }
         let rows = self
-            .query(
+            .query_relaxed(
                 "UPDATE jobs SET state = 'pending', next_attempt_at = $1, updated_at = $1, \
                      lease_owner = '' \
                  WHERE state = 'running' AND lease_until < $1 RETURNING target",
@@ -399,7 +437,7 @@ impl PgQueue {
             )
             .await?;
         // A backfill whose replica fell silent for three leases will not end.
-        self.execute(
+        self.query_relaxed(
             "UPDATE backfills SET running = FALSE, interrupted = TRUE \
              WHERE running AND replica NOT IN (SELECT id FROM replicas WHERE heartbeat_at >= $1)",
             &[&(now - 3 * self.lease.as_millis() as i64)],
@@ -473,7 +511,7 @@ impl PgQueue {
         }
         for target in targets {
             // Delivered to every listening replica when the transaction commits.
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &target])
+            in_transaction(&tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &target])
                 .await
                 .map_err(pg)?;
         }
@@ -489,7 +527,7 @@ impl PgQueue {
         let now = now_ms();
         let until = now + self.lease.as_millis() as i64;
         let rows = self
-            .query(
+            .query_relaxed(
                 &format!(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
                          updated_at = $2, started_at = $2, lease_owner = $3, lease_until = $4 \
@@ -525,17 +563,26 @@ impl PgQueue {
         let mut client = self.client().await?;
         let pg = |e| self.error(e);
         let tx = client.transaction().await.map_err(pg)?;
-        let held = tx
-            .query_opt(
-                "SELECT COALESCE(started_at, updated_at), lease_owner = $2 AND state = 'running' \
+        let lock = tx
+            .prepare_cached(
+                "SELECT COALESCE(started_at, updated_at), lease_owner = $2 AND state = 'running', \
+                        rearm = 1 \
                  FROM jobs WHERE id = $1 FOR UPDATE",
-                &[&id, &self.replica],
             )
             .await
             .map_err(pg)?;
-        let (started, ours): (i64, bool) = match &held {
-            Some(row) => (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?),
-            None => (now, false),
+        let held = tx
+            .query_opt(&lock, &[&id, &self.replica])
+            .await
+            .map_err(pg)?;
+        // Read under the row's lock: an enqueue that re-arms the job waits for this commit.
+        let (started, ours, rearmed): (i64, bool, bool) = match &held {
+            Some(row) => (
+                row.try_get(0).map_err(pg)?,
+                row.try_get(1).map_err(pg)?,
+                row.try_get(2).map_err(pg)?,
+            ),
+            None => (now, false, false),
         };
         let started = self.in_hand.get(&id).map_or(started, |claimed| *claimed);
         let (result, detail) = match &outcome {
@@ -551,7 +598,8 @@ impl PgQueue {
                     note,
                 } => {
                     let target_digest = target_digest.as_deref().unwrap_or("");
-                    tx.execute(
+                    in_transaction(
+                        &tx,
                         "UPDATE jobs SET state = 'done', finished_at = $2, updated_at = $2, \
                          detail = $3, error_class = '', target_digest = $4, lease_owner = '' \
                          WHERE id = $1",
@@ -560,7 +608,8 @@ impl PgQueue {
                     .await
                 }
                 Outcome::Skipped { reason } => {
-                    tx.execute(
+                    in_transaction(
+                        &tx,
                         "UPDATE jobs SET state = 'skipped', finished_at = $2, updated_at = $2, \
                          detail = $3, error_class = '', lease_owner = '' WHERE id = $1",
                         &[&id, &now, reason],
@@ -568,7 +617,8 @@ impl PgQueue {
                     .await
                 }
                 Outcome::Failed { reason, class } => {
-                    tx.execute(
+                    in_transaction(
+                        &tx,
                         "UPDATE jobs SET state = 'failed', finished_at = $2, updated_at = $2, \
                          detail = $3, error_class = $4, lease_owner = '' WHERE id = $1",
                         &[&id, &now, reason, &class.as_str()],
@@ -576,7 +626,8 @@ impl PgQueue {
                     .await
                 }
                 Outcome::RetryAt { at, error, class } => {
-                    tx.execute(
+                    in_transaction(
+                        &tx,
                         "UPDATE jobs SET state = 'pending', next_attempt_at = $2, updated_at = $3, \
                          detail = $4, error_class = $5, lease_owner = '' WHERE id = $1",
                         &[&id, at, &now, error, &class.as_str()],
@@ -585,17 +636,21 @@ impl PgQueue {
                 }
             }
             .map_err(pg)?;
-            tx.execute(
-                "UPDATE jobs SET state = 'pending', rearm = 0, attempts = 0, next_attempt_at = $2, \
-                     started_at = NULL, finished_at = NULL \
-                 WHERE id = $1 AND rearm = 1",
-                &[&id, &now],
-            )
-            .await
-            .map_err(pg)?;
+            if rearmed {
+                in_transaction(
+                    &tx,
+                    "UPDATE jobs SET state = 'pending', rearm = 0, attempts = 0, \
+                         next_attempt_at = $2, started_at = NULL, finished_at = NULL \
+                     WHERE id = $1",
+                    &[&id, &now],
+                )
+                .await
+                .map_err(pg)?;
+            }
         }
         if held.is_some() {
-            tx.execute(
+            in_transaction(
+                &tx,
                 "INSERT INTO attempts (job_id, started_at, finished_at, result, detail, replica) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
                 &[
@@ -747,7 +802,7 @@ impl PgQueue {
         digest: String,
         repository: String,
     ) -> Result<(), QueueError> {
-        self.execute(
+        self.query_relaxed(
             "INSERT INTO blob_homes (target, digest, repository, seen_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (target, digest, repository) DO UPDATE SET seen_at = excluded.seen_at",
             &[&target, &digest, &repository, &now_ms()],
@@ -777,7 +832,7 @@ impl PgQueue {
         progress: String,
         running: bool,
     ) -> Result<(), QueueError> {
-        self.execute(
+        self.query_relaxed(
             "UPDATE backfills SET progress = $2, running = $3, updated_at = $4 WHERE id = $1",
             &[&id, &progress, &running, &now_ms()],
         )
@@ -925,6 +980,16 @@ impl PgQueue {
         tx.commit().await.map_err(pg)?;
         Ok((new_ids.len(), attempts))
     }
+}
+
+/// Runs one statement of a transaction, prepared once per connection.
+async fn in_transaction(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    args: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.execute(&statement, args).await
 }
 
 fn host_name() -> String {

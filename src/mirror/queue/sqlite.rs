@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     target_digest   TEXT NOT NULL DEFAULT ''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_identity ON jobs(target, kind, repository, tag, digest);
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs(target, state, next_attempt_at);
+-- A claim's order, id included: without it every claim sorts all the jobs due at once.
+DROP INDEX IF EXISTS jobs_due;
+CREATE INDEX IF NOT EXISTS jobs_due_in_order ON jobs(target, state, next_attempt_at, id);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, finished_at);
 CREATE INDEX IF NOT EXISTS jobs_repository ON jobs(repository);
 CREATE TABLE IF NOT EXISTS attempts (
