@@ -462,9 +462,21 @@ async fn state_migrate_copies_a_populated_queue_once_and_refuses_while_served() 
         "every job and its history, as it was"
     );
 
+    // The mount sources come along: the first copy of a blob after the move can still mount.
+    let homes = "SELECT target || '|' || digest || '|' || repository FROM blob_homes ORDER BY 1";
+    let homes_before = rows(homes);
+    assert!(!homes_before.is_empty(), "the mirrored blobs' homes");
+    assert_says(
+        &first,
+        &format!("{} mount sources added", homes_before.len()),
+    );
+    let homes_in_postgres = postgres().psql("migrated", homes).unwrap();
+    assert_eq!(homes_in_postgres.lines().collect::<Vec<_>>(), homes_before);
+
     let second = migrate(&config, &spec, &url);
     assert!(second.status.success(), "{}", text(&second));
     assert_says(&second, "0 copied into");
+    assert_says(&second, "0 mount sources added");
     assert_eq!(in_postgres(), before, "a second run adds nothing");
 }
 

@@ -408,6 +408,8 @@ impl Queue {
 pub(crate) struct Exported {
     jobs: Vec<(Job, Option<i64>)>,
     attempts: Vec<(i64, Attempt)>,
+    /// Mount sources: target, digest, repository, when last seen.
+    blob_homes: Vec<(String, String, String, i64)>,
 }
 
 /// What a migration did.
@@ -419,22 +421,25 @@ pub struct Migrated {
     pub added: usize,
     /// Attempts added with them.
     pub attempts: usize,
+    /// Mount sources (a repository on a target holding a blob) carried over.
+    pub mount_sources: usize,
 }
 
 impl Queue {
     /// Copies this SQLite queue into a PostgreSQL one: every job in every state, with its
-    /// attempts. Jobs already there (by identity) are left alone, so it can run twice.
+    /// attempts, and the mount sources. Jobs already there (by identity) are left alone, so it can run twice.
     pub async fn migrate_into(&self, to: &Queue) -> Result<Migrated, QueueError> {
         let (Store::Sqlite(from), Store::Postgres(into)) = (&self.store, &to.store) else {
             return Err(QueueError::NotAMigration);
         };
         let exported = from.export().await?;
         let jobs = exported.jobs.len();
-        let (added, attempts) = into.import(exported).await?;
+        let (added, attempts, mount_sources) = into.import(exported).await?;
         Ok(Migrated {
             jobs,
             added,
             attempts,
+            mount_sources,
         })
     }
 }

@@ -903,9 +903,12 @@ impl PgQueue {
 impl PgQueue {
     /// Adds what another queue exported, in one transaction. A job whose identity is already
     /// here is left as it is, with its history: running the migration again adds nothing. A
-    /// job that was running is pending here (no replica holds it). Returns the jobs and
-    /// attempts added.
-    pub(super) async fn import(&self, from: super::Exported) -> Result<(usize, usize), QueueError> {
+    /// job that was running is pending here (no replica holds it). Mount sources already here
+    /// are kept. Returns the jobs, attempts and mount sources added.
+    pub(super) async fn import(
+        &self,
+        from: super::Exported,
+    ) -> Result<(usize, usize, usize), QueueError> {
         let mut client = self.client().await?;
         let pg = |e| self.error(e);
         let tx = client.transaction().await.map_err(pg)?;
@@ -977,8 +980,19 @@ impl PgQueue {
                 attempts += 1;
             }
         }
+        let mut mount_sources = 0;
+        for (target, digest, repository, seen_at) in &from.blob_homes {
+            mount_sources += in_transaction(
+                &tx,
+                "INSERT INTO blob_homes (target, digest, repository, seen_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[target, digest, repository, seen_at],
+            )
+            .await
+            .map_err(pg)? as usize;
+        }
         tx.commit().await.map_err(pg)?;
-        Ok((new_ids.len(), attempts))
+        Ok((new_ids.len(), attempts, mount_sources))
     }
 }
 

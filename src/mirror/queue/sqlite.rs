@@ -654,7 +654,16 @@ impl SqliteQueue {
                     ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(super::Exported { jobs, attempts })
+            let mut stmt =
+                c.prepare("SELECT target, digest, repository, seen_at FROM blob_homes")?;
+            let blob_homes = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(super::Exported {
+                jobs,
+                attempts,
+                blob_homes,
+            })
         })
         .await
     }

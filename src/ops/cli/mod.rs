@@ -371,13 +371,14 @@ pub async fn migrate_state(config: &Config, to: &str) -> Result<i32, CliError> {
     .await?;
     let m = from.migrate_into(&into).await?;
     println!(
-        "{} jobs in {}: {} copied into {} with {} attempts, {} already there",
+        "{} jobs in {}: {} copied into {} with {} attempts, {} already there; {} mount sources added",
         m.jobs,
         dir.join("jobs.db").display(),
         m.added,
         database.shown,
         m.attempts,
-        m.jobs - m.added
+        m.jobs - m.added,
+        m.mount_sources
     );
     println!(
         "next: set [state] database = \"{to}\" (password in database_password_env or _file) and start the replicas"
