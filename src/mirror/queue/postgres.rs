@@ -263,10 +263,10 @@ impl PgQueue {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
-        self.from_pool(&self.pool).await
+        self.connection_from(&self.pool).await
     }
 
-    async fn from_pool(&self, pool: &Pool) -> Result<deadpool_postgres::Object, QueueError> {
+    async fn connection_from(&self, pool: &Pool) -> Result<deadpool_postgres::Object, QueueError> {
         pool.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Backend(source) => QueueError::Postgres {
                 database: self.shown.clone(),
@@ -310,7 +310,7 @@ impl PgQueue {
         args: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, QueueError> {
         let pg = |e| self.error(e);
-        let client = self.from_pool(&self.relaxed).await?;
+        let client = self.connection_from(&self.relaxed).await?;
         let statement = client.prepare_cached(sql).await.map_err(pg)?;
         client.query(&statement, args).await.map_err(pg)
     }
