@@ -16,6 +16,8 @@ use crate::registry::{ErrorKind, FixContext, Side};
 use crate::throttle::Throttle;
 
 static UNRECORDED: Throttle = Throttle::new(Duration::from_secs(60));
+/// Every worker meets the same unreadable queue: one line for all of them, every 30 s.
+static UNREADABLE: Throttle = Throttle::new(Duration::from_secs(30));
 
 impl Mirror {
     /// Starts `concurrency` workers per target. When `cancel` fires they take no new job and
@@ -68,7 +70,9 @@ impl Mirror {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::error!(target = target.name(), error = %e, "cannot read the job queue; retrying in 5s");
+                    if let Some(held_back) = UNREADABLE.allow() {
+                        tracing::error!(target = target.name(), held_back, error = %e, "cannot read the job queue; workers retry every 5s");
+                    }
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         () = tokio::time::sleep(Duration::from_secs(5)) => continue,
