@@ -70,6 +70,22 @@ async fn pushes_through_either_replica_are_mirrored_and_both_see_the_queue() {
             .iter()
             .all(|r| r["version"] == env!("CARGO_PKG_VERSION"))
     );
+    // A command reading the queue is no replica: `regtee status` lists the two and stays out.
+    let config = a_spec.write(&work.path().join("a.toml"));
+    let out = regtee_cli(&config, &a_spec, &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for r in replicas {
+        assert_says(&out, r["id"].as_str().unwrap());
+    }
+    let ids = |status: &serde_json::Value| -> Vec<String> {
+        status["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["id"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(ids(&status(&a).await), ids(&seen_by_a));
 
     // Metrics of queue state are the cluster's, the same on both; work done is per replica.
     let queue_gauges = |r: &Regtee| {

@@ -192,17 +192,16 @@ impl PgQueue {
             deadline: config.timeout,
             in_hand: DashMap::new(),
         };
-        // No client waits on the start: it may take longer than one request may.
+        // No client waits on the start: it may take longer than one request may. No heartbeat
+        // here: a command reading the queue (`regtee status`) is no replica; a server's first
+        // comes with `recover_interrupted` at its start, then from its lease keeper.
         let startup = STARTUP.max(config.timeout);
-        tokio::time::timeout(startup, async {
-            queue.create_schema().await?;
-            queue.heartbeat().await
-        })
-        .await
-        .map_err(|_| QueueError::PostgresTimeout {
-            database: shown.clone(),
-            after: startup,
-        })??;
+        tokio::time::timeout(startup, queue.create_schema())
+            .await
+            .map_err(|_| QueueError::PostgresTimeout {
+                database: shown.clone(),
+                after: startup,
+            })??;
         tokio::spawn(listen(connect, tls, wakers, shown));
         Ok(queue)
     }

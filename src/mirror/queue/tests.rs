@@ -396,6 +396,9 @@ mod on_postgres {
         let config = state("backfills", "lease = \"1s\"\n");
         let dead = Queue::open_state(&config).await.unwrap();
         let alive = Queue::open_state(&config).await.unwrap();
+        // Both start as servers do.
+        dead.recover_interrupted().await.unwrap();
+        alive.recover_interrupted().await.unwrap();
         let id = dead.record_backfill("{\"n\":1}".into()).await.unwrap();
         dead.save_backfill(id, "{\"n\":2}".into(), true)
             .await
