@@ -208,18 +208,26 @@ fn rewrite_all(
     }
 }
 
+/// A `WWW-Authenticate` challenge and the origin of its realm; `None` unless the header is a
+/// challenge whose realm is an absolute http(s) URL.
+pub fn challenge_realm(value: &str) -> Option<(Challenge, Origin)> {
+    let challenge = Challenge::parse(value)?;
+    let origin = challenge
+        .param("realm")?
+        .trim()
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| Origin::of(&u))?;
+    Some((challenge, origin))
+}
+
 fn rewrite_challenge(
     value: &str,
     rebase: &Rebase<'_>,
     realms: &RealmRewrite<'_>,
 ) -> Option<String> {
-    let mut challenge = Challenge::parse(value)?;
+    let (mut challenge, origin) = challenge_realm(value)?;
     let realm = challenge.param("realm")?;
-    let origin = realm
-        .trim()
-        .parse::<http::Uri>()
-        .ok()
-        .and_then(|u| Origin::of(&u))?;
     let new_realm = if rebase.points_back(&origin) {
         rebase.url(realm)?
     } else {

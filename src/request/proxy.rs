@@ -268,16 +268,13 @@ impl Proxy {
         };
         let mut learned = false;
         for value in response.headers().get_all(http::header::WWW_AUTHENTICATE) {
-            let realm = value
-                .to_str()
-                .ok()
-                .and_then(crate::registry::auth::Challenge::parse)
-                .and_then(|c| c.param("realm").map(str::to_string));
-            let foreign = realm.as_deref().and_then(|r| {
-                let origin = r.trim().parse::<Uri>().ok().and_then(|u| Origin::of(&u))?;
-                (!self.upstream.same_authority(&origin)).then_some(r)
-            });
-            if let Some(realm) = foreign {
+            let Some((challenge, origin)) = value.to_str().ok().and_then(headers::challenge_realm)
+            else {
+                continue;
+            };
+            if let Some(realm) = challenge.param("realm")
+                && !self.upstream.same_authority(&origin)
+            {
                 learned |= relay.register(realm).is_some();
             }
         }
