@@ -98,6 +98,13 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Wakes every worker waiting on `waker`, and the next one to wait if none is (a worker
+/// between its claim and its wait would otherwise miss the job).
+fn wake_workers(waker: &Notify) {
+    waker.notify_waiters();
+    waker.notify_one();
+}
+
 /// The workers' notifiers, one per target, shared with the backends (PostgreSQL wakes them on
 /// other replicas' jobs).
 #[derive(Clone, Default)]
@@ -112,9 +119,7 @@ impl Wakers {
     }
 
     fn wake(&self, target: &str) {
-        let waker = self.get(target);
-        waker.notify_waiters();
-        waker.notify_one();
+        wake_workers(&self.get(target));
     }
 
     fn wake_all(&self) {

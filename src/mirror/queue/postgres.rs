@@ -516,8 +516,7 @@ impl PgQueue {
         }
         tx.commit().await.map_err(pg)?;
         for waker in &wakers {
-            waker.notify_waiters();
-            waker.notify_one();
+            super::wake_workers(waker);
         }
         Ok(armed as usize)
     }

@@ -285,8 +285,7 @@ impl SqliteQueue {
             }
             tx.commit()?;
             for waker in &wakers {
-                waker.notify_waiters();
-                waker.notify_one();
+                super::wake_workers(waker);
             }
             Ok(armed)
         })
