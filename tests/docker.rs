@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use crate::support::docker::{Dockerd, TrustedCa, dockerd, secure_address};
+use crate::support::docker::{Dockerd, TrustedCa, dockerd, pushed_digest, secure_address};
 use crate::support::layout::{Layout, Written};
 use crate::support::*;
 
@@ -106,17 +106,6 @@ fn step(what: &'static str, out: &Output, host: &str, config: &Path) -> Step {
 
 fn docker(daemon: &Dockerd, config: &Path, args: &[&str]) -> Output {
     tokio::task::block_in_place(|| daemon.command(config, args))
-}
-
-/// The digest docker reports at the end of a push (`TAG: digest: sha256:... size: N`).
-fn pushed_digest(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.split("digest: ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no digest in: {stdout}"))
-        .to_string()
 }
 
 /// Everything a user does with a registry, in order; returns each step and the digests pushed.

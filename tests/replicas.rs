@@ -675,17 +675,6 @@ fn push_with_retries(
     (None, 5)
 }
 
-/// The digest `docker push` reports at its end (`TAG: digest: sha256:... size: N`).
-fn docker_pushed_digest(out: &std::process::Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.split("digest: ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no digest in: {stdout}"))
-        .to_string()
-}
-
 /// The nginx front of `deploy/nginx/regtee-replicas.conf`, as shipped, with its listen address
 /// and upstream servers set to this test's.
 fn balancer_config(listen: &str, replicas: &[&str]) -> String {
@@ -905,7 +894,10 @@ async fn three_replicas_behind_nginx_lose_nothing_when_two_are_killed() {
         .map(|i| (format!("library/s{i}"), skopeo_images[i].digest.clone()))
         .chain((0..docker_images.len()).map(|i| {
             let out = results[skopeo_images.len() + i].0.as_ref().unwrap();
-            (format!("library/d{i}"), docker_pushed_digest(out))
+            (
+                format!("library/d{i}"),
+                crate::support::docker::pushed_digest(out),
+            )
         }))
         .collect();
     for (repository, digest) in &acknowledged {

@@ -147,6 +147,17 @@ impl Dockerd {
     }
 }
 
+/// The digest docker reports at the end of a push (`TAG: digest: sha256:... size: N`).
+pub fn pushed_digest(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.split("digest: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no digest in: {stdout}"))
+        .to_string()
+}
+
 /// An address dockerd verifies TLS for (see the module comment). Added once, left in place.
 pub fn secure_address() -> &'static str {
     const ADDRESS: &str = "198.18.0.1";
