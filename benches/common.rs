@@ -91,6 +91,28 @@ pub async fn upload(
     started.elapsed()
 }
 
+/// Uploads `config` as an image's config blob to `repo` and returns an OCI image manifest of it
+/// and `layers` (digest, size), not yet put.
+pub async fn image_manifest(
+    client: &HttpClient,
+    base: &str,
+    repo: &str,
+    config: Bytes,
+    layers: &[(String, u64)],
+) -> Vec<u8> {
+    let config_digest = repeated_digest(&config, 1);
+    upload(client, base, repo, &config, 1, &config_digest).await;
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": layers.iter().map(|(d, n)| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": n,
+        })).collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
 /// Downloads a blob, discarding the bytes; returns the elapsed time and the byte count.
 pub async fn download(
     client: &HttpClient,

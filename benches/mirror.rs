@@ -179,25 +179,7 @@ async fn put_image(
     layers: &[(String, u64)],
 ) -> regtee::oci::digest::Digest {
     let config = format!(r#"{{"architecture":"amd64","os":"linux","tag":"{tag}"}}"#);
-    let config_digest = repeated_digest(config.as_bytes(), 1);
-    upload(
-        client,
-        base,
-        repo,
-        &bytes::Bytes::from(config.clone()),
-        1,
-        &config_digest,
-    )
-    .await;
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": layers.iter().map(|(d, n)| serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": n,
-        })).collect::<Vec<_>>(),
-    }))
-    .unwrap();
+    let manifest = image_manifest(client, base, repo, config.into(), layers).await;
     let digest = regtee::oci::digest::Digest::sha256_of(&manifest);
     let put = http::Request::put(format!("{base}/v2/{repo}/manifests/{tag}"))
         .header("content-type", "application/vnd.oci.image.manifest.v1+json")

@@ -28,24 +28,8 @@ async fn main() {
     let client = client();
 
     // One small image in Harbor; each PUT tags it anew, so each records a new job.
-    let config_blob = bytes::Bytes::from_static(br#"{"architecture":"amd64","os":"linux"}"#);
-    let config_digest = repeated_digest(&config_blob, 1);
-    upload(
-        &client,
-        &harbor.url(),
-        "bench/app",
-        &config_blob,
-        1,
-        &config_digest,
-    )
-    .await;
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_blob.len()},
-        "layers": [],
-    }))
-    .unwrap();
+    let config = bytes::Bytes::from_static(br#"{"architecture":"amd64","os":"linux"}"#);
+    let manifest = image_manifest(&client, &harbor.url(), "bench/app", config, &[]).await;
 
     let nobody = format!("http://127.0.0.1:{}", free_port().unwrap());
     let target = format!(
