@@ -456,6 +456,16 @@ lease = "100ms""#
             )
             .is_err()
         );
+        assert_eq!(db.timeout, Duration::from_secs(5));
+        let e = with_env(
+            &state(
+                r#"database = "postgres://db/x"
+database_timeout = "50ms""#,
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("database_timeout"), "{e}");
         assert!(
             parse(MINIMAL).unwrap().state.database.is_none(),
             "SQLite by default"
