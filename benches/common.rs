@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,6 +11,7 @@ use http_body_util::StreamBody;
 use hyper::body::Frame;
 use regtee::body::ProxyBody;
 use regtee::http_client::HttpClient;
+use regtee::local_process::LocalProcess;
 
 /// A work directory in memory (`/dev/shm`) where the machine has it, for registry storage:
 /// docker-registry syncs every blob it writes, and the disk's flushes would be the figure
@@ -139,21 +140,20 @@ pub async fn download(
 
 /// regtee as a release process with a config file, logging as deployed (the config's level, a
 /// line per request); killed on drop.
-pub struct RegteeProcess(pub Child);
+pub struct RegteeProcess(pub LocalProcess);
 
 impl RegteeProcess {
     pub fn start(config: &Path, log: &Path) -> RegteeProcess {
         let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_regtee"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_regtee"));
+        command
             .args(["serve", "--config"])
             .arg(config)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        RegteeProcess(child)
+            .stderr(log);
+        RegteeProcess(LocalProcess::spawn(command).unwrap())
     }
 
     /// Peak resident memory so far (VmHWM), in KiB.
@@ -175,13 +175,6 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-impl Drop for RegteeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 pub async fn wait_listening(addr: &str) {

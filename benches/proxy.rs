@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use regtee::local_process::LocalProcess;
 use regtee::local_registry::{LocalRegistry, RegistryOptions, free_port};
 
 const MIB: usize = 1024 * 1024;
@@ -61,7 +62,7 @@ fn median_latency(v: &[(Duration, Duration)]) -> (Duration, Duration) {
 }
 
 /// nginx in front of `upstream` on `port`, one worker, configured as a registry proxy should be.
-fn start_nginx(dir: &Path, port: u16, upstream: &str) -> (std::process::Child, u32) {
+fn start_nginx(dir: &Path, port: u16, upstream: &str) -> (LocalProcess, u32) {
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
     let conf = dir.join("nginx.conf");
     std::fs::write(
@@ -75,15 +76,15 @@ fn start_nginx(dir: &Path, port: u16, upstream: &str) -> (std::process::Child, u
         ),
     )
     .unwrap();
-    let child = std::process::Command::new("nginx")
+    let mut command = std::process::Command::new("nginx");
+    command
         .arg("-c")
         .arg(&conf)
         .arg("-p")
         .arg(dir)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nginx is installed (nginx-light)");
+        .stderr(std::process::Stdio::null());
+    let child = LocalProcess::spawn(command).expect("nginx is installed (nginx-light)");
     let master = child.id();
     let deadline = Instant::now() + Duration::from_secs(10);
     let worker = loop {
@@ -397,9 +398,6 @@ async fn main() {
         peak_before / 1024,
         peak_after / 1024
     );
-    // SIGTERM to the master stops its worker too (SIGKILL would orphan it).
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &nginx.id().to_string()])
-        .status();
-    let _ = nginx.wait();
+    // SIGTERM to the master stops its worker too.
+    nginx.stop("-TERM", Duration::from_secs(10));
 }

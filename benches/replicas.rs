@@ -337,7 +337,7 @@ impl Bench<'_> {
             .replicas(1, &name, "other", &cloud.url(), &extra, slow)
             .await
             .remove(0);
-        let _ = doomed.process.0.kill();
+        doomed.process.0.kill();
         let _ = doomed.process.0.wait();
         let killed = Instant::now();
         let mut first = None;

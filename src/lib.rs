@@ -33,6 +33,7 @@ pub mod body;
 pub mod config;
 pub mod http_client;
 pub mod local_postgres;
+pub mod local_process;
 pub mod local_registry;
 pub mod oci;
 pub mod origin;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::local_process::{self, LocalProcess};
 use crate::local_registry::free_port;
 
 /// The role tests connect as.
@@ -38,13 +39,17 @@ pub enum PostgresError {
 }
 
 /// A running server; stopped and deleted on drop.
+///
+/// The postmaster is a child of this process (not started through `pg_ctl`, which detaches
+/// it), so it stops with its owner and, if the owner is a `static`, with this process.
 pub struct LocalPostgres {
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
     password: String,
-    /// Whether commands run as `nobody` (regtee's tests run as root).
-    as_nobody: bool,
+    /// `nobody`'s uid and gid when this process is root (PostgreSQL refuses to run as root).
+    as_nobody: Option<(u32, u32)>,
+    postmaster: std::sync::Mutex<Option<LocalProcess>>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PostgresError {
@@ -98,14 +103,18 @@ impl LocalPostgres {
         let dir = std::env::temp_dir().join(format!("regtee-pg-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        let as_nobody = is_root();
-        let password = format!("pg-{}", crate::mirror::queue::now_ms());
-        std::fs::write(dir.join("pwfile"), &password).map_err(io("password file"))?;
-        if as_nobody {
-            let (uid, gid) = nobody().ok_or_else(|| PostgresError::Failed {
+        local_process::remove_dir_at_exit(&dir);
+        let as_nobody = if is_root() {
+            Some(nobody().ok_or_else(|| PostgresError::Failed {
                 command: "looking up nobody".into(),
                 output: "no nobody in /etc/passwd".into(),
-            })?;
+            })?)
+        } else {
+            None
+        };
+        let password = format!("pg-{}", crate::mirror::queue::now_ms());
+        std::fs::write(dir.join("pwfile"), &password).map_err(io("password file"))?;
+        if let Some((uid, gid)) = as_nobody {
             for p in [dir.clone(), dir.join("pwfile")] {
                 std::os::unix::fs::chown(&p, Some(uid), Some(gid))
                     .map_err(io(format!("chown {}", p.display())))?;
@@ -118,6 +127,7 @@ impl LocalPostgres {
             port,
             password,
             as_nobody,
+            postmaster: std::sync::Mutex::new(None),
         };
         let data = server.dir.join("data");
         let pwfile = server.dir.join("pwfile");
@@ -137,24 +147,13 @@ impl LocalPostgres {
             ],
         )?;
         server.start_server()?;
-        server.stop_with_this_process();
         server.psql("postgres", &format!("CREATE DATABASE {USER}"))?;
         Ok(server)
     }
 
     fn run(&self, program: &str, args: &[&std::ffi::OsStr]) -> Result<String, PostgresError> {
-        let path = self.bin.join(program);
-        let mut command = if self.as_nobody {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "nobody", "--"]).arg(&path);
-            c
-        } else {
-            Command::new(&path)
-        };
-        command
-            .args(args)
-            .env("PGPASSWORD", &self.password)
-            .current_dir(&self.dir);
+        let mut command = self.command(program);
+        command.args(args).env("PGPASSWORD", &self.password);
         let out = command.output().map_err(io(format!("running {program}")))?;
         let text = format!(
             "{}{}",
@@ -170,74 +169,73 @@ impl LocalPostgres {
         Ok(text)
     }
 
-    /// A server shared by a whole test binary lives in a `static`, whose `Drop` never runs: a
-    /// watcher stops the server and deletes its files once this process is gone, however it
-    /// ended.
-    fn stop_with_this_process(&self) {
-        let runner = if self.as_nobody {
-            "runuser -u nobody -- "
-        } else {
-            ""
-        };
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {runner}'{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
-            pid = std::process::id(),
-            pg_ctl = self.bin.join("pg_ctl").display(),
-            data = self.dir.join("data").display(),
-            dir = self.dir.display(),
-        );
-        let watcher = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        if let Err(e) = watcher {
-            tracing::warn!(error = %e, "no watcher for the test PostgreSQL: stop it by hand if this process dies");
+    /// One of the server's programs, as the user the server runs as, in its directory.
+    fn command(&self, program: &str) -> Command {
+        use std::os::unix::process::CommandExt as _;
+        let mut command = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.as_nobody {
+            command.uid(uid).gid(gid);
         }
+        command.current_dir(&self.dir);
+        command
     }
 
+    /// Starts the postmaster and waits until it says it is ready (the status line of
+    /// `postmaster.pid`, as `pg_ctl -w` reads it).
     fn start_server(&self) -> Result<(), PostgresError> {
         let data = self.dir.join("data");
-        let log = self.dir.join("server.log");
-        let options = format!(
-            "-k {} -h 127.0.0.1 -p {} -c fsync=on -c max_connections=200",
-            self.dir.display(),
-            self.port
-        );
-        self.run(
-            "pg_ctl",
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-o".as_ref(),
-                options.as_ref(),
-                "-l".as_ref(),
-                log.as_os_str(),
-                "-w".as_ref(),
-                "-t".as_ref(),
-                "60".as_ref(),
-                "start".as_ref(),
-            ],
-        )?;
+        let log = std::fs::File::create(self.dir.join("server.log")).map_err(io("server log"))?;
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        let mut command = self.command("postgres");
+        command
+            .arg("-D")
+            .arg(&data)
+            .arg("-k")
+            .arg(&self.dir)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-c", "fsync=on", "-c", "max_connections=200"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(io("server log"))?)
+            .stderr(log);
+        let mut postmaster = LocalProcess::spawn(command).map_err(io("starting postgres"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = postmaster.try_wait() {
+                return Err(PostgresError::Failed {
+                    command: format!("postgres ({status})"),
+                    output: std::fs::read_to_string(self.dir.join("server.log"))
+                        .unwrap_or_default(),
+                });
+            }
+            let ready = std::fs::read_to_string(data.join("postmaster.pid"))
+                .is_ok_and(|pid| pid.lines().nth(7).is_some_and(|l| l.trim() == "ready"));
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(PostgresError::Failed {
+                    command: "postgres".into(),
+                    output: "not ready within 60 s".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *self.postmaster.lock().unwrap_or_else(|p| p.into_inner()) = Some(postmaster);
         Ok(())
     }
 
     /// Stops the server (fast shutdown: connections cut, nothing committed lost).
     pub fn stop(&self) -> Result<(), PostgresError> {
-        let data = self.dir.join("data");
-        self.run(
-            "pg_ctl",
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-m".as_ref(),
-                "fast".as_ref(),
-                "-w".as_ref(),
-                "stop".as_ref(),
-            ],
-        )
-        .map(|_| ())
+        let taken = self
+            .postmaster
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut postmaster) = taken {
+            postmaster.signal_leader("-INT");
+            postmaster.wait().map_err(io("waiting for postgres to stop"))?;
+        }
+        Ok(())
     }
 
     /// Starts the server again after [`LocalPostgres::stop`].
@@ -259,14 +257,16 @@ impl LocalPostgres {
     /// The server's processes: the postmaster and its children (the backends serving
     /// connections, the WAL writer, the checkpointer...).
     pub fn server_pids(&self) -> Result<Vec<String>, PostgresError> {
-        let pid_file = self.dir.join("data/postmaster.pid");
-        let postmaster = std::fs::read_to_string(&pid_file)
-            .map_err(io(format!("reading {}", pid_file.display())))?
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let postmaster = self
+            .postmaster
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|p| p.id().to_string())
+            .ok_or_else(|| PostgresError::Failed {
+                command: "listing the server's processes".into(),
+                output: "the server is stopped".into(),
+            })?;
         let mut pids = vec![postmaster.clone()];
         for entry in std::fs::read_dir("/proc")
             .map_err(io("listing /proc"))?
@@ -287,7 +287,8 @@ impl LocalPostgres {
         Ok(pids)
     }
 
-    /// Sends `signal` to the server's processes.
+    /// Sends `signal` to the server's processes. Not to its process group: every child of the
+    /// postmaster makes itself a group leader (`InitPostmasterChild`).
     fn signal(&self, signal: &str) -> Result<(), PostgresError> {
         let pids = self.server_pids()?;
         let out = Command::new("kill")
@@ -372,18 +373,17 @@ impl Drop for LocalPostgres {
     fn drop(&mut self) {
         // A frozen server would not hear the stop.
         let _ = self.thaw();
-        let data = self.dir.join("data");
-        let _ = self.run(
-            "pg_ctl",
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-m".as_ref(),
-                "immediate".as_ref(),
-                "-w".as_ref(),
-                "stop".as_ref(),
-            ],
-        );
+        let taken = self
+            .postmaster
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut postmaster) = taken {
+            // Immediate shutdown removes the shared memory, which a killed server leaves
+            // behind; its children follow the postmaster.
+            postmaster.stop("-QUIT", Duration::from_secs(10));
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+        local_process::forget_dir(&self.dir);
     }
 }

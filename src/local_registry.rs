@@ -4,7 +4,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use crate::local_process::LocalProcess;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -101,7 +103,7 @@ pub struct RegistryOptions {
 /// A `docker-registry` process on a loopback port, killed on drop.
 pub struct LocalRegistry {
     addr: SocketAddr,
-    child: Child,
+    child: LocalProcess,
     dir: PathBuf,
     options: RegistryOptions,
 }
@@ -151,7 +153,8 @@ impl LocalRegistry {
         std::fs::write(&config, yaml).map_err(io("cannot write", &config))?;
         let log = std::fs::File::create(dir.join("registry.log"))
             .map_err(io("cannot create the log in", dir))?;
-        let child = Command::new("docker-registry")
+        let mut command = Command::new("docker-registry");
+        command
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())
@@ -159,9 +162,8 @@ impl LocalRegistry {
                 log.try_clone()
                     .map_err(io("cannot create the log in", dir))?,
             )
-            .stderr(log)
-            .spawn()
-            .map_err(LaunchError::Spawn)?;
+            .stderr(log);
+        let child = LocalProcess::spawn(command).map_err(LaunchError::Spawn)?;
         let mut registry = LocalRegistry {
             addr,
             child,
@@ -210,8 +212,7 @@ impl LocalRegistry {
 
     /// Stops the process (its data stays).
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
     }
 
     /// Starts it again on the same port with the same data.

@@ -8,15 +8,18 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// A running dockerd; it stops when the test binary exits (its watchdog sees stdin close).
+use regtee::local_process::{self, LocalProcess};
+
+/// A running dockerd, shared by the test binary: kept in a `static`, so it is stopped (and its
+/// directories deleted) by the process watchdog when the binary exits.
 pub struct Dockerd {
     pub socket: PathBuf,
     dir: PathBuf,
-    _watchdog: Mutex<(Child, ChildStdin)>,
+    _process: LocalProcess,
 }
 
 /// The docker CLI that matches the daemon (Debian's), else whatever is on PATH.
@@ -41,33 +44,34 @@ impl Dockerd {
         let socket = dir.join("docker.sock");
         let config = dir.join("daemon.json");
         std::fs::write(&config, "{}").unwrap();
-        let args = [
-            "--iptables=false",
-            "--ip6tables=false",
-            "--bridge=none",
-            "--storage-driver=vfs",
-        ]
-        .join(" ");
-        // The watchdog shell: dockerd in the background, stopped (and its files removed) when
-        // this process's end of the pipe closes, however this process ends.
-        let script = format!(
-            "dockerd {args} --config-file {d}/daemon.json --data-root {d}/data --exec-root {d}/exec \
-             --pidfile {d}/docker.pid --host unix://{d}/docker.sock >{d}/dockerd.log 2>&1 & \
-             pid=$!; read _; kill $pid; wait $pid; rm -rf {d}",
-            d = dir.display()
-        );
-        let mut child = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sh runs");
-        let stdin = child.stdin.take().unwrap();
+        local_process::remove_dir_at_exit(&dir);
+        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+        let mut command = Command::new("dockerd");
+        command
+            .args([
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--storage-driver=vfs",
+            ])
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .arg("--host")
+            .arg(format!("unix://{}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let process = LocalProcess::spawn(command).expect("dockerd runs (apt-get install docker.io)");
         let daemon = Dockerd {
             socket,
             dir,
-            _watchdog: Mutex::new((child, stdin)),
+            _process: process,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

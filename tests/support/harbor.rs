@@ -238,7 +238,6 @@ impl HarborFront {
         format!(
             r#"# Harbor's nginx (goharbor/harbor make/photon/prepare/templates/nginx/), for tests.
 user root;
-daemon off;
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -518,7 +518,7 @@ impl Regtee {
 
 /// regtee as a separate process (for SIGKILL and SIGTERM), logging to a file.
 pub struct RegteeProcess {
-    pub child: Child,
+    pub child: regtee::local_process::LocalProcess,
     pub log: PathBuf,
 }
 
@@ -539,16 +539,16 @@ impl RegteeProcess {
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_regtee"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_regtee"));
+        command
             .args(["serve", "--config"])
             .arg(config)
             .envs(spec.env())
             .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+            .stderr(out);
+        let child = regtee::local_process::LocalProcess::spawn(command).unwrap();
         RegteeProcess {
             child,
             log: log.to_path_buf(),
@@ -556,16 +556,11 @@ impl RegteeProcess {
     }
 
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
     }
 
     pub fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        assert!(self.child.signal_leader("-TERM"));
     }
 
     pub fn log_text(&self) -> String {

@@ -1,13 +1,16 @@
 //! A real nginx process (Debian's `nginx-light`), in its own directory and process group,
-//! stopped (master and workers) on drop.
+//! stopped (master and workers) on drop. It runs in the foreground whatever its config says:
+//! a daemonizing nginx calls `setsid()` and leaves the group that stopping it kills.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use regtee::local_process::LocalProcess;
+
 pub struct Nginx {
-    child: Child,
+    child: LocalProcess,
 }
 
 impl Nginx {
@@ -18,18 +21,17 @@ impl Nginx {
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, config).unwrap();
         let log = std::fs::File::create(dir.join("nginx.stderr")).unwrap();
-        use std::os::unix::process::CommandExt as _;
-        let child = Command::new("nginx")
-            // Its own process group, so stopping it stops the workers too.
-            .process_group(0)
+        let mut command = Command::new("nginx");
+        command
             .arg("-p")
             .arg(dir)
             .arg("-c")
             .arg(&conf)
+            .args(["-g", "daemon off;"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
+            .stderr(log);
+        let child = LocalProcess::spawn(command)
             .expect("nginx is installed (apt-get install nginx-light)");
         let mut nginx = Nginx { child };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -48,14 +50,5 @@ impl Nginx {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         nginx
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.wait();
     }
 }
