@@ -189,6 +189,121 @@ where
     }
 }
 
+/// A body whose idleness is timed by a task of its own, not by whoever polls it.
+///
+/// [`Tracked`]'s timer runs only while the body is polled. hyper's HTTP/2 server polls a
+/// stream's body only when the client's flow-control window has room, so a client that never
+/// opens its window would keep the body, and the upstream connection under it, for as long as
+/// it stays. Here a task checks the time of the last frame handed on; when nothing has moved
+/// for the limit, it drops the inner body (hyper then closes that upstream connection) and the
+/// next poll, if one ever comes, is an [`IdleTimeout`] error. The task ends with the body.
+pub struct Watched {
+    shared: Arc<WatchedShared>,
+}
+
+struct WatchedShared {
+    /// `None` once cut.
+    inner: std::sync::Mutex<Option<ProxyBody>>,
+    born: tokio::time::Instant,
+    /// Milliseconds from `born` to the last frame handed on.
+    last_progress_ms: AtomicU64,
+    limit: Duration,
+    dropped: tokio::sync::Notify,
+}
+
+impl Watched {
+    /// Watches `inner`, which is cut after `limit` without a frame. A body with nothing to send
+    /// needs no watching, and gets none.
+    pub fn body<B>(inner: B, limit: Duration) -> ProxyBody
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if inner.is_end_stream() {
+            return boxed(inner);
+        }
+        let shared = Arc::new(WatchedShared {
+            inner: std::sync::Mutex::new(Some(boxed(inner))),
+            born: tokio::time::Instant::now(),
+            last_progress_ms: AtomicU64::new(0),
+            limit,
+            dropped: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(watch(shared.clone()));
+        boxed(Watched { shared })
+    }
+}
+
+/// Wakes when the current deadline passes; cuts the body if nothing moved since the last check.
+async fn watch(shared: Arc<WatchedShared>) {
+    let mut deadline = shared.born + shared.limit;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => {}
+            () = shared.dropped.notified() => return,
+        }
+        let last =
+            shared.born + Duration::from_millis(shared.last_progress_ms.load(Ordering::Relaxed));
+        if tokio::time::Instant::now() >= last + shared.limit {
+            let cut = shared
+                .inner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            drop(cut);
+            return;
+        }
+        deadline = last + shared.limit;
+    }
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let shared = &self.shared;
+        let mut inner = shared.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(body) = inner.as_mut() else {
+            return Poll::Ready(Some(Err(IdleTimeout(shared.limit).into())));
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            let elapsed = shared.born.elapsed().as_millis() as u64;
+            shared.last_progress_ms.store(elapsed, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.shared.dropped.notify_one();
+    }
+}
+
 /// Cuts one stream into consecutive bodies of given lengths, without holding a chunk: each chunk
 /// body pulls its bytes from the stream as it is sent. A frame that crosses a chunk boundary is
 /// split (a cheap `Bytes` slice), its rest kept for the next chunk.
@@ -329,6 +444,54 @@ mod tests {
             short.to_string().contains("ended 1 bytes before"),
             "{short}"
         );
+    }
+
+    /// Records its drop, as an upstream connection's body would be released.
+    struct Held(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Body for Held {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_nobody_polls_is_cut_and_its_source_released() {
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut body = Watched::body(Held(released.clone()), Duration::from_secs(5));
+        // Read once: progress at 0 s. Then nobody polls, as hyper with a closed window.
+        assert!(body.frame().await.unwrap().is_ok());
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!released.load(Ordering::SeqCst), "cut before the limit");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(released.load(Ordering::SeqCst), "the source is released");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("no progress"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_moves_is_never_cut() {
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut body = Watched::body(Held(released.clone()), Duration::from_secs(5));
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(body.frame().await.unwrap().is_ok());
+        }
+        assert!(!released.load(Ordering::SeqCst));
+        drop(body);
+        tokio::task::yield_now().await;
+        assert!(released.load(Ordering::SeqCst), "dropped with the body");
     }
 
     #[tokio::test(start_paused = true)]

@@ -233,7 +233,9 @@ impl LocalPostgres {
             .take();
         if let Some(mut postmaster) = taken {
             postmaster.signal_leader("-INT");
-            postmaster.wait().map_err(io("waiting for postgres to stop"))?;
+            postmaster
+                .wait()
+                .map_err(io("waiting for postgres to stop"))?;
         }
         Ok(())
     }

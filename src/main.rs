@@ -90,7 +90,11 @@ enum Command {
     /// Backfill a Harbor project: queue every tag a target lacks or holds with another digest.
     Sync {
         /// The Harbor project.
-        project: String,
+        #[arg(required_unless_present = "cancel")]
+        project: Option<String>,
+        /// Stop the running backfill with this id instead (jobs it queued stay queued).
+        #[arg(long, value_name = "ID", conflicts_with_all = ["project", "target", "dry_run"])]
+        cancel: Option<u64>,
         /// Only this target.
         #[arg(long)]
         target: Option<String>,
@@ -305,10 +309,20 @@ async fn dispatch(cli: Cli) -> ExitCode {
             .await
         }
         Command::Sync {
+            cancel: Some(id), ..
+        } => {
+            with_queue_config(&path, |c| async move {
+                regtee::cli::cancel_backfill(&c, id).await
+            })
+            .await
+        }
+        Command::Sync {
             project,
             target,
             dry_run,
+            ..
         } => {
+            let project = project.unwrap_or_default();
             with_config(&path, |c| async move {
                 regtee::cli::sync(&c, &project, target, dry_run).await
             })

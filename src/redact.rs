@@ -74,14 +74,50 @@ fn looks_secret(word: &str, after_scheme: bool, next: Option<char>) -> bool {
     jwt || (word.len() >= LONG_TOKEN && mixed)
 }
 
-/// `text` with every secret replaced by `<redacted>` and cut to a bounded length.
-pub fn scrub(text: &str) -> String {
-    let mut text: String = text.chars().take(MAX_CHARS * 2).collect();
+/// `text` with the user information of every URL in it (`scheme://user:password@host`)
+/// replaced: whoever wrote it there, it is a credential.
+fn without_url_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let authority_end = after
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace() || c == '"')
+            .unwrap_or(after.len());
+        match after[..authority_end].rfind('@') {
+            Some(userinfo_end) => {
+                out.push_str(REDACTED);
+                rest = &after[userinfo_end..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `text` with every secret regtee knows and every credential in a URL replaced, nothing else:
+/// for regtee's own words (configuration errors), where the heuristics of [`scrub`] would
+/// take ordinary words for tokens.
+pub fn remove_known(text: &str) -> String {
+    let mut text = if text.contains("://") {
+        without_url_credentials(text)
+    } else {
+        text.to_string()
+    };
     for (_, secret) in known().read().unwrap_or_else(|p| p.into_inner()).iter() {
         if text.contains(&**secret) {
             text = text.replace(&**secret, REDACTED);
         }
     }
+    text
+}
+
+/// `text` with every secret replaced by `<redacted>` and cut to a bounded length.
+pub fn scrub(text: &str) -> String {
+    let text: String = text.chars().take(MAX_CHARS * 2).collect();
+    let text = remove_known(&text);
     let mut out = String::with_capacity(text.len());
     let mut after_scheme = false;
     let mut rest = text.as_str();
@@ -168,6 +204,20 @@ mod tests {
             "Basic realm=\"harbor\", then more"
         );
         assert_eq!(scrub("Basic dXNlcjpwYXNz"), "Basic <redacted>");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_removed() {
+        assert_eq!(
+            scrub(
+                "url http://robot:pa55word@harbor.example.com:8080/v2/ must not carry credentials"
+            ),
+            "url http://<redacted>@harbor.example.com:8080/v2/ must not carry credentials"
+        );
+        assert_eq!(
+            scrub("postgres://regtee:pw@db:5432/regtee and https://h/x@y"),
+            "postgres://<redacted>@db:5432/regtee and https://h/x@y"
+        );
     }
 
     #[test]

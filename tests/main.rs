@@ -3,7 +3,9 @@
 
 mod support;
 
+mod bounds;
 mod clouds;
+mod credentials;
 mod deploy;
 mod docker;
 mod harbor;

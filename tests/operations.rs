@@ -7,13 +7,7 @@ use crate::support::*;
 
 /// A spec whose proxy and admin listen on fixed free ports, so the CLI can find the admin API.
 fn spec_with_ports(harbor: &AuthRegistry, state: &std::path::Path) -> ConfigSpec {
-    let mut spec = ConfigSpec::new(harbor, state);
-    spec.listen = format!("127.0.0.1:{}", regtee::local_registry::free_port().unwrap());
-    spec.admin = Some(format!(
-        "127.0.0.1:{}",
-        regtee::local_registry::free_port().unwrap()
-    ));
-    spec
+    ConfigSpec::new(harbor, state).with_fixed_ports()
 }
 
 fn images(layout: &mut Layout, n: usize) -> Vec<Written> {
@@ -361,7 +355,8 @@ async fn the_admin_token_is_enforced_and_the_cli_uses_it() {
     spec.admin_token = Some("admin-token-8c1f".into());
     let config = spec.write(&work.path().join("regtee.toml"));
     let regtee = Regtee::start(&spec).await;
-    for path in ["/api/v1/status", "/metrics", "/healthz"] {
+    // (The probes, /healthz and /readyz, need none: bounds::probes_need_no_admin_token...)
+    for path in ["/api/v1/status", "/metrics", "/api/v1/jobs"] {
         let url = regtee.admin_url(path);
         assert_eq!(
             http_request(&url, "GET", None, &[]).await.0,

@@ -339,6 +339,7 @@ impl Config {
             secrets_required: false,
         }
         .config(raw)
+        .map_err(|e| e.without_secrets(&text))
     }
 
     /// Validates config text; relative paths are taken from the directory of `path`.
@@ -352,6 +353,7 @@ impl Config {
             secrets_required: true,
         }
         .config(raw)
+        .map_err(|e| e.without_secrets(text))
     }
 }
 
@@ -372,9 +374,81 @@ impl DatabaseConfig {
             secrets_required: true,
         };
         validator
-            .database(&raw)?
-            .ok_or_else(|| validator.invalid("database", "no database URL"))
+            .database(&raw)
+            .and_then(|found| found.ok_or_else(|| validator.invalid("database", "no database URL")))
+            .map_err(|e| e.without_secrets(url))
     }
+}
+
+impl ConfigError {
+    /// The error with every secret of the config text taken out of its message: the values of
+    /// keys that hold secrets (found line by line, so even text that is not valid TOML is
+    /// covered), credentials in URLs, and every secret [`crate::redact`] knows.
+    fn without_secrets(self, text: &str) -> ConfigError {
+        let secrets = secret_values(text);
+        let clean = |message: String| {
+            let mut message = message;
+            for secret in &secrets {
+                message = message.replace(secret.as_str(), crate::redact::REDACTED);
+            }
+            crate::redact::remove_known(&message)
+        };
+        match self {
+            ConfigError::Parse { path, message } => ConfigError::Parse {
+                path,
+                message: clean(message),
+            },
+            ConfigError::Invalid { path, key, message } => ConfigError::Invalid {
+                path,
+                key,
+                message: clean(message),
+            },
+            read @ ConfigError::Read { .. } => read,
+        }
+    }
+}
+
+/// The values of every `key = value` in `text` whose key holds a secret (`password`,
+/// `secret`, `token`, `access_key`...; not `*_env`, `*_file` or `tls_key`, which name where a
+/// secret is), quoted or not, inline tables included: what no error may show.
+fn secret_values(text: &str) -> Vec<String> {
+    const SECRET_KEYS: [&str; 4] = ["password", "secret", "token", "key"];
+    let holds_secret = |key: &str| {
+        SECRET_KEYS.iter().any(|k| key.contains(k))
+            && !key.ends_with("_env")
+            && !key.ends_with("_file")
+            && key != "tls_key"
+    };
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let mut rest = line;
+        while let Some(eq) = rest.find('=') {
+            let key = rest[..eq]
+                .trim_end()
+                .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            let after = rest[eq + 1..].trim_start();
+            let value = match after.chars().next() {
+                Some(q @ ('"' | '\'')) => {
+                    let body = &after[1..];
+                    body.find(q).map_or(body, |end| &body[..end])
+                }
+                _ => after
+                    .split(|c: char| c == ',' || c == '}' || c == '#' || c.is_whitespace())
+                    .next()
+                    .unwrap_or(""),
+            };
+            if holds_secret(&key) && value.len() >= 3 {
+                found.push(value.to_string());
+            }
+            rest = &rest[eq + 1..];
+        }
+    }
+    // Longest first, so a secret containing another is replaced whole.
+    found.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    found
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
@@ -384,10 +458,24 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
+/// The file as written. A syntax or type error names its line and column and never quotes the
+/// line: it may hold a secret.
 fn parse_toml(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string().trim_end().replace('\n', " "),
+    toml::from_str(text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|span| {
+                let before = text.get(..span.start).unwrap_or(text);
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: ")
+            })
+            .unwrap_or_default();
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format!("{at}{}", e.message().trim_end().replace('\n', " ")),
+        }
+        .without_secrets(text)
     })
 }
 
@@ -532,6 +620,38 @@ database_timeout = "50ms""#,
         )
         .unwrap_err();
         assert!(err.to_string().contains("NOPE"), "{err}");
+    }
+
+    /// A secret written in the file appears in no error about the file: not in a syntax
+    /// error (which would quote its line), a type error, or a URL that must not carry it.
+    #[test]
+    fn config_errors_never_show_the_secrets_written_in_the_file() {
+        const SECRET: &str = "pa55-Wq9-zz71";
+        let cases = [
+            format!("[upstream]\nurl = \"https://h\"\npassword = \"{SECRET}\nusername = \"u\"\n"),
+            format!(
+                "[upstream]\nurl = \"https://h\"\nusername = \"u\"\npassword = \"{SECRET}\" x\n"
+            ),
+            format!("[upstream]\nurl = \"http://robot:{SECRET}@harbor.example.com\"\n"),
+            format!(
+                "[upstream]\nurl = \"https://h\"\n[[targets]]\nname = \"t\"\nurl = \"https://c\"\nusername = \"u\"\npassword = {{ v = \"{SECRET}\" }}\n"
+            ),
+            format!("[admin]\ntoken = \"{SECRET}\"\nlisten = 5\n[upstream]\nurl = \"https://h\"\n"),
+            format!(
+                "[state]\ndatabase = \"postgres://regtee:{SECRET}@db/regtee\"\n[upstream]\nurl = \"https://h\"\n"
+            ),
+        ];
+        for case in cases {
+            let text = format!("[proxy]\nlisten = \"127.0.0.1:5000\"\n{case}");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(!err.contains(SECRET), "{err}");
+            assert!(!err.contains("pa55"), "{err}");
+        }
+        let url = format!("postgres://regtee:{SECRET}@db/regtee");
+        let err = DatabaseConfig::from_url(&url, &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains(SECRET), "{err}");
     }
 
     #[test]

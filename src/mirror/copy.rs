@@ -106,6 +106,7 @@ impl Mirror {
                 job.repository.as_str(),
                 &target_repo,
                 digest,
+                None,
                 mount_hint.as_deref(),
             )
             .await?;
@@ -115,13 +116,15 @@ impl Mirror {
         })
     }
 
-    /// Makes sure the target repository has the blob. Returns how.
+    /// Makes sure the target repository has the blob. Returns how. `size` is the descriptor's,
+    /// when a manifest names the blob.
     async fn ensure_blob(
         &self,
         target: &Target,
         source_repo: &str,
         target_repo: &str,
         digest: &Digest,
+        size: Option<u64>,
         mount_hint: Option<&str>,
     ) -> Result<&'static str, JobError> {
         let _guard = self
@@ -167,8 +170,24 @@ impl Mirror {
             }
         }
         let blob = self.upstream.get_blob(source_repo, digest).await?;
-        let size = blob.size;
-        let verified = body::boxed(VerifyingBody::new(blob.body, digest.clone(), size));
+        // Every stream from another server is cut at the size regtee knows (the image spec:
+        // content whose length differs "SHOULD NOT be trusted"): the descriptor's, else the
+        // answer's, else what Harbor says on a HEAD. A body without any is never streamed
+        // unbounded into a target.
+        let size = match size.or(blob.size) {
+            Some(size) => size,
+            None => self
+                .upstream
+                .blob_length(source_repo, digest)
+                .await?
+                .ok_or_else(|| {
+                    JobError::from(self.upstream.protocol_error(
+                        &format!("GET blob {source_repo}@{digest}"),
+                        "Harbor states no length for the blob, neither in its answer nor on a HEAD",
+                    ))
+                })?,
+        };
+        let verified = body::boxed(VerifyingBody::new(blob.body, digest.clone(), Some(size)));
         // A resumed upload reads the rest from Harbor again; the target checks the whole
         // blob's digest when the upload closes.
         let reopen: Reopen<'_> = Box::new(move |from| {
@@ -181,7 +200,7 @@ impl Mirror {
             })
         });
         let upload = Upload {
-            size,
+            size: Some(size),
             content: verified,
             chunking: Chunking {
                 size: target.config.upload_chunk_size,
@@ -194,8 +213,7 @@ impl Mirror {
             .client
             .upload_blob(target_repo, digest, upload)
             .await?;
-        self.metrics
-            .observe_mirrored_bytes(target.name(), size.unwrap_or(0));
+        self.metrics.observe_mirrored_bytes(target.name(), size);
         self.remember_home(target, digest, target_repo).await;
         Ok("uploaded")
     }
@@ -258,9 +276,15 @@ impl Mirror {
             let stored = self
                 .put_manifest(target, repo, &target_repo, None, &fetched, &refs, 0)
                 .await?;
+            let note = match current {
+                Some(_) => format!("tag {tag} has moved on in Harbor; stored by digest only"),
+                None => format!(
+                    "tag {tag} was deleted in Harbor while it was copied; stored by digest only"
+                ),
+            };
             return Ok(Success::Done {
                 target_digest: Some(stored.to_string()),
-                note: format!("tag {tag} has moved on in Harbor; stored by digest only"),
+                note,
             });
         }
         let existing = target
@@ -407,7 +431,7 @@ impl Mirror {
             other => other?,
         };
         if let Some(reported) = &stored.digest
-            && *reported != fetched.digest
+            && reported.contradicts(&fetched.digest)
         {
             return Err(JobError::Invalid(format!(
                 "target {} stored {target_repo}:{reference} as {reported} but Harbor's digest is {}: the target rewrote the manifest",
@@ -432,19 +456,28 @@ impl Mirror {
         refs: &References,
         depth: usize,
     ) -> Result<(), JobError> {
-        let blobs: Vec<Digest> = refs
+        // Each blob and child once, however often the manifest lists it (an index listing one
+        // child 5,000 times is 5,000 HEADs otherwise).
+        let mut blobs_seen = std::collections::HashSet::new();
+        let blobs: Vec<(Digest, u64)> = refs
             .blobs
             .iter()
-            .map(|d| parse_digest(Some(&d.digest)))
-            .collect::<Result<_, _>>()?;
+            .filter(|d| blobs_seen.insert(d.digest.as_str()))
+            .map(|d| Ok((parse_digest(Some(&d.digest))?, d.size)))
+            .collect::<Result<_, JobError>>()?;
         stream::iter(blobs.iter().map(Ok::<_, JobError>))
-            .try_for_each_concurrent(BLOB_PARALLELISM, |digest| async move {
-                self.ensure_blob(target, repo, target_repo, digest, None)
+            .try_for_each_concurrent(BLOB_PARALLELISM, |(digest, size)| async move {
+                self.ensure_blob(target, repo, target_repo, digest, Some(*size), None)
                     .await
                     .map(|_| ())
             })
             .await?;
-        for child in &refs.children {
+        let mut children_seen = std::collections::HashSet::new();
+        for child in refs
+            .children
+            .iter()
+            .filter(|c| children_seen.insert(c.digest.as_str()))
+        {
             self.ensure_child(target, repo, target_repo, child, depth + 1)
                 .await?;
         }

@@ -91,6 +91,20 @@ impl Digest {
         ))
     }
 
+    /// The digest of a byte string with `algorithm`.
+    pub fn of(algorithm: Algorithm, bytes: &[u8]) -> Digest {
+        let mut hasher = Hasher::new(algorithm);
+        hasher.update(bytes);
+        hasher.finish()
+    }
+
+    /// Whether `other` names different content. Digests of two algorithms cannot be compared
+    /// (distribution answers a `sha512:` upload with its canonical `sha256:` digest), so only
+    /// two of one algorithm can contradict each other.
+    pub fn contradicts(&self, other: &Digest) -> bool {
+        self.algorithm() == other.algorithm() && self != other
+    }
+
     /// The `Docker-Content-Digest` a registry reported, when present and valid.
     pub fn from_headers(headers: &http::HeaderMap) -> Option<Digest> {
         headers

@@ -192,30 +192,41 @@ impl Admin {
         }
     }
 
-    /// Serves one admin request.
+    /// Serves one admin request. With a token set, everything needs it but webhooks (which
+    /// carry their own secret) and the probes a Kubernetes kubelet sends bare: `/healthz`, and
+    /// `/readyz`, which then answers its status code alone, without the reason.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Answer, Infallible> {
         let path = req.uri().path().to_string();
         let is_webhook = path.starts_with("/api/v1/webhooks/");
-        if !is_webhook && let Some(token) = &self.token {
-            let presented = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(webhooks::bearer_credentials);
-            if !presented.is_some_and(|p| {
-                webhooks::constant_time_eq(p.as_bytes(), token.expose().as_bytes())
-            }) {
-                let mut r = error(
-                    StatusCode::UNAUTHORIZED,
-                    "admin token required: send Authorization: Bearer <token>",
-                );
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
-                return Ok(r);
-            }
+        let Some(token) = &self.token else {
+            return Ok(self.route(req, &path).await);
+        };
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(webhooks::bearer_credentials);
+        let authorized = presented
+            .is_some_and(|p| webhooks::constant_time_eq(p.as_bytes(), token.expose().as_bytes()));
+        if authorized || is_webhook || path == "/healthz" {
+            return Ok(self.route(req, &path).await);
         }
-        let answer = self.route(req, &path).await;
-        Ok(answer)
+        if path == "/readyz" && req.method() == Method::GET {
+            let status = self.ready().await.status();
+            let word = if status.is_success() {
+                "ready\n"
+            } else {
+                "not ready\n"
+            };
+            return Ok(text(status, "text/plain", word));
+        }
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "admin token required: send Authorization: Bearer <token>",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+        Ok(r)
     }
 
     async fn route(&self, req: Request<Incoming>, path: &str) -> Answer {
@@ -246,6 +257,9 @@ impl Admin {
             (&Method::POST, ["api", "v1", "backfills"]) => self.start_backfill(req).await,
             (&Method::GET, ["api", "v1", "backfills"]) => self.list_backfills().await,
             (&Method::GET, ["api", "v1", "backfills", id]) => self.backfill(id).await,
+            (&Method::POST, ["api", "v1", "backfills", id, "cancel"]) => {
+                self.cancel_backfill(id).await
+            }
             (&Method::POST, ["api", "v1", "webhooks", sender @ ("harbor" | "registry")]) => {
                 self.webhook(sender, req).await
             }
@@ -463,6 +477,22 @@ impl Admin {
         match self.backfills.get(number).await {
             Ok(Some(p)) => json(StatusCode::OK, &p),
             Ok(None) => error(StatusCode::NOT_FOUND, format!("no backfill {id}")),
+            Err(e) => queue_unavailable(&e),
+        }
+    }
+
+    /// Stops a running backfill, whichever replica runs it. `{"cancelled": true}`, or 404 when
+    /// no such backfill is running.
+    async fn cancel_backfill(&self, id: &str) -> Answer {
+        let Ok(number) = id.parse::<u64>() else {
+            return error(StatusCode::NOT_FOUND, format!("no backfill {id}"));
+        };
+        match self.backfills.cancel(number).await {
+            Ok(true) => json(StatusCode::OK, &serde_json::json!({"cancelled": true})),
+            Ok(false) => error(
+                StatusCode::NOT_FOUND,
+                format!("backfill {id} is not running"),
+            ),
             Err(e) => queue_unavailable(&e),
         }
     }

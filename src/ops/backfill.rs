@@ -103,6 +103,8 @@ pub enum BackfillState {
     Finished,
     /// Stopped by an error (see `errors`).
     Failed,
+    /// Stopped by an operator (`regtee sync --cancel`, `POST /api/v1/backfills/{id}/cancel`).
+    Cancelled,
 }
 
 /// A backfill's progress and result.

@@ -20,11 +20,14 @@ pub struct BackfillRuns {
     queue: Arc<Queue>,
     backfiller: Arc<Backfiller>,
     /// This replica's backfills whose end is not saved yet: fresher than the database, and
-    /// what is shown if it cannot be read.
-    local: Mutex<BTreeMap<u64, Arc<Mutex<Progress>>>>,
+    /// what is shown if it cannot be read; each with what stops it.
+    local: Mutex<BTreeMap<u64, LocalRun>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
+
+/// A backfill running on this replica: its progress, and what stops it.
+type LocalRun = (Arc<Mutex<Progress>>, CancellationToken);
 
 fn snapshot(progress: &Mutex<Progress>) -> Progress {
     progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -56,20 +59,47 @@ impl BackfillRuns {
             id: id as u64,
             ..started
         }));
+        let stop = CancellationToken::new();
         self.local
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id as u64, progress.clone());
+            .insert(id as u64, (progress.clone(), stop.clone()));
         let runs = self.clone();
         let task_progress = progress.clone();
         self.tasks
-            .spawn(async move { runs.run(id, request, task_progress).await });
+            .spawn(async move { runs.run(id, request, task_progress, stop).await });
         Ok(snapshot(&progress))
+    }
+
+    /// Stops a running backfill, whichever replica runs it: at once on this one, within a
+    /// second ([`SAVE_EVERY`]) on another, which reads the request from the database. Jobs it
+    /// already queued stay queued. Returns whether it was running.
+    pub async fn cancel(&self, id: u64) -> Result<bool, QueueError> {
+        let Ok(row) = i64::try_from(id) else {
+            return Ok(false);
+        };
+        let running = self.queue.request_backfill_cancel(row).await?;
+        if let Some((_, stop)) = self
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            stop.cancel();
+            return Ok(true);
+        }
+        Ok(running)
     }
 
     /// Runs one backfill unless another replica runs one of the same project and target,
     /// saving its progress as it goes and once it ends.
-    async fn run(&self, id: i64, request: BackfillRequest, progress: Arc<Mutex<Progress>>) {
+    async fn run(
+        &self,
+        id: i64,
+        request: BackfillRequest,
+        progress: Arc<Mutex<Progress>>,
+        stop: CancellationToken,
+    ) {
         use futures_util::FutureExt as _;
         let name = format!(
             "backfill {} {}",
@@ -84,26 +114,40 @@ impl BackfillRuns {
         let ended = loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return,
-                ended = &mut alone => break ended,
+                () = stop.cancelled() => break None,
+                ended = &mut alone => break Some(ended),
                 _ = ticker.tick() => {
                     let _ = self.save(id, &progress).await;
+                    if self.queue.backfill_cancel_requested(id).await.unwrap_or(false) {
+                        stop.cancel();
+                    }
                 }
             }
         };
         {
             let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
             let stopped = match ended {
-                Ok(Some(Ok(()))) => None,
-                Ok(Some(Err(_))) => Some(
+                None => {
+                    tracing::info!(backfill = id, project = %p.project, "backfill cancelled by an operator; the jobs it queued stay queued");
+                    p.state = BackfillState::Cancelled;
+                    p.finished_at = Some(now_ms());
+                    p.errors.insert(
+                        0,
+                        "cancelled by an operator; the jobs it queued before stay queued".into(),
+                    );
+                    None
+                }
+                Some(Ok(Some(Ok(())))) => None,
+                Some(Ok(Some(Err(_)))) => Some(
                     "internal error: the backfill stopped (a bug in regtee: please report it)"
                         .to_string(),
                 ),
-                Ok(None) => Some(format!(
+                Some(Ok(None)) => Some(format!(
                     "a backfill of project {} for {} is already running on another replica: see GET /api/v1/backfills",
                     request.project,
                     request.target.as_deref().unwrap_or("every target")
                 )),
-                Err(e) => Some(format!("could not take this backfill's turn: {e}")),
+                Some(Err(e)) => Some(format!("could not take this backfill's turn: {e}")),
             };
             if let Some(why) = stopped {
                 tracing::error!(project = %p.project, error = %why, "a backfill did not run to its end");
@@ -112,10 +156,15 @@ impl BackfillRuns {
                 p.errors.insert(0, why);
             }
         }
-        // The end must reach the database, or other replicas show it running for ever.
+        self.save_end(id, &progress).await;
+    }
+
+    /// Saves a backfill's end. It must reach the database, or other replicas show it running
+    /// for ever: retried for about a minute.
+    async fn save_end(&self, id: i64, progress: &Mutex<Progress>) {
         let mut delay = Duration::from_secs(1);
         for _ in 0..6 {
-            if self.save(id, &progress).await.is_ok() {
+            if self.save(id, progress).await.is_ok() {
                 self.local
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -154,7 +203,7 @@ impl BackfillRuns {
                 BTreeMap::new()
             }
         };
-        for (id, p) in self.local.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (id, (p, _)) in self.local.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             all.insert(*id, snapshot(p));
         }
         all.into_values().rev().collect()
@@ -163,7 +212,7 @@ impl BackfillRuns {
     /// One backfill, whichever replica runs or ran it. `Err` when it can be on no replica's
     /// record because the database cannot be read.
     pub async fn get(&self, id: u64) -> Result<Option<Progress>, QueueError> {
-        if let Some(p) = self
+        if let Some((p, _)) = self
             .local
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -9,7 +9,6 @@ use http::{Method, StatusCode, Uri};
 use super::{Call, ErrorKind, RegistryClient, RegistryError, RequestBody, content_length, resolve};
 use crate::body::{self, ProxyBody};
 use crate::oci::digest::Digest;
-use crate::origin::Origin;
 
 /// A blob stream on its way from a registry.
 pub struct BlobStream {
@@ -122,12 +121,33 @@ fn octets() -> HeaderValue {
 }
 
 impl RegistryClient {
-    /// The blob's size if the repository has it.
+    /// The blob's size if the repository has it (0 when the answer states none).
     pub async fn blob_exists(
         &self,
         repository: &str,
         digest: &Digest,
     ) -> Result<Option<u64>, RegistryError> {
+        Ok(self
+            .head_blob(repository, digest)
+            .await?
+            .map(|length| length.unwrap_or(0)))
+    }
+
+    /// The blob's length as the registry states it: `None` if it has no such blob or states
+    /// no length.
+    pub async fn blob_length(
+        &self,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, RegistryError> {
+        Ok(self.head_blob(repository, digest).await?.flatten())
+    }
+
+    async fn head_blob(
+        &self,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<Option<Option<u64>>, RegistryError> {
         let op = format!("HEAD blob {repository}@{digest}");
         let call = self
             .request(
@@ -140,7 +160,7 @@ impl RegistryClient {
         match response.status() {
             // A redirect to storage means it is there; a HEAD answer has no error body.
             s if s.is_success() || s.is_redirection() => {
-                Ok(Some(content_length(response.headers()).unwrap_or(0)))
+                Ok(Some(content_length(response.headers())))
             }
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(self.error_from(response, &op).await),
@@ -183,16 +203,8 @@ impl RegistryClient {
             if let Some(range) = &range {
                 call = call.header(header::RANGE, range.clone());
             }
-            let response = if Origin::of(&url).as_ref() == Some(&self.origin) {
-                self.send(call.pull(repository)).await?
-            } else {
-                let mut request = http::Request::new(body::empty());
-                *request.uri_mut() = url.clone();
-                if let Some(range) = &range {
-                    request.headers_mut().insert(header::RANGE, range.clone());
-                }
-                self.send_once(request, &op).await?
-            };
+            // `send` gives credentials to the registry's origin only, never to storage.
+            let response = self.send(call.pull(repository)).await?;
             let status = response.status();
             if status.is_redirection() {
                 let location = response
@@ -395,7 +407,7 @@ impl RegistryClient {
         }
         let response = self.expect(call, StatusCode::CREATED).await?;
         match Digest::from_headers(response.headers()) {
-            Some(reported) if reported != *digest => Err(self.err(
+            Some(reported) if reported.contradicts(digest) => Err(self.err(
                 &op,
                 ErrorKind::Protocol(format!("registry stored {reported}, expected {digest}")),
             )),

@@ -17,6 +17,10 @@ struct Named {
 /// Harbor's page size limit.
 const PAGE: usize = 100;
 
+/// The most pages one list may take (a million projects or repositories); an API that sends
+/// full pages beyond that is looping.
+const MAX_PAGES: usize = 10_000;
+
 impl RegistryClient {
     /// A project's repositories from Harbor's REST API, or `None` when this registry has no
     /// such API (plain distribution) so the caller falls back to the catalog.
@@ -44,7 +48,15 @@ impl RegistryClient {
         op: &str,
     ) -> Result<Option<Vec<String>>, RegistryError> {
         let mut names = Vec::new();
-        for page in 1.. {
+        for page in 1..=MAX_PAGES + 1 {
+            if page > MAX_PAGES {
+                return Err(self.err(
+                    op,
+                    super::ErrorKind::Protocol(format!(
+                        "more than {MAX_PAGES} full pages: the API's pagination does not end"
+                    )),
+                ));
+            }
             let call = self.request(
                 Method::GET,
                 &format!("{path}?page={page}&page_size={PAGE}"),

@@ -6,7 +6,11 @@ use http::{Method, StatusCode, Uri, header};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::{Call, RegistryClient, RegistryError, resolve};
+use super::{Call, ErrorKind, RegistryClient, RegistryError, resolve};
+
+/// The most pages one listing may take: a million tags at distribution's default page size of
+/// 100, far beyond any real repository; a registry sending more is looping.
+const MAX_PAGES: usize = 10_000;
 
 #[derive(Deserialize)]
 struct Catalog {
@@ -73,6 +77,8 @@ impl RegistryClient {
     }
 
     /// Every page of a listing, each at most `limit` bytes; `None` if the first answers 404.
+    /// The next page is followed only on this registry's origin (skopeo does the same), and a
+    /// next page seen before, or more than [`MAX_PAGES`], ends the listing with an error.
     async fn pages<T: DeserializeOwned>(
         &self,
         first: Uri,
@@ -81,8 +87,27 @@ impl RegistryClient {
         op: &str,
     ) -> Result<Option<Vec<T>>, RegistryError> {
         let mut pages = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut next = Some(first);
         while let Some(url) = next.take() {
+            let refuse = |why: String| self.err(op, ErrorKind::Protocol(why));
+            if !self.is_home(&url) {
+                return Err(refuse(format!(
+                    "the next page is on another origin ({}): not followed",
+                    crate::redact::scrub(&url.to_string())
+                )));
+            }
+            if !seen.insert(url.clone()) {
+                return Err(refuse(format!(
+                    "the next page repeats an earlier one ({}): the registry's pagination loops",
+                    crate::redact::scrub(&url.to_string())
+                )));
+            }
+            if pages.len() >= MAX_PAGES {
+                return Err(refuse(format!(
+                    "more than {MAX_PAGES} pages: the registry's pagination does not end"
+                )));
+            }
             let call = Call::to(Method::GET, url.clone(), op).scope(scope.to_string());
             let response = self.send(call).await?;
             match response.status() {

@@ -121,14 +121,14 @@ impl RegistryClient {
             .await
             .map_err(|e| self.err(&op, ErrorKind::Transfer(error_chain(&*e))))?;
         let digest = Digest::sha256_of(&bytes);
-        if let Ok(expected) = reference.parse::<Digest>()
-            && expected != digest
-            && expected.algorithm() == digest.algorithm()
-        {
-            return Err(self.err(
-                &op,
-                ErrorKind::Transfer(format!("manifest bytes hash to {digest}, not {expected}")),
-            ));
+        if let Ok(expected) = reference.parse::<Digest>() {
+            let actual = Digest::of(expected.algorithm(), &bytes);
+            if actual.contradicts(&expected) {
+                return Err(self.err(
+                    &op,
+                    ErrorKind::Transfer(format!("manifest bytes hash to {actual}, not {expected}")),
+                ));
+            }
         }
         Ok(Some(FetchedManifest {
             bytes,

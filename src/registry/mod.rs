@@ -214,6 +214,11 @@ impl RegistryClient {
         Ok(Call::to(method, url, operation))
     }
 
+    /// An answer from this registry that breaks the protocol, as an error for `operation`.
+    pub fn protocol_error(&self, operation: &str, message: &str) -> RegistryError {
+        self.err(operation, ErrorKind::Protocol(message.to_string()))
+    }
+
     fn err(&self, operation: &str, kind: ErrorKind) -> RegistryError {
         RegistryError {
             registry: self.name.clone(),
@@ -223,8 +228,17 @@ impl RegistryClient {
         }
     }
 
-    /// Sends a call, authenticating as the registry asks. A 401 teaches the challenge and
-    /// triggers one retry with a fresh token when the body can be replayed.
+    /// Whether `url` is on this registry's own origin: the only one its login, its challenge
+    /// and its tokens belong to (RFC 7617 §2.2's protection space; containerd keeps an
+    /// authorizer per host). A `Location`, `Link` or redirect naming another origin gets a
+    /// request with no credentials at all, and its challenges teach nothing.
+    fn is_home(&self, url: &Uri) -> bool {
+        Origin::of(url).as_ref() == Some(&self.origin)
+    }
+
+    /// Sends a call, authenticating as the registry asks. A 401 from the registry's origin
+    /// teaches the challenge and triggers one retry with a fresh token when the body can be
+    /// replayed; a 401 from another origin is an error, answered with nothing.
     async fn send(&self, call: Call) -> Result<Response<Incoming>, RegistryError> {
         let Call {
             method,
@@ -234,10 +248,15 @@ impl RegistryClient {
             scopes,
             operation,
         } = call;
+        let home = self.is_home(&url);
         let mut body = Some(body);
         let mut refresh = false;
         loop {
-            let auth = self.authorization(&scopes, &operation, refresh).await?;
+            let auth = if home {
+                self.authorization(&scopes, &operation, refresh).await?
+            } else {
+                None
+            };
             let (this_body, replay) = match body.take() {
                 None | Some(RequestBody::Empty) => (body::empty(), Some(RequestBody::Empty)),
                 Some(RequestBody::Bytes(b)) => (body::full(b.clone()), Some(RequestBody::Bytes(b))),
@@ -253,6 +272,16 @@ impl RegistryClient {
             let response = self.send_once(request, &operation).await?;
             if response.status() != StatusCode::UNAUTHORIZED {
                 return Ok(response);
+            }
+            if !home {
+                let elsewhere = Origin::of(&url).map_or_else(|| "?".to_string(), |o| o.to_string());
+                return Err(self.err(
+                    &operation,
+                    ErrorKind::Unauthorized(format!(
+                        "{elsewhere} asked for credentials; regtee's login is for {} and is sent to no other origin",
+                        self.origin
+                    )),
+                ));
             }
             // Whatever token was used is no good any more (expired early, revoked).
             self.tokens.remove(&scopes.join(" "));

@@ -16,7 +16,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use crate::body::{self, ProxyBody, Tracked};
+use crate::body::{self, ProxyBody, Tracked, Watched};
 use crate::config::{ProxyConfig, UpstreamConfig};
 use crate::error::{OciError, error_chain};
 use crate::http_client::{self, HttpClient, SendError};
@@ -158,9 +158,9 @@ impl Proxy {
         // The client's URI, kept for recognising completed writes (a refcounted clone).
         let client_uri = parts.uri.clone();
 
-        let found = match self.destination(&route, &parts.uri) {
+        let found = match self.destination(&parts.method, &route, &parts.uri) {
             Err(_) if matches!(route, Route::ForeignToken { .. }) && self.learn_realms().await => {
-                self.destination(&route, &parts.uri)
+                self.destination(&parts.method, &route, &parts.uri)
             }
             found => found,
         };
@@ -239,7 +239,12 @@ impl Proxy {
         let body = Tracked::new(upstream_body, log.bytes_out.clone())
             .idle_timeout(self.body_idle_timeout)
             .hold(log);
-        Ok(Response::from_parts(parts, body::boxed(body)))
+        // Timed apart from polling too: an HTTP/2 client that never opens its window is never
+        // polled for, and would hold the upstream connection as long as it stays.
+        Ok(Response::from_parts(
+            parts,
+            Watched::body(body, self.body_idle_timeout),
+        ))
     }
 
     /// A relay id this process never handed out: another replica did (or this process before a
@@ -294,7 +299,12 @@ impl Proxy {
     }
 
     /// Where a request goes: Harbor, or a relayed token realm.
-    fn destination(&self, route: &Route, uri: &Uri) -> Result<(Origin, Uri), OciError> {
+    fn destination(
+        &self,
+        method: &Method,
+        route: &Route,
+        uri: &Uri,
+    ) -> Result<(Origin, Uri), OciError> {
         if uri.path() == "*" {
             // `OPTIONS *` asks about regtee itself (RFC 9110 §9.3.7); nothing to forward.
             return Err(OciError::new(
@@ -304,11 +314,8 @@ impl Proxy {
             ));
         }
         if let Route::Invalid(invalid) = route {
-            return Err(OciError::new(
-                StatusCode::BAD_REQUEST,
-                invalid.code.clone(),
-                invalid.message.clone(),
-            ));
+            let (status, code) = invalid.status_and_code(method);
+            return Err(OciError::new(status, code, invalid.message.clone()));
         }
         if let Route::ForeignToken { id } = route {
             return self

@@ -72,21 +72,59 @@ pub enum Route {
 /// Why a distribution request is refused before it reaches the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InvalidName {
-    /// The spec's error code: `NAME_INVALID`, `TAG_INVALID` or `DIGEST_INVALID`.
+    /// The spec's error code for a write: `NAME_INVALID`, `TAG_INVALID` or `DIGEST_INVALID`.
     pub code: ErrorCode,
+    /// What a read is answered, when not `code`: what the registry says of a name or a manifest
+    /// that cannot exist (`NAME_UNKNOWN`, `MANIFEST_UNKNOWN`, with 404). distribution's routes
+    /// do not match such paths, so Harbor answers 404; a malformed blob digest does match its
+    /// route, and is a 400 `DIGEST_INVALID` there too (`None`).
+    pub unknown: Option<ErrorCode>,
     /// What is wrong.
     pub message: String,
 }
 
 impl InvalidName {
-    fn of(error: NameError) -> InvalidName {
-        let code = match error {
-            NameError::Tag(..) | NameError::Reference(..) => ErrorCode::TagInvalid,
-            NameError::Repository(..) | NameError::Project(..) => ErrorCode::NameInvalid,
+    fn of(error: NameError, endpoint: Endpoint) -> InvalidName {
+        let (code, unknown) = match error {
+            NameError::Tag(..) | NameError::Reference(..) => {
+                (ErrorCode::TagInvalid, Some(endpoint.unknown()))
+            }
+            NameError::Repository(..) | NameError::Project(..) => {
+                (ErrorCode::NameInvalid, Some(ErrorCode::NameUnknown))
+            }
         };
         InvalidName {
             code,
+            unknown,
             message: error.to_string(),
+        }
+    }
+
+    /// The answer: a read (`GET`, `HEAD`) of something that cannot exist is not found, as the
+    /// registry would say (the OCI conformance suite expects 404 for
+    /// `.INVALID_MANIFEST_NAME`); a write is refused as invalid, with 400.
+    pub fn status_and_code(&self, method: &Method) -> (StatusCode, ErrorCode) {
+        match &self.unknown {
+            Some(unknown) if matches!(*method, Method::GET | Method::HEAD) => {
+                (StatusCode::NOT_FOUND, unknown.clone())
+            }
+            _ => (StatusCode::BAD_REQUEST, self.code.clone()),
+        }
+    }
+}
+
+/// Which kind of thing a `/v2/` path names, for what a read of an invalid one is answered.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Repository,
+    Manifest,
+}
+
+impl Endpoint {
+    fn unknown(self) -> ErrorCode {
+        match self {
+            Endpoint::Repository => ErrorCode::NameUnknown,
+            Endpoint::Manifest => ErrorCode::ManifestUnknown,
         }
     }
 }
@@ -103,6 +141,7 @@ impl Route {
         let Some(decoded) = names::percent_decode(path) else {
             return Route::Invalid(InvalidName {
                 code: ErrorCode::NameInvalid,
+                unknown: Some(ErrorCode::NameUnknown),
                 message: "the path has percent-escapes that are not UTF-8".into(),
             });
         };
@@ -189,9 +228,13 @@ fn classify_v2(rest: &str) -> Route {
     let Some(name) = name else {
         return Route::Other;
     };
+    let kind = match endpoint {
+        "manifests" => Endpoint::Manifest,
+        _ => Endpoint::Repository,
+    };
     let name = match name.parse::<RepositoryName>() {
         Ok(name) => name,
-        Err(e) => return Route::Invalid(InvalidName::of(e)),
+        Err(e) => return Route::Invalid(InvalidName::of(e, kind)),
     };
     match endpoint {
         "tags/list" => Route::Tags { name },
@@ -200,12 +243,13 @@ fn classify_v2(rest: &str) -> Route {
         "referrers" => Route::Referrers { name },
         "manifests" => match last.parse::<Reference>() {
             Ok(reference) => Route::Manifest { name, reference },
-            Err(e) => Route::Invalid(InvalidName::of(e)),
+            Err(e) => Route::Invalid(InvalidName::of(e, kind)),
         },
         _ => match last.parse::<Digest>() {
             Ok(digest) => Route::Blob { name, digest },
             Err(e) => Route::Invalid(InvalidName {
                 code: ErrorCode::DigestInvalid,
+                unknown: None,
                 message: e.to_string(),
             }),
         },

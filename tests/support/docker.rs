@@ -67,7 +67,8 @@ impl Dockerd {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        let process = LocalProcess::spawn(command).expect("dockerd runs (apt-get install docker.io)");
+        let process =
+            LocalProcess::spawn(command).expect("dockerd runs (apt-get install docker.io)");
         let daemon = Dockerd {
             socket,
             dir,

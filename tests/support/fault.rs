@@ -37,6 +37,15 @@ pub enum Fault {
     Hold(String),
     /// Behave as a cloud registry is documented to (see [`Quirk`]).
     Quirk(Quirk),
+    /// Move every upload session to another origin: the `Location` of each answer that opens
+    /// or continues one names this origin (`http://host:port`) instead, path and query kept.
+    MoveUploadsTo(String),
+    /// Add `Link: <this>; rel="next"` to every tag list.
+    NextTagsPageAt(String),
+    /// Add a `Link` to every tag list that names the tag list itself: pagination without end.
+    TagsLinkToThemselves,
+    /// Answer every blob `GET` with a body that never ends and states no length.
+    EndlessBlobs,
 }
 
 pub(super) struct State {
@@ -44,6 +53,7 @@ pub(super) struct State {
     fault: Mutex<Fault>,
     released: tokio::sync::Notify,
     requests: AtomicU64,
+    held: AtomicU64,
     client: regtee::http_client::HttpClient,
     pub(super) quirks: QuirkState,
 }
@@ -71,6 +81,7 @@ impl FaultFront {
             fault: Mutex::new(Fault::None),
             released: tokio::sync::Notify::new(),
             requests: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             client: super::raw_http_client(None, true),
             quirks: QuirkState::default(),
         });
@@ -112,6 +123,11 @@ impl FaultFront {
     /// Requests seen so far.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests held by [`Fault::Hold`] so far.
+    pub fn held(&self) -> u64 {
+        self.state.held.load(Ordering::Relaxed)
     }
 
     /// What the quirks saw and remember.
@@ -191,18 +207,71 @@ impl State {
                     tokio::pin!(released);
                     released.as_mut().enable();
                     if matches!(&*self.fault.lock().unwrap(), Fault::Hold(_)) {
+                        self.held.fetch_add(1, Ordering::Relaxed);
                         released.await;
                     }
                 }
             }
             _ => {}
         }
+        let target_path = req.uri().path().to_string();
+        let target_path_and_query = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
         let response = match self.forward(req).await {
             Ok(r) => r,
             Err(e) => return answer(StatusCode::BAD_GATEWAY, format!("fault front: {e}")),
         };
         let (mut parts, body) = response.into_parts();
+        let is_tag_list = method == http::Method::GET
+            && parts.status == StatusCode::OK
+            && target_path.ends_with("/tags/list");
         match fault {
+            Fault::MoveUploadsTo(origin) if parts.status == StatusCode::ACCEPTED => {
+                if let Some(location) = parts
+                    .headers
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|l| l.parse::<http::Uri>().ok())
+                {
+                    let path = location.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                    parts
+                        .headers
+                        .insert("location", format!("{origin}{path}").parse().unwrap());
+                }
+                Response::from_parts(parts, regtee::body::boxed(body))
+            }
+            Fault::NextTagsPageAt(next) if is_tag_list => {
+                parts
+                    .headers
+                    .insert("link", format!("<{next}>; rel=\"next\"").parse().unwrap());
+                Response::from_parts(parts, regtee::body::boxed(body))
+            }
+            Fault::TagsLinkToThemselves if is_tag_list => {
+                parts.headers.insert(
+                    "link",
+                    format!("<{target_path_and_query}>; rel=\"next\"")
+                        .parse()
+                        .unwrap(),
+                );
+                Response::from_parts(parts, regtee::body::boxed(body))
+            }
+            Fault::EndlessBlobs
+                if method == http::Method::GET
+                    && parts.status == StatusCode::OK
+                    && target_path.contains("/blobs/sha") =>
+            {
+                parts.headers.remove("content-length");
+                let endless = futures_util::stream::repeat_with(|| {
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 64 * 1024])))
+                });
+                Response::from_parts(
+                    parts,
+                    regtee::body::boxed(http_body_util::StreamBody::new(endless)),
+                )
+            }
             Fault::ChunkMinLength(n) if parts.status == StatusCode::ACCEPTED => {
                 if parts.headers.contains_key("docker-upload-uuid") && method == http::Method::POST
                 {

@@ -10,6 +10,7 @@ pub mod issuer;
 pub mod layout;
 pub mod nginx;
 pub mod quirks;
+pub mod recorder;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -379,6 +380,16 @@ impl ConfigSpec {
             database: None,
             state_extra: String::new(),
         }
+    }
+
+    /// With the proxy and the admin API on fixed free ports, so the CLI can find the admin API.
+    pub fn with_fixed_ports(mut self) -> ConfigSpec {
+        self.listen = format!("127.0.0.1:{}", regtee::local_registry::free_port().unwrap());
+        self.admin = Some(format!(
+            "127.0.0.1:{}",
+            regtee::local_registry::free_port().unwrap()
+        ));
+        self
     }
 
     /// The queue in a database of `server` (a new one, named `database`).

@@ -31,8 +31,8 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        let child = LocalProcess::spawn(command)
-            .expect("nginx is installed (apt-get install nginx-light)");
+        let child =
+            LocalProcess::spawn(command).expect("nginx is installed (apt-get install nginx-light)");
         let mut nginx = Nginx { child };
         let deadline = Instant::now() + Duration::from_secs(20);
         while tokio::net::TcpStream::connect(listens_on).await.is_err() {

@@ -388,6 +388,16 @@ impl Queue {
         on_store!(self, q => q.save_backfill(id, progress, running))
     }
 
+    /// Asks backfill `id` to stop, whichever replica runs it; whether it is running.
+    pub async fn request_backfill_cancel(&self, id: i64) -> Result<bool, QueueError> {
+        on_store!(self, q => q.request_backfill_cancel(id))
+    }
+
+    /// Whether someone asked backfill `id` to stop.
+    pub async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError> {
+        on_store!(self, q => q.backfill_cancel_requested(id))
+    }
+
     /// The newest backfills (at most 100), any replica's, newest first.
     pub async fn backfills(&self) -> Result<Vec<BackfillRecord>, QueueError> {
         on_store!(self, q => q.backfills(None))

@@ -102,6 +102,10 @@ CREATE TABLE IF NOT EXISTS backfills (
     progress    TEXT NOT NULL,
     updated_at  BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS backfill_cancels (
+    id           BIGINT PRIMARY KEY,
+    requested_at BIGINT NOT NULL
+);
 "#;
 
 const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
@@ -838,6 +842,29 @@ impl PgQueue {
         .map(|_| ())
     }
 
+    /// Asks the running backfill `id` to stop; whether it is running.
+    pub(super) async fn request_backfill_cancel(&self, id: i64) -> Result<bool, QueueError> {
+        self.execute(
+            "INSERT INTO backfill_cancels (id, requested_at) \
+             SELECT id, $2 FROM backfills WHERE id = $1 AND running \
+             ON CONFLICT (id) DO NOTHING",
+            &[&id, &now_ms()],
+        )
+        .await?;
+        let rows = self
+            .query("SELECT 1 FROM backfills WHERE id = $1 AND running", &[&id])
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Whether someone asked backfill `id` to stop.
+    pub(super) async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError> {
+        let rows = self
+            .query("SELECT 1 FROM backfill_cancels WHERE id = $1", &[&id])
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
     /// The newest backfills, or the one with `id`.
     pub(super) async fn backfills(
         &self,
@@ -887,6 +914,11 @@ impl PgQueue {
         self.execute(
             "DELETE FROM backfills WHERE NOT running AND updated_at < $1",
             &[&cutoff],
+        )
+        .await?;
+        self.execute(
+            "DELETE FROM backfill_cancels WHERE id NOT IN (SELECT id FROM backfills WHERE running)",
+            &[],
         )
         .await?;
         self.execute(

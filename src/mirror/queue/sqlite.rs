@@ -82,6 +82,10 @@ CREATE TABLE IF NOT EXISTS backfills (
     progress    TEXT NOT NULL,
     updated_at  INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS backfill_cancels (
+    id           INTEGER PRIMARY KEY,
+    requested_at INTEGER NOT NULL
+);
 "#;
 
 /// Columns added after the first release, with their definitions; added to older databases at
@@ -532,6 +536,10 @@ impl SqliteQueue {
                 params![cutoff],
             )?;
             c.execute(
+                "DELETE FROM backfill_cancels WHERE id NOT IN (SELECT id FROM backfills WHERE running = 1)",
+                [],
+            )?;
+            c.execute(
                 "DELETE FROM jobs WHERE state IN ('done', 'skipped') AND finished_at < ?1",
                 params![cutoff],
             )
@@ -583,6 +591,35 @@ impl SqliteQueue {
                 params![id, progress, running, now],
             )
             .map(|_| ())
+        })
+        .await
+    }
+
+    /// Asks the running backfill `id` to stop; whether it is running.
+    pub(super) async fn request_backfill_cancel(&self, id: i64) -> Result<bool, QueueError> {
+        let now = now_ms();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO backfill_cancels (id, requested_at)                  SELECT id, ?2 FROM backfills WHERE id = ?1 AND running = 1                  ON CONFLICT (id) DO NOTHING",
+                params![id, now],
+            )?;
+            c.query_row(
+                "SELECT COUNT(*) > 0 FROM backfills WHERE id = ?1 AND running = 1",
+                params![id],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    /// Whether someone asked backfill `id` to stop.
+    pub(super) async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError> {
+        self.with(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) > 0 FROM backfill_cancels WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
         })
         .await
     }

@@ -297,6 +297,10 @@ pub async fn sync(
             let started: Progress = api
                 .call(Method::POST, "/api/v1/backfills", Some(body))
                 .await?;
+            println!(
+                "backfill {} started on the server (`regtee sync --cancel {}` stops it)",
+                started.id, started.id
+            );
             loop {
                 let p: Progress = api
                     .call(
@@ -338,6 +342,36 @@ pub async fn sync(
         }
     };
     Ok(result)
+}
+
+/// `regtee sync --cancel ID`: stops a running backfill, through the admin API, or, with a
+/// PostgreSQL queue, by writing the request in the database the replicas read.
+pub async fn cancel_backfill(config: &Config, id: u64) -> Result<i32, CliError> {
+    let running = match backend(config).await? {
+        Backend::Api(api) => {
+            let v: serde_json::Value = api
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/backfills/{id}/cancel"),
+                    None,
+                )
+                .await?;
+            v["cancelled"].as_bool().unwrap_or(false)
+        }
+        Backend::Local(queue) => match i64::try_from(id) {
+            Ok(row) => queue.request_backfill_cancel(row).await?,
+            Err(_) => false,
+        },
+    };
+    if !running {
+        return Err(CliError::Refused(format!(
+            "backfill {id} is not running (regtee sync shows its result; GET /api/v1/backfills lists them)"
+        )));
+    }
+    println!(
+        "backfill {id} stops within a second; the jobs it queued stay queued (regtee status shows them)"
+    );
+    Ok(0)
 }
 
 /// A backfill run by the command itself, into the state directory (no server holds it).
