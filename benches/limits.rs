@@ -14,11 +14,12 @@ use std::num::{NonZeroU32, NonZeroU64};
 use std::time::{Duration, Instant};
 
 use common::*;
+use regtee::config::Side;
 use regtee::config::{ClientTls, Endpoint, Login, RateLimits};
 use regtee::local_registry::{LocalRegistry, RegistryOptions, anonymous_client, free_port};
 use regtee::oci::digest::Digest;
 use regtee::origin::Origin;
-use regtee::registry::{RegistryClient, Side};
+use regtee::registry::RegistryClient;
 
 const MIB: u64 = 1024 * 1024;
 const BLOB: u64 = 256 * MIB;

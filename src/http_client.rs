@@ -12,8 +12,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ProxyBody;
-use crate::config::ClientTls;
 use crate::stall::GuardedConnector;
+use crate::tls::ClientTls;
 use crate::tls::{TlsError, client_config};
 
 /// A pooled client that speaks HTTP and HTTPS, its connections cut when the peer stops reading.

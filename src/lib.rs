@@ -24,8 +24,10 @@
 #![warn(missing_docs)]
 
 // The two paths and the operator's side: internal.
+mod metrics;
 mod mirror;
 mod ops;
+mod queue;
 mod request;
 
 // Building blocks regtee is made of and its tests, benches and demo use.
@@ -43,203 +45,19 @@ pub mod tls;
 // Small mechanisms, internal.
 #[cfg(test)]
 mod arbitrary;
+pub mod challenge;
 mod error;
 mod redact;
 mod stall;
 mod throttle;
 mod wait_limit;
 
+// A running regtee, and the whole of it on one machine.
+pub mod demo;
+mod instance;
+
+pub use instance::{Instance, StartError, run};
+
 // The operator's commands, for the binary.
-pub use mirror::queue::{JobFilter, JobState};
-pub use ops::{certs, cli, demo, log_writer};
-
-use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-use crate::config::Config;
-use crate::request::server::ConnectionLimits;
-
-/// Why regtee could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// A listener could not bind.
-    #[error("{0}")]
-    Bind(std::io::Error),
-    /// A certificate, key or CA file is unusable.
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
-    /// The job queue cannot be opened.
-    #[error(transparent)]
-    Queue(#[from] mirror::queue::QueueError),
-    /// Another regtee holds the state directory.
-    #[error(transparent)]
-    Lock(#[from] mirror::state_lock::LockError),
-    /// A target's client could not be built.
-    #[error(transparent)]
-    Registry(#[from] registry::RegistryError),
-    /// The upstream URL cannot be sent as a request's authority or `Host`.
-    #[error("[upstream] url {0}: not usable as a request authority")]
-    UpstreamAuthority(String),
-}
-
-/// A running regtee: its bound addresses and the handles that stop it.
-pub struct Instance {
-    /// The plain HTTP proxy listener, if configured.
-    pub http_addr: Option<SocketAddr>,
-    /// The HTTPS proxy listener, if configured.
-    pub https_addr: Option<SocketAddr>,
-    /// The admin listener, if configured.
-    pub admin_addr: Option<SocketAddr>,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
-    _lock: mirror::state_lock::StateLock,
-}
-
-impl Instance {
-    /// Binds every listener, opens the queue and starts the mirror workers. Everything that can
-    /// fail (lock, queue, certificates, binds) happens before the first task starts.
-    pub async fn start(config: Config) -> Result<Instance, StartError> {
-        tls::install_crypto_provider();
-        let lock = mirror::state_lock::StateLock::acquire(&config.state.dir)?;
-        let queue = Arc::new(mirror::queue::Queue::open_state(&config.state).await?);
-        if let Some(replica) = queue.replica() {
-            tracing::info!(
-                replica,
-                "job queue in PostgreSQL, shared with any other replica"
-            );
-        }
-        let recovered = queue.recover_interrupted().await?;
-        if recovered > 0 {
-            tracing::info!(
-                jobs = recovered,
-                "resuming jobs interrupted by the previous shutdown"
-            );
-        }
-        let tls_acceptor = match &config.proxy.tls {
-            Some(t) => Some(request::server::acceptor(tls::server_config(
-                &t.cert, &t.key,
-            )?)),
-            None => None,
-        };
-        let bind =
-            |addr| async move { request::server::bind(addr).await.map_err(StartError::Bind) };
-        let http = match config.proxy.listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
-        let https = match &config.proxy.tls {
-            Some(t) => Some(bind(t.listen).await?),
-            None => None,
-        };
-        let admin_listener = match &config.admin {
-            Some(a) => Some(bind(a.listen).await?),
-            None => None,
-        };
-        let local =
-            |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
-        let (http_addr, https_addr, admin_addr) =
-            (local(&http), local(&https), local(&admin_listener));
-
-        let metrics = Arc::new(ops::metrics::Metrics::new());
-        let tee = Arc::new(mirror::tee::Tee::new(queue.clone(), &config.targets));
-        let proxy = Arc::new(request::proxy::Proxy::new(
-            &config.proxy,
-            &config.upstream,
-            Some(tee.clone()),
-            Some(metrics.clone()),
-        )?);
-        let upstream = Arc::new(registry::RegistryClient::new(&config.upstream.endpoint)?);
-        let mirror = Arc::new(mirror::Mirror::new(
-            queue.clone(),
-            upstream.clone(),
-            &config.targets,
-            metrics.clone(),
-        )?);
-        let backfiller = Arc::new(ops::backfill::Backfiller {
-            upstream,
-            targets: mirror.targets().to_vec(),
-            tee: tee.clone(),
-        });
-        let limits = ConnectionLimits {
-            header_read_timeout: config.proxy.header_read_timeout,
-            shutdown_grace: config.proxy.shutdown_grace,
-            write_stall: config.proxy.body_idle_timeout,
-        };
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-
-        for (listener, acceptor) in [(http, None), (https, tls_acceptor)] {
-            if let Some(listener) = listener {
-                let proxy = proxy.clone();
-                tasks.spawn(request::server::serve(
-                    listener,
-                    acceptor,
-                    limits,
-                    cancel.clone(),
-                    move |req, conn| proxy.clone().handle(req, conn),
-                ));
-            }
-        }
-        mirror.spawn_workers(&tasks, &cancel, config.proxy.shutdown_grace);
-        backfiller.spawn_reconcilers(&tasks, &cancel, &config.targets);
-        mirror::queue::spawn_retention(&tasks, &cancel, queue.clone(), config.state.retention);
-        mirror::queue::spawn_lease_keeper(&tasks, &cancel, queue.clone());
-        if let Some(listener) = admin_listener {
-            let admin = Arc::new(ops::admin::Admin::new(
-                &config,
-                queue.clone(),
-                backfiller,
-                metrics.clone(),
-                tasks.clone(),
-                cancel.clone(),
-            ));
-            tasks.spawn(request::server::serve(
-                listener,
-                None,
-                limits,
-                cancel.clone(),
-                move |req, _conn| admin.clone().handle(req),
-            ));
-        }
-        tasks.close();
-        let shown =
-            |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_string(), |a| a.to_string());
-        tracing::info!(
-            http = %shown(http_addr),
-            https = %shown(https_addr),
-            admin = %shown(admin_addr),
-            upstream = %config.upstream.endpoint.origin,
-            targets = config.targets.len(),
-            "regtee is serving"
-        );
-        Ok(Instance {
-            http_addr,
-            https_addr,
-            admin_addr,
-            cancel,
-            tasks,
-            _lock: lock,
-        })
-    }
-
-    /// Stops accepting, lets in-flight requests finish within the grace period, stops workers
-    /// (their unfinished jobs stay queued), and returns when everything has ended.
-    pub async fn shutdown(self) {
-        self.cancel.cancel();
-        self.tasks.wait().await;
-        tracing::info!("regtee stopped");
-    }
-}
-
-/// Runs regtee until `shutdown` completes, then drains and stops.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let instance = Instance::start(config).await?;
-    shutdown.await;
-    tracing::info!("shutdown requested: draining in-flight requests");
-    instance.shutdown().await;
-    Ok(())
-}
+pub use ops::{certs, cli, log_writer};
+pub use queue::{JobFilter, JobState};

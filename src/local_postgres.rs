@@ -112,7 +112,7 @@ impl LocalPostgres {
         } else {
             None
         };
-        let password = format!("pg-{}", crate::mirror::queue::now_ms());
+        let password = format!("pg-{}", crate::queue::now_ms());
         std::fs::write(dir.join("pwfile"), &password).map_err(io("password file"))?;
         if let Some((uid, gid)) = as_nobody {
             for p in [dir.clone(), dir.join("pwfile")] {

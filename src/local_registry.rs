@@ -325,7 +325,7 @@ pub fn anonymous_client(name: &str, url: &str) -> Result<RegistryClient, ClientE
     let origin = Origin::parse(url)?;
     Ok(RegistryClient::new(&Endpoint {
         name: name.to_string(),
-        side: crate::registry::Side::Target,
+        side: crate::config::Side::Target,
         origin,
         tls: ClientTls::default(),
         login: crate::config::Login::Anonymous,

@@ -141,6 +141,31 @@ impl fmt::Display for Origin {
     }
 }
 
+/// The HTTPS origin an upstream reached over plain HTTP redirects this request to, if it does.
+///
+/// Harbor configured for HTTPS answers its plain port with `308 https://<hostname>$request_uri`
+/// (its nginx template), whatever the path: the same request, upgraded. A redirect to another
+/// path (a blob on object storage) is not this.
+pub fn redirect_to_https(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    upstream: &Origin,
+    request: &http::Uri,
+) -> Option<Origin> {
+    if !status.is_redirection() || upstream.scheme() != Scheme::Http {
+        return None;
+    }
+    let location: http::Uri = headers
+        .get(http::header::LOCATION)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    let target = Origin::of(&location)?;
+    let same_request = location.path_and_query() == request.path_and_query();
+    (target.scheme() == Scheme::Https && same_request).then_some(target)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,14 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use crate::config::ClientTls;
+/// TLS settings for connections regtee makes to a registry.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    /// Extra CA certificates (PEM) trusted besides the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Accept any certificate: for labs only.
+    pub insecure_skip_verify: bool,
+}
 
 /// A certificate, key or trust store that cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -13,16 +13,20 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod policy;
 mod raw;
+mod swr;
 mod validate;
 
 use raw::RawConfig;
 use validate::Validator;
+
+pub use policy::{TargetPolicy, TargetPolicyError};
 #[cfg(test)]
 use validate::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CHUNK_SIZE};
 
-use crate::mirror::target::TargetPolicy;
 use crate::origin::Origin;
+pub use crate::tls::ClientTls;
 
 /// A value that must never be printed: `Debug` and `Display` show `<redacted>`.
 #[derive(Clone, PartialEq, Eq)]
@@ -89,22 +93,13 @@ impl Login {
     }
 }
 
-/// TLS settings for connections regtee makes to a registry.
-#[derive(Clone, Debug, Default)]
-pub struct ClientTls {
-    /// Extra CA certificates (PEM) trusted besides the system roots.
-    pub ca_file: Option<PathBuf>,
-    /// Accept any certificate: for labs only.
-    pub insecure_skip_verify: bool,
-}
-
 /// A registry regtee talks to as a client: Harbor or a target.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     /// A short name used in logs and errors (`upstream`, or the target's name).
     pub name: String,
     /// Harbor or a target.
-    pub side: crate::registry::Side,
+    pub side: Side,
     /// Where the registry lives.
     pub origin: Origin,
     /// How to verify its certificate.
@@ -283,6 +278,15 @@ pub struct TargetConfig {
     pub max_chunk_size: u64,
     /// Compare Harbor with this target this often, catching pushes that went around regtee.
     pub reconcile_interval: Option<Duration>,
+}
+
+/// Which side of regtee a registry is on: it decides whose configuration a fix names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Harbor, which regtee reads from.
+    Upstream,
+    /// A cloud registry, which regtee writes to.
+    Target,
 }
 
 /// Why the configuration cannot be used.

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::policy::TargetPolicyError;
 use super::raw::*;
 use super::*;
-use crate::mirror::target::{TargetPolicy, TargetPolicyError};
 use crate::origin::Origin;
 
 /// Default for `idle_timeout`: long enough for a busy registry, short enough that a stalled
@@ -329,7 +329,7 @@ impl Validator<'_> {
         Ok(UpstreamConfig {
             endpoint: Endpoint {
                 name: "upstream".to_string(),
-                side: crate::registry::Side::Upstream,
+                side: crate::config::Side::Upstream,
                 origin,
                 tls: ClientTls {
                     ca_file: self.ca_file("upstream.ca_file", raw.ca_file)?,
@@ -525,7 +525,7 @@ impl Validator<'_> {
                         "auth = \"swr-aksk\" needs access_key(_env/_file) and secret_key(_env/_file)",
                     ));
                 };
-                Some(crate::registry::credentials::swr_login(&region, &ak, &sk))
+                Some(super::swr::swr_login(&region, &ak, &sk))
             }
         };
         let login = self.login_source(
@@ -559,7 +559,7 @@ impl Validator<'_> {
         Ok(TargetConfig {
             endpoint: Endpoint {
                 name: raw.name,
-                side: crate::registry::Side::Target,
+                side: crate::config::Side::Target,
                 origin,
                 tls: ClientTls {
                     ca_file: self.ca_file(&key("ca_file"), raw.ca_file)?,

@@ -7,13 +7,13 @@ use bytes::Bytes;
 use futures_util::stream::{self, TryStreamExt};
 
 use super::Mirror;
-use super::queue::Job;
 use super::target::Target;
 use crate::body;
 use crate::oci::digest::{Digest, VerifyingBody};
 use crate::oci::error_code::ErrorCode;
 use crate::oci::manifest::{self, Descriptor, OCI_INDEX, References};
 use crate::oci::names::{RepositoryName, Tag};
+use crate::queue::Job;
 use crate::registry::{Chunking, ErrorKind, FetchedManifest, Mount, RegistryError, Reopen, Upload};
 
 /// How deep indexes may nest (index of index of ...); deeper is treated as malformed.

@@ -1,15 +1,12 @@
 //! The mirror path: workers that claim jobs and copy content to targets, in dependency order.
 //!
-//! Completed writes become jobs in the tee (`tee`), durably (`queue`, `job`); per target,
+//! Completed writes become jobs in the tee (`tee`), durably (in `crate::queue`); per target,
 //! `concurrency` workers (`worker`) claim them and copy them (`copy`), under per-blob and per-tag
 //! locks (`locks`), each target by its own rules and client (`target`). Each target has its own
 //! workers, so a target that is down delays only its own jobs.
 
 mod copy;
-pub mod job;
 mod locks;
-pub mod queue;
-pub mod state_lock;
 pub mod target;
 pub mod tee;
 mod worker;
@@ -17,10 +14,10 @@ mod worker;
 use std::sync::Arc;
 
 use crate::config::TargetConfig;
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
+use crate::queue::Queue;
 use crate::registry::{RegistryClient, RegistryError};
 use locks::KeyedLocks;
-use queue::Queue;
 use target::Target;
 
 /// The mirror: targets, the queue they work from, and Harbor to read from.

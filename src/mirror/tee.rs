@@ -47,10 +47,10 @@ impl Write {
 use std::sync::Arc;
 
 use crate::config::TargetConfig;
-use crate::mirror::queue::{JobKind, JobOrigin, NewJob, Queue, QueueError};
-use crate::mirror::target::TargetPolicy;
+use crate::config::TargetPolicy;
 use crate::oci::digest::Digest;
 use crate::oci::names::{Reference, RepositoryName, Tag};
+use crate::queue::{JobKind, JobOrigin, NewJob, Queue, QueueError};
 
 /// One target's rules, as far as creating jobs is concerned.
 #[derive(Clone, Debug)]

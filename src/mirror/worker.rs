@@ -10,9 +10,10 @@ use tokio_util::task::TaskTracker;
 
 use super::Mirror;
 use super::copy::{JobError, Subject, Success};
-use super::queue::{ErrorClass, Job, JobKind, Outcome, now_ms};
 use super::target::{Alive, Target};
-use crate::registry::{ErrorKind, FixContext, Side};
+use crate::config::Side;
+use crate::queue::{ErrorClass, Job, JobKind, Outcome, now_ms};
+use crate::registry::{ErrorKind, FixContext, RegistryError};
 use crate::throttle::Throttle;
 
 static UNRECORDED: Throttle = Throttle::new(Duration::from_secs(60));
@@ -195,7 +196,7 @@ impl Mirror {
         let (retryable, class, message, retry_after) = match &error {
             JobError::Registry(e) => (
                 e.retryable(),
-                ErrorClass::of(e),
+                error_class(e),
                 e.to_string(),
                 match e.kind {
                     ErrorKind::RateLimited { retry_after } => retry_after,
@@ -291,6 +292,23 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
     let half = ceiling / 2;
     let jitter_ms = rand::random_range(0..=half.as_millis().max(1) as u64);
     half + Duration::from_millis(jitter_ms)
+}
+
+/// The class a registry failure is counted and shown under.
+fn error_class(e: &RegistryError) -> ErrorClass {
+    match &e.kind {
+        ErrorKind::Unreachable(_) => ErrorClass::Unreachable,
+        ErrorKind::Tls(_) | ErrorKind::HttpsOnly { .. } => ErrorClass::Tls,
+        ErrorKind::Timeout => ErrorClass::Timeout,
+        ErrorKind::Unauthorized(_) | ErrorKind::Login(_) => ErrorClass::Auth,
+        ErrorKind::Denied(_) => ErrorClass::Denied,
+        ErrorKind::NotFound { .. } => ErrorClass::NotFound,
+        ErrorKind::RateLimited { .. } => ErrorClass::RateLimited,
+        ErrorKind::Rejected { .. } => ErrorClass::Rejected,
+        ErrorKind::Server { .. } => ErrorClass::Server,
+        ErrorKind::Transfer(_) => ErrorClass::Transfer,
+        ErrorKind::Protocol(_) => ErrorClass::Protocol,
+    }
 }
 
 #[cfg(test)]

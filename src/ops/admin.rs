@@ -18,14 +18,12 @@ use tokio_util::task::TaskTracker;
 use crate::body::read_limited;
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, Secret};
-use crate::mirror::queue::{
-    Job, JobFilter, JobOrigin, JobState, Queue, QueueError, TargetCounts, now_ms,
-};
+use crate::metrics::Metrics;
 use crate::oci::names::{RepositoryName, Tag};
 use crate::ops::backfill::{self, BackfillRequest, Backfiller, TagRow};
 use crate::ops::backfill_runs::BackfillRuns;
-use crate::ops::metrics::Metrics;
 use crate::ops::webhooks;
+use crate::queue::{Job, JobFilter, JobOrigin, JobState, Queue, QueueError, TargetCounts, now_ms};
 use crate::registry::ErrorKind;
 
 /// The largest webhook or API request body accepted.
@@ -40,7 +38,7 @@ pub struct Status {
     pub recent_failures: Vec<Job>,
     /// The replicas sharing a PostgreSQL queue (empty with SQLite).
     #[serde(default)]
-    pub replicas: Vec<crate::mirror::queue::Replica>,
+    pub replicas: Vec<crate::queue::Replica>,
     /// When this was computed (ms).
     pub now: i64,
 }
@@ -90,7 +88,7 @@ pub struct JobDetail {
     /// The job.
     pub job: Job,
     /// Its attempts, oldest first.
-    pub attempts: Vec<crate::mirror::queue::Attempt>,
+    pub attempts: Vec<crate::queue::Attempt>,
 }
 
 /// `GET /api/v1/repositories/{name}/status`.

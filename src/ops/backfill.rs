@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::TargetConfig;
-use crate::mirror::queue::{JobOrigin, now_ms};
 use crate::mirror::target::Target;
 use crate::mirror::tee::{Tee, Write};
 use crate::oci::digest::Digest;
 use crate::oci::names::{NameError, RepositoryName, Tag};
+use crate::queue::{JobOrigin, now_ms};
 use crate::registry::{RegistryClient, RegistryError};
 
 /// HEAD requests in flight at once during a comparison.

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::mirror::queue::{BackfillRecord, Queue, QueueError, now_ms};
 use crate::ops::backfill::{BackfillRequest, BackfillState, Backfiller, Progress};
+use crate::queue::{BackfillRecord, Queue, QueueError, now_ms};
 
 /// How often a running backfill's progress is saved for other replicas to read.
 const SAVE_EVERY: Duration = Duration::from_secs(1);

@@ -1,4 +1,4 @@
-//! The operator's side: the admin API and its webhooks, backfills and comparisons, metrics, the
+//! The operator's side: the admin API and its webhooks, backfills and comparisons, the
 //! command line, certificates, the demo and the log writer.
 
 pub mod admin;
@@ -6,7 +6,5 @@ pub mod backfill;
 pub mod backfill_runs;
 pub mod certs;
 pub mod cli;
-pub mod demo;
 pub mod log_writer;
-pub mod metrics;
 pub mod webhooks;

@@ -4,17 +4,9 @@
 
 use std::time::Duration;
 
+use crate::config::Side;
 use crate::oci::error_code::ErrorCode;
 use crate::tls::TlsFailure;
-
-/// Which side of regtee a registry is on: it decides whose configuration a fix names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    /// Harbor, which regtee reads from.
-    Upstream,
-    /// A cloud registry, which regtee writes to.
-    Target,
-}
 
 /// What went wrong.
 #[derive(Debug, Clone)]

@@ -74,7 +74,7 @@ pub(super) const IDENTITY_TOKEN_USER: &str = "<token>";
 
 fn current(credentials: Credentials, expires: Option<SystemTime>) -> Arc<Current> {
     Arc::new(Current {
-        basic: super::auth::basic_header(&credentials),
+        basic: basic_header(&credentials),
         credentials,
         expires,
     })
@@ -309,6 +309,22 @@ async fn from_docker_config(
         },
         None,
     )))
+}
+
+/// `Basic <base64(user:password)>`; the encoded value is remembered for scrubbing, since a
+/// registry that echoes the header back shows this, not the password.
+fn basic_header(c: &Credentials) -> HeaderValue {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        c.username,
+        c.password.expose()
+    ));
+    crate::redact::remember(token.as_str().into());
+    let mut v = HeaderValue::from_str(&format!("Basic {token}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("Basic invalid"));
+    v.set_sensitive(true);
+    v
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 
 pub mod auth;
 mod blobs;
-pub mod credentials;
 pub mod error;
 mod harbor;
 mod listings;
@@ -28,7 +27,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use crate::body::{self, ProxyBody, read_limited};
-use crate::config::Endpoint;
+use crate::config::{Endpoint, Side};
 use crate::error::error_chain;
 use crate::http_client::{self, HttpClient, SendError};
 use crate::oci::error_code::ErrorCode;
@@ -37,10 +36,11 @@ use crate::tls::TlsFailure;
 
 pub use auth::{pull_scope, push_scope};
 pub use blobs::{BlobStream, Chunking, Mount, Reopen, Session, Upload};
-pub use error::{ErrorKind, FixContext, RegistryError, Side};
+pub use error::{ErrorKind, FixContext, RegistryError};
 pub use manifests::{FetchedManifest, ManifestHead, StoredManifest};
 
-use auth::{CachedToken, Challenge};
+use crate::challenge::Challenge;
+use auth::CachedToken;
 
 /// How many bytes of an error body are worth reading.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -437,7 +437,7 @@ impl RegistryClient {
         if response.status().is_success() {
             return Ok(());
         }
-        match crate::request::headers::redirect_to_https(
+        match crate::origin::redirect_to_https(
             response.status(),
             response.headers(),
             &self.origin,

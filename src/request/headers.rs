@@ -5,8 +5,8 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::challenge::Challenge;
 use crate::origin::{Origin, Scheme};
-use crate::registry::auth::Challenge;
 
 /// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -238,26 +238,6 @@ fn rewrite_challenge(
     };
     challenge.set_param("realm", new_realm);
     Some(challenge.to_header_value())
-}
-
-/// The HTTPS origin an upstream reached over plain HTTP redirects this request to, if it does.
-///
-/// Harbor configured for HTTPS answers its plain port with `308 https://<hostname>$request_uri`
-/// (its nginx template), whatever the path: the same request, upgraded. A redirect to another
-/// path (a blob on object storage) is not this.
-pub fn redirect_to_https(
-    status: http::StatusCode,
-    headers: &HeaderMap,
-    upstream: &Origin,
-    request: &http::Uri,
-) -> Option<Origin> {
-    if !status.is_redirection() || upstream.scheme() != Scheme::Http {
-        return None;
-    }
-    let location: http::Uri = headers.get(header::LOCATION)?.to_str().ok()?.parse().ok()?;
-    let target = Origin::of(&location)?;
-    let same_request = location.path_and_query() == request.path_and_query();
-    (target.scheme() == Scheme::Https && same_request).then_some(target)
 }
 
 /// The origin the client used: the listener's scheme and the request's authority (its URI's, or

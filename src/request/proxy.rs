@@ -104,7 +104,18 @@ pub struct Proxy {
     /// Made-up relay ids cost Harbor at most one challenge a second.
     learning: Throttle,
     tee: Option<Arc<Tee>>,
-    metrics: Option<Arc<crate::ops::metrics::Metrics>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+/// Why the proxy cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The upstream URL cannot be sent as a request's authority or `Host`.
+    #[error("[upstream] url {0}: not usable as a request authority")]
+    UpstreamAuthority(String),
+    /// The client toward Harbor could not be built (its TLS settings).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl Proxy {
@@ -113,11 +124,11 @@ impl Proxy {
         proxy: &ProxyConfig,
         upstream: &UpstreamConfig,
         tee: Option<Arc<Tee>>,
-        metrics: Option<Arc<crate::ops::metrics::Metrics>>,
-    ) -> Result<Proxy, crate::StartError> {
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Proxy, ProxyError> {
         let e = &upstream.endpoint;
         let authority = e.origin.authority();
-        let invalid = || crate::StartError::UpstreamAuthority(e.origin.to_string());
+        let invalid = || ProxyError::UpstreamAuthority(e.origin.to_string());
         Ok(Proxy {
             upstream: e.origin.clone(),
             upstream_scheme: match e.origin.scheme() {
@@ -212,7 +223,7 @@ impl Proxy {
         }
 
         if let Some(https) =
-            headers::redirect_to_https(status, &parts.headers, &self.upstream, &client_uri)
+            crate::origin::redirect_to_https(status, &parts.headers, &self.upstream, &client_uri)
         {
             return Ok(log.answer(self.upgrade_redirect(&https)));
         }
@@ -439,15 +450,11 @@ struct RequestLog {
     status: AtomicU16,
     bytes_in: Arc<AtomicU64>,
     bytes_out: Arc<AtomicU64>,
-    metrics: Option<Arc<crate::ops::metrics::Metrics>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl RequestLog {
-    fn new(
-        method: &Method,
-        route: &Route,
-        metrics: Option<Arc<crate::ops::metrics::Metrics>>,
-    ) -> Self {
+    fn new(method: &Method, route: &Route, metrics: Option<Arc<crate::metrics::Metrics>>) -> Self {
         RequestLog {
             method: method.clone(),
             kind: route.kind(),

@@ -161,7 +161,7 @@ impl AuthRegistry {
 pub fn client_for(url: &str, creds: Option<(&str, &str)>) -> RegistryClient {
     RegistryClient::new(&Endpoint {
         name: "test-client".into(),
-        side: regtee::registry::Side::Target,
+        side: regtee::config::Side::Target,
         origin: Origin::parse(url).unwrap(),
         tls: ClientTls {
             ca_file: None,

@@ -10,9 +10,9 @@ use serde::de::DeserializeOwned;
 use crate::body::{self, read_limited};
 use crate::config::{AdminConfig, ClientTls, Config};
 use crate::http_client::{self, HttpClient};
-use crate::mirror::queue::{Queue, QueueError};
-use crate::mirror::state_lock::StateLock;
 use crate::oci::names::NameError;
+use crate::queue::state_lock::StateLock;
+use crate::queue::{Queue, QueueError};
 use crate::registry::RegistryError;
 
 /// Why a command could not do its work.

@@ -74,7 +74,7 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
     }];
     if let Some(database) = &config.state.database {
         let what = format!("queue database {}", database.shown);
-        let opened = crate::mirror::queue::Queue::open_state(&config.state).await;
+        let opened = crate::queue::Queue::open_state(&config.state).await;
         let healthy = match opened {
             Ok(queue) => queue.health().await,
             Err(e) => Err(e),

@@ -14,7 +14,6 @@ use http::Method;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::mirror::queue::{Job, JobFilter, JobOrigin, Queue, now_ms};
 use crate::mirror::target::Target;
 use crate::mirror::tee::Tee;
 use crate::oci::digest::Digest;
@@ -22,6 +21,7 @@ use crate::ops::admin::{BackfillBody, JobPage, Status};
 use crate::ops::backfill::{
     self, BackfillRequest, BackfillState, Backfiller, Progress, ProjectEvent, TagRow, TagStatus,
 };
+use crate::queue::{Job, JobFilter, JobOrigin, Queue, now_ms};
 use crate::registry::RegistryClient;
 use api::{Backend, backend};
 
@@ -388,7 +388,7 @@ fn local_backfiller(config: &Config, queue: Arc<Queue>) -> Result<Backfiller, Cl
 /// directory, and holds its lock meanwhile so none starts; running it again adds nothing.
 pub async fn migrate_state(config: &Config, to: &str) -> Result<i32, CliError> {
     let dir = &config.state.dir;
-    let _lock = crate::mirror::state_lock::StateLock::acquire(dir).map_err(|_| {
+    let _lock = crate::queue::state_lock::StateLock::acquire(dir).map_err(|_| {
         CliError::Refused(format!(
             "a regtee is serving on {}: stop it first, so no push lands in SQLite after the copy",
             dir.display()

@@ -1068,7 +1068,7 @@ fn tls_connector(
     if !config.tls {
         return Ok(None);
     }
-    let trust = crate::config::ClientTls {
+    let trust = crate::tls::ClientTls {
         ca_file: config.ca_file.clone(),
         ..Default::default()
     };

@@ -8,8 +8,10 @@
 //! `pending` at the next start (SQLite) or when its lease runs out (PostgreSQL), and because
 //! every job is idempotent, redoing it is harmless.
 
+mod job;
 mod postgres;
 mod sqlite;
+pub mod state_lock;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,12 +20,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-pub use super::job::{
+use crate::config::StateConfig;
+use crate::oci::digest::Digest;
+pub use job::{
     Attempt, AttemptResult, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob,
     Outcome, Replica, TargetCounts,
 };
-use crate::config::StateConfig;
-use crate::oci::digest::Digest;
 
 /// The database could not do what was asked.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::mirror::queue::{ErrorClass, TargetCounts};
+use crate::queue::{ErrorClass, TargetCounts};
 
 // The request path's labels are static strings and numbers: recording a request allocates
 // nothing once its label set exists.

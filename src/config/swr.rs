@@ -1,14 +1,13 @@
-//! Credentials that cloud registries derive from something else.
-//!
 //! Huawei SWR issues no registry password: its long-term login is computed from an access key
-//! pair. Doing it here lets operators hand regtee the AK/SK they already manage.
+//! pair. Doing it when the config is read lets operators hand regtee the AK/SK they already
+//! manage, and the rest of regtee sees an ordinary login.
 
 use hmac::{KeyInit, Mac};
 
-use crate::config::{Credentials, Secret};
+use super::{Credentials, Secret};
 
 /// Huawei SWR long-term login: user `REGION@AK`, password = lowercase hex of HMAC-SHA256(SK, AK).
-pub fn swr_login(region: &str, access_key: &Secret, secret_key: &Secret) -> Credentials {
+pub(super) fn swr_login(region: &str, access_key: &Secret, secret_key: &Secret) -> Credentials {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret_key.expose().as_bytes())
         .expect("HMAC accepts keys of any length");
     mac.update(access_key.expose().as_bytes());

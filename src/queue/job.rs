@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::oci::digest::Digest;
 use crate::oci::names::{RepositoryName, Tag};
-use crate::registry::{ErrorKind, RegistryError};
 
 /// What a job copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,23 +205,6 @@ impl ErrorClass {
     /// From the stored name.
     pub fn parse(s: &str) -> Option<ErrorClass> {
         ErrorClass::ALL.into_iter().find(|c| c.as_str() == s)
-    }
-
-    /// The class of a registry failure.
-    pub fn of(e: &RegistryError) -> ErrorClass {
-        match &e.kind {
-            ErrorKind::Unreachable(_) => ErrorClass::Unreachable,
-            ErrorKind::Tls(_) | ErrorKind::HttpsOnly { .. } => ErrorClass::Tls,
-            ErrorKind::Timeout => ErrorClass::Timeout,
-            ErrorKind::Unauthorized(_) | ErrorKind::Login(_) => ErrorClass::Auth,
-            ErrorKind::Denied(_) => ErrorClass::Denied,
-            ErrorKind::NotFound { .. } => ErrorClass::NotFound,
-            ErrorKind::RateLimited { .. } => ErrorClass::RateLimited,
-            ErrorKind::Rejected { .. } => ErrorClass::Rejected,
-            ErrorKind::Server { .. } => ErrorClass::Server,
-            ErrorKind::Transfer(_) => ErrorClass::Transfer,
-            ErrorKind::Protocol(_) => ErrorClass::Protocol,
-        }
     }
 }
 
