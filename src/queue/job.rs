@@ -410,6 +410,15 @@ pub struct Replica {
     pub jobs_in_hand: u64,
 }
 
+/// How many jobs of one target in one state, and when the oldest unfinished one was created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct StateCount {
+    pub(crate) target: String,
+    pub(crate) state: JobState,
+    pub(crate) jobs: u64,
+    pub(crate) oldest_unfinished_at: Option<i64>,
+}
+
 /// Per-target counts for status displays and metrics.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TargetCounts {
@@ -430,33 +439,32 @@ pub struct TargetCounts {
 }
 
 impl TargetCounts {
-    /// Counts from `(target, state, jobs, oldest unfinished created_at)` rows ordered by target;
-    /// every name in `configured` gets a row, so a target with no jobs yet still shows (and
-    /// exports zeros).
-    pub fn tally(
-        rows: impl IntoIterator<Item = (String, String, u64, Option<i64>)>,
+    /// Counts from rows ordered by target; every name in `configured` gets a row, so a target
+    /// with no jobs yet still shows (and exports zeros).
+    pub(crate) fn tally(
+        rows: impl IntoIterator<Item = StateCount>,
         configured: &[String],
     ) -> Vec<TargetCounts> {
         let mut out: Vec<TargetCounts> = Vec::new();
-        for (target, state, n, oldest) in rows {
-            if out.last().is_none_or(|c| c.target != target) {
+        for row in rows {
+            if out.last().is_none_or(|c| c.target != row.target) {
                 out.push(TargetCounts {
-                    target,
+                    target: row.target.clone(),
                     ..Default::default()
                 });
             }
             let Some(entry) = out.last_mut() else {
                 continue;
             };
-            match JobState::parse(&state) {
-                Some(JobState::Pending) => entry.pending = n,
-                Some(JobState::Running) => entry.running = n,
-                Some(JobState::Done) => entry.done = n,
-                Some(JobState::Skipped) => entry.skipped = n,
-                Some(JobState::Failed) => entry.failed = n,
-                None => {}
+            let n = row.jobs;
+            match row.state {
+                JobState::Pending => entry.pending = n,
+                JobState::Running => entry.running = n,
+                JobState::Done => entry.done = n,
+                JobState::Skipped => entry.skipped = n,
+                JobState::Failed => entry.failed = n,
             }
-            if let Some(o) = oldest {
+            if let Some(o) = row.oldest_unfinished_at {
                 entry.oldest_pending_at = Some(entry.oldest_pending_at.map_or(o, |p| p.min(o)));
             }
         }

@@ -2,17 +2,26 @@
 //!
 //! A push Harbor acknowledged must never be lost to the mirror, so a job is committed before the
 //! client sees its 201: to SQLite under the state directory for one instance (`sqlite`), or to
-//! PostgreSQL shared by several replicas (`postgres`). Jobs are deduplicated by identity
-//! (target, kind, repository, tag, digest): the same push seen twice is one job, and a finished
-//! job seen again is re-armed. A process that dies mid-job leaves it `running`; it goes back to
-//! `pending` at the next start (SQLite) or when its lease runs out (PostgreSQL), and because
-//! every job is idempotent, redoing it is harmless.
+//! PostgreSQL shared by several replicas (`postgres`). Both keep one contract (`store`): the job
+//! lifecycle is decided once, in plain Rust (`lifecycle`), and only bound to SQL in each store;
+//! how processes sharing a store get along (leases, heartbeats, turns) is a seam of its own,
+//! which one process alone keeps trivially. Jobs are deduplicated by identity (target, kind,
+//! repository, tag, digest): the same push seen twice is one job, and a finished job seen again
+//! is re-armed. A process that dies mid-job leaves it `running`; it goes back to `pending` at
+//! the next start (SQLite) or when its lease runs out (PostgreSQL), and because every job is
+//! idempotent, redoing it is harmless.
+//!
+//! The tee, the workers and the operator's side all use [`Queue`], the facade below; the
+//! conformance suite (`tests/`) runs every scenario on both stores.
 
 mod job;
+mod lifecycle;
 mod postgres;
 mod sqlite;
 pub mod state_lock;
+mod store;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,12 +29,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use crate::config::StateConfig;
-use crate::oci::digest::Digest;
 pub use job::{
-    Attempt, AttemptResult, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob,
-    Outcome, Replica, TargetCounts,
+    Attempt, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob, Outcome, Replica,
+    TargetCounts,
 };
+use store::{BlobHome, Coordination, Store};
 
 /// The database could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -46,20 +54,17 @@ pub enum QueueError {
         /// What failed.
         message: String,
     },
-    /// PostgreSQL did not answer in time: it accepts connections but stalls (overloaded, a
+    /// The database did not answer in time: it accepts connections but stalls (overloaded, a
     /// lock held for long, a storage hang), or the network to it drops packets.
     #[error(
         "job queue database {database} did not answer within {after:?}: check the database server's load, locks and disk; pushes get 503 until it answers"
     )]
-    PostgresTimeout {
-        /// `host:port/dbname`.
+    Timeout {
+        /// Where it is.
         database: String,
         /// The deadline that passed (`[state] database_timeout`).
         after: Duration,
     },
-    /// A migration was asked for between stores it does not join.
-    #[error("a migration copies a SQLite queue into PostgreSQL")]
-    NotAMigration,
     /// SQLite failed (disk full, corruption, permissions).
     #[error("job queue database {path}: {source}")]
     Sqlite {
@@ -107,7 +112,7 @@ fn wake_workers(waker: &Notify) {
     waker.notify_one();
 }
 
-/// The workers' notifiers, one per target, shared with the backends (PostgreSQL wakes them on
+/// The workers' notifiers, one per target, shared with the stores (PostgreSQL wakes them on
 /// other replicas' jobs).
 #[derive(Clone, Default)]
 pub(crate) struct Wakers(Arc<DashMap<String, Arc<Notify>>>);
@@ -132,11 +137,6 @@ impl Wakers {
     }
 }
 
-enum Store {
-    Sqlite(sqlite::SqliteQueue),
-    Postgres(postgres::PgQueue),
-}
-
 /// A backfill as the queue's database keeps it, so that any replica can show it. Its progress
 /// is the operator side's own JSON: the queue only stores it.
 #[derive(Clone, Debug)]
@@ -151,101 +151,100 @@ pub struct BackfillRecord {
 }
 
 /// How many repositories a blob's homes list offers as mount sources.
-pub const BLOB_HOMES_KEPT: i64 = 8;
+const BLOB_HOMES_KEPT: i64 = 8;
 
 /// The queue, in whichever database the config names.
 pub struct Queue {
-    store: Store,
+    store: Arc<dyn Store>,
+    coordination: Arc<dyn Coordination>,
     wakers: Wakers,
     /// Jobs whose last attempt's outcome could not be recorded yet; the instance is not ready
     /// while any is. Per job: one worker's success says nothing about another's.
     outcome_unrecorded: DashMap<i64, ()>,
 }
 
-/// Runs the same call on whichever store holds the queue; on PostgreSQL, within its deadline.
-macro_rules! on_store {
-    ($self:ident, $q:ident => $call:expr) => {
-        match &$self.store {
-            Store::Sqlite($q) => $call.await,
-            Store::Postgres($q) => $q.within($call).await,
-        }
-    };
+/// What a migration did.
+#[derive(Debug)]
+pub struct Migrated {
+    /// Jobs in the queue copied from.
+    pub jobs: usize,
+    /// Of those, added (the rest were there already).
+    pub added: usize,
+    /// Attempts added with them.
+    pub attempts: usize,
+    /// Mount sources (a repository on a target holding a blob) carried over.
+    pub mount_sources: usize,
 }
 
 impl Queue {
     /// Opens (creating if needed) `jobs.db` in `dir`.
     pub fn open(dir: &Path) -> Result<Queue, QueueError> {
-        Ok(Queue::with_store(
-            Store::Sqlite(sqlite::SqliteQueue::open(dir)?),
-            Wakers::default(),
-        ))
+        let store = Arc::new(sqlite::SqliteStore::open(dir)?);
+        Ok(Queue::with(store.clone(), store, Wakers::default()))
     }
 
     /// Opens the queue the config names: PostgreSQL when `[state] database` is set, else SQLite
     /// under `[state] dir`.
-    pub async fn open_state(state: &StateConfig) -> Result<Queue, QueueError> {
+    pub async fn open_state(state: &crate::config::StateConfig) -> Result<Queue, QueueError> {
         match &state.database {
             None => Queue::open(&state.dir),
             Some(database) => {
                 let wakers = Wakers::default();
-                let store = postgres::PgQueue::connect(database, wakers.clone()).await?;
-                Ok(Queue::with_store(Store::Postgres(store), wakers))
+                let store = Arc::new(postgres::PgStore::connect(database, wakers.clone()).await?);
+                Ok(Queue::with(store.clone(), store, wakers))
             }
         }
     }
 
-    fn with_store(store: Store, wakers: Wakers) -> Queue {
+    fn with(store: Arc<dyn Store>, coordination: Arc<dyn Coordination>, wakers: Wakers) -> Queue {
         Queue {
             store,
+            coordination,
             wakers,
             outcome_unrecorded: Default::default(),
         }
     }
 
-    /// The SQLite store, for tests that reach into the file.
-    #[cfg(test)]
-    fn sqlite(&self) -> &sqlite::SqliteQueue {
-        match &self.store {
-            Store::Sqlite(q) => q,
-            Store::Postgres(_) => panic!("not a SQLite queue"),
-        }
+    /// Runs one store operation within the store's deadline. Past it the caller gets
+    /// [`QueueError::Timeout`] (a push: 503) and the operation is dropped: a transaction not
+    /// committed yet rolls back, and one whose commit was already sent stands, which is
+    /// harmless since jobs are deduplicated by identity.
+    async fn within<T>(
+        &self,
+        operation: impl Future<Output = Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
+        within(&*self.store, operation).await
     }
 
     /// This process's id among the replicas sharing a PostgreSQL queue.
     pub fn replica(&self) -> Option<&str> {
-        match &self.store {
-            Store::Sqlite(_) => None,
-            Store::Postgres(q) => Some(q.replica()),
-        }
+        self.coordination.replica()
     }
 
-    /// Runs `work` unless another replica sharing the queue is running work of that `name`
-    /// (a PostgreSQL advisory lock, held on a connection of its own that closes when the work
-    /// ends or is dropped, so a dead replica never keeps it). `None` when another one has it.
-    /// With SQLite there is one instance: the work always runs.
+    /// Runs `work` unless another process sharing the queue is running work of that `name`;
+    /// `None` when another one has it. One process alone always runs it.
     pub async fn alone<T>(
         &self,
         name: &str,
-        work: impl std::future::Future<Output = T>,
+        work: impl Future<Output = T>,
     ) -> Result<Option<T>, QueueError> {
-        match &self.store {
-            Store::Sqlite(_) => Ok(Some(work.await)),
-            Store::Postgres(q) => q.alone(name, work).await,
-        }
+        let Some(turn) = self.within(self.coordination.take_turn(name)).await? else {
+            return Ok(None);
+        };
+        let done = work.await;
+        drop(turn);
+        Ok(Some(done))
     }
 
     /// The replicas sharing this queue that sent a heartbeat lately (none for SQLite).
     pub async fn replicas(&self) -> Result<Vec<Replica>, QueueError> {
-        match &self.store {
-            Store::Sqlite(_) => Ok(Vec::new()),
-            Store::Postgres(q) => q.replicas().await,
-        }
+        self.within(self.coordination.replicas(now_ms())).await
     }
 
     /// Proves the queue can take a job now: a write transaction commits (a full disk, a
     /// damaged or replaced file, a database that is away fail it; a `SELECT` would not notice).
     pub async fn health(&self) -> Result<(), QueueError> {
-        on_store!(self, q => q.health())
+        self.within(self.store.health(now_ms())).await
     }
 
     /// Whether an attempt's outcome is waiting to be recorded (the database refused it).
@@ -253,14 +252,15 @@ impl Queue {
         !self.outcome_unrecorded.is_empty()
     }
 
-    /// Puts jobs a dead process left `running` back to `pending`. SQLite: every running job
-    /// (call once the state lock is held). PostgreSQL: those whose lease ran out; the others
+    /// Puts jobs a dead process left `running` back to `pending`. One process: every running
+    /// job (call once the state lock is held). Replicas: those whose lease ran out; the others
     /// belong to live replicas.
     pub async fn recover_interrupted(&self) -> Result<usize, QueueError> {
-        match &self.store {
-            Store::Sqlite(q) => q.recover_interrupted().await,
-            Store::Postgres(q) => Ok(q.tend_leases().await?.len()),
+        let targets = self.within(self.coordination.recover(now_ms())).await?;
+        for target in &targets {
+            self.wakers.wake(target);
         }
+        Ok(targets.len())
     }
 
     /// The notifier workers of `target` wait on.
@@ -279,26 +279,34 @@ impl Queue {
             return Ok(0);
         }
         let wakers: Vec<Arc<Notify>> = jobs.iter().map(|j| self.waker(&j.target)).collect();
-        on_store!(self, q => q.enqueue(jobs, wakers))
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let armed = within(&*store, store.enqueue(jobs, now_ms())).await?;
+            for waker in &wakers {
+                wake_workers(waker);
+            }
+            Ok(armed)
+        })
+        .await?
     }
 
     /// Takes the next due job of `target`, marking it running.
     pub async fn claim(&self, target: &str) -> Result<Option<Job>, QueueError> {
-        on_store!(self, q => q.claim(target))
+        self.within(self.store.claim(target, now_ms())).await
     }
 
     /// When the next pending job of `target` becomes due (ms), if any is pending.
     pub async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
-        on_store!(self, q => q.next_due(target))
+        self.within(self.store.next_due(target)).await
     }
 
-    /// Records how an attempt ended.
+    /// Records how an attempt ended; its texts are scrubbed first (they quote other servers).
     ///
     /// A job re-armed while it ran (the same write arrived again) goes back to pending at once.
     /// While the database refuses outcomes, [`Queue::outcome_unrecorded`] says so.
     pub async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
         let outcome = outcome.scrubbed();
-        let result = on_store!(self, q => q.finish(id, outcome));
+        let result = self.within(self.store.finish(id, outcome, now_ms())).await;
         if result.is_ok() {
             self.outcome_unrecorded.remove(&id);
         } else {
@@ -309,23 +317,23 @@ impl Queue {
 
     /// One job.
     pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
-        on_store!(self, q => q.get(id))
+        self.within(self.store.get(id)).await
     }
 
     /// A job's attempts, oldest first.
     pub async fn attempts(&self, id: i64) -> Result<Vec<Attempt>, QueueError> {
-        on_store!(self, q => q.attempts(id))
+        self.within(self.store.attempts(id)).await
     }
 
     /// Jobs matching `filter`, newest first.
     pub async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
-        on_store!(self, q => q.list(filter))
+        self.within(self.store.list(filter)).await
     }
 
     /// Re-arms one finished (failed, skipped or done) job. Returns whether it was re-armed.
     pub async fn retry(&self, id: i64) -> Result<bool, QueueError> {
         let target = self.get(id).await?.map(|j| j.target);
-        let changed = on_store!(self, q => q.retry(id))?;
+        let changed = self.within(self.store.retry(id, now_ms())).await?;
         if let Some(t) = target {
             self.wakers.wake(&t);
         }
@@ -334,7 +342,9 @@ impl Queue {
 
     /// Re-arms every failed job (of one target, if given). Returns how many.
     pub async fn retry_failed(&self, target: Option<String>) -> Result<usize, QueueError> {
-        let changed = on_store!(self, q => q.retry_failed(target.clone()))?;
+        let changed = self
+            .within(self.store.retry_failed(target.clone(), now_ms()))
+            .await?;
         match &target {
             Some(t) => self.wakers.wake(t),
             None => self.wakers.wake_all(),
@@ -345,7 +355,8 @@ impl Queue {
     /// Counts per target and state, with the oldest unfinished job's age. Every name in
     /// `configured` gets a row, so a target with no jobs yet still shows (and exports zeros).
     pub async fn counts(&self, configured: &[String]) -> Result<Vec<TargetCounts>, QueueError> {
-        on_store!(self, q => q.counts(configured))
+        let counted = self.within(self.store.counts()).await?;
+        Ok(TargetCounts::tally(counted, configured))
     }
 
     /// Records that `repository` on `target` holds the blob `digest`: a source for later
@@ -353,31 +364,36 @@ impl Queue {
     pub async fn remember_blob_home(
         &self,
         target: &str,
-        digest: &Digest,
+        digest: &crate::oci::digest::Digest,
         repository: &str,
     ) -> Result<(), QueueError> {
-        let (target, digest, repository) = (
-            target.to_string(),
-            digest.to_string(),
-            repository.to_string(),
-        );
-        on_store!(self, q => q.remember_blob_home(target, digest, repository))
+        let home = BlobHome {
+            target: target.to_string(),
+            digest: digest.to_string(),
+            repository: repository.to_string(),
+            seen_at: now_ms(),
+        };
+        self.within(self.store.remember_blob_home(home)).await
     }
 
     /// Repositories on `target` known to hold the blob `digest`, most recently seen first (at
-    /// most [`BLOB_HOMES_KEPT`]).
+    /// most eight).
     pub async fn blob_homes(
         &self,
         target: &str,
-        digest: &Digest,
+        digest: &crate::oci::digest::Digest,
     ) -> Result<Vec<String>, QueueError> {
-        let (target, digest) = (target.to_string(), digest.to_string());
-        on_store!(self, q => q.blob_homes(target, digest))
+        self.within(
+            self.store
+                .blob_homes(target, digest.as_str(), BLOB_HOMES_KEPT),
+        )
+        .await
     }
 
     /// Records a backfill started by this process; returns its id.
     pub async fn record_backfill(&self, progress: String) -> Result<i64, QueueError> {
-        on_store!(self, q => q.record_backfill(progress))
+        self.within(self.store.record_backfill(progress, now_ms()))
+            .await
     }
 
     /// Saves a backfill's progress; `running` false once it ended.
@@ -387,102 +403,95 @@ impl Queue {
         progress: String,
         running: bool,
     ) -> Result<(), QueueError> {
-        on_store!(self, q => q.save_backfill(id, progress, running))
+        self.within(self.store.save_backfill(id, progress, running, now_ms()))
+            .await
     }
 
     /// Asks backfill `id` to stop, whichever replica runs it; whether it is running.
     pub async fn request_backfill_cancel(&self, id: i64) -> Result<bool, QueueError> {
-        on_store!(self, q => q.request_backfill_cancel(id))
+        self.within(self.store.request_backfill_cancel(id, now_ms()))
+            .await
     }
 
     /// Whether someone asked backfill `id` to stop.
     pub async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError> {
-        on_store!(self, q => q.backfill_cancel_requested(id))
+        self.within(self.store.backfill_cancel_requested(id)).await
     }
 
     /// The newest backfills (at most 100), any replica's, newest first.
     pub async fn backfills(&self) -> Result<Vec<BackfillRecord>, QueueError> {
-        on_store!(self, q => q.backfills(None))
+        self.within(self.store.backfills(None)).await
     }
 
     /// One backfill, whichever replica runs or ran it.
     pub async fn backfill(&self, id: i64) -> Result<Option<BackfillRecord>, QueueError> {
-        Ok(on_store!(self, q => q.backfills(Some(id)))?
+        Ok(self
+            .within(self.store.backfills(Some(id)))
+            .await?
             .into_iter()
             .next())
     }
 
     /// Deletes done and skipped jobs that finished before `older_than` ago, and blob homes and
-    /// ended backfills not touched since. Failed jobs stay
-    /// until someone retries them: they are work nobody has done yet.
+    /// ended backfills not touched since. Failed jobs stay until someone retries them: they are
+    /// work nobody has done yet.
     pub async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
-        on_store!(self, q => q.purge(older_than))
+        let cutoff = now_ms() - older_than.as_millis() as i64;
+        self.within(self.store.purge(cutoff)).await
     }
-}
 
-/// A queue's whole content, for a migration: jobs (with when their attempt began) and attempts
-/// (with their job's id).
-pub(crate) struct Exported {
-    jobs: Vec<(Job, Option<i64>)>,
-    attempts: Vec<(i64, Attempt)>,
-    /// Mount sources: target, digest, repository, when last seen.
-    blob_homes: Vec<(String, String, String, i64)>,
-}
-
-/// What a migration did.
-#[derive(Debug)]
-pub struct Migrated {
-    /// Jobs in the SQLite queue.
-    pub jobs: usize,
-    /// Of those, added to PostgreSQL (the rest were there already).
-    pub added: usize,
-    /// Attempts added with them.
-    pub attempts: usize,
-    /// Mount sources (a repository on a target holding a blob) carried over.
-    pub mount_sources: usize,
-}
-
-impl Queue {
-    /// Copies this SQLite queue into a PostgreSQL one: every job in every state, with its
-    /// attempts, and the mount sources. Jobs already there (by identity) are left alone, so it can run twice.
+    /// Copies this queue into another, whatever the two stores: every job in every state, with
+    /// its attempts, and the mount sources. Jobs already there (by identity) are left alone, so
+    /// it can run twice. No deadline: a large queue takes as long as it takes.
     pub async fn migrate_into(&self, to: &Queue) -> Result<Migrated, QueueError> {
-        let (Store::Sqlite(from), Store::Postgres(into)) = (&self.store, &to.store) else {
-            return Err(QueueError::NotAMigration);
-        };
-        let exported = from.export().await?;
+        let exported = self.store.export().await?;
         let jobs = exported.jobs.len();
-        let (added, attempts, mount_sources) = into.import(exported).await?;
+        let imported = to.store.import(exported).await?;
         Ok(Migrated {
             jobs,
-            added,
-            attempts,
-            mount_sources,
+            added: imported.jobs,
+            attempts: imported.attempts,
+            mount_sources: imported.blob_homes,
         })
     }
 }
 
-/// PostgreSQL only: renews this replica's leases and takes back a dead replica's jobs, every
-/// third of a lease.
+/// `operation` within `store`'s deadline, if it has one.
+async fn within<T>(
+    store: &dyn Store,
+    operation: impl Future<Output = Result<T, QueueError>>,
+) -> Result<T, QueueError> {
+    match store.deadline() {
+        None => operation.await,
+        Some(after) => match tokio::time::timeout(after, operation).await {
+            Ok(result) => result,
+            Err(_) => Err(QueueError::Timeout {
+                database: store.shown(),
+                after,
+            }),
+        },
+    }
+}
+
+/// Keeps this process's place among the replicas sharing the queue: heartbeats, renewing the
+/// leases of its jobs and taking back a dead replica's, as often as the store asks (a third of
+/// a lease). Nothing for one process alone.
 pub fn spawn_lease_keeper(
     tasks: &tokio_util::task::TaskTracker,
     cancel: &tokio_util::sync::CancellationToken,
     queue: Arc<Queue>,
 ) {
-    let cancel = cancel.clone();
-    let Store::Postgres(q) = &queue.store else {
+    let Some(period) = queue.coordination.tend_every() else {
         return;
     };
-    let period = q.lease() / 3;
+    let cancel = cancel.clone();
     tasks.spawn(async move {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(period) => {}
             }
-            let Store::Postgres(q) = &queue.store else {
-                return;
-            };
-            match q.tend_leases().await {
+            match queue.within(queue.coordination.tend(now_ms())).await {
                 Ok(resumed) => {
                     for target in &resumed {
                         queue.wakers.wake(target);

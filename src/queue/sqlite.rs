@@ -1,22 +1,26 @@
 //! The queue in one SQLite file under the state directory: the embedded default for a single
-//! instance. WAL with `synchronous=FULL`, so a job is on disk before the client's 201.
+//! instance. WAL with `synchronous=FULL`, so a job is on disk before the client's 201. One
+//! process owns the file (the state directory's lock), so it is also the one-process
+//! [`Coordination`]: nothing to lease, nobody to take turns with.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::Notify;
+use async_trait::async_trait;
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::{
+use super::job::{
     Attempt, AttemptResult, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob,
-    Outcome, QueueError, TargetCounts, now_ms,
+    Outcome, Replica, StateCount,
 };
-use crate::oci::digest::Digest;
-use crate::oci::names::{RepositoryName, Tag};
+use super::lifecycle::{self, Arrival, Standing};
+use super::store::{BlobHome, Coordination, Exported, Imported, Store, Turn};
+use super::{BackfillRecord, QueueError};
 
 /// The queue in a SQLite file, behind a mutex, used from blocking threads.
-pub(super) struct SqliteQueue {
+pub(super) struct SqliteStore {
     path: PathBuf,
     /// The database file's identity when opened (device, inode), to notice it vanishing.
     identity: (u64, u64),
@@ -99,7 +103,11 @@ const ADDED_COLUMNS: [(&str, &str); 1] = [
 const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
      attempts, created_at, updated_at, next_attempt_at, finished_at, detail, error_class, target_digest";
 
-pub(super) fn non_empty(s: String) -> Option<String> {
+/// The columns of [`Standing`], in its order.
+const STANDING_COLUMNS: &str = "state, attempts, next_attempt_at, started_at, finished_at, \
+     updated_at, detail, error_class, target_digest, rearm";
+
+fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
@@ -125,9 +133,62 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     })
 }
 
-impl SqliteQueue {
-    /// Opens (creating if needed) `jobs.db` in `dir`, and returns interrupted jobs to pending.
-    pub(super) fn open(dir: &Path) -> Result<SqliteQueue, QueueError> {
+/// A [`Standing`] from the row's columns at `at` onwards ([`STANDING_COLUMNS`]).
+fn standing_from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Standing> {
+    Ok(Standing {
+        state: JobState::parse(&row.get::<_, String>(at)?).unwrap_or(JobState::Failed),
+        attempts: row.get(at + 1)?,
+        next_attempt_at: row.get(at + 2)?,
+        started_at: row.get(at + 3)?,
+        finished_at: row.get(at + 4)?,
+        updated_at: row.get(at + 5)?,
+        detail: row.get(at + 6)?,
+        error_class: ErrorClass::parse(&row.get::<_, String>(at + 7)?),
+        target_digest: non_empty(row.get(at + 8)?),
+        rearm: row.get::<_, i64>(at + 9)? != 0,
+    })
+}
+
+/// Writes a job's standing.
+fn write_standing(tx: &Transaction<'_>, id: i64, s: &Standing) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE jobs SET state = ?2, attempts = ?3, next_attempt_at = ?4, started_at = ?5, \
+             finished_at = ?6, updated_at = ?7, detail = ?8, error_class = ?9, \
+             target_digest = ?10, rearm = ?11 \
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        s.state.as_str(),
+        s.attempts,
+        s.next_attempt_at,
+        s.started_at,
+        s.finished_at,
+        s.updated_at,
+        s.detail,
+        s.error_class.map_or("", ErrorClass::as_str),
+        s.target_digest.as_deref().unwrap_or(""),
+        s.rearm,
+    ])
+    .map(|_| ())
+}
+
+/// `?n, ?n+1, ...` for `count` values from `first`: states bound as parameters, never written
+/// into the SQL.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn state_values(states: &[JobState]) -> impl Iterator<Item = Value> + '_ {
+    states.iter().map(|s| Value::from(s.as_str().to_string()))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `jobs.db` in `dir`.
+    pub(super) fn open(dir: &Path) -> Result<SqliteStore, QueueError> {
         std::fs::create_dir_all(dir).map_err(|source| QueueError::Dir {
             path: dir.to_path_buf(),
             source,
@@ -163,7 +224,7 @@ impl SqliteQueue {
             path: path.clone(),
             source,
         })?;
-        Ok(SqliteQueue {
+        Ok(SqliteStore {
             path,
             identity,
             conn: Arc::new(Mutex::new(conn)),
@@ -183,42 +244,9 @@ impl SqliteQueue {
         })
     }
 
-    /// Proves the queue can take a job now: the file is the one opened, and a write transaction
-    /// commits (a full disk or a damaged file fails it; a `SELECT` would not notice).
-    pub(super) async fn health(&self) -> Result<(), QueueError> {
-        self.check_file()?;
-        let now = now_ms();
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO health (id, checked_at) VALUES (1, ?1) \
-                 ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
-                params![now],
-            )
-            .map(|_| ())
-        })
-        .await
-    }
-
-    /// Puts jobs a dead process left `running` back to `pending`, and marks its backfills
-    /// interrupted. Call once the state lock is held.
-    pub(super) async fn recover_interrupted(&self) -> Result<usize, QueueError> {
-        let now = now_ms();
-        self.with(move |c| {
-            c.execute(
-                "UPDATE backfills SET running = 0, interrupted = 1 WHERE running = 1",
-                [],
-            )?;
-            c.execute(
-                "UPDATE jobs SET state = 'pending', next_attempt_at = ?1, updated_at = ?1 \
-                 WHERE state = 'running'",
-                params![now],
-            )
-        })
-        .await
-    }
-
-    /// Runs `f` on a blocking thread with the connection.
-    pub(super) async fn with<T, F>(&self, f: F) -> Result<T, QueueError>
+    /// Runs `f` on a blocking thread with the connection. Once started it runs to its end,
+    /// even if the caller's future is dropped.
+    async fn with<T, F>(&self, f: F) -> Result<T, QueueError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -231,176 +259,171 @@ impl SqliteQueue {
         })
         .await?
     }
+}
 
-    /// Adds jobs in one transaction. A job identical to a pending one is merged into it; one
-    /// identical to a running job marks it to run again when it ends; one identical to a
-    /// finished job re-arms that job. Returns how many were armed.
-    ///
-    /// Once called, the jobs are committed even if the caller's future is dropped (a client
-    /// hanging up mid-push): the work runs to completion on a blocking thread, workers included.
-    pub(super) async fn enqueue(
-        &self,
-        jobs: Vec<NewJob>,
-        wakers: Vec<Arc<Notify>>,
-    ) -> Result<usize, QueueError> {
+/// The same write arriving again, or a new one: read the job it names, let the lifecycle
+/// decide, write what it decided.
+fn arrive(tx: &Transaction<'_>, job: &NewJob, now: i64) -> rusqlite::Result<bool> {
+    let identity = params![
+        job.target,
+        job.kind.as_str(),
+        job.repository.as_str(),
+        job.tag.as_ref().map_or("", |t| t.as_str()),
+        job.digest.as_ref().map_or("", |d| d.as_str()),
+    ];
+    let existing = tx
+        .prepare_cached(&format!(
+            "SELECT id, {STANDING_COLUMNS} FROM jobs WHERE target = ?1 AND kind = ?2 \
+             AND repository = ?3 AND tag = ?4 AND digest = ?5"
+        ))?
+        .query_row(identity, |r| {
+            Ok((r.get::<_, i64>(0)?, standing_from_row(r, 1)?))
+        })
+        .optional()?;
+    let mount_from = job.mount_from.as_ref().map_or("", |m| m.as_str());
+    let Some((id, standing)) = existing else {
+        let fresh = Standing::new(now);
+        tx.prepare_cached(
+            "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
+                               state, created_at, updated_at, next_attempt_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9)",
+        )?
+        .execute(params![
+            job.target,
+            job.kind.as_str(),
+            job.repository.as_str(),
+            job.tag.as_ref().map_or("", |t| t.as_str()),
+            job.digest.as_ref().map_or("", |d| d.as_str()),
+            mount_from,
+            job.origin.as_str(),
+            fresh.state.as_str(),
+            now,
+        ])?;
+        return Ok(true);
+    };
+    let arrival = standing.arrival(now);
+    match &arrival {
+        Arrival::Merged => {}
+        Arrival::RunAgain(next) => write_standing(tx, id, next)?,
+        Arrival::Rearmed(next) => {
+            write_standing(tx, id, next)?;
+            tx.prepare_cached(
+                "UPDATE jobs SET origin = ?2, mount_from = ?3, created_at = ?4 WHERE id = ?1",
+            )?
+            .execute(params![id, job.origin.as_str(), mount_from, now])?;
+        }
+    }
+    Ok(arrival.arms())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn deadline(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The file is the one opened, and a write transaction commits (a full disk or a damaged
+    /// file fails it; a `SELECT` would not notice).
+    async fn health(&self, now: i64) -> Result<(), QueueError> {
         self.check_file()?;
-        let now = now_ms();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO health (id, checked_at) VALUES (1, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                params![now],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn enqueue(&self, jobs: Vec<NewJob>, now: i64) -> Result<usize, QueueError> {
+        self.check_file()?;
         self.with(move |c| {
             let tx = c.transaction()?;
             let mut armed = 0;
-            {
-                // A job running now may already have read what this write replaced: it runs
-                // again when it ends.
-                let mut rearm = tx.prepare_cached(
-                    "UPDATE jobs SET rearm = 1 WHERE target = ?1 AND kind = ?2 AND repository = ?3 \
-                     AND tag = ?4 AND digest = ?5 AND state = 'running'",
-                )?;
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
-                                       state, created_at, updated_at, next_attempt_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8, ?8) \
-                     ON CONFLICT (target, kind, repository, tag, digest) DO UPDATE SET \
-                         state = 'pending', attempts = 0, origin = excluded.origin, \
-                         mount_from = excluded.mount_from, created_at = excluded.created_at, \
-                         updated_at = excluded.updated_at, next_attempt_at = excluded.next_attempt_at, \
-                         started_at = NULL, finished_at = NULL, detail = '', error_class = '', \
-                         rearm = 0 \
-                     WHERE jobs.state NOT IN ('pending', 'running')",
-                )?;
-                for job in &jobs {
-                    armed += rearm.execute(params![
-                        job.target,
-                        job.kind.as_str(),
-                        job.repository.as_str(),
-                        job.tag.as_ref().map_or("", Tag::as_str),
-                        job.digest.as_ref().map_or("", Digest::as_str),
-                    ])?;
-                    armed += insert.execute(params![
-                        job.target,
-                        job.kind.as_str(),
-                        job.repository.as_str(),
-                        job.tag.as_ref().map_or("", Tag::as_str),
-                        job.digest.as_ref().map_or("", Digest::as_str),
-                        job.mount_from.as_ref().map_or("", RepositoryName::as_str),
-                        job.origin.as_str(),
-                        now,
-                    ])?;
-                }
+            for job in &jobs {
+                armed += usize::from(arrive(&tx, job, now)?);
             }
             tx.commit()?;
-            for waker in &wakers {
-                super::wake_workers(waker);
-            }
             Ok(armed)
         })
         .await
     }
 
-    /// Takes the next due job of `target`, marking it running.
-    pub(super) async fn claim(&self, target: &str) -> Result<Option<Job>, QueueError> {
+    async fn claim(&self, target: &str, now: i64) -> Result<Option<Job>, QueueError> {
         let target = target.to_string();
-        let now = now_ms();
         self.with(move |c| {
-            c.query_row(
-                &format!(
-                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
-                         updated_at = ?2, started_at = ?2 \
-                     WHERE id = (SELECT id FROM jobs WHERE target = ?1 AND state = 'pending' \
-                                 AND next_attempt_at <= ?2 ORDER BY next_attempt_at, id LIMIT 1) \
-                     RETURNING {JOB_COLUMNS}"
-                ),
-                params![target, now],
-                job_from_row,
-            )
-            .optional()
+            let tx = c.transaction()?;
+            let due = tx
+                .prepare_cached(&format!(
+                    "SELECT id, {STANDING_COLUMNS} FROM jobs WHERE target = ?1 AND state = ?2 \
+                     AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id LIMIT 1"
+                ))?
+                .query_row(params![target, JobState::Pending.as_str(), now], |r| {
+                    Ok((r.get::<_, i64>(0)?, standing_from_row(r, 1)?))
+                })
+                .optional()?;
+            let Some((id, standing)) = due else {
+                return Ok(None);
+            };
+            write_standing(&tx, id, &standing.claimed(now))?;
+            let job = tx
+                .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
+                .query_row(params![id], job_from_row)?;
+            tx.commit()?;
+            Ok(Some(job))
         })
         .await
     }
 
-    /// When the next pending job of `target` becomes due (ms), if any is pending.
-    pub(super) async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
+    async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
         let target = target.to_string();
         self.with(move |c| {
             c.query_row(
-                "SELECT MIN(next_attempt_at) FROM jobs WHERE target = ?1 AND state = 'pending'",
-                params![target],
+                "SELECT MIN(next_attempt_at) FROM jobs WHERE target = ?1 AND state = ?2",
+                params![target, JobState::Pending.as_str()],
                 |r| r.get(0),
             )
         })
         .await
     }
 
-    /// Records how an attempt ended.
-    ///
-    /// A job re-armed while it ran (the same write arrived again) goes back to pending at once.
-    pub(super) async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
-        let now = now_ms();
-        let outcome = outcome.scrubbed();
+    async fn finish(&self, id: i64, outcome: Outcome, now: i64) -> Result<(), QueueError> {
         self.with(move |c| {
             let tx = c.transaction()?;
-            let started: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(started_at, updated_at) FROM jobs WHERE id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .unwrap_or(now);
-            let (result, detail) = match &outcome {
-                Outcome::Done {
-                    target_digest,
-                    note,
-                } => {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'done', finished_at = ?2, updated_at = ?2, \
-                         detail = ?3, error_class = '', target_digest = ?4 WHERE id = ?1",
-                        params![id, now, note, target_digest.as_deref().unwrap_or("")],
-                    )?;
-                    (AttemptResult::Done, note.clone())
-                }
-                Outcome::Skipped { reason } => {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'skipped', finished_at = ?2, updated_at = ?2, \
-                         detail = ?3, error_class = '' WHERE id = ?1",
-                        params![id, now, reason],
-                    )?;
-                    (AttemptResult::Skipped, reason.clone())
-                }
-                Outcome::Failed { reason, class } => {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'failed', finished_at = ?2, updated_at = ?2, \
-                         detail = ?3, error_class = ?4 WHERE id = ?1",
-                        params![id, now, reason, class.as_str()],
-                    )?;
-                    (AttemptResult::Failed, reason.clone())
-                }
-                Outcome::RetryAt { at, error, class } => {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'pending', next_attempt_at = ?2, updated_at = ?3, \
-                         detail = ?4, error_class = ?5 WHERE id = ?1",
-                        params![id, at, now, error, class.as_str()],
-                    )?;
-                    (AttemptResult::Retry, error.clone())
-                }
+            let standing = tx
+                .prepare_cached(&format!(
+                    "SELECT {STANDING_COLUMNS} FROM jobs WHERE id = ?1"
+                ))?
+                .query_row(params![id], |r| standing_from_row(r, 0))
+                .optional()?;
+            let Some(standing) = standing else {
+                return Ok(());
             };
-            tx.execute(
+            let (next, attempt) = standing.finished(&outcome, now);
+            write_standing(&tx, id, &next)?;
+            tx.prepare_cached(
                 "INSERT INTO attempts (job_id, started_at, finished_at, result, detail) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, started, now, result.as_str(), detail],
-            )?;
-            tx.execute(
-                "UPDATE jobs SET state = 'pending', rearm = 0, attempts = 0, next_attempt_at = ?2, \
-                     started_at = NULL, finished_at = NULL \
-                 WHERE id = ?1 AND rearm = 1",
-                params![id, now],
-            )?;
+            )?
+            .execute(params![
+                id,
+                attempt.started_at,
+                attempt.finished_at,
+                attempt.result.as_str(),
+                attempt.detail
+            ])?;
             tx.commit()
         })
         .await
     }
 
-    /// One job.
-    pub(super) async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
+    async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
         self.with(move |c| {
             c.query_row(
                 &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
@@ -412,8 +435,7 @@ impl SqliteQueue {
         .await
     }
 
-    /// A job's attempts, oldest first.
-    pub(super) async fn attempts(&self, id: i64) -> Result<Vec<Attempt>, QueueError> {
+    async fn attempts(&self, id: i64) -> Result<Vec<Attempt>, QueueError> {
         self.with(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT started_at, finished_at, result, detail FROM attempts \
@@ -432,11 +454,10 @@ impl SqliteQueue {
         .await
     }
 
-    /// Jobs matching `filter`, newest first.
-    pub(super) async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
+    async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
         self.with(move |c| {
             let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1");
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            let mut args: Vec<Value> = Vec::new();
             if let Some(state) = filter.state {
                 sql.push_str(" AND state = ?");
                 args.push(state.as_str().to_string().into());
@@ -467,68 +488,75 @@ impl SqliteQueue {
         .await
     }
 
-    /// Re-arms one finished (failed or skipped) job. Returns whether it was re-armed.
-    pub(super) async fn retry(&self, id: i64) -> Result<bool, QueueError> {
-        let now = now_ms();
-        let changed = self
-            .with(move |c| {
-                c.execute(
-                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?2, \
-                         updated_at = ?2, finished_at = NULL \
-                     WHERE id = ?1 AND state IN ('failed', 'skipped', 'done')",
-                    params![id, now],
-                )
-            })
-            .await?;
-        Ok(changed > 0)
-    }
-
-    /// Re-arms every failed job (of one target, if given). Returns how many.
-    pub(super) async fn retry_failed(&self, target: Option<String>) -> Result<usize, QueueError> {
-        let now = now_ms();
-        let t = target;
+    async fn retry(&self, id: i64, now: i64) -> Result<bool, QueueError> {
         self.with(move |c| {
-            c.execute(
-                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1, \
-                         updated_at = ?1, finished_at = NULL \
-                     WHERE state = 'failed' AND (?2 IS NULL OR target = ?2)",
-                params![now, t],
-            )
+            let tx = c.transaction()?;
+            let standing = tx
+                .prepare_cached(&format!(
+                    "SELECT {STANDING_COLUMNS} FROM jobs WHERE id = ?1"
+                ))?
+                .query_row(params![id], |r| standing_from_row(r, 0))
+                .optional()?;
+            let Some(next) = standing.and_then(|s| s.retried(now)) else {
+                return Ok(false);
+            };
+            write_standing(&tx, id, &next)?;
+            tx.commit()?;
+            Ok(true)
         })
         .await
     }
 
-    /// Counts per target and state, with the oldest unfinished job's age. Every name in
-    /// `configured` gets a row, so a target with no jobs yet still shows (and exports zeros).
-    pub(super) async fn counts(
-        &self,
-        configured: &[String],
-    ) -> Result<Vec<TargetCounts>, QueueError> {
-        let configured = configured.to_vec();
+    async fn retry_failed(&self, target: Option<String>, now: i64) -> Result<usize, QueueError> {
         self.with(move |c| {
-            let mut stmt = c.prepare_cached(
+            let tx = c.transaction()?;
+            let failed: Vec<(i64, Standing)> = tx
+                .prepare_cached(&format!(
+                    "SELECT id, {STANDING_COLUMNS} FROM jobs \
+                     WHERE state = ?1 AND (?2 IS NULL OR target = ?2)"
+                ))?
+                .query_map(params![JobState::Failed.as_str(), target], |r| {
+                    Ok((r.get(0)?, standing_from_row(r, 1)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut retried = 0;
+            for (id, standing) in failed {
+                if let Some(next) = standing.retried(now) {
+                    write_standing(&tx, id, &next)?;
+                    retried += 1;
+                }
+            }
+            tx.commit()?;
+            Ok(retried)
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<Vec<StateCount>, QueueError> {
+        self.with(move |c| {
+            let unfinished = placeholders(1, lifecycle::UNFINISHED.len());
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT target, state, COUNT(*), \
-                        MIN(CASE WHEN state IN ('pending', 'running') THEN created_at END) \
-                 FROM jobs GROUP BY target, state ORDER BY target",
+                        MIN(CASE WHEN state IN ({unfinished}) THEN created_at END) \
+                 FROM jobs GROUP BY target, state ORDER BY target"
+            ))?;
+            let rows = stmt.query_map(
+                rusqlite::params_from_iter(state_values(&lifecycle::UNFINISHED)),
+                |r| {
+                    Ok(StateCount {
+                        target: r.get(0)?,
+                        state: JobState::parse(&r.get::<_, String>(1)?).unwrap_or(JobState::Failed),
+                        jobs: r.get::<_, i64>(2)?.max(0) as u64,
+                        oldest_unfinished_at: r.get(3)?,
+                    })
+                },
             )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?.max(0) as u64,
-                    r.get::<_, Option<i64>>(3)?,
-                ))
-            })?;
-            let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(TargetCounts::tally(rows, &configured))
+            rows.collect()
         })
         .await
     }
 
-    /// Deletes done and skipped jobs that finished before `older_than` ago. Failed jobs stay
-    /// until someone retries them: they are work nobody has done yet.
-    pub(super) async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
-        let cutoff = now_ms() - older_than.as_millis() as i64;
+    async fn purge(&self, cutoff: i64) -> Result<usize, QueueError> {
         self.with(move |c| {
             c.execute("DELETE FROM blob_homes WHERE seen_at < ?1", params![cutoff])?;
             c.execute(
@@ -539,35 +567,49 @@ impl SqliteQueue {
                 "DELETE FROM backfill_cancels WHERE id NOT IN (SELECT id FROM backfills WHERE running = 1)",
                 [],
             )?;
+            let forgettable = placeholders(2, lifecycle::FORGETTABLE.len());
+            let args = std::iter::once(Value::from(cutoff))
+                .chain(state_values(&lifecycle::FORGETTABLE));
             c.execute(
-                "DELETE FROM jobs WHERE state IN ('done', 'skipped') AND finished_at < ?1",
-                params![cutoff],
+                &format!("DELETE FROM jobs WHERE finished_at < ?1 AND state IN ({forgettable})"),
+                rusqlite::params_from_iter(args),
             )
         })
         .await
     }
 
-    pub(super) async fn remember_blob_home(
-        &self,
-        target: String,
-        digest: String,
-        repository: String,
-    ) -> Result<(), QueueError> {
-        let now = now_ms();
+    async fn remember_blob_home(&self, home: BlobHome) -> Result<(), QueueError> {
         self.with(move |c| {
             c.execute(
                 "INSERT INTO blob_homes (target, digest, repository, seen_at) \
                  VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (target, digest, repository) DO UPDATE SET seen_at = excluded.seen_at",
-                params![target, digest, repository, now],
+                params![home.target, home.digest, home.repository, home.seen_at],
             )
             .map(|_| ())
         })
         .await
     }
 
-    pub(super) async fn record_backfill(&self, progress: String) -> Result<i64, QueueError> {
-        let now = now_ms();
+    async fn blob_homes(
+        &self,
+        target: &str,
+        digest: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, QueueError> {
+        let (target, digest) = (target.to_string(), digest.to_string());
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT repository FROM blob_homes WHERE target = ?1 AND digest = ?2 \
+                 ORDER BY seen_at DESC LIMIT ?3",
+            )?;
+            stmt.query_map(params![target, digest, limit], |r| r.get(0))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn record_backfill(&self, progress: String, now: i64) -> Result<i64, QueueError> {
         self.with(move |c| {
             c.execute(
                 "INSERT INTO backfills (running, progress, updated_at) VALUES (1, ?1, ?2)",
@@ -578,13 +620,13 @@ impl SqliteQueue {
         .await
     }
 
-    pub(super) async fn save_backfill(
+    async fn save_backfill(
         &self,
         id: i64,
         progress: String,
         running: bool,
+        now: i64,
     ) -> Result<(), QueueError> {
-        let now = now_ms();
         self.with(move |c| {
             c.execute(
                 "UPDATE backfills SET progress = ?2, running = ?3, updated_at = ?4 WHERE id = ?1",
@@ -595,12 +637,30 @@ impl SqliteQueue {
         .await
     }
 
-    /// Asks the running backfill `id` to stop; whether it is running.
-    pub(super) async fn request_backfill_cancel(&self, id: i64) -> Result<bool, QueueError> {
-        let now = now_ms();
+    async fn backfills(&self, id: Option<i64>) -> Result<Vec<BackfillRecord>, QueueError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, progress, interrupted FROM backfills \
+                 WHERE ?1 IS NULL OR id = ?1 ORDER BY id DESC LIMIT 100",
+            )?;
+            stmt.query_map(params![id], |r| {
+                Ok(BackfillRecord {
+                    id: r.get(0)?,
+                    progress: r.get(1)?,
+                    interrupted: r.get(2)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn request_backfill_cancel(&self, id: i64, now: i64) -> Result<bool, QueueError> {
         self.with(move |c| {
             c.execute(
-                "INSERT INTO backfill_cancels (id, requested_at)                  SELECT id, ?2 FROM backfills WHERE id = ?1 AND running = 1                  ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO backfill_cancels (id, requested_at) \
+                 SELECT id, ?2 FROM backfills WHERE id = ?1 AND running = 1 \
+                 ON CONFLICT (id) DO NOTHING",
                 params![id, now],
             )?;
             c.query_row(
@@ -612,8 +672,7 @@ impl SqliteQueue {
         .await
     }
 
-    /// Whether someone asked backfill `id` to stop.
-    pub(super) async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError> {
+    async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError> {
         self.with(move |c| {
             c.query_row(
                 "SELECT COUNT(*) > 0 FROM backfill_cancels WHERE id = ?1",
@@ -624,49 +683,7 @@ impl SqliteQueue {
         .await
     }
 
-    /// The newest backfills, or the one with `id`.
-    pub(super) async fn backfills(
-        &self,
-        id: Option<i64>,
-    ) -> Result<Vec<super::BackfillRecord>, QueueError> {
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, progress, interrupted FROM backfills \
-                 WHERE ?1 IS NULL OR id = ?1 ORDER BY id DESC LIMIT 100",
-            )?;
-            stmt.query_map(params![id], |r| {
-                Ok(super::BackfillRecord {
-                    id: r.get(0)?,
-                    progress: r.get(1)?,
-                    interrupted: r.get(2)?,
-                })
-            })?
-            .collect()
-        })
-        .await
-    }
-
-    pub(super) async fn blob_homes(
-        &self,
-        target: String,
-        digest: String,
-    ) -> Result<Vec<String>, QueueError> {
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT repository FROM blob_homes WHERE target = ?1 AND digest = ?2 \
-                 ORDER BY seen_at DESC LIMIT ?3",
-            )?;
-            stmt.query_map(params![target, digest, super::BLOB_HOMES_KEPT], |r| {
-                r.get(0)
-            })?
-            .collect()
-        })
-        .await
-    }
-
-    /// Every job (with when its attempt began) and every attempt (with its job's id), for a
-    /// migration to another database.
-    pub(super) async fn export(&self) -> Result<super::Exported, QueueError> {
+    async fn export(&self) -> Result<Exported, QueueError> {
         self.with(|c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {JOB_COLUMNS}, started_at FROM jobs ORDER BY id"
@@ -693,14 +710,153 @@ impl SqliteQueue {
             let mut stmt =
                 c.prepare("SELECT target, digest, repository, seen_at FROM blob_homes")?;
             let blob_homes = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map([], |r| {
+                    Ok(BlobHome {
+                        target: r.get(0)?,
+                        digest: r.get(1)?,
+                        repository: r.get(2)?,
+                        seen_at: r.get(3)?,
+                    })
+                })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(super::Exported {
+            Ok(Exported {
                 jobs,
                 attempts,
                 blob_homes,
             })
         })
         .await
+    }
+
+    async fn import(&self, from: Exported) -> Result<Imported, QueueError> {
+        self.check_file()?;
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let mut imported = Imported::default();
+            let mut new_ids = std::collections::HashMap::new();
+            for (job, started_at) in &from.jobs {
+                let state = match job.state {
+                    JobState::Running => JobState::Pending,
+                    other => other,
+                };
+                let added = tx
+                    .prepare_cached(
+                        "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, \
+                             origin, state, attempts, created_at, updated_at, next_attempt_at, \
+                             started_at, finished_at, detail, error_class, target_digest) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, \
+                             ?15, ?16, ?17) \
+                         ON CONFLICT (target, kind, repository, tag, digest) DO NOTHING",
+                    )?
+                    .execute(params![
+                        job.target,
+                        job.kind.as_str(),
+                        job.repository,
+                        job.tag.as_deref().unwrap_or(""),
+                        job.digest.as_deref().unwrap_or(""),
+                        job.mount_from.as_deref().unwrap_or(""),
+                        job.origin.as_str(),
+                        state.as_str(),
+                        job.attempts,
+                        job.created_at,
+                        job.updated_at,
+                        job.next_attempt_at,
+                        started_at,
+                        job.finished_at,
+                        job.detail,
+                        job.error_class.map_or("", ErrorClass::as_str),
+                        job.target_digest.as_deref().unwrap_or(""),
+                    ])?;
+                if added > 0 {
+                    new_ids.insert(job.id, tx.last_insert_rowid());
+                }
+            }
+            imported.jobs = new_ids.len();
+            for (job_id, a) in &from.attempts {
+                if let Some(id) = new_ids.get(job_id) {
+                    tx.prepare_cached(
+                        "INSERT INTO attempts (job_id, started_at, finished_at, result, detail) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![
+                        id,
+                        a.started_at,
+                        a.finished_at,
+                        a.result.as_str(),
+                        a.detail
+                    ])?;
+                    imported.attempts += 1;
+                }
+            }
+            for home in &from.blob_homes {
+                imported.blob_homes += tx
+                    .prepare_cached(
+                        "INSERT INTO blob_homes (target, digest, repository, seen_at) \
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                    )?
+                    .execute(params![
+                        home.target,
+                        home.digest,
+                        home.repository,
+                        home.seen_at
+                    ])?;
+            }
+            tx.commit()?;
+            Ok(imported)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Coordination for SqliteStore {
+    fn replica(&self) -> Option<&str> {
+        None
+    }
+
+    fn tend_every(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Every running job was the dead process's (the state directory's lock says there is one
+    /// process), and so was every running backfill.
+    async fn recover(&self, now: i64) -> Result<Vec<String>, QueueError> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE backfills SET running = 0, interrupted = 1 WHERE running = 1",
+                [],
+            )?;
+            let running: Vec<(i64, String, Standing)> = tx
+                .prepare_cached(&format!(
+                    "SELECT id, target, {STANDING_COLUMNS} FROM jobs WHERE state = ?1"
+                ))?
+                .query_map(params![JobState::Running.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, standing_from_row(r, 2)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut targets = Vec::new();
+            for (id, target, standing) in running {
+                if let Some(next) = standing.interrupted(now) {
+                    write_standing(&tx, id, &next)?;
+                    targets.push(target);
+                }
+            }
+            tx.commit()?;
+            Ok(targets)
+        })
+        .await
+    }
+
+    async fn tend(&self, _now: i64) -> Result<Vec<String>, QueueError> {
+        Ok(Vec::new())
+    }
+
+    async fn replicas(&self, _now: i64) -> Result<Vec<Replica>, QueueError> {
+        Ok(Vec::new())
+    }
+
+    async fn take_turn(&self, _name: &str) -> Result<Option<Turn>, QueueError> {
+        Ok(Some(Turn::uncontended()))
     }
 }
