@@ -1,9 +1,14 @@
-//! Shared by the benches: local registries, regtee as a process, a streaming HTTP client.
+//! Shared by the benches: local registries, a streaming HTTP client, and (from the tests'
+//! harness, `tests/support/spec.rs`) regtee's config and regtee as a process.
 
 #![allow(dead_code)]
 
+#[path = "../tests/support/spec.rs"]
+mod spec;
+pub use spec::*;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,7 +16,6 @@ use http_body_util::StreamBody;
 use hyper::body::Frame;
 use regtee::body::ProxyBody;
 use regtee::http_client::HttpClient;
-use regtee::local_process::LocalProcess;
 
 /// A work directory in memory (`/dev/shm`) where the machine has it, for registry storage:
 /// docker-registry syncs every blob it writes, and the disk's flushes would be the figure
@@ -136,53 +140,6 @@ pub async fn download(
         }
     }
     (started.elapsed(), n)
-}
-
-/// regtee as a release process with a config file, logging as deployed (the config's level, a
-/// line per request); killed on drop.
-pub struct RegteeProcess(pub LocalProcess);
-
-impl RegteeProcess {
-    pub fn start(config: &Path, log: &Path) -> RegteeProcess {
-        let log = std::fs::File::create(log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_regtee"));
-        command
-            .args(["serve", "--config"])
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        RegteeProcess(LocalProcess::spawn(command).unwrap())
-    }
-
-    /// Peak resident memory so far (VmHWM), in KiB.
-    pub fn peak_rss_kib(&self) -> u64 {
-        proc_status_kib(self.0.id(), "VmHWM:")
-    }
-
-    /// Current resident memory (VmRSS), in KiB.
-    pub fn rss_kib(&self) -> u64 {
-        proc_status_kib(self.0.id(), "VmRSS:")
-    }
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-pub async fn wait_listening(addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "{addr} did not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use regtee::config::Side;
 use regtee::config::{ClientTls, Endpoint, Login, RateLimits};
-use regtee::local_registry::{LocalRegistry, RegistryOptions, anonymous_client, free_port};
+use regtee::local_registry::{LocalRegistry, RegistryOptions, anonymous_client};
 use regtee::oci::digest::Digest;
 use regtee::origin::Origin;
 use regtee::registry::RegistryClient;
@@ -60,20 +60,14 @@ async fn main() {
     let cloud = LocalRegistry::start(&work.path().join("cloud"), RegistryOptions::default())
         .await
         .unwrap();
-    let port = free_port().unwrap();
-    let config = work.path().join("regtee.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n[[targets]]\nname = \"cloud\"\nurl = \"{}\"\nmax_bytes_per_second = {BYTE_LIMIT}\n",
-            harbor.url(),
-            work.path().join("state").display(),
-            cloud.url()
-        ),
-    )
-    .unwrap();
-    let _regtee = RegteeProcess::start(&config, &work.path().join("regtee.log"));
-    wait_listening(&format!("127.0.0.1:{port}")).await;
+    let spec = ConfigSpec::at(&harbor.url(), &work.path().join("state"))
+        .with_fixed_ports()
+        .target(
+            TargetSpec::at("cloud", &cloud.url())
+                .with(&format!("max_bytes_per_second = {BYTE_LIMIT}")),
+        );
+    let _regtee = RegteeProcess::serve(&spec, work.path(), "regtee").await;
+    let port = spec.listen_addr().port();
     println!("regtee rate-limit bench: local docker-registry instances, regtee as a process\n");
 
     let chunk = random_chunk(MIB as usize);

@@ -14,9 +14,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use regtee::local_registry::{
-    LocalRegistry, RegistryOptions, anonymous_client, free_port, sample_image,
-};
+use regtee::local_registry::{LocalRegistry, RegistryOptions, anonymous_client, sample_image};
 
 #[tokio::main]
 async fn main() {
@@ -28,23 +26,12 @@ async fn main() {
     let cloud = LocalRegistry::start(&work.path().join("cloud"), RegistryOptions::default())
         .await
         .unwrap();
-    let port = free_port().unwrap();
-    let admin_port = free_port().unwrap();
-    let config = work.path().join("regtee.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[[targets]]\nname = \"cloud\"\nurl = \"{}\"\nconcurrency = 4\n",
-            harbor.url(),
-            work.path().join("state").display(),
-            cloud.url()
-        ),
-    )
-    .unwrap();
-    let _regtee = RegteeProcess::start(&config, &work.path().join("regtee.log"));
-    wait_listening(&format!("127.0.0.1:{port}")).await;
-    wait_listening(&format!("127.0.0.1:{admin_port}")).await;
-    let admin = format!("http://127.0.0.1:{admin_port}");
+    let spec = ConfigSpec::at(&harbor.url(), &work.path().join("state"))
+        .with_fixed_ports()
+        .target(TargetSpec::at("cloud", &cloud.url()).with("concurrency = 4"));
+    let _regtee = RegteeProcess::serve(&spec, work.path(), "regtee").await;
+    let port = spec.listen_addr().port();
+    let admin = format!("http://{}", spec.admin_addr().unwrap());
     let through = anonymous_client("regtee", &format!("http://127.0.0.1:{port}")).unwrap();
     let cloud_client = anonymous_client("cloud", &cloud.url()).unwrap();
 

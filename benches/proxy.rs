@@ -189,23 +189,14 @@ async fn main() {
     let registry = LocalRegistry::start(&work.path().join("registry"), RegistryOptions::default())
         .await
         .expect("docker-registry is installed");
-    let port = free_port().unwrap();
-    let config = work.path().join("regtee.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
-            registry.url(),
-            work.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let regtee = RegteeProcess::start(&config, &work.path().join("regtee.log"));
+    let mut spec = ConfigSpec::at(&registry.url(), &work.path().join("state")).with_fixed_ports();
+    spec.admin = None;
+    let regtee = RegteeProcess::serve(&spec, work.path(), "regtee").await;
+    let port = spec.listen_addr().port();
     let nginx_port = free_port().unwrap();
     let (mut nginx, nginx_worker) =
         start_nginx(&work.path().join("nginx"), nginx_port, &registry.url());
-    wait_listening(&format!("127.0.0.1:{port}")).await;
-    wait_listening(&format!("127.0.0.1:{nginx_port}")).await;
+    wait_listening(([127, 0, 0, 1], nginx_port).into()).await;
     let endpoints = [
         Endpoint {
             name: "direct",
@@ -217,7 +208,7 @@ async fn main() {
             name: "regtee",
             base: format!("http://127.0.0.1:{port}"),
             host: format!("127.0.0.1:{port}"),
-            pids: vec![regtee.0.id()],
+            pids: vec![regtee.child.id()],
         },
         Endpoint {
             name: "nginx",

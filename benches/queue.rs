@@ -23,46 +23,36 @@ async fn main() {
         .expect("docker-registry is installed");
     let postgres = LocalPostgres::start().expect("PostgreSQL is installed");
     let url = postgres.create_database("bench").unwrap();
-    let password_file = work.path().join("db-password");
-    std::fs::write(&password_file, postgres.password()).unwrap();
     let client = client();
 
     // One small image in Harbor; each PUT tags it anew, so each records a new job.
     let config = bytes::Bytes::from_static(br#"{"architecture":"amd64","os":"linux"}"#);
     let manifest = image_manifest(&client, &harbor.url(), "bench/app", config, &[]).await;
 
-    let nobody = format!("http://127.0.0.1:{}", free_port().unwrap());
-    let target = format!(
-        "[[targets]]\nname = \"cloud\"\nurl = \"{nobody}\"\nretry_initial = \"10m\"\nretry_max = \"1h\"\n"
-    );
+    // A target nobody answers, retried rarely: jobs are recorded and stay pending.
+    let nobody = TargetSpec::at(
+        "cloud",
+        &format!("http://127.0.0.1:{}", free_port().unwrap()),
+    )
+    .retry("10m", "1h");
+    let spec = |i: usize| {
+        ConfigSpec::at(&harbor.url(), &work.path().join(format!("state-{i}"))).with_fixed_ports()
+    };
     let setups = [
-        ("no target (nothing recorded)", String::new(), String::new()),
-        ("target, queue in SQLite", String::new(), target.clone()),
+        ("no target (nothing recorded)", spec(0)),
+        ("target, queue in SQLite", spec(1).target(nobody.clone())),
         (
             "target, queue in PostgreSQL",
-            format!(
-                "database = \"{url}\"\ndatabase_password_file = \"{}\"\n",
-                password_file.display()
-            ),
-            target.clone(),
+            spec(2)
+                .target(nobody.clone())
+                .on_database(&url, postgres.password()),
         ),
     ];
     println!("manifest PUT through regtee, {PUTS} sequential, docker-registry as Harbor\n");
     println!("{:<32} {:>10} {:>10}", "", "p50 (ms)", "p99 (ms)");
-    for (i, (name, state, targets)) in setups.iter().enumerate() {
-        let port = free_port().unwrap();
-        let config = work.path().join(format!("regtee-{i}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n{state}{targets}",
-                harbor.url(),
-                work.path().join(format!("state-{i}")).display()
-            ),
-        )
-        .unwrap();
-        let _regtee = RegteeProcess::start(&config, &work.path().join(format!("regtee-{i}.log")));
-        wait_listening(&format!("127.0.0.1:{port}")).await;
+    for (i, (name, spec)) in setups.iter().enumerate() {
+        let _regtee = RegteeProcess::serve(spec, work.path(), &format!("regtee-{i}")).await;
+        let port = spec.listen_addr().port();
         let mut latencies = Vec::with_capacity(PUTS);
         for n in 0..PUTS + 20 {
             let put = http::Request::put(format!(

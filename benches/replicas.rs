@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use regtee::local_postgres::LocalPostgres;
-use regtee::local_registry::{LocalRegistry, RegistryOptions, free_port};
+use regtee::local_registry::{LocalRegistry, RegistryOptions};
 
 const JOBS: usize = 2000;
 const BLOB_SIZE: usize = 4096;
@@ -32,8 +32,6 @@ async fn main() {
         .await
         .expect("docker-registry is installed");
     let postgres = LocalPostgres::start().expect("PostgreSQL is installed");
-    let password_file = work.path().join("db-password");
-    std::fs::write(&password_file, postgres.password()).unwrap();
     let client = client();
 
     // The blobs, in Harbor before any job names them.
@@ -68,7 +66,6 @@ async fn main() {
         work: work.path(),
         harbor: &harbor,
         postgres: &postgres,
-        password_file: &password_file,
     };
     println!("{JOBS} blob jobs of {BLOB_SIZE} bytes, Harbor and target docker-registry\n");
     let mut rates = Vec::new();
@@ -112,7 +109,6 @@ struct Bench<'a> {
     work: &'a Path,
     harbor: &'a LocalRegistry,
     postgres: &'a LocalPostgres,
-    password_file: &'a Path,
 }
 
 /// How one run of 2,000 jobs went.
@@ -133,7 +129,7 @@ struct Replica {
 
 impl Replica {
     fn marker(&self) -> String {
-        format!("-{}-", self.process.0.id())
+        format!("-{}-", self.process.child.id())
     }
 }
 
@@ -152,35 +148,17 @@ impl Bench<'_> {
         let url = self.postgres.url(name);
         let mut started = Vec::new();
         for i in 0..n {
-            let port = free_port().unwrap();
-            let dir = self.work.join(format!("{name}-{label}{i}"));
-            let config = self.work.join(format!("{name}-{label}{i}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"{}\"\n\
-                     [state]\ndir = \"{}\"\ndatabase = \"{url}\"\ndatabase_password_file = \"{}\"\n{extra}\
-                     [[targets]]\nname = \"cloud\"\nurl = \"{target}\"\n{target_extra}",
-                    self.harbor.url(),
-                    dir.display(),
-                    self.password_file.display()
-                ),
+            let mut spec = ConfigSpec::at(
+                &self.harbor.url(),
+                &self.work.join(format!("{name}-{label}{i}")),
             )
-            .unwrap();
-            let log = self.work.join(format!("{name}-{label}{i}.log"));
-            let process = RegteeProcess::start(&config, &log);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "replica {i} of {name} did not listen:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            .with_fixed_ports()
+            .on_database(&url, self.postgres.password())
+            .target(TargetSpec::at("cloud", target).with(target_extra));
+            spec.admin = None;
+            spec.state_extra = extra.to_string();
+            let process =
+                RegteeProcess::serve(&spec, self.work, &format!("{name}-{label}{i}")).await;
             started.push(Replica { process });
         }
         started
@@ -243,7 +221,12 @@ impl Bench<'_> {
             .replicas(n, &name, "r", &cloud.url(), "", &concurrency)
             .await;
         let mut db = self.database(&name).await;
-        let regtee_cpu = || -> f64 { replicas.iter().map(|r| cpu_seconds(r.process.0.id())).sum() };
+        let regtee_cpu = || -> f64 {
+            replicas
+                .iter()
+                .map(|r| cpu_seconds(r.process.child.id()))
+                .sum()
+        };
         let postgres_cpu = || -> f64 {
             self.postgres
                 .server_pids()
@@ -337,8 +320,7 @@ impl Bench<'_> {
             .replicas(1, &name, "other", &cloud.url(), &extra, slow)
             .await
             .remove(0);
-        doomed.process.0.kill();
-        let _ = doomed.process.0.wait();
+        doomed.process.kill9();
         let killed = Instant::now();
         let mut first = None;
         loop {

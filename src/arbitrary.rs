@@ -6,10 +6,10 @@
 use proptest::prelude::*;
 
 /// Cases per property: enough to reach the odd corners, quick enough for every CI run.
-pub const CASES: u32 = 3000;
+pub(crate) const CASES: u32 = 3000;
 
 /// Text built from the characters that matter to registry paths and names.
-pub fn path_text() -> impl Strategy<Value = String> {
+pub(crate) fn path_text() -> impl Strategy<Value = String> {
     proptest::collection::vec(
         prop_oneof![
             4 => "[a-z0-9]{1,6}",
@@ -45,7 +45,7 @@ pub fn path_text() -> impl Strategy<Value = String> {
 }
 
 /// A JSON value built from manifest and webhook field names and plausible values.
-pub fn json_value() -> impl Strategy<Value = serde_json::Value> {
+pub(crate) fn json_value() -> impl Strategy<Value = serde_json::Value> {
     let key = prop_oneof![
         Just("mediaType"),
         Just("digest"),

@@ -63,10 +63,10 @@ where
 /// A stream that made no progress for too long.
 #[derive(Debug, thiserror::Error)]
 #[error("body made no progress for {0:?}")]
-pub struct IdleTimeout(pub Duration);
+pub(crate) struct IdleTimeout(pub Duration);
 
 /// Wraps a body to count, time out and signal its end. Build with [`Tracked::new`].
-pub struct Tracked<B> {
+pub(crate) struct Tracked<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
     /// How long the inner body may stay pending (see [`WaitLimit`] for why not a plain timer).
@@ -78,7 +78,7 @@ pub struct Tracked<B> {
 
 impl<B> Tracked<B> {
     /// Counts bytes into `bytes`.
-    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
         Tracked {
             inner,
             bytes,
@@ -91,7 +91,7 @@ impl<B> Tracked<B> {
 
     /// Fails the stream when the inner body stays pending this long. An empty body (a GET, a
     /// HEAD answer) needs no timer, and gets none.
-    pub fn idle_timeout(mut self, limit: Duration) -> Self
+    pub(crate) fn idle_timeout(mut self, limit: Duration) -> Self
     where
         B: Body,
     {
@@ -102,7 +102,7 @@ impl<B> Tracked<B> {
     }
 
     /// Sets `true` on the channel once the last byte has been handed on.
-    pub fn signal_end(mut self, finished: watch::Sender<bool>) -> Self
+    pub(crate) fn signal_end(mut self, finished: watch::Sender<bool>) -> Self
     where
         B: Body,
     {
@@ -114,7 +114,7 @@ impl<B> Tracked<B> {
     }
 
     /// Keeps `guard` alive for as long as the body; its `Drop` runs when the body is done with.
-    pub fn hold(mut self, guard: Arc<dyn Any + Send + Sync>) -> Self {
+    pub(crate) fn hold(mut self, guard: Arc<dyn Any + Send + Sync>) -> Self {
         self._guard = Some(guard);
         self
     }
@@ -197,7 +197,7 @@ where
 /// it stays. Here a task checks the time of the last frame handed on; when nothing has moved
 /// for the limit, it drops the inner body (hyper then closes that upstream connection) and the
 /// next poll, if one ever comes, is an [`IdleTimeout`] error. The task ends with the body.
-pub struct Watched {
+pub(crate) struct Watched {
     shared: Arc<WatchedShared>,
 }
 
@@ -214,7 +214,7 @@ struct WatchedShared {
 impl Watched {
     /// Watches `inner`, which is cut after `limit` without a frame. A body with nothing to send
     /// needs no watching, and gets none.
-    pub fn body<B>(inner: B, limit: Duration) -> ProxyBody
+    pub(crate) fn body<B>(inner: B, limit: Duration) -> ProxyBody
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -319,7 +319,7 @@ struct ChunkSource {
 /// A stream that ended before the length it promised.
 #[derive(Debug, thiserror::Error)]
 #[error("the stream ended {0} bytes before the chunk's end")]
-pub struct EndedEarly(pub u64);
+pub(crate) struct EndedEarly(pub u64);
 
 impl Chunks {
     /// Chunks of `body`.

@@ -98,7 +98,7 @@ impl Challenge {
     }
 
     /// Replaces (or adds) a parameter, keeping its position.
-    pub fn set_param(&mut self, key: &str, value: String) {
+    pub(crate) fn set_param(&mut self, key: &str, value: String) {
         match self.params.iter_mut().find(|(k, _)| k == key) {
             Some(slot) => slot.1 = value,
             None => self.params.push((key.to_string(), value)),
@@ -106,17 +106,17 @@ impl Challenge {
     }
 
     /// Whether this is a Bearer (token) challenge.
-    pub fn is_bearer(&self) -> bool {
+    pub(crate) fn is_bearer(&self) -> bool {
         self.scheme.eq_ignore_ascii_case("bearer")
     }
 
     /// Whether this is a Basic challenge.
-    pub fn is_basic(&self) -> bool {
+    pub(crate) fn is_basic(&self) -> bool {
         self.scheme.eq_ignore_ascii_case("basic")
     }
 
     /// The header value, parameters quoted.
-    pub fn to_header_value(&self) -> String {
+    pub(crate) fn to_header_value(&self) -> String {
         let params: Vec<String> = self
             .params
             .iter()

@@ -13,7 +13,7 @@ use crate::oci::error_code::ErrorCode;
 
 /// An error response in the spec's `{"errors":[{code,message,detail}]}` form.
 #[derive(Debug, Clone)]
-pub struct OciError {
+pub(crate) struct OciError {
     status: StatusCode,
     code: ErrorCode,
     message: String,
@@ -33,7 +33,7 @@ struct Entry<'a> {
 
 impl OciError {
     /// An error with a status, a spec error code and a message for people.
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> OciError {
+    pub(crate) fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> OciError {
         OciError {
             status,
             code,
@@ -42,17 +42,17 @@ impl OciError {
     }
 
     /// 502: the upstream could not be reached or broke the connection.
-    pub fn bad_gateway(message: impl Into<String>) -> OciError {
+    pub(crate) fn bad_gateway(message: impl Into<String>) -> OciError {
         OciError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, message)
     }
 
     /// 504: the upstream did not answer in time.
-    pub fn gateway_timeout(message: impl Into<String>) -> OciError {
+    pub(crate) fn gateway_timeout(message: impl Into<String>) -> OciError {
         OciError::new(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable, message)
     }
 
     /// 503: regtee cannot do its part right now; the client should retry.
-    pub fn unavailable(message: impl Into<String>) -> OciError {
+    pub(crate) fn unavailable(message: impl Into<String>) -> OciError {
         OciError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
@@ -61,17 +61,17 @@ impl OciError {
     }
 
     /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         self.status
     }
 
     /// The human message.
-    pub fn message(&self) -> &str {
+    pub(crate) fn message(&self) -> &str {
         &self.message
     }
 
     /// The JSON body.
-    pub fn body(&self) -> Bytes {
+    pub(crate) fn body(&self) -> Bytes {
         let envelope = Envelope {
             errors: [Entry {
                 code: self.code.as_str(),
@@ -83,7 +83,7 @@ impl OciError {
     }
 
     /// A complete response, body converted with `into_body`.
-    pub fn into_response<B>(self, into_body: impl FnOnce(Bytes) -> B) -> Response<B> {
+    pub(crate) fn into_response<B>(self, into_body: impl FnOnce(Bytes) -> B) -> Response<B> {
         let body = self.body();
         let mut response = Response::new(into_body(body.clone()));
         *response.status_mut() = self.status;
@@ -111,7 +111,7 @@ impl std::fmt::Display for OciError {
 
 /// An error and each of its sources, stepping into the errors `std::io::Error`s wrap (whose own
 /// `source()` skips them): rustls, hyper-util and tokio errors travel inside those.
-pub fn sources<'a>(
+pub(crate) fn sources<'a>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(error), |e| match e.downcast_ref::<std::io::Error>() {
@@ -123,14 +123,14 @@ pub fn sources<'a>(
 }
 
 /// The first error of type `E` in the chain.
-pub fn find<'a, E: std::error::Error + 'static>(
+pub(crate) fn find<'a, E: std::error::Error + 'static>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a E> {
     sources(error).find_map(|e| e.downcast_ref::<E>())
 }
 
 /// Whether something in the chain timed out (a connect timeout, a stalled write, a deadline).
-pub fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     sources(error).any(|e| {
         e.is::<tokio::time::error::Elapsed>()
             || e.downcast_ref::<std::io::Error>()
@@ -139,7 +139,7 @@ pub fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// All messages of an error and its sources, `: `-joined.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![error.to_string()];
     let mut source = error.source();
     while let Some(e) = source {

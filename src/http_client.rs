@@ -47,7 +47,7 @@ pub fn build(
 
 /// Why a request got no response.
 #[derive(Debug)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// No response head within the timeout after the body was sent.
     Timeout,
     /// Connection or protocol failure.
@@ -55,7 +55,7 @@ pub enum SendError {
 }
 
 /// Wraps a request body so its end is observable, for [`send_with_deadline`].
-pub fn track_end(
+pub(crate) fn track_end(
     request: http::Request<ProxyBody>,
 ) -> (http::Request<ProxyBody>, tokio::sync::watch::Receiver<bool>) {
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -69,7 +69,7 @@ pub fn track_end(
 
 /// Sends a request; the response deadline starts only once the request body has been sent, so
 /// a multi-gigabyte upload is never cut for taking long.
-pub async fn send_with_deadline(
+pub(crate) async fn send_with_deadline(
     client: &HttpClient,
     request: http::Request<ProxyBody>,
     mut body_sent: tokio::sync::watch::Receiver<bool>,

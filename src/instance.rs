@@ -47,51 +47,76 @@ pub struct Instance {
     _lock: queue::state_lock::StateLock,
 }
 
-impl Instance {
-    /// Binds every listener, opens the queue and starts the mirror workers. Everything that can
-    /// fail (lock, queue, certificates, binds) happens before the first task starts.
-    pub async fn start(config: Config) -> Result<Instance, StartError> {
-        tls::install_crypto_provider();
-        let lock = queue::state_lock::StateLock::acquire(&config.state.dir)?;
-        let queue = Arc::new(queue::Queue::open_state(&config.state).await?);
-        if let Some(replica) = queue.replica() {
-            tracing::info!(
-                replica,
-                "job queue in PostgreSQL, shared with any other replica"
-            );
-        }
-        let recovered = queue.recover_interrupted().await?;
-        if recovered > 0 {
-            tracing::info!(
-                jobs = recovered,
-                "resuming jobs interrupted by the previous shutdown"
-            );
-        }
-        let tls_acceptor = match &config.proxy.tls {
+/// The listeners, bound before anything starts (a port in use fails the start, not a task).
+struct Listeners {
+    http: Option<tokio::net::TcpListener>,
+    https: Option<tokio::net::TcpListener>,
+    admin: Option<tokio::net::TcpListener>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> Result<Listeners, StartError> {
+        let tls = match &config.proxy.tls {
             Some(t) => Some(request::server::acceptor(tls::server_config(
                 &t.cert, &t.key,
             )?)),
             None => None,
         };
-        let bind =
-            |addr| async move { request::server::bind(addr).await.map_err(StartError::Bind) };
-        let http = match config.proxy.listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
+        let bind = |addr: Option<SocketAddr>| async move {
+            match addr {
+                Some(addr) => request::server::bind(addr)
+                    .await
+                    .map(Some)
+                    .map_err(StartError::Bind),
+                None => Ok(None),
+            }
         };
-        let https = match &config.proxy.tls {
-            Some(t) => Some(bind(t.listen).await?),
-            None => None,
-        };
-        let admin_listener = match &config.admin {
-            Some(a) => Some(bind(a.listen).await?),
-            None => None,
-        };
+        Ok(Listeners {
+            http: bind(config.proxy.listen).await?,
+            https: bind(config.proxy.tls.as_ref().map(|t| t.listen)).await?,
+            admin: bind(config.admin.as_ref().map(|a| a.listen)).await?,
+            tls,
+        })
+    }
+
+    fn addresses(&self) -> [Option<SocketAddr>; 3] {
         let local =
             |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
-        let (http_addr, https_addr, admin_addr) =
-            (local(&http), local(&https), local(&admin_listener));
+        [local(&self.http), local(&self.https), local(&self.admin)]
+    }
+}
 
+/// Opens the queue the config names and takes back what a previous run left running.
+async fn open_queue(config: &Config) -> Result<Arc<queue::Queue>, StartError> {
+    let queue = Arc::new(queue::Queue::open_state(&config.state).await?);
+    if let Some(replica) = queue.replica() {
+        tracing::info!(
+            replica,
+            "job queue in PostgreSQL, shared with any other replica"
+        );
+    }
+    let recovered = queue.recover_interrupted().await?;
+    if recovered > 0 {
+        tracing::info!(
+            jobs = recovered,
+            "resuming jobs interrupted by the previous shutdown"
+        );
+    }
+    Ok(queue)
+}
+
+/// The parts that serve: the proxy (which tees completed pushes), the mirror and what the
+/// operator's side drives.
+struct Parts {
+    proxy: Arc<request::proxy::Proxy>,
+    mirror: Arc<mirror::Mirror>,
+    backfiller: Arc<ops::backfill::Backfiller>,
+    metrics: Arc<metrics::Metrics>,
+}
+
+impl Parts {
+    fn build(config: &Config, queue: &Arc<queue::Queue>) -> Result<Parts, StartError> {
         let metrics = Arc::new(metrics::Metrics::new());
         let tee = Arc::new(mirror::tee::Tee::new(queue.clone(), &config.targets));
         let proxy = Arc::new(request::proxy::Proxy::new(
@@ -110,49 +135,30 @@ impl Instance {
         let backfiller = Arc::new(ops::backfill::Backfiller {
             upstream,
             targets: mirror.targets().to_vec(),
-            tee: tee.clone(),
+            tee,
         });
-        let limits = ConnectionLimits {
-            header_read_timeout: config.proxy.header_read_timeout,
-            shutdown_grace: config.proxy.shutdown_grace,
-            write_stall: config.proxy.body_idle_timeout,
-        };
+        Ok(Parts {
+            proxy,
+            mirror,
+            backfiller,
+            metrics,
+        })
+    }
+}
+
+impl Instance {
+    /// Binds every listener, opens the queue and starts the mirror workers. Everything that can
+    /// fail (lock, queue, certificates, binds) happens before the first task starts.
+    pub async fn start(config: Config) -> Result<Instance, StartError> {
+        tls::install_crypto_provider();
+        let lock = queue::state_lock::StateLock::acquire(&config.state.dir)?;
+        let queue = open_queue(&config).await?;
+        let listeners = Listeners::bind(&config).await?;
+        let [http_addr, https_addr, admin_addr] = listeners.addresses();
+        let parts = Parts::build(&config, &queue)?;
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-
-        for (listener, acceptor) in [(http, None), (https, tls_acceptor)] {
-            if let Some(listener) = listener {
-                let proxy = proxy.clone();
-                tasks.spawn(request::server::serve(
-                    listener,
-                    acceptor,
-                    limits,
-                    cancel.clone(),
-                    move |req, conn| proxy.clone().handle(req, conn),
-                ));
-            }
-        }
-        mirror.spawn_workers(&tasks, &cancel, config.proxy.shutdown_grace);
-        backfiller.spawn_reconcilers(&tasks, &cancel, &config.targets);
-        queue::spawn_retention(&tasks, &cancel, queue.clone(), config.state.retention);
-        queue::spawn_lease_keeper(&tasks, &cancel, queue.clone());
-        if let Some(listener) = admin_listener {
-            let admin = Arc::new(ops::admin::Admin::new(
-                &config,
-                queue.clone(),
-                backfiller,
-                metrics.clone(),
-                tasks.clone(),
-                cancel.clone(),
-            ));
-            tasks.spawn(request::server::serve(
-                listener,
-                None,
-                limits,
-                cancel.clone(),
-                move |req, _conn| admin.clone().handle(req),
-            ));
-        }
+        spawn_all(&config, listeners, parts, queue, &tasks, &cancel);
         tasks.close();
         let shown =
             |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_string(), |a| a.to_string());
@@ -180,6 +186,60 @@ impl Instance {
         self.cancel.cancel();
         self.tasks.wait().await;
         tracing::info!("regtee stopped");
+    }
+}
+
+/// Starts every task on `tasks`, each ending when `cancel` fires: the listeners, the mirror's
+/// workers and reconcilers, retention, the lease keeper.
+fn spawn_all(
+    config: &Config,
+    listeners: Listeners,
+    parts: Parts,
+    queue: Arc<queue::Queue>,
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let limits = ConnectionLimits {
+        header_read_timeout: config.proxy.header_read_timeout,
+        shutdown_grace: config.proxy.shutdown_grace,
+        write_stall: config.proxy.body_idle_timeout,
+    };
+    for (listener, acceptor) in [(listeners.http, None), (listeners.https, listeners.tls)] {
+        if let Some(listener) = listener {
+            let proxy = parts.proxy.clone();
+            tasks.spawn(request::server::serve(
+                listener,
+                acceptor,
+                limits,
+                cancel.clone(),
+                move |req, conn| proxy.clone().handle(req, conn),
+            ));
+        }
+    }
+    parts
+        .mirror
+        .spawn_workers(tasks, cancel, config.proxy.shutdown_grace);
+    parts
+        .backfiller
+        .spawn_reconcilers(tasks, cancel, &config.targets);
+    queue::spawn_retention(tasks, cancel, queue.clone(), config.state.retention);
+    queue::spawn_lease_keeper(tasks, cancel, queue.clone());
+    if let Some(listener) = listeners.admin {
+        let admin = Arc::new(ops::admin::Admin::new(
+            config,
+            queue,
+            parts.backfiller,
+            parts.metrics,
+            tasks.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(request::server::serve(
+            listener,
+            None,
+            limits,
+            cancel.clone(),
+            move |req, _conn| admin.clone().handle(req),
+        ));
     }
 }
 

@@ -21,7 +21,7 @@
 //!
 //! [`Instance::start`] wires everything from a [`config::Config`]; [`run`] adds a shutdown signal.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 // The two paths and the operator's side: internal.
 mod metrics;
@@ -34,6 +34,7 @@ mod request;
 pub mod body;
 pub mod config;
 pub mod http_client;
+#[cfg(any(test, feature = "test-support"))]
 pub mod local_postgres;
 pub mod local_process;
 pub mod local_registry;
@@ -45,7 +46,7 @@ pub mod tls;
 // Small mechanisms, internal.
 #[cfg(test)]
 mod arbitrary;
-pub mod challenge;
+mod challenge;
 mod error;
 mod redact;
 mod stall;
@@ -56,6 +57,7 @@ mod wait_limit;
 pub mod demo;
 mod instance;
 
+pub use challenge::Challenge;
 pub use instance::{Instance, StartError, run};
 
 // The operator's commands, for the binary.

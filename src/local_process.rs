@@ -56,7 +56,7 @@ impl LocalProcess {
     }
 
     /// Sends `signal` to every process of the group.
-    pub fn signal_group(&self, signal: &str) -> bool {
+    pub(crate) fn signal_group(&self, signal: &str) -> bool {
         send(signal, &format!("-{}", self.child.id()))
     }
 

@@ -218,19 +218,7 @@ fn code(result: anyhow::Result<i32>) -> ExitCode {
 async fn dispatch(cli: Cli) -> ExitCode {
     let path = cli.config;
     match cli.command {
-        Command::Serve => {
-            let config = match load(&path) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let _log = init_logging(config.log.format, &config.log.level);
-            code(
-                regtee::run(config, shutdown_signal())
-                    .await
-                    .map(|()| 0)
-                    .context("regtee could not start"),
-            )
-        }
+        Command::Serve => serve(&path).await,
         Command::Demo { exit } => {
             let _log = init_logging(LogFormat::Text, "warn");
             code(
@@ -275,19 +263,9 @@ async fn dispatch(cli: Cli) -> ExitCode {
             before,
             json,
         } => {
-            let state = if failed {
-                Some(JobState::Failed)
-            } else {
-                match state.as_deref().map(JobState::parse) {
-                    Some(None) => {
-                        eprintln!(
-                            "regtee: --state must be pending, running, done, skipped or failed"
-                        );
-                        return ExitCode::from(2);
-                    }
-                    Some(s) => s,
-                    None => None,
-                }
+            let Some(state) = job_state(failed, state.as_deref()) else {
+                eprintln!("regtee: --state must be pending, running, done, skipped or failed");
+                return ExitCode::from(2);
             };
             let filter = JobFilter {
                 state,
@@ -342,6 +320,33 @@ async fn dispatch(cli: Cli) -> ExitCode {
             )
             .await
         }
+    }
+}
+
+/// `regtee serve`: the proxy, the workers and the admin API until SIGTERM or SIGINT.
+async fn serve(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let _log = init_logging(config.log.format, &config.log.level);
+    code(
+        regtee::run(config, shutdown_signal())
+            .await
+            .map(|()| 0)
+            .context("regtee could not start"),
+    )
+}
+
+/// The state `regtee jobs` lists: `--failed`, else `--state`, else any (`Some(None)`); `None`
+/// when `--state` names no state.
+fn job_state(failed: bool, state: Option<&str>) -> Option<Option<JobState>> {
+    if failed {
+        return Some(Some(JobState::Failed));
+    }
+    match state {
+        None => Some(None),
+        Some(s) => JobState::parse(s).map(Some),
     }
 }
 

@@ -84,7 +84,7 @@ fn lag_histogram() -> Histogram {
 }
 
 /// Every metric regtee exports.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     bytes_in: Counter,
@@ -106,7 +106,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Registers every metric under the `regtee_` prefix.
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("regtee");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -185,7 +185,7 @@ impl Metrics {
     }
 
     /// Called once per proxied request when its response is done.
-    pub fn observe_request(
+    pub(crate) fn observe_request(
         &self,
         method: &http::Method,
         route: &'static str,
@@ -211,7 +211,7 @@ impl Metrics {
     }
 
     /// A manifest reached a target; `lag` runs from Harbor's acknowledgement.
-    pub fn observe_mirror_lag(&self, target: &str, lag: Duration) {
+    pub(crate) fn observe_mirror_lag(&self, target: &str, lag: Duration) {
         self.mirror_lag
             .get_or_create(&TargetLabels {
                 target: target.to_string(),
@@ -220,7 +220,7 @@ impl Metrics {
     }
 
     /// An attempt failed with an error of class `reason`.
-    pub fn observe_failure(&self, target: &str, reason: ErrorClass) {
+    pub(crate) fn observe_failure(&self, target: &str, reason: ErrorClass) {
         self.failures
             .get_or_create(&FailureLabels {
                 target: target.to_string(),
@@ -230,7 +230,7 @@ impl Metrics {
     }
 
     /// Blob bytes uploaded to a target.
-    pub fn observe_mirrored_bytes(&self, target: &str, bytes: u64) {
+    pub(crate) fn observe_mirrored_bytes(&self, target: &str, bytes: u64) {
         self.mirrored_bytes
             .get_or_create(&TargetLabels {
                 target: target.to_string(),
@@ -239,7 +239,7 @@ impl Metrics {
     }
 
     /// A job reached done, skipped or failed.
-    pub fn observe_outcome(&self, target: &str, kind: &str, outcome: &str) {
+    pub(crate) fn observe_outcome(&self, target: &str, kind: &str, outcome: &str) {
         self.outcomes
             .get_or_create(&OutcomeLabels {
                 target: target.to_string(),
@@ -250,7 +250,7 @@ impl Metrics {
     }
 
     /// Renders the text exposition format, with queue gauges from `counts`.
-    pub fn render(&self, counts: &[TargetCounts], now_ms: i64) -> String {
+    pub(crate) fn render(&self, counts: &[TargetCounts], now_ms: i64) -> String {
         self.jobs.clear();
         self.oldest_pending.clear();
         for c in counts {

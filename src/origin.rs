@@ -83,13 +83,13 @@ impl Origin {
     }
 
     /// The origin a client used to reach us: our listener's scheme and its `Host` header.
-    pub fn from_host_header(scheme: Scheme, host: &str) -> Option<Origin> {
+    pub(crate) fn from_host_header(scheme: Scheme, host: &str) -> Option<Origin> {
         let uri: Uri = format!("{}://{host}/", scheme.as_str()).parse().ok()?;
         Origin::of(&uri)
     }
 
     /// The origin of a listening socket, for a request that names no host.
-    pub fn of_socket(scheme: Scheme, addr: std::net::SocketAddr) -> Origin {
+    pub(crate) fn of_socket(scheme: Scheme, addr: std::net::SocketAddr) -> Origin {
         let host = match addr.ip() {
             std::net::IpAddr::V4(ip) => ip.to_string(),
             std::net::IpAddr::V6(ip) => format!("[{ip}]"),
@@ -107,7 +107,7 @@ impl Origin {
     }
 
     /// `host[:port]` as it belongs in a `Host` header (the port only when not the default).
-    pub fn authority(&self) -> String {
+    pub(crate) fn authority(&self) -> String {
         if self.port == self.scheme.default_port() {
             self.host.clone()
         } else {
@@ -122,7 +122,7 @@ impl Origin {
     /// says `http`, and the registry builds absolute URLs from what reaches it. The authority is
     /// what all of them keep, so URLs are recognised by it: the same host and port, or the same
     /// host with each side on its own scheme's default port (`http://h` matches `https://h`).
-    pub fn same_authority(&self, other: &Origin) -> bool {
+    pub(crate) fn same_authority(&self, other: &Origin) -> bool {
         self.host == other.host
             && (self.port == other.port
                 || (self.port == self.scheme.default_port()
@@ -146,7 +146,7 @@ impl fmt::Display for Origin {
 /// Harbor configured for HTTPS answers its plain port with `308 https://<hostname>$request_uri`
 /// (its nginx template), whatever the path: the same request, upgraded. A redirect to another
 /// path (a blob on object storage) is not this.
-pub fn redirect_to_https(
+pub(crate) fn redirect_to_https(
     status: http::StatusCode,
     headers: &http::HeaderMap,
     upstream: &Origin,

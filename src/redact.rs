@@ -10,7 +10,7 @@
 use std::sync::{Arc, OnceLock, RwLock};
 
 /// What replaces a secret.
-pub const REDACTED: &str = "<redacted>";
+pub(crate) const REDACTED: &str = "<redacted>";
 
 /// Longest text kept, in characters.
 const MAX_CHARS: usize = 1000;
@@ -32,7 +32,7 @@ fn known() -> &'static RwLock<Vec<Learnt>> {
 }
 
 /// Remembers a secret so that [`scrub`] removes it wherever it appears.
-pub fn remember(secret: Arc<str>) {
+pub(crate) fn remember(secret: Arc<str>) {
     if secret.len() < 3 {
         return;
     }
@@ -100,7 +100,7 @@ fn without_url_credentials(text: &str) -> String {
 /// `text` with every secret regtee knows and every credential in a URL replaced, nothing else:
 /// for regtee's own words (configuration errors), where the heuristics of [`scrub`] would
 /// take ordinary words for tokens.
-pub fn remove_known(text: &str) -> String {
+pub(crate) fn remove_known(text: &str) -> String {
     let mut text = if text.contains("://") {
         without_url_credentials(text)
     } else {
@@ -115,7 +115,7 @@ pub fn remove_known(text: &str) -> String {
 }
 
 /// `text` with every secret replaced by `<redacted>` and cut to a bounded length.
-pub fn scrub(text: &str) -> String {
+pub(crate) fn scrub(text: &str) -> String {
     let text: String = text.chars().take(MAX_CHARS * 2).collect();
     let text = remove_known(&text);
     let mut out = String::with_capacity(text.len());

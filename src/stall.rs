@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use crate::wait_limit::WaitLimit;
 
 /// The write-stall timer of one connection.
-pub struct WriteStall {
+pub(crate) struct WriteStall {
     limit: WaitLimit,
     /// A write is pending.
     armed: bool,
@@ -25,7 +25,7 @@ pub struct WriteStall {
 
 impl WriteStall {
     /// Writes may stay pending for at most `limit`.
-    pub fn new(limit: Duration) -> WriteStall {
+    pub(crate) fn new(limit: Duration) -> WriteStall {
         WriteStall {
             limit: WaitLimit::new(limit),
             armed: false,
@@ -34,7 +34,7 @@ impl WriteStall {
 
     /// Passes a write's poll result through, arming the timer while it is pending and failing
     /// it once the timer has run out.
-    pub fn watch<T>(
+    pub(crate) fn watch<T>(
         &mut self,
         cx: &mut Context<'_>,
         polled: Poll<io::Result<T>>,

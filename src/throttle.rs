@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Lets one event through per interval.
-pub struct Throttle {
+pub(crate) struct Throttle {
     interval_ms: u64,
     /// Milliseconds since [`epoch`] when the last line was allowed, plus one (0 = never).
     last: AtomicU64,
@@ -24,7 +24,7 @@ fn epoch() -> Instant {
 
 impl Throttle {
     /// One line per `interval`.
-    pub const fn new(interval: Duration) -> Throttle {
+    pub(crate) const fn new(interval: Duration) -> Throttle {
         Throttle {
             interval_ms: interval.as_millis() as u64,
             last: AtomicU64::new(0),
@@ -34,7 +34,7 @@ impl Throttle {
 
     /// `Some(n)` when a line may be written now, `n` being how many were held back since the
     /// last one; `None` when this one is held back.
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         self.allow_at(epoch().elapsed().as_millis() as u64 + 1)
     }
 

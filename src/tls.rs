@@ -68,7 +68,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// The server side: a certificate chain and key, offering HTTP/2 and HTTP/1.1 via ALPN.
-pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
     let chain = load_certs(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
@@ -80,7 +80,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Tl
 }
 
 /// The client side: system roots plus `ca_file`, or no verification when asked.
-pub fn client_config(settings: &ClientTls) -> Result<rustls::ClientConfig, TlsError> {
+pub(crate) fn client_config(settings: &ClientTls) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -218,7 +218,7 @@ impl TlsFailure {
     }
 
     /// Whether the certificate itself is at fault: retrying cannot help, the configuration can.
-    pub fn is_certificate(&self) -> bool {
+    pub(crate) fn is_certificate(&self) -> bool {
         !matches!(self, TlsFailure::Handshake(_))
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 /// A limit on how long any one wait may last.
-pub struct WaitLimit {
+pub(crate) struct WaitLimit {
     limit: Duration,
     /// Created at the first wait that pends; never later than the current wait's deadline.
     timer: Option<Pin<Box<Sleep>>>,
@@ -23,7 +23,7 @@ pub struct WaitLimit {
 
 impl WaitLimit {
     /// Waits may last at most `limit`.
-    pub fn new(limit: Duration) -> WaitLimit {
+    pub(crate) fn new(limit: Duration) -> WaitLimit {
         WaitLimit {
             limit,
             timer: None,
@@ -32,17 +32,17 @@ impl WaitLimit {
     }
 
     /// The limit.
-    pub fn limit(&self) -> Duration {
+    pub(crate) fn limit(&self) -> Duration {
         self.limit
     }
 
     /// A new wait begins now.
-    pub fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         self.since = Instant::now();
     }
 
     /// Whether the current wait has lasted the limit; if not, `cx` is woken when it might have.
-    pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+    pub(crate) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         let deadline = self.since + self.limit;
         let timer = self
             .timer

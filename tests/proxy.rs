@@ -818,7 +818,7 @@ async fn logs_have_one_line_per_request_and_never_a_secret_and_sigterm_exits_cle
     let config = spec.write(&work.path().join("regtee.toml"));
     // An empty RUST_LOG falls back to [log] level (info) instead of silencing regtee.
     let process =
-        RegteeProcess::spawn_with_log_filter(&config, &spec, &work.path().join("regtee.log"), "");
+        RegteeProcess::spawn_with_log_filter(&config, &spec, &work.path().join("regtee.log"), None);
     let host = format!("127.0.0.1:{port}");
     wait_listening(host.parse().unwrap()).await;
     let plainly = format!("http={host} https=off admin=off");

@@ -616,7 +616,7 @@ async fn a_login_challenged_by_one_replica_gets_its_token_through_another() {
         .unwrap();
     assert_eq!(challenge.status(), 401);
     let header = challenge.headers()["www-authenticate"].to_str().unwrap();
-    let realm = regtee::challenge::Challenge::parse(header)
+    let realm = regtee::Challenge::parse(header)
         .and_then(|c| c.param("realm").map(str::to_string))
         .unwrap();
     let on_a = format!("http://{}/", a.host());

@@ -367,7 +367,56 @@ impl Validator<'_> {
             return Ok(None);
         };
         let var = |name: &str| (self.env)(name).filter(|v| !v.is_empty());
-        let (mut url, sslmode) = split_sslmode(url);
+        let (url, sslmode) = split_sslmode(url);
+        let mut connect = self.database_url(&url)?;
+        let password = self
+            .secret(SecretSource {
+                key: "state.database_password",
+                inline: None,
+                env: raw.database_password_env.as_deref(),
+                file: raw.database_password_file.as_deref(),
+            })?
+            .or_else(|| var("PGPASSWORD").map(Secret::new));
+        if let Some(p) = &password {
+            connect.password(p.expose());
+        }
+        let tls = self.database_tls(sslmode.or_else(|| var("PGSSLMODE")))?;
+        let ca_file = raw
+            .database_ca_file
+            .as_deref()
+            .map(|p| self.resolve_path(p))
+            .or_else(|| var("PGSSLROOTCERT").map(PathBuf::from));
+        let shown = shown_database(&connect);
+        let lease = raw.lease.unwrap_or(Duration::from_secs(30));
+        if lease < Duration::from_secs(1) {
+            return Err(self.invalid(
+                "state.lease",
+                "a lease shorter than 1s cannot be renewed in time",
+            ));
+        }
+        let timeout = raw.database_timeout.unwrap_or(Duration::from_secs(5));
+        if timeout < Duration::from_millis(100) {
+            return Err(self.invalid(
+                "state.database_timeout",
+                "under 100ms, a busy but healthy database would refuse pushes",
+            ));
+        }
+        Ok(Some(DatabaseConfig {
+            connect,
+            tls,
+            ca_file,
+            shown,
+            lease,
+            timeout,
+        }))
+    }
+
+    /// The URL as tokio-postgres reads it, with what it leaves out taken from `PGPORT`,
+    /// `PGHOST`, `PGUSER` and `PGDATABASE`; a password in it is refused.
+    fn database_url(&self, url: &str) -> Result<tokio_postgres::Config, ConfigError> {
+        let key = "state.database";
+        let var = |name: &str| (self.env)(name).filter(|v| !v.is_empty());
+        let mut url = url.to_string();
         // tokio-postgres fills in 5432 when the URL names no port, so PGPORT goes into the URL.
         if let Some(port) = var("PGPORT")
             && let Ok(mut parsed) = url::Url::parse(&url)
@@ -402,66 +451,20 @@ impl Validator<'_> {
         if connect.get_dbname().is_none() {
             connect.dbname(var("PGDATABASE").as_deref().unwrap_or("regtee"));
         }
-        let password = self
-            .secret(SecretSource {
-                key: "state.database_password",
-                inline: None,
-                env: raw.database_password_env.as_deref(),
-                file: raw.database_password_file.as_deref(),
-            })?
-            .or_else(|| var("PGPASSWORD").map(Secret::new));
-        if let Some(p) = &password {
-            connect.password(p.expose());
+        Ok(connect)
+    }
+
+    /// Whether to speak TLS to the database, from libpq's `sslmode`; any mode but `disable`
+    /// verifies the server's certificate as `verify-full` does.
+    fn database_tls(&self, sslmode: Option<String>) -> Result<bool, ConfigError> {
+        match sslmode.as_deref() {
+            None | Some("disable") => Ok(false),
+            Some("prefer" | "require" | "verify-ca" | "verify-full") => Ok(true),
+            Some(other) => Err(self.invalid(
+                "state.database",
+                format!("sslmode `{other}`: use disable, require or verify-full"),
+            )),
         }
-        let sslmode = sslmode.or_else(|| var("PGSSLMODE"));
-        let tls = match sslmode.as_deref() {
-            None | Some("disable") => false,
-            Some("prefer" | "require" | "verify-ca" | "verify-full") => true,
-            Some(other) => {
-                return Err(self.invalid(
-                    key,
-                    format!("sslmode `{other}`: use disable, require or verify-full"),
-                ));
-            }
-        };
-        let ca_file = raw
-            .database_ca_file
-            .as_deref()
-            .map(|p| self.resolve_path(p))
-            .or_else(|| var("PGSSLROOTCERT").map(PathBuf::from));
-        let shown = format!(
-            "{}:{}/{}",
-            match connect.get_hosts().first() {
-                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                #[cfg(unix)]
-                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-                None => String::new(),
-            },
-            connect.get_ports().first().copied().unwrap_or(5432),
-            connect.get_dbname().unwrap_or_default()
-        );
-        let lease = raw.lease.unwrap_or(Duration::from_secs(30));
-        if lease < Duration::from_secs(1) {
-            return Err(self.invalid(
-                "state.lease",
-                "a lease shorter than 1s cannot be renewed in time",
-            ));
-        }
-        let timeout = raw.database_timeout.unwrap_or(Duration::from_secs(5));
-        if timeout < Duration::from_millis(100) {
-            return Err(self.invalid(
-                "state.database_timeout",
-                "under 100ms, a busy but healthy database would refuse pushes",
-            ));
-        }
-        Ok(Some(DatabaseConfig {
-            connect,
-            tls,
-            ca_file,
-            shown,
-            lease,
-            timeout,
-        }))
     }
 
     fn admin(&self, raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
@@ -490,7 +493,59 @@ impl Validator<'_> {
             ));
         }
         let origin = self.origin(&key("url"), &raw.url)?;
-        let credentials = match raw.auth.unwrap_or(TargetAuth::Password) {
+        let credentials = self.target_credentials(i, &raw)?;
+        let login = self.login_source(
+            &format!("targets[{i}]"),
+            credentials,
+            raw.credential_helper.clone(),
+            raw.docker_config.clone(),
+        )?;
+        let policy = TargetPolicy::new(
+            raw.namespaces.clone(),
+            raw.include.as_deref().unwrap_or(&["**".to_string()]),
+            &raw.exclude,
+            raw.tags.as_deref().unwrap_or(&["**".to_string()]),
+        )
+        .map_err(|e| match e {
+            TargetPolicyError::Glob { field, .. } => self.invalid(key(field), e.to_string()),
+            TargetPolicyError::Namespace(..) => self.invalid(key("namespaces"), e.to_string()),
+        })?;
+        let concurrency = raw.concurrency.unwrap_or(4);
+        if concurrency == 0 {
+            return Err(self.invalid(key("concurrency"), "must be at least 1"));
+        }
+        let retry_initial = raw.retry_initial.unwrap_or(Duration::from_secs(1));
+        let retry_max = raw.retry_max.unwrap_or(Duration::from_secs(300));
+        if retry_initial.is_zero() || retry_max < retry_initial {
+            return Err(self.invalid(
+                key("retry_max"),
+                "retry_initial must be positive and retry_max at least retry_initial",
+            ));
+        }
+        Ok(TargetConfig {
+            endpoint: self.target_endpoint(i, &raw, origin, login)?,
+            policy,
+            overwrite: raw.overwrite.unwrap_or(true),
+            delete: raw.delete,
+            concurrency,
+            retry_initial,
+            retry_max,
+            max_attempts: raw.max_attempts.unwrap_or(0),
+            upload_chunk_size: raw.upload_chunk_size.unwrap_or(0),
+            max_chunk_size: raw.max_chunk_size.unwrap_or(DEFAULT_MAX_CHUNK_SIZE),
+            reconcile_interval: raw.reconcile_interval,
+        })
+    }
+
+    /// A target's login as written: a username and password, or SWR's access key pair, from
+    /// which regtee derives the long-term login.
+    fn target_credentials(
+        &self,
+        i: usize,
+        raw: &RawTarget,
+    ) -> Result<Option<Credentials>, ConfigError> {
+        let key = |k: &str| format!("targets[{i}].{k}");
+        match raw.auth.unwrap_or(TargetAuth::Password) {
             TargetAuth::Password => {
                 let password = self.secret(SecretSource {
                     key: &key("password"),
@@ -498,10 +553,10 @@ impl Validator<'_> {
                     env: raw.password_env.as_deref(),
                     file: raw.password_file.as_deref(),
                 })?;
-                self.login(&format!("targets[{i}]"), raw.username, password)?
+                self.login(&format!("targets[{i}]"), raw.username.clone(), password)
             }
             TargetAuth::SwrAksk => {
-                let region = raw.region.ok_or_else(|| {
+                let region = raw.region.as_deref().ok_or_else(|| {
                     self.invalid(
                         key("region"),
                         "auth = \"swr-aksk\" needs the SWR region, e.g. cn-north-4",
@@ -525,73 +580,59 @@ impl Validator<'_> {
                         "auth = \"swr-aksk\" needs access_key(_env/_file) and secret_key(_env/_file)",
                     ));
                 };
-                Some(super::swr::swr_login(&region, &ak, &sk))
+                Ok(Some(super::swr::swr_login(region, &ak, &sk)))
             }
-        };
-        let login = self.login_source(
-            &format!("targets[{i}]"),
-            credentials,
-            raw.credential_helper,
-            raw.docker_config,
-        )?;
-        let policy = TargetPolicy::new(
-            raw.namespaces,
-            &raw.include.unwrap_or_else(|| vec!["**".to_string()]),
-            &raw.exclude,
-            &raw.tags.unwrap_or_else(|| vec!["**".to_string()]),
-        )
-        .map_err(|e| match e {
-            TargetPolicyError::Glob { field, .. } => self.invalid(key(field), e.to_string()),
-            TargetPolicyError::Namespace(..) => self.invalid(key("namespaces"), e.to_string()),
-        })?;
-        let concurrency = raw.concurrency.unwrap_or(4);
-        if concurrency == 0 {
-            return Err(self.invalid(key("concurrency"), "must be at least 1"));
         }
-        let retry_initial = raw.retry_initial.unwrap_or(Duration::from_secs(1));
-        let retry_max = raw.retry_max.unwrap_or(Duration::from_secs(300));
-        if retry_initial.is_zero() || retry_max < retry_initial {
-            return Err(self.invalid(
-                key("retry_max"),
-                "retry_initial must be positive and retry_max at least retry_initial",
-            ));
-        }
-        Ok(TargetConfig {
-            endpoint: Endpoint {
-                name: raw.name,
-                side: crate::config::Side::Target,
-                origin,
-                tls: ClientTls {
-                    ca_file: self.ca_file(&key("ca_file"), raw.ca_file)?,
-                    insecure_skip_verify: raw.insecure_skip_verify,
-                },
-                login,
-                connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(10)),
-                response_timeout: raw.response_timeout.unwrap_or(Duration::from_secs(600)),
-                pool_idle_timeout: Duration::from_secs(50),
-                idle_timeout: self.positive(
-                    &key("idle_timeout"),
-                    raw.idle_timeout,
-                    DEFAULT_IDLE_TIMEOUT,
-                )?,
-                limits: self.rate_limits(
-                    &format!("targets[{i}]"),
-                    raw.max_bytes_per_second,
-                    raw.max_requests_per_second,
-                )?,
+    }
+
+    /// How regtee reaches a target: its origin, TLS, login, timeouts and rate limits.
+    fn target_endpoint(
+        &self,
+        i: usize,
+        raw: &RawTarget,
+        origin: Origin,
+        login: Login,
+    ) -> Result<Endpoint, ConfigError> {
+        let key = |k: &str| format!("targets[{i}].{k}");
+        Ok(Endpoint {
+            name: raw.name.clone(),
+            side: crate::config::Side::Target,
+            origin,
+            tls: ClientTls {
+                ca_file: self.ca_file(&key("ca_file"), raw.ca_file.clone())?,
+                insecure_skip_verify: raw.insecure_skip_verify,
             },
-            policy,
-            overwrite: raw.overwrite.unwrap_or(true),
-            delete: raw.delete,
-            concurrency,
-            retry_initial,
-            retry_max,
-            max_attempts: raw.max_attempts.unwrap_or(0),
-            upload_chunk_size: raw.upload_chunk_size.unwrap_or(0),
-            max_chunk_size: raw.max_chunk_size.unwrap_or(DEFAULT_MAX_CHUNK_SIZE),
-            reconcile_interval: raw.reconcile_interval,
+            login,
+            connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(10)),
+            response_timeout: raw.response_timeout.unwrap_or(Duration::from_secs(600)),
+            pool_idle_timeout: Duration::from_secs(50),
+            idle_timeout: self.positive(
+                &key("idle_timeout"),
+                raw.idle_timeout,
+                DEFAULT_IDLE_TIMEOUT,
+            )?,
+            limits: self.rate_limits(
+                &format!("targets[{i}]"),
+                raw.max_bytes_per_second,
+                raw.max_requests_per_second,
+            )?,
         })
     }
+}
+
+/// `host:port/dbname`, for logs and errors (never the user or password).
+fn shown_database(connect: &tokio_postgres::Config) -> String {
+    format!(
+        "{}:{}/{}",
+        match connect.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => String::new(),
+        },
+        connect.get_ports().first().copied().unwrap_or(5432),
+        connect.get_dbname().unwrap_or_default()
+    )
 }
 
 /// Takes libpq's `sslmode` out of a URL's query: tokio-postgres knows only some of its values,

@@ -14,7 +14,9 @@ use crate::oci::error_code::ErrorCode;
 use crate::oci::manifest::{self, Descriptor, OCI_INDEX, References};
 use crate::oci::names::{RepositoryName, Tag};
 use crate::queue::Job;
-use crate::registry::{Chunking, ErrorKind, FetchedManifest, Mount, RegistryError, Reopen, Upload};
+use crate::registry::{
+    Chunking, ErrorKind, FetchedManifest, Mount, RegistryError, Reopen, Session, Upload,
+};
 
 /// How deep indexes may nest (index of index of ...); deeper is treated as malformed.
 const MAX_DEPTH: usize = 4;
@@ -24,6 +26,13 @@ const BLOB_PARALLELISM: usize = 4;
 
 /// A job's subject as the mirror uses it. The queue is a file: its names are checked again,
 /// as anything from outside is.
+/// How the mounts of a blob went.
+enum Mounting {
+    Mounted,
+    /// Declined; the upload session one of them opened, if any.
+    Declined(Option<Session>),
+}
+
 pub(super) struct Subject {
     repository: RepositoryName,
     tag: Option<Tag>,
@@ -140,6 +149,29 @@ impl Mirror {
             self.remember_home(target, digest, target_repo).await;
             return Ok("already present");
         }
+        let session = match self
+            .try_mounts(target, target_repo, digest, mount_hint)
+            .await?
+        {
+            Mounting::Mounted => return Ok("mounted"),
+            Mounting::Declined(session) => session,
+        };
+        self.upload(target, source_repo, target_repo, digest, size, session)
+            .await?;
+        Ok("uploaded")
+    }
+
+    /// Mounts the blob from a repository of the target known to hold it (the push's mount
+    /// source, then those regtee put it in), at most three tries. A declined mount may open an
+    /// upload session: the upload goes through the first, and any other is closed, so none is
+    /// left behind.
+    async fn try_mounts(
+        &self,
+        target: &Target,
+        target_repo: &str,
+        digest: &Digest,
+        mount_hint: Option<&str>,
+    ) -> Result<Mounting, JobError> {
         let mut candidates: Vec<String> = mount_hint.map(str::to_string).into_iter().collect();
         match self.queue.blob_homes(target.name(), digest).await {
             Ok(homes) => candidates.extend(homes),
@@ -148,8 +180,6 @@ impl Mirror {
         }
         let mut seen = std::collections::HashSet::new();
         candidates.retain(|c| c != target_repo && seen.insert(c.clone()));
-        // A declined mount may open an upload session: the upload goes through the first, and
-        // any other is closed, so none is left behind.
         let mut session = None;
         for from in candidates.iter().take(3) {
             match target.client.mount_blob(target_repo, digest, from).await {
@@ -158,7 +188,7 @@ impl Mirror {
                         target.client.cancel_upload(target_repo, s).await;
                     }
                     self.remember_home(target, digest, target_repo).await;
-                    return Ok("mounted");
+                    return Ok(Mounting::Mounted);
                 }
                 Ok(Mount::Session(s)) if session.is_none() => session = Some(s),
                 Ok(Mount::Session(s)) => target.client.cancel_upload(target_repo, s).await,
@@ -169,6 +199,20 @@ impl Mirror {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(Mounting::Declined(session))
+    }
+
+    /// Streams the blob from Harbor to the target, its digest verified on the way, through
+    /// `session` if a declined mount opened one.
+    async fn upload(
+        &self,
+        target: &Target,
+        source_repo: &str,
+        target_repo: &str,
+        digest: &Digest,
+        size: Option<u64>,
+        session: Option<Session>,
+    ) -> Result<(), JobError> {
         let blob = self.upstream.get_blob(source_repo, digest).await?;
         // Every stream from another server is cut at the size regtee knows (the image spec:
         // content whose length differs "SHOULD NOT be trusted"): the descriptor's, else the
@@ -215,7 +259,7 @@ impl Mirror {
             .await?;
         self.metrics.observe_mirrored_bytes(target.name(), size);
         self.remember_home(target, digest, target_repo).await;
-        Ok("uploaded")
+        Ok(())
     }
 
     /// Records a repository holding the blob, in the queue's database, so every replica (and
@@ -264,9 +308,24 @@ impl Mirror {
                 note: String::new(),
             });
         };
-        // The tag is decided under its lock, right before it is written: a tag on the target
-        // only ever moves to what Harbor's tag names now. If Harbor's tag has moved on, a newer
-        // job carries it; this one stores its manifest by digest only.
+        self.set_tag(target, repo, &target_repo, tag, &fetched, &refs)
+            .await
+    }
+
+    /// Stores Harbor's manifest under `tag` on the target (its references are there already).
+    ///
+    /// The tag is decided under its lock, right before it is written: a tag on the target only
+    /// ever moves to what Harbor's tag names now. If Harbor's tag has moved on (or is gone), a
+    /// newer job carries it; this one stores its manifest by digest only.
+    async fn set_tag(
+        &self,
+        target: &Target,
+        repo: &str,
+        target_repo: &str,
+        tag: &Tag,
+        fetched: &FetchedManifest,
+        refs: &References,
+    ) -> Result<Success, JobError> {
         let _tag_guard = self
             .tag_locks
             .lock(format!("{}\n{target_repo}\n{tag}", target.name()))
@@ -274,7 +333,7 @@ impl Mirror {
         let current = self.upstream.manifest_head(repo, tag.as_str()).await?;
         if current.as_ref().map(|h| &h.digest) != Some(&fetched.digest) {
             let stored = self
-                .put_manifest(target, repo, &target_repo, None, &fetched, &refs, 0)
+                .put_manifest(target, repo, target_repo, None, fetched, refs, 0)
                 .await?;
             let note = match current {
                 Some(_) => format!("tag {tag} has moved on in Harbor; stored by digest only"),
@@ -289,7 +348,7 @@ impl Mirror {
         }
         let existing = target
             .client
-            .manifest_head(&target_repo, tag.as_str())
+            .manifest_head(target_repo, tag.as_str())
             .await?;
         if let Some(existing) = &existing {
             if existing.digest == fetched.digest {
@@ -311,10 +370,10 @@ impl Mirror {
             .put_manifest(
                 target,
                 repo,
-                &target_repo,
+                target_repo,
                 Some(tag.as_str()),
-                &fetched,
-                &refs,
+                fetched,
+                refs,
                 0,
             )
             .await
@@ -325,7 +384,7 @@ impl Mirror {
             // Harbor's manifest is still stored by digest, so it can be pulled from the target
             // by digest and the tag can be moved by hand if the owner lifts the rule.
             Err(JobError::Registry(e)) if existing.is_some() && refuses_tag_move(&e) => {
-                self.put_manifest(target, repo, &target_repo, None, &fetched, &refs, 0)
+                self.put_manifest(target, repo, target_repo, None, fetched, refs, 0)
                     .await?;
                 let there = existing.map(|h| h.digest.to_string()).unwrap_or_default();
                 return Ok(Success::Skipped(format!(

@@ -7,8 +7,8 @@
 
 mod copy;
 mod locks;
-pub mod target;
-pub mod tee;
+pub(crate) mod target;
+pub(crate) mod tee;
 mod worker;
 
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use locks::KeyedLocks;
 use target::Target;
 
 /// The mirror: targets, the queue they work from, and Harbor to read from.
-pub struct Mirror {
+pub(crate) struct Mirror {
     queue: Arc<Queue>,
     upstream: Arc<RegistryClient>,
     targets: Vec<Arc<Target>>,
@@ -32,7 +32,7 @@ pub struct Mirror {
 
 impl Mirror {
     /// Builds clients for every target.
-    pub fn new(
+    pub(crate) fn new(
         queue: Arc<Queue>,
         upstream: Arc<RegistryClient>,
         targets: &[TargetConfig],
@@ -49,7 +49,7 @@ impl Mirror {
     }
 
     /// The targets, in configuration order.
-    pub fn targets(&self) -> &[Arc<Target>] {
+    pub(crate) fn targets(&self) -> &[Arc<Target>] {
         &self.targets
     }
 }

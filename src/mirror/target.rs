@@ -8,7 +8,7 @@ use crate::config::TargetConfig;
 use crate::registry::{RegistryClient, RegistryError};
 
 /// One target: its rules and its client.
-pub struct Target {
+pub(crate) struct Target {
     /// As configured.
     pub config: TargetConfig,
     /// Talks to it.
@@ -35,7 +35,7 @@ impl Drop for Alive {
 
 impl Target {
     /// Clients for every configured target.
-    pub fn all(configs: &[TargetConfig]) -> Result<Vec<Arc<Target>>, RegistryError> {
+    pub(crate) fn all(configs: &[TargetConfig]) -> Result<Vec<Arc<Target>>, RegistryError> {
         configs
             .iter()
             .map(|config| {
@@ -49,12 +49,12 @@ impl Target {
     }
 
     /// The target's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.config.endpoint.name
     }
 
     /// `Some((alive, configured))` when fewer workers run than are configured.
-    pub fn workers_missing(&self) -> Option<(usize, usize)> {
+    pub(crate) fn workers_missing(&self) -> Option<(usize, usize)> {
         let alive = self.workers_alive.load(Ordering::Relaxed);
         (alive < self.config.concurrency).then_some((alive, self.config.concurrency))
     }

@@ -5,7 +5,7 @@
 
 /// Content Harbor has just accepted, as seen on the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Write {
+pub(crate) enum Write {
     /// A blob upload finished, or a blob was mounted from another repository.
     Blob {
         /// Repository that now holds the blob.
@@ -35,7 +35,7 @@ pub enum Write {
 
 impl Write {
     /// The repository written to.
-    pub fn repository(&self) -> &RepositoryName {
+    pub(crate) fn repository(&self) -> &RepositoryName {
         match self {
             Write::Blob { repository, .. }
             | Write::Manifest { repository, .. }
@@ -61,19 +61,19 @@ struct Rules {
 }
 
 /// Records writes as jobs in the durable queue.
-pub struct Tee {
+pub(crate) struct Tee {
     queue: Arc<Queue>,
     targets: Vec<Rules>,
 }
 
 impl Tee {
     /// The queue jobs go to.
-    pub fn queue(&self) -> &Arc<Queue> {
+    pub(crate) fn queue(&self) -> &Arc<Queue> {
         &self.queue
     }
 
     /// A tee for these targets.
-    pub fn new(queue: Arc<Queue>, targets: &[TargetConfig]) -> Tee {
+    pub(crate) fn new(queue: Arc<Queue>, targets: &[TargetConfig]) -> Tee {
         Tee {
             queue,
             targets: targets
@@ -89,7 +89,12 @@ impl Tee {
 
     /// The jobs a write creates: for each target whose filters take it (only the target named
     /// `only`, when given: a backfill of one target).
-    pub fn jobs_for(&self, write: &Write, origin: JobOrigin, only: Option<&str>) -> Vec<NewJob> {
+    pub(crate) fn jobs_for(
+        &self,
+        write: &Write,
+        origin: JobOrigin,
+        only: Option<&str>,
+    ) -> Vec<NewJob> {
         let repository = write.repository();
         self.targets
             .iter()
@@ -133,19 +138,19 @@ impl Tee {
 
     /// Queues jobs made by [`Tee::jobs_for`] (a backfill batches them); returns how many were
     /// armed.
-    pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
+    pub(crate) async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
         self.queue.enqueue(jobs).await
     }
 
     /// Records a write seen on the wire; returns once it is durable.
-    pub async fn record(&self, write: &Write) -> Result<(), QueueError> {
+    pub(crate) async fn record(&self, write: &Write) -> Result<(), QueueError> {
         self.record_all(std::slice::from_ref(write), JobOrigin::Push, None)
             .await
             .map(|_| ())
     }
 
     /// Records writes from any origin in one transaction; returns how many jobs were armed.
-    pub async fn record_all(
+    pub(crate) async fn record_all(
         &self,
         writes: &[Write],
         origin: JobOrigin,

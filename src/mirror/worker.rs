@@ -24,7 +24,7 @@ impl Mirror {
     /// Starts `concurrency` workers per target. When `cancel` fires they take no new job and
     /// give the job in hand up to `grace` to finish; what is still running then goes back to
     /// the queue.
-    pub fn spawn_workers(
+    pub(crate) fn spawn_workers(
         self: &Arc<Self>,
         tasks: &TaskTracker,
         cancel: &CancellationToken,
@@ -286,7 +286,7 @@ fn describe(job: &Job) -> String {
 
 /// Capped exponential backoff with jitter: attempt n waits between half and all of
 /// `initial * 2^(n-1)`, never more than `max`.
-pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+pub(super) fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
     let exp = initial.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)));
     let ceiling = exp.min(max);
     let half = ceiling / 2;

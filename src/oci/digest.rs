@@ -65,7 +65,7 @@ pub struct DigestParseError(pub String);
 
 impl Digest {
     /// The algorithm part.
-    pub fn algorithm(&self) -> Algorithm {
+    pub(crate) fn algorithm(&self) -> Algorithm {
         if self.0.starts_with("sha512:") {
             Algorithm::Sha512
         } else {
@@ -101,21 +101,16 @@ impl Digest {
     /// Whether `other` names different content. Digests of two algorithms cannot be compared
     /// (distribution answers a `sha512:` upload with its canonical `sha256:` digest), so only
     /// two of one algorithm can contradict each other.
-    pub fn contradicts(&self, other: &Digest) -> bool {
+    pub(crate) fn contradicts(&self, other: &Digest) -> bool {
         self.algorithm() == other.algorithm() && self != other
     }
 
     /// The `Docker-Content-Digest` a registry reported, when present and valid.
-    pub fn from_headers(headers: &http::HeaderMap) -> Option<Digest> {
+    pub(crate) fn from_headers(headers: &http::HeaderMap) -> Option<Digest> {
         headers
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
-    }
-
-    /// Whether a reference (tag or digest) is a digest.
-    pub fn is_digest(reference: &str) -> bool {
-        reference.parse::<Digest>().is_ok()
     }
 }
 
@@ -190,7 +185,7 @@ impl Hasher {
 
 /// Bytes that did not hash to what they claimed.
 #[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
+pub(crate) enum VerifyError {
     /// The content hashed to something else.
     #[error("content digest mismatch: expected {expected}, got {actual}")]
     Mismatch {
@@ -213,7 +208,7 @@ pub enum VerifyError {
 ///
 /// hyper stops polling once `is_end_stream()` is true, so the check runs as soon as the inner
 /// body reports its end, not only on `Poll::Ready(None)`.
-pub struct VerifyingBody<B> {
+pub(crate) struct VerifyingBody<B> {
     inner: B,
     expected: Digest,
     expected_len: Option<u64>,
@@ -223,7 +218,7 @@ pub struct VerifyingBody<B> {
 
 impl<B> VerifyingBody<B> {
     /// Wraps `inner`, which must hash to `expected` (and be `expected_len` bytes when given).
-    pub fn new(inner: B, expected: Digest, expected_len: Option<u64>) -> Self {
+    pub(crate) fn new(inner: B, expected: Digest, expected_len: Option<u64>) -> Self {
         let hasher = Some(Hasher::new(expected.algorithm()));
         VerifyingBody {
             inner,
@@ -328,7 +323,7 @@ mod tests {
                 .parse::<Digest>()
                 .is_ok()
         );
-        assert!(!Digest::is_digest("latest"));
+        assert!("latest".parse::<Digest>().is_err());
     }
 
     #[test]

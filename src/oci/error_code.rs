@@ -86,7 +86,7 @@ impl ErrorCode {
 
     /// The registry lost (or never committed) content a manifest references: ensuring it again
     /// and retrying helps.
-    pub fn is_missing_content(&self) -> bool {
+    pub(crate) fn is_missing_content(&self) -> bool {
         matches!(
             self,
             ErrorCode::ManifestBlobUnknown | ErrorCode::BlobUnknown

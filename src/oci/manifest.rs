@@ -8,20 +8,21 @@ use serde::{Deserialize, Serialize};
 use crate::oci::digest::Digest;
 
 /// Docker image manifest v2 schema 2.
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Docker manifest list.
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const DOCKER_MANIFEST_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Docker schema 1 (signed), still found in old Harbors.
-pub const DOCKER_MANIFEST_V1_SIGNED: &str =
+pub(crate) const DOCKER_MANIFEST_V1_SIGNED: &str =
     "application/vnd.docker.distribution.manifest.v1+prettyjws";
 /// Docker schema 1 (unsigned).
-pub const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+pub(crate) const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// OCI image index.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// OCI artifact manifest (from the 1.1 release candidates; some registries still hold them).
-pub const OCI_ARTIFACT: &str = "application/vnd.oci.artifact.manifest.v1+json";
+pub(crate) const OCI_ARTIFACT: &str = "application/vnd.oci.artifact.manifest.v1+json";
 
 /// Every manifest media type, for `Accept` headers.
 pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
@@ -33,10 +34,10 @@ pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
      application/vnd.docker.distribution.manifest.v1+json";
 
 /// The largest manifest regtee reads (distribution's own limit is 4 MiB).
-pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Whether a media type is a manifest (as opposed to a blob).
-pub fn is_manifest_media_type(media_type: &str) -> bool {
+pub(crate) fn is_manifest_media_type(media_type: &str) -> bool {
     matches!(
         media_type,
         DOCKER_MANIFEST
@@ -190,7 +191,7 @@ pub fn referrers_tag(subject: &Digest) -> String {
 
 /// Adds (or replaces) a referrer in a referrers tag index, returning the new index bytes.
 /// `existing` is the current index on the target, if there is one.
-pub fn add_referrer(
+pub(crate) fn add_referrer(
     existing: Option<&[u8]>,
     referrer: Descriptor,
 ) -> Result<Vec<u8>, ManifestError> {

@@ -4,4 +4,4 @@
 pub mod digest;
 pub mod error_code;
 pub mod manifest;
-pub mod names;
+pub(crate) mod names;

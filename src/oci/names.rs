@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::oci::digest::Digest;
 
 /// distribution's limit on a repository name (`reference.NameTotalLengthMax`).
-pub const MAX_NAME_LEN: usize = 255;
+pub(crate) const MAX_NAME_LEN: usize = 255;
 
 /// A repository name that matches the spec's grammar, e.g. `library/nginx`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -31,7 +31,7 @@ pub struct Tag(String);
 
 /// What a manifest is addressed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Reference {
+pub(crate) enum Reference {
     /// By tag.
     Tag(Tag),
     /// By digest.
@@ -174,7 +174,7 @@ impl FromStr for Reference {
 
 impl Reference {
     /// The tag, if addressed by tag.
-    pub fn tag(&self) -> Option<&Tag> {
+    pub(crate) fn tag(&self) -> Option<&Tag> {
         match self {
             Reference::Tag(t) => Some(t),
             Reference::Digest(_) => None,
@@ -182,7 +182,7 @@ impl Reference {
     }
 
     /// The digest, if addressed by digest.
-    pub fn digest(&self) -> Option<&Digest> {
+    pub(crate) fn digest(&self) -> Option<&Digest> {
         match self {
             Reference::Digest(d) => Some(d),
             Reference::Tag(_) => None,
@@ -191,7 +191,7 @@ impl Reference {
 }
 
 /// Checks a Harbor project name (one component of a repository name).
-pub fn project(s: &str) -> Result<&str, NameError> {
+pub(crate) fn project(s: &str) -> Result<&str, NameError> {
     if s.len() > MAX_NAME_LEN {
         return Err(NameError::Project(shown(s), "longer than 255 characters"));
     }
@@ -203,7 +203,7 @@ pub fn project(s: &str) -> Result<&str, NameError> {
 
 /// Decodes `%XX` escapes the way the registry does before routing. `None` for escapes that do
 /// not decode to UTF-8 (no valid name or tag contains such bytes).
-pub fn percent_decode(path: &str) -> Option<std::borrow::Cow<'_, str>> {
+pub(crate) fn percent_decode(path: &str) -> Option<std::borrow::Cow<'_, str>> {
     if !path.contains('%') {
         return Some(std::borrow::Cow::Borrowed(path));
     }

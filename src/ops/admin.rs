@@ -31,7 +31,7 @@ const MAX_REQUEST_BODY: usize = 1024 * 1024;
 
 /// `GET /api/v1/status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Status {
+pub(crate) struct Status {
     /// Per-target counts.
     pub targets: Vec<TargetCounts>,
     /// The most recent failed jobs.
@@ -45,7 +45,7 @@ pub struct Status {
 
 impl Status {
     /// Reads the status from the queue; `targets` are the configured target names.
-    pub async fn gather(queue: &Queue, targets: &[String]) -> Result<Status, QueueError> {
+    pub(crate) async fn gather(queue: &Queue, targets: &[String]) -> Result<Status, QueueError> {
         Ok(Status {
             targets: queue.counts(targets).await?,
             recent_failures: queue
@@ -63,7 +63,7 @@ impl Status {
 
 /// `GET /api/v1/jobs`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JobPage {
+pub(crate) struct JobPage {
     /// The jobs, newest first.
     pub jobs: Vec<Job>,
     /// Pass as `before` for the next page; absent on the last page.
@@ -72,7 +72,7 @@ pub struct JobPage {
 
 impl JobPage {
     /// One page of jobs matching `filter`.
-    pub async fn fetch(queue: &Queue, filter: JobFilter) -> Result<JobPage, QueueError> {
+    pub(crate) async fn fetch(queue: &Queue, filter: JobFilter) -> Result<JobPage, QueueError> {
         let limit = filter.limit.clamp(1, 1000);
         let jobs = queue.list(filter).await?;
         let next_before = (jobs.len() as u32 == limit)
@@ -84,7 +84,7 @@ impl JobPage {
 
 /// `GET /api/v1/jobs/{id}`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JobDetail {
+pub(crate) struct JobDetail {
     /// The job.
     pub job: Job,
     /// Its attempts, oldest first.
@@ -93,7 +93,7 @@ pub struct JobDetail {
 
 /// `GET /api/v1/repositories/{name}/status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RepositoryStatus {
+pub(crate) struct RepositoryStatus {
     /// Harbor repository.
     pub repository: RepositoryName,
     /// Every tag: Harbor's digest and each target's.
@@ -105,7 +105,7 @@ pub struct RepositoryStatus {
 
 /// `POST /api/v1/backfills` body.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BackfillBody {
+pub(crate) struct BackfillBody {
     /// Harbor project.
     pub project: String,
     /// Only this target.
@@ -117,7 +117,7 @@ pub struct BackfillBody {
 }
 
 /// The admin API's state.
-pub struct Admin {
+pub(crate) struct Admin {
     token: Option<Secret>,
     webhook_secret: Option<Secret>,
     queue: Arc<Queue>,
@@ -166,7 +166,7 @@ fn query_map(query: Option<&str>) -> BTreeMap<String, String> {
 
 impl Admin {
     /// Wires the API to the running parts.
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         queue: Arc<Queue>,
         backfiller: Arc<Backfiller>,
@@ -193,7 +193,10 @@ impl Admin {
     /// Serves one admin request. With a token set, everything needs it but webhooks (which
     /// carry their own secret) and the probes a Kubernetes kubelet sends bare: `/healthz`, and
     /// `/readyz`, which then answers its status code alone, without the reason.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Answer, Infallible> {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Answer, Infallible> {
         let path = req.uri().path().to_string();
         let is_webhook = path.starts_with("/api/v1/webhooks/");
         let Some(token) = &self.token else {

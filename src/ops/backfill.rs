@@ -25,7 +25,7 @@ const COMPARE_PARALLELISM: usize = 16;
 
 /// One tag as seen on one target.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TargetView {
+pub(crate) struct TargetView {
     /// Target name.
     pub target: String,
     /// The repository there (after namespace mapping).
@@ -39,7 +39,7 @@ pub struct TargetView {
 /// How a tag on a target compares with Harbor.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum TagStatus {
+pub(crate) enum TagStatus {
     /// Same digest.
     InSync,
     /// Missing on the target.
@@ -56,7 +56,7 @@ pub enum TagStatus {
 
 /// One tag: Harbor's digest and every target's.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TagRow {
+pub(crate) struct TagRow {
     /// Harbor repository.
     pub repository: RepositoryName,
     /// Tag.
@@ -72,7 +72,7 @@ pub struct TagRow {
 
 impl TagRow {
     /// Whether every target that mirrors this tag has Harbor's digest.
-    pub fn in_sync(&self) -> bool {
+    pub(crate) fn in_sync(&self) -> bool {
         self.targets
             .iter()
             .all(|t| matches!(t.status, TagStatus::InSync | TagStatus::NotMirrored))
@@ -81,7 +81,7 @@ impl TagRow {
 
 /// A backfill's request.
 #[derive(Clone, Debug)]
-pub struct BackfillRequest {
+pub(crate) struct BackfillRequest {
     /// The Harbor project.
     pub project: String,
     /// Only this target (all when None).
@@ -95,7 +95,7 @@ pub struct BackfillRequest {
 /// Where a backfill stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum BackfillState {
+pub(crate) enum BackfillState {
     /// Comparing.
     #[default]
     Running,
@@ -109,7 +109,7 @@ pub enum BackfillState {
 
 /// A backfill's progress and result.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Progress {
+pub(crate) struct Progress {
     /// Id, for the API.
     pub id: u64,
     /// The Harbor project.
@@ -145,7 +145,7 @@ pub struct Progress {
 }
 
 /// The repositories of a Harbor project: Harbor's API, or the catalog of a plain registry.
-pub async fn project_repositories(
+pub(crate) async fn project_repositories(
     upstream: &RegistryClient,
     project: &str,
 ) -> Result<Vec<String>, RegistryError> {
@@ -162,7 +162,7 @@ pub async fn project_repositories(
 }
 
 /// Every project: Harbor's project list, or the first path component of every catalog entry.
-pub async fn all_projects(upstream: &RegistryClient) -> Result<Vec<String>, RegistryError> {
+pub(crate) async fn all_projects(upstream: &RegistryClient) -> Result<Vec<String>, RegistryError> {
     let mut projects = match upstream.harbor_projects().await? {
         Some(projects) => projects,
         None => upstream
@@ -180,7 +180,7 @@ pub async fn all_projects(upstream: &RegistryClient) -> Result<Vec<String>, Regi
 }
 
 /// Compares one tag with each target.
-pub async fn compare_tag(
+pub(crate) async fn compare_tag(
     upstream: &RegistryClient,
     targets: &[Arc<Target>],
     repository: &RepositoryName,
@@ -247,7 +247,7 @@ pub async fn compare_tag(
 }
 
 /// Compares every tag of every repository of `project`, reporting events as they happen.
-pub async fn compare_project(
+pub(crate) async fn compare_project(
     upstream: &RegistryClient,
     targets: &[Arc<Target>],
     project: &str,
@@ -305,7 +305,7 @@ fn valid<T: std::str::FromStr<Err = NameError>>(
 }
 
 /// What [`compare_project`] reports as it goes.
-pub enum ProjectEvent {
+pub(crate) enum ProjectEvent {
     /// How many repositories will be compared.
     Repositories(usize),
     /// A repository's tag count.
@@ -320,7 +320,7 @@ pub enum ProjectEvent {
 
 /// What a backfill needs: Harbor to list and compare, the targets to compare with, and the tee
 /// that turns what is missing into jobs.
-pub struct Backfiller {
+pub(crate) struct Backfiller {
     /// Harbor.
     pub upstream: Arc<RegistryClient>,
     /// Every configured target.
@@ -332,7 +332,7 @@ pub struct Backfiller {
 impl Backfiller {
     /// Runs a backfill: compares, then queues a manifest job for each tag a target lacks or
     /// holds with another digest (unless `overwrite = false`). `progress` is updated as it goes.
-    pub async fn run(&self, request: &BackfillRequest, progress: &Mutex<Progress>) {
+    pub(crate) async fn run(&self, request: &BackfillRequest, progress: &Mutex<Progress>) {
         let targets: Vec<Arc<Target>> = self
             .targets
             .iter()
@@ -422,7 +422,7 @@ impl Backfiller {
     }
 
     /// Starts the periodic reconcile of each target that has a `reconcile_interval`.
-    pub fn spawn_reconcilers(
+    pub(crate) fn spawn_reconcilers(
         self: &Arc<Self>,
         tasks: &TaskTracker,
         cancel: &CancellationToken,
@@ -480,7 +480,7 @@ impl Backfiller {
 
 impl Progress {
     /// The progress of a backfill that starts now.
-    pub fn started(id: u64, request: &BackfillRequest) -> Progress {
+    pub(crate) fn started(id: u64, request: &BackfillRequest) -> Progress {
         Progress {
             id,
             project: request.project.clone(),
@@ -501,7 +501,7 @@ impl Progress {
 }
 
 /// The projects a target mirrors: its mapped projects, else every project Harbor lists.
-pub async fn projects_for(
+pub(crate) async fn projects_for(
     upstream: &RegistryClient,
     target: &TargetConfig,
 ) -> Result<Vec<String>, RegistryError> {

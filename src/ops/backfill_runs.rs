@@ -16,7 +16,7 @@ use crate::queue::{BackfillRecord, Queue, QueueError, now_ms};
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// The backfills of this replica, and the way to everyone's.
-pub struct BackfillRuns {
+pub(crate) struct BackfillRuns {
     queue: Arc<Queue>,
     backfiller: Arc<Backfiller>,
     /// This replica's backfills whose end is not saved yet: fresher than the database, and
@@ -35,7 +35,7 @@ fn snapshot(progress: &Mutex<Progress>) -> Progress {
 
 impl BackfillRuns {
     /// Backfills run by `backfiller`, recorded in `queue`.
-    pub fn new(
+    pub(crate) fn new(
         queue: Arc<Queue>,
         backfiller: Arc<Backfiller>,
         tasks: TaskTracker,
@@ -52,7 +52,10 @@ impl BackfillRuns {
 
     /// Records a backfill and starts it; returns its progress so far. Fails only when the
     /// database cannot record it (nothing is started then).
-    pub async fn start(self: &Arc<Self>, request: BackfillRequest) -> Result<Progress, QueueError> {
+    pub(crate) async fn start(
+        self: &Arc<Self>,
+        request: BackfillRequest,
+    ) -> Result<Progress, QueueError> {
         let started = Progress::started(0, &request);
         let id = self.queue.record_backfill(to_json(&started)).await?;
         let progress = Arc::new(Mutex::new(Progress {
@@ -74,7 +77,7 @@ impl BackfillRuns {
     /// Stops a running backfill, whichever replica runs it: at once on this one, within a
     /// second ([`SAVE_EVERY`]) on another, which reads the request from the database. Jobs it
     /// already queued stay queued. Returns whether it was running.
-    pub async fn cancel(&self, id: u64) -> Result<bool, QueueError> {
+    pub(crate) async fn cancel(&self, id: u64) -> Result<bool, QueueError> {
         let Ok(row) = i64::try_from(id) else {
             return Ok(false);
         };
@@ -191,7 +194,7 @@ impl BackfillRuns {
 
     /// The newest backfills of every replica, newest first. If the database cannot be read,
     /// this replica's own.
-    pub async fn list(&self) -> Vec<Progress> {
+    pub(crate) async fn list(&self) -> Vec<Progress> {
         let mut all: BTreeMap<u64, Progress> = match self.queue.backfills().await {
             Ok(records) => records
                 .iter()
@@ -211,7 +214,7 @@ impl BackfillRuns {
 
     /// One backfill, whichever replica runs or ran it. `Err` when it can be on no replica's
     /// record because the database cannot be read.
-    pub async fn get(&self, id: u64) -> Result<Option<Progress>, QueueError> {
+    pub(crate) async fn get(&self, id: u64) -> Result<Option<Progress>, QueueError> {
         if let Some((p, _)) = self
             .local
             .lock()

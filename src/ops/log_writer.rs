@@ -16,9 +16,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// How long the writer lets lines gather after the first of a batch.
-pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
+pub(crate) const BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// Bytes waiting after which producers wait for the writer.
-pub const MAX_BUFFERED: usize = 1 << 20;
+pub(crate) const MAX_BUFFERED: usize = 1 << 20;
 
 #[derive(Default)]
 struct Pending {

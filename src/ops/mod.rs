@@ -1,10 +1,10 @@
 //! The operator's side: the admin API and its webhooks, backfills and comparisons, the
 //! command line, certificates, the demo and the log writer.
 
-pub mod admin;
-pub mod backfill;
-pub mod backfill_runs;
+pub(crate) mod admin;
+pub(crate) mod backfill;
+pub(crate) mod backfill_runs;
 pub mod certs;
 pub mod cli;
 pub mod log_writer;
-pub mod webhooks;
+pub(crate) mod webhooks;

@@ -15,7 +15,7 @@ use crate::oci::names::{NameError, Reference, RepositoryName, Tag};
 /// What a payload described: the writes it names, and the events left out because a name,
 /// tag or digest in them breaks the spec's grammar (each one reason).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Events {
+pub(crate) struct Events {
     /// Valid events, as writes.
     pub writes: Vec<Write>,
     /// Why the others were left out.
@@ -47,7 +47,7 @@ fn tag_field(t: Option<String>) -> Result<Option<Tag>, NameError> {
 
 /// A payload that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
+pub(crate) enum WebhookError {
     /// Not the JSON shape of the sender.
     #[error("payload is not a valid {sender} webhook: {source}")]
     Json {
@@ -86,7 +86,7 @@ struct HarborRepository {
 }
 
 /// Reads a Harbor webhook payload. Events other than artifact pushes and deletes yield nothing.
-pub fn harbor(payload: &[u8]) -> Result<Events, WebhookError> {
+pub(crate) fn harbor(payload: &[u8]) -> Result<Events, WebhookError> {
     let event: HarborEvent =
         serde_json::from_slice(payload).map_err(|source| WebhookError::Json {
             sender: "Harbor",
@@ -166,7 +166,7 @@ struct RegistryTarget {
 }
 
 /// Reads a distribution notification envelope (`application/vnd.docker.distribution.events.v1+json`).
-pub fn registry(payload: &[u8]) -> Result<Events, WebhookError> {
+pub(crate) fn registry(payload: &[u8]) -> Result<Events, WebhookError> {
     let envelope: Envelope =
         serde_json::from_slice(payload).map_err(|source| WebhookError::Json {
             sender: "registry",
@@ -223,7 +223,7 @@ pub fn registry(payload: &[u8]) -> Result<Events, WebhookError> {
 
 /// Whether an `Authorization` header carries the shared secret (`Bearer <secret>` or the bare
 /// secret, which is what Harbor sends when its "auth header" field holds only the secret).
-pub fn authorized(header: Option<&str>, secret: &Secret) -> bool {
+pub(crate) fn authorized(header: Option<&str>, secret: &Secret) -> bool {
     let Some(value) = header else {
         return false;
     };
@@ -233,7 +233,7 @@ pub fn authorized(header: Option<&str>, secret: &Secret) -> bool {
 
 /// The credentials of an `Authorization: Bearer ...` value; the scheme is case-insensitive
 /// (RFC 9110 §11.1).
-pub fn bearer_credentials(value: &str) -> Option<&str> {
+pub(crate) fn bearer_credentials(value: &str) -> Option<&str> {
     let (scheme, credentials) = value.trim_start().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -241,7 +241,7 @@ pub fn bearer_credentials(value: &str) -> Option<&str> {
 }
 
 /// Compares without leaking where the first difference is.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -9,7 +9,7 @@ use crate::oci::names::{RepositoryName, Tag};
 /// What a job copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum JobKind {
+pub(crate) enum JobKind {
     /// One blob (layer or config), so the manifest finds it there.
     Blob,
     /// A manifest or index, with everything it references, then its tag.
@@ -20,7 +20,7 @@ pub enum JobKind {
 
 impl JobKind {
     /// The lowercase name used in the database, the API, logs and metrics.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             JobKind::Blob => "blob",
             JobKind::Manifest => "manifest",
@@ -91,7 +91,7 @@ impl JobState {
 /// What made regtee create a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum JobOrigin {
+pub(crate) enum JobOrigin {
     /// Seen on the wire as a completed push.
     Push,
     /// A backfill someone started.
@@ -104,7 +104,7 @@ pub enum JobOrigin {
 
 impl JobOrigin {
     /// The stable name stored in the database.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             JobOrigin::Push => "push",
             JobOrigin::Backfill => "backfill",
@@ -114,7 +114,7 @@ impl JobOrigin {
     }
 
     /// From the stored name (an unknown one reads as a push: it changes only what is shown).
-    pub fn parse(s: &str) -> JobOrigin {
+    pub(crate) fn parse(s: &str) -> JobOrigin {
         match s {
             "backfill" => JobOrigin::Backfill,
             "reconcile" => JobOrigin::Reconcile,
@@ -124,7 +124,7 @@ impl JobOrigin {
     }
 
     /// Whether the job follows a push someone just made: mirror lag is measured for those.
-    pub fn is_live(self) -> bool {
+    pub(crate) fn is_live(self) -> bool {
         matches!(self, JobOrigin::Push | JobOrigin::Webhook)
     }
 }
@@ -132,7 +132,7 @@ impl JobOrigin {
 /// Why an attempt did not succeed, in a few classes: for metrics, job records and hints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     /// No connection.
     Unreachable,
     /// No answer in time.
@@ -165,7 +165,7 @@ pub enum ErrorClass {
 
 impl ErrorClass {
     /// Every class, for metrics and parsing.
-    pub const ALL: [ErrorClass; 14] = [
+    pub(crate) const ALL: [ErrorClass; 14] = [
         ErrorClass::Unreachable,
         ErrorClass::Timeout,
         ErrorClass::Tls,
@@ -183,7 +183,7 @@ impl ErrorClass {
     ];
 
     /// The stable name stored in the database and used as a metric label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorClass::Unreachable => "unreachable",
             ErrorClass::Timeout => "timeout",
@@ -203,7 +203,7 @@ impl ErrorClass {
     }
 
     /// From the stored name.
-    pub fn parse(s: &str) -> Option<ErrorClass> {
+    pub(crate) fn parse(s: &str) -> Option<ErrorClass> {
         ErrorClass::ALL.into_iter().find(|c| c.as_str() == s)
     }
 }
@@ -211,7 +211,7 @@ impl ErrorClass {
 /// How one attempt ended, as its history records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum AttemptResult {
+pub(crate) enum AttemptResult {
     /// Copied.
     Done,
     /// Deliberately not copied.
@@ -224,7 +224,7 @@ pub enum AttemptResult {
 
 impl AttemptResult {
     /// The stable name stored in the database.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AttemptResult::Done => "done",
             AttemptResult::Skipped => "skipped",
@@ -234,7 +234,7 @@ impl AttemptResult {
     }
 
     /// From the stored name.
-    pub fn parse(s: &str) -> AttemptResult {
+    pub(crate) fn parse(s: &str) -> AttemptResult {
         match s {
             "done" => AttemptResult::Done,
             "skipped" => AttemptResult::Skipped,
@@ -246,7 +246,7 @@ impl AttemptResult {
 
 /// A job to add.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewJob {
+pub(crate) struct NewJob {
     /// Target name.
     pub target: String,
     /// What to copy.
@@ -265,7 +265,7 @@ pub struct NewJob {
 
 /// A job as stored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Job {
+pub(crate) struct Job {
     /// Stable id.
     pub id: i64,
     /// Target name.
@@ -304,7 +304,7 @@ pub struct Job {
 
 /// One attempt at a job.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     /// When it started (ms).
     pub started_at: i64,
     /// When it ended (ms).
@@ -317,7 +317,7 @@ pub struct Attempt {
 
 /// How a finished attempt ended.
 #[derive(Clone, Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Copied; the target's digest.
     Done {
         /// As the target reported it.
@@ -395,7 +395,7 @@ pub struct JobFilter {
 
 /// A replica sharing a PostgreSQL queue, as its heartbeats show it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Replica {
+pub(crate) struct Replica {
     /// Host name, process id and start time.
     pub id: String,
     /// Host it runs on.
@@ -421,7 +421,7 @@ pub(crate) struct StateCount {
 
 /// Per-target counts for status displays and metrics.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct TargetCounts {
+pub(crate) struct TargetCounts {
     /// Target name.
     pub target: String,
     /// Jobs waiting.

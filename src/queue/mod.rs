@@ -18,7 +18,7 @@ mod job;
 mod lifecycle;
 mod postgres;
 mod sqlite;
-pub mod state_lock;
+pub(crate) mod state_lock;
 mod store;
 
 use std::future::Future;
@@ -29,10 +29,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-pub use job::{
-    Attempt, ErrorClass, Job, JobFilter, JobKind, JobOrigin, JobState, NewJob, Outcome, Replica,
-    TargetCounts,
+pub(crate) use job::{
+    Attempt, ErrorClass, Job, JobKind, JobOrigin, NewJob, Outcome, Replica, TargetCounts,
 };
+pub use job::{JobFilter, JobState};
 use store::{BlobHome, Coordination, Store};
 
 /// The database could not do what was asked.
@@ -98,7 +98,7 @@ pub enum QueueError {
 }
 
 /// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -140,7 +140,7 @@ impl Wakers {
 /// A backfill as the queue's database keeps it, so that any replica can show it. Its progress
 /// is the operator side's own JSON: the queue only stores it.
 #[derive(Clone, Debug)]
-pub struct BackfillRecord {
+pub(crate) struct BackfillRecord {
     /// Unique across replicas.
     pub id: i64,
     /// The progress, as last saved.
@@ -154,7 +154,7 @@ pub struct BackfillRecord {
 const BLOB_HOMES_KEPT: i64 = 8;
 
 /// The queue, in whichever database the config names.
-pub struct Queue {
+pub(crate) struct Queue {
     store: Arc<dyn Store>,
     coordination: Arc<dyn Coordination>,
     wakers: Wakers,
@@ -165,7 +165,7 @@ pub struct Queue {
 
 /// What a migration did.
 #[derive(Debug)]
-pub struct Migrated {
+pub(crate) struct Migrated {
     /// Jobs in the queue copied from.
     pub jobs: usize,
     /// Of those, added (the rest were there already).
@@ -178,14 +178,16 @@ pub struct Migrated {
 
 impl Queue {
     /// Opens (creating if needed) `jobs.db` in `dir`.
-    pub fn open(dir: &Path) -> Result<Queue, QueueError> {
+    pub(crate) fn open(dir: &Path) -> Result<Queue, QueueError> {
         let store = Arc::new(sqlite::SqliteStore::open(dir)?);
         Ok(Queue::with(store.clone(), store, Wakers::default()))
     }
 
     /// Opens the queue the config names: PostgreSQL when `[state] database` is set, else SQLite
     /// under `[state] dir`.
-    pub async fn open_state(state: &crate::config::StateConfig) -> Result<Queue, QueueError> {
+    pub(crate) async fn open_state(
+        state: &crate::config::StateConfig,
+    ) -> Result<Queue, QueueError> {
         match &state.database {
             None => Queue::open(&state.dir),
             Some(database) => {
@@ -217,13 +219,13 @@ impl Queue {
     }
 
     /// This process's id among the replicas sharing a PostgreSQL queue.
-    pub fn replica(&self) -> Option<&str> {
+    pub(crate) fn replica(&self) -> Option<&str> {
         self.coordination.replica()
     }
 
     /// Runs `work` unless another process sharing the queue is running work of that `name`;
     /// `None` when another one has it. One process alone always runs it.
-    pub async fn alone<T>(
+    pub(crate) async fn alone<T>(
         &self,
         name: &str,
         work: impl Future<Output = T>,
@@ -237,25 +239,25 @@ impl Queue {
     }
 
     /// The replicas sharing this queue that sent a heartbeat lately (none for SQLite).
-    pub async fn replicas(&self) -> Result<Vec<Replica>, QueueError> {
+    pub(crate) async fn replicas(&self) -> Result<Vec<Replica>, QueueError> {
         self.within(self.coordination.replicas(now_ms())).await
     }
 
     /// Proves the queue can take a job now: a write transaction commits (a full disk, a
     /// damaged or replaced file, a database that is away fail it; a `SELECT` would not notice).
-    pub async fn health(&self) -> Result<(), QueueError> {
+    pub(crate) async fn health(&self) -> Result<(), QueueError> {
         self.within(self.store.health(now_ms())).await
     }
 
     /// Whether an attempt's outcome is waiting to be recorded (the database refused it).
-    pub fn outcome_unrecorded(&self) -> bool {
+    pub(crate) fn outcome_unrecorded(&self) -> bool {
         !self.outcome_unrecorded.is_empty()
     }
 
     /// Puts jobs a dead process left `running` back to `pending`. One process: every running
     /// job (call once the state lock is held). Replicas: those whose lease ran out; the others
     /// belong to live replicas.
-    pub async fn recover_interrupted(&self) -> Result<usize, QueueError> {
+    pub(crate) async fn recover_interrupted(&self) -> Result<usize, QueueError> {
         let targets = self.within(self.coordination.recover(now_ms())).await?;
         for target in &targets {
             self.wakers.wake(target);
@@ -264,7 +266,7 @@ impl Queue {
     }
 
     /// The notifier workers of `target` wait on.
-    pub fn waker(&self, target: &str) -> Arc<Notify> {
+    pub(crate) fn waker(&self, target: &str) -> Arc<Notify> {
         self.wakers.get(target)
     }
 
@@ -274,7 +276,7 @@ impl Queue {
     ///
     /// Once called, the jobs are committed even if the caller's future is dropped (a client
     /// hanging up mid-push): the work runs to completion on a task of its own, workers woken.
-    pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
+    pub(crate) async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
         if jobs.is_empty() {
             return Ok(0);
         }
@@ -291,12 +293,12 @@ impl Queue {
     }
 
     /// Takes the next due job of `target`, marking it running.
-    pub async fn claim(&self, target: &str) -> Result<Option<Job>, QueueError> {
+    pub(crate) async fn claim(&self, target: &str) -> Result<Option<Job>, QueueError> {
         self.within(self.store.claim(target, now_ms())).await
     }
 
     /// When the next pending job of `target` becomes due (ms), if any is pending.
-    pub async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
+    pub(crate) async fn next_due(&self, target: &str) -> Result<Option<i64>, QueueError> {
         self.within(self.store.next_due(target)).await
     }
 
@@ -304,7 +306,7 @@ impl Queue {
     ///
     /// A job re-armed while it ran (the same write arrived again) goes back to pending at once.
     /// While the database refuses outcomes, [`Queue::outcome_unrecorded`] says so.
-    pub async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
+    pub(crate) async fn finish(&self, id: i64, outcome: Outcome) -> Result<(), QueueError> {
         let outcome = outcome.scrubbed();
         let result = self.within(self.store.finish(id, outcome, now_ms())).await;
         if result.is_ok() {
@@ -316,22 +318,22 @@ impl Queue {
     }
 
     /// One job.
-    pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
+    pub(crate) async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
         self.within(self.store.get(id)).await
     }
 
     /// A job's attempts, oldest first.
-    pub async fn attempts(&self, id: i64) -> Result<Vec<Attempt>, QueueError> {
+    pub(crate) async fn attempts(&self, id: i64) -> Result<Vec<Attempt>, QueueError> {
         self.within(self.store.attempts(id)).await
     }
 
     /// Jobs matching `filter`, newest first.
-    pub async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
+    pub(crate) async fn list(&self, filter: JobFilter) -> Result<Vec<Job>, QueueError> {
         self.within(self.store.list(filter)).await
     }
 
     /// Re-arms one finished (failed, skipped or done) job. Returns whether it was re-armed.
-    pub async fn retry(&self, id: i64) -> Result<bool, QueueError> {
+    pub(crate) async fn retry(&self, id: i64) -> Result<bool, QueueError> {
         let target = self.get(id).await?.map(|j| j.target);
         let changed = self.within(self.store.retry(id, now_ms())).await?;
         if let Some(t) = target {
@@ -341,7 +343,7 @@ impl Queue {
     }
 
     /// Re-arms every failed job (of one target, if given). Returns how many.
-    pub async fn retry_failed(&self, target: Option<String>) -> Result<usize, QueueError> {
+    pub(crate) async fn retry_failed(&self, target: Option<String>) -> Result<usize, QueueError> {
         let changed = self
             .within(self.store.retry_failed(target.clone(), now_ms()))
             .await?;
@@ -354,14 +356,17 @@ impl Queue {
 
     /// Counts per target and state, with the oldest unfinished job's age. Every name in
     /// `configured` gets a row, so a target with no jobs yet still shows (and exports zeros).
-    pub async fn counts(&self, configured: &[String]) -> Result<Vec<TargetCounts>, QueueError> {
+    pub(crate) async fn counts(
+        &self,
+        configured: &[String],
+    ) -> Result<Vec<TargetCounts>, QueueError> {
         let counted = self.within(self.store.counts()).await?;
         Ok(TargetCounts::tally(counted, configured))
     }
 
     /// Records that `repository` on `target` holds the blob `digest`: a source for later
     /// cross-repository mounts of it, for every replica and after restarts.
-    pub async fn remember_blob_home(
+    pub(crate) async fn remember_blob_home(
         &self,
         target: &str,
         digest: &crate::oci::digest::Digest,
@@ -378,7 +383,7 @@ impl Queue {
 
     /// Repositories on `target` known to hold the blob `digest`, most recently seen first (at
     /// most eight).
-    pub async fn blob_homes(
+    pub(crate) async fn blob_homes(
         &self,
         target: &str,
         digest: &crate::oci::digest::Digest,
@@ -391,13 +396,13 @@ impl Queue {
     }
 
     /// Records a backfill started by this process; returns its id.
-    pub async fn record_backfill(&self, progress: String) -> Result<i64, QueueError> {
+    pub(crate) async fn record_backfill(&self, progress: String) -> Result<i64, QueueError> {
         self.within(self.store.record_backfill(progress, now_ms()))
             .await
     }
 
     /// Saves a backfill's progress; `running` false once it ended.
-    pub async fn save_backfill(
+    pub(crate) async fn save_backfill(
         &self,
         id: i64,
         progress: String,
@@ -408,23 +413,23 @@ impl Queue {
     }
 
     /// Asks backfill `id` to stop, whichever replica runs it; whether it is running.
-    pub async fn request_backfill_cancel(&self, id: i64) -> Result<bool, QueueError> {
+    pub(crate) async fn request_backfill_cancel(&self, id: i64) -> Result<bool, QueueError> {
         self.within(self.store.request_backfill_cancel(id, now_ms()))
             .await
     }
 
     /// Whether someone asked backfill `id` to stop.
-    pub async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError> {
+    pub(crate) async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError> {
         self.within(self.store.backfill_cancel_requested(id)).await
     }
 
     /// The newest backfills (at most 100), any replica's, newest first.
-    pub async fn backfills(&self) -> Result<Vec<BackfillRecord>, QueueError> {
+    pub(crate) async fn backfills(&self) -> Result<Vec<BackfillRecord>, QueueError> {
         self.within(self.store.backfills(None)).await
     }
 
     /// One backfill, whichever replica runs or ran it.
-    pub async fn backfill(&self, id: i64) -> Result<Option<BackfillRecord>, QueueError> {
+    pub(crate) async fn backfill(&self, id: i64) -> Result<Option<BackfillRecord>, QueueError> {
         Ok(self
             .within(self.store.backfills(Some(id)))
             .await?
@@ -435,7 +440,7 @@ impl Queue {
     /// Deletes done and skipped jobs that finished before `older_than` ago, and blob homes and
     /// ended backfills not touched since. Failed jobs stay until someone retries them: they are
     /// work nobody has done yet.
-    pub async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
+    pub(crate) async fn purge(&self, older_than: Duration) -> Result<usize, QueueError> {
         let cutoff = now_ms() - older_than.as_millis() as i64;
         self.within(self.store.purge(cutoff)).await
     }
@@ -443,7 +448,7 @@ impl Queue {
     /// Copies this queue into another, whatever the two stores: every job in every state, with
     /// its attempts, and the mount sources. Jobs already there (by identity) are left alone, so
     /// it can run twice. No deadline: a large queue takes as long as it takes.
-    pub async fn migrate_into(&self, to: &Queue) -> Result<Migrated, QueueError> {
+    pub(crate) async fn migrate_into(&self, to: &Queue) -> Result<Migrated, QueueError> {
         let exported = self.store.export().await?;
         let jobs = exported.jobs.len();
         let imported = to.store.import(exported).await?;
@@ -476,7 +481,7 @@ async fn within<T>(
 /// Keeps this process's place among the replicas sharing the queue: heartbeats, renewing the
 /// leases of its jobs and taking back a dead replica's, as often as the store asks (a third of
 /// a lease). Nothing for one process alone.
-pub fn spawn_lease_keeper(
+pub(crate) fn spawn_lease_keeper(
     tasks: &tokio_util::task::TaskTracker,
     cancel: &tokio_util::sync::CancellationToken,
     queue: Arc<Queue>,
@@ -508,7 +513,7 @@ pub fn spawn_lease_keeper(
 
 /// Purges finished jobs older than `retention` once an hour (and shortly after start); with
 /// several replicas, one of them at a time.
-pub fn spawn_retention(
+pub(crate) fn spawn_retention(
     tasks: &tokio_util::task::TaskTracker,
     cancel: &tokio_util::sync::CancellationToken,
     queue: Arc<Queue>,

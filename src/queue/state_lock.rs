@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// Held while a server owns the state directory; released on drop or process exit.
 #[derive(Debug)]
-pub struct StateLock {
+pub(crate) struct StateLock {
     _file: File,
 }
 
@@ -44,7 +44,7 @@ fn lock_file(dir: &Path) -> Result<(File, PathBuf), LockError> {
 
 impl StateLock {
     /// Takes the lock or reports who holds it.
-    pub fn acquire(dir: &Path) -> Result<StateLock, LockError> {
+    pub(crate) fn acquire(dir: &Path) -> Result<StateLock, LockError> {
         let (file, path) = lock_file(dir)?;
         match file.try_lock() {
             Ok(()) => Ok(StateLock { _file: file }),
@@ -54,7 +54,7 @@ impl StateLock {
     }
 
     /// Whether a server currently holds the lock on `dir`.
-    pub fn is_held(dir: &Path) -> bool {
+    pub(crate) fn is_held(dir: &Path) -> bool {
         matches!(StateLock::acquire(dir), Err(LockError::Held(_)))
     }
 }

@@ -15,7 +15,7 @@ use crate::challenge::Challenge;
 
 /// A token service's answer. Registries use `token`, OAuth2 servers `access_token`.
 #[derive(Deserialize)]
-pub struct TokenResponse {
+pub(super) struct TokenResponse {
     token: Option<String>,
     access_token: Option<String>,
     expires_in: Option<u64>,
@@ -23,7 +23,7 @@ pub struct TokenResponse {
 
 impl TokenResponse {
     /// The token, whichever field holds it.
-    pub fn token(&self) -> Option<&str> {
+    pub(super) fn token(&self) -> Option<&str> {
         self.token
             .as_deref()
             .or(self.access_token.as_deref())
@@ -32,7 +32,7 @@ impl TokenResponse {
 
     /// How long the token lives; without `expires_in`, 60 seconds (Docker token authentication
     /// specification, "Token Response Fields").
-    pub fn lifetime(&self) -> Duration {
+    pub(super) fn lifetime(&self) -> Duration {
         Duration::from_secs(self.expires_in.unwrap_or(60).max(1))
     }
 }
@@ -49,12 +49,12 @@ fn usable_for(lifetime: Duration) -> Duration {
 }
 
 /// The scope to read a repository (Docker token scope grammar: `repository:<name>:<actions>`).
-pub fn pull_scope(repository: &str) -> String {
+pub(crate) fn pull_scope(repository: &str) -> String {
     format!("repository:{repository}:pull")
 }
 
 /// The scope to write a repository.
-pub fn push_scope(repository: &str) -> String {
+pub(crate) fn push_scope(repository: &str) -> String {
     format!("repository:{repository}:pull,push")
 }
 

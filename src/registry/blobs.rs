@@ -54,7 +54,7 @@ impl Chunking {
 
 /// Reads a blob again from a byte offset (a ranged GET from Harbor), for a target that asks
 /// to resume an upload.
-pub type Reopen<'a> =
+pub(crate) type Reopen<'a> =
     Box<dyn Fn(u64) -> BoxFuture<'a, Result<ProxyBody, RegistryError>> + Send + Sync + 'a>;
 
 /// One blob to upload.
@@ -135,7 +135,7 @@ impl RegistryClient {
 
     /// The blob's length as the registry states it: `None` if it has no such blob or states
     /// no length.
-    pub async fn blob_length(
+    pub(crate) async fn blob_length(
         &self,
         repository: &str,
         digest: &Digest,
@@ -178,7 +178,7 @@ impl RegistryClient {
     }
 
     /// Streams a blob from byte `from` on (RFC 9110 `Range: bytes=<from>-`, answered `206`).
-    pub async fn get_blob_from(
+    pub(crate) async fn get_blob_from(
         &self,
         repository: &str,
         digest: &Digest,
@@ -269,7 +269,7 @@ impl RegistryClient {
     /// Closes a session regtee will not use (so none is left behind on the registry). An
     /// account without delete rights cannot; the registry then expires the session itself
     /// (distribution: after a week), so the refusal is worth a debug line only.
-    pub async fn cancel_upload(&self, repository: &str, session: Session) {
+    pub(crate) async fn cancel_upload(&self, repository: &str, session: Session) {
         let op = format!("cancel upload in {repository}");
         let call = Call::to(Method::DELETE, session.location, &op)
             .delete(repository)
@@ -536,7 +536,7 @@ impl RegistryClient {
     }
 
     /// Checks that regtee may push to `repository` by opening and cancelling an upload.
-    pub async fn check_push(&self, repository: &str) -> Result<(), RegistryError> {
+    pub(crate) async fn check_push(&self, repository: &str) -> Result<(), RegistryError> {
         let op = format!("start upload in {repository}");
         let session = self.start_upload(repository, &op).await?;
         self.cancel_upload(repository, session).await;

@@ -133,7 +133,7 @@ pub struct FixContext<'a> {
 
 impl RegistryError {
     /// Whether trying again later can help.
-    pub fn retryable(&self) -> bool {
+    pub(crate) fn retryable(&self) -> bool {
         match &self.kind {
             ErrorKind::Tls(t) => !t.is_certificate(),
             // A helper that failed may answer next time (it asks a cloud API itself).

@@ -24,7 +24,7 @@ const MAX_PAGES: usize = 10_000;
 impl RegistryClient {
     /// A project's repositories from Harbor's REST API, or `None` when this registry has no
     /// such API (plain distribution) so the caller falls back to the catalog.
-    pub async fn harbor_repositories(
+    pub(crate) async fn harbor_repositories(
         &self,
         project: &str,
     ) -> Result<Option<Vec<String>>, RegistryError> {
@@ -36,7 +36,7 @@ impl RegistryClient {
     }
 
     /// The projects regtee's account can see, from Harbor's REST API; `None` without one.
-    pub async fn harbor_projects(&self) -> Result<Option<Vec<String>>, RegistryError> {
+    pub(crate) async fn harbor_projects(&self) -> Result<Option<Vec<String>>, RegistryError> {
         self.harbor_names("/api/v2.0/projects", "list Harbor projects")
             .await
     }

@@ -32,7 +32,7 @@ pub(super) struct Current {
 /// Why no login could be had.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
-pub struct LoginError(String);
+pub(super) struct LoginError(String);
 
 /// The login of one registry client.
 pub(super) struct Logins {

@@ -7,9 +7,9 @@
 //! challenges. Blob bytes are streamed; only manifests (at most 4 MiB), listings and error bodies
 //! (at most 64 KiB) are read into memory.
 
-pub mod auth;
+mod auth;
 mod blobs;
-pub mod error;
+mod error;
 mod harbor;
 mod listings;
 mod login;
@@ -34,8 +34,9 @@ use crate::oci::error_code::ErrorCode;
 use crate::origin::Origin;
 use crate::tls::TlsFailure;
 
-pub use auth::{pull_scope, push_scope};
-pub use blobs::{BlobStream, Chunking, Mount, Reopen, Session, Upload};
+pub(crate) use auth::{pull_scope, push_scope};
+pub(crate) use blobs::Reopen;
+pub use blobs::{BlobStream, Chunking, Mount, Session, Upload};
 pub use error::{ErrorKind, FixContext, RegistryError};
 pub use manifests::{FetchedManifest, ManifestHead, StoredManifest};
 
@@ -46,7 +47,7 @@ use auth::CachedToken;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// A request body the client may need to send twice (after a 401), or a stream it cannot.
-pub enum RequestBody {
+pub(crate) enum RequestBody {
     /// No body.
     Empty,
     /// Small bytes in hand: replayable.
@@ -56,7 +57,7 @@ pub enum RequestBody {
 }
 
 /// One request to a registry: what each operation differs in.
-pub struct Call {
+pub(crate) struct Call {
     method: Method,
     url: Uri,
     headers: HeaderMap,
@@ -68,7 +69,7 @@ pub struct Call {
 
 impl Call {
     /// A request to `url`, described as `operation` in errors.
-    pub fn to(method: Method, url: Uri, operation: &str) -> Call {
+    pub(crate) fn to(method: Method, url: Uri, operation: &str) -> Call {
         Call {
             method,
             url,
@@ -80,35 +81,35 @@ impl Call {
     }
 
     /// Needs this token scope.
-    pub fn scope(mut self, scope: String) -> Call {
+    pub(crate) fn scope(mut self, scope: String) -> Call {
         self.scopes.push(scope);
         self
     }
 
     /// Needs pull access to `repository`.
-    pub fn pull(self, repository: &str) -> Call {
+    pub(crate) fn pull(self, repository: &str) -> Call {
         self.scope(pull_scope(repository))
     }
 
     /// Needs pull and push access to `repository`.
-    pub fn push(self, repository: &str) -> Call {
+    pub(crate) fn push(self, repository: &str) -> Call {
         self.scope(push_scope(repository))
     }
 
     /// Needs delete access to `repository` too (distribution asks for it on any DELETE,
     /// cancelling an upload included).
-    pub fn delete(self, repository: &str) -> Call {
+    pub(crate) fn delete(self, repository: &str) -> Call {
         self.scope(format!("repository:{repository}:delete"))
     }
 
     /// With this header.
-    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Call {
+    pub(crate) fn header(mut self, name: HeaderName, value: HeaderValue) -> Call {
         self.headers.insert(name, value);
         self
     }
 
     /// With this body.
-    pub fn body(mut self, body: RequestBody) -> Call {
+    pub(crate) fn body(mut self, body: RequestBody) -> Call {
         self.body = body;
         self
     }
@@ -179,12 +180,12 @@ impl RegistryClient {
     }
 
     /// Where regtee's login there comes from, for people.
-    pub fn login_source(&self) -> String {
+    pub(crate) fn login_source(&self) -> String {
         self.logins.describe()
     }
 
     /// Fetches regtee's login (runs a credential helper, reads a docker config), proving it can.
-    pub async fn check_login(&self) -> Result<(), RegistryError> {
+    pub(crate) async fn check_login(&self) -> Result<(), RegistryError> {
         self.login("fetch the login").await.map(|_| ())
     }
 
@@ -215,7 +216,7 @@ impl RegistryClient {
     }
 
     /// An answer from this registry that breaks the protocol, as an error for `operation`.
-    pub fn protocol_error(&self, operation: &str, message: &str) -> RegistryError {
+    pub(crate) fn protocol_error(&self, operation: &str, message: &str) -> RegistryError {
         self.err(operation, ErrorKind::Protocol(message.to_string()))
     }
 
@@ -429,7 +430,7 @@ impl RegistryClient {
     }
 
     /// `GET /v2/` with credentials: proves reachability, TLS and authentication.
-    pub async fn ping(&self) -> Result<(), RegistryError> {
+    pub(crate) async fn ping(&self) -> Result<(), RegistryError> {
         let op = "GET /v2/";
         let call = self.request(Method::GET, "/v2/", op)?;
         let url = call.url.clone();
@@ -462,7 +463,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// `Retry-After` as seconds or an HTTP date (RFC 9110 §10.2.3).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(secs) = value.trim().parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }

@@ -23,7 +23,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including those the `Connection` header names. Most messages
 /// carry none: one pass over the names decides, and only a message that has one pays for the
 /// removals.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let any = headers
         .keys()
         .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
@@ -61,7 +61,7 @@ const CLIENT_FORWARDED: [HeaderName; 2] = [
 /// and no header a client chooses can steer a URL that regtee later follows.
 ///
 /// `upstream_host` is the upstream's authority as a header value, built once per process.
-pub fn prepare_request(
+pub(crate) fn prepare_request(
     headers: &mut HeaderMap,
     upstream_host: &HeaderValue,
     client_ip: std::net::IpAddr,
@@ -94,7 +94,7 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 
 /// Whether a response carries a header [`rewrite_response`] may change beyond hop-by-hop ones:
 /// only then is the client's public origin worth working out.
-pub fn may_point_back(headers: &HeaderMap) -> bool {
+pub(crate) fn may_point_back(headers: &HeaderMap) -> bool {
     headers.contains_key(header::LOCATION)
         || headers.contains_key(header::LINK)
         || headers.contains_key(header::WWW_AUTHENTICATE)
@@ -106,7 +106,7 @@ pub fn may_point_back(headers: &HeaderMap) -> bool {
 /// or the client's own (what it builds when a front adds `X-Forwarded-Host`), whatever scheme a
 /// front in between put on it. It is rewritten to the origin the client used: the listener's
 /// scheme and the client's `Host`.
-pub struct Rebase<'a> {
+pub(crate) struct Rebase<'a> {
     /// Harbor, as regtee reaches it.
     pub upstream: &'a Origin,
     /// regtee, as this client reached it.
@@ -115,13 +115,13 @@ pub struct Rebase<'a> {
 
 impl Rebase<'_> {
     /// Whether a URL on `origin` leads into the registry regtee fronts.
-    pub fn points_back(&self, origin: &Origin) -> bool {
+    pub(crate) fn points_back(&self, origin: &Origin) -> bool {
         origin.same_authority(self.upstream) || origin.same_authority(self.public)
     }
 
     /// The URL on the client's origin, or `None` for URLs elsewhere (object storage, another
     /// token service), relative references, and URLs already right.
-    pub fn url(&self, url: &str) -> Option<String> {
+    pub(crate) fn url(&self, url: &str) -> Option<String> {
         let uri: http::Uri = url.trim().parse().ok()?;
         let origin = Origin::of(&uri)?;
         if !self.points_back(&origin) || origin == *self.public {
@@ -132,7 +132,7 @@ impl Rebase<'_> {
     }
 
     /// Rewrites the URL targets inside a `Link` header value (`<url>; rel="next", ...`).
-    pub fn link(&self, value: &str) -> Option<String> {
+    pub(crate) fn link(&self, value: &str) -> Option<String> {
         let mut out = String::with_capacity(value.len());
         let mut rest = value;
         let mut changed = false;
@@ -157,7 +157,7 @@ impl Rebase<'_> {
 }
 
 /// How a token realm in an upstream challenge should appear to the client.
-pub enum RealmRewrite<'a> {
+pub(crate) enum RealmRewrite<'a> {
     /// Leave realms on other origins alone.
     SameOriginOnly,
     /// Relay realms on other origins through regtee: the closure registers the realm and
@@ -167,7 +167,11 @@ pub enum RealmRewrite<'a> {
 }
 
 /// Rewrites the response headers that would lead the client away from regtee.
-pub fn rewrite_response(headers: &mut HeaderMap, rebase: &Rebase<'_>, realms: RealmRewrite<'_>) {
+pub(crate) fn rewrite_response(
+    headers: &mut HeaderMap,
+    rebase: &Rebase<'_>,
+    realms: RealmRewrite<'_>,
+) {
     strip_hop_by_hop(headers);
     if let Some(new) = headers
         .get(header::LOCATION)
@@ -210,7 +214,7 @@ fn rewrite_all(
 
 /// A `WWW-Authenticate` challenge and the origin of its realm; `None` unless the header is a
 /// challenge whose realm is an absolute http(s) URL.
-pub fn challenge_realm(value: &str) -> Option<(Challenge, Origin)> {
+pub(crate) fn challenge_realm(value: &str) -> Option<(Challenge, Origin)> {
     let challenge = Challenge::parse(value)?;
     let origin = challenge
         .param("realm")?
@@ -242,7 +246,7 @@ fn rewrite_challenge(
 
 /// The origin the client used: the listener's scheme and the request's authority (its URI's, or
 /// its `Host` value, kept after the headers went upstream).
-pub fn public_origin(
+pub(crate) fn public_origin(
     scheme: Scheme,
     uri: &http::Uri,
     host: Option<&HeaderValue>,

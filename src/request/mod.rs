@@ -2,7 +2,7 @@
 //! wire. It streams bodies, rewrites only what must point at regtee, and records a job when Harbor
 //! answers a completed write; nothing else happens inline.
 
-pub mod headers;
-pub mod proxy;
-pub mod route;
-pub mod server;
+pub(crate) mod headers;
+pub(crate) mod proxy;
+pub(crate) mod route;
+pub(crate) mod server;

@@ -30,7 +30,7 @@ use crate::tls::TlsFailure;
 
 /// Facts about the client connection a request arrived on.
 #[derive(Clone, Copy, Debug)]
-pub struct Connection {
+pub(crate) struct Connection {
     /// Which listener: decides the scheme of rewritten URLs.
     pub scheme: Scheme,
     /// The client's address, for `X-Forwarded-For`.
@@ -43,7 +43,7 @@ pub struct Connection {
 /// regtee can still log in. Only realms the upstream advertised can be relayed to: regtee is not
 /// an open proxy. A registry names a handful of realms; the table is bounded all the same.
 #[derive(Default)]
-pub struct RealmRelay {
+pub(crate) struct RealmRelay {
     realms: DashMap<String, Uri>,
 }
 
@@ -55,7 +55,7 @@ static RELAY_FULL: Throttle = Throttle::new(Duration::from_secs(300));
 impl RealmRelay {
     /// Registers a realm and returns the path that relays to it; `None` if the realm is not an
     /// absolute http(s) URL or the table is full.
-    pub fn register(&self, realm: &str) -> Option<String> {
+    pub(crate) fn register(&self, realm: &str) -> Option<String> {
         let uri: Uri = realm.trim().parse().ok()?;
         Origin::of(&uri)?;
         let id = crate::oci::digest::Digest::sha256_of(realm.as_bytes()).hex()[..16].to_string();
@@ -76,7 +76,7 @@ impl RealmRelay {
     }
 
     /// The realm's origin and URL for a relay id, with the client's query appended.
-    pub fn resolve(&self, id: &str, query: Option<&str>) -> Option<(Origin, Uri)> {
+    pub(crate) fn resolve(&self, id: &str, query: Option<&str>) -> Option<(Origin, Uri)> {
         let realm = self.realms.get(id)?.clone();
         let origin = Origin::of(&realm)?;
         let url = match query {
@@ -91,7 +91,7 @@ impl RealmRelay {
 }
 
 /// The request path's state: one per process, shared by every connection.
-pub struct Proxy {
+pub(crate) struct Proxy {
     upstream: Origin,
     /// The upstream as request URIs and `Host` need it, built once.
     upstream_scheme: http::uri::Scheme,
@@ -120,7 +120,7 @@ pub enum ProxyError {
 
 impl Proxy {
     /// Builds the proxy for `upstream`; `tee` records completed pushes for mirroring.
-    pub fn new(
+    pub(crate) fn new(
         proxy: &ProxyConfig,
         upstream: &UpstreamConfig,
         tee: Option<Arc<Tee>>,
@@ -152,80 +152,131 @@ impl Proxy {
         })
     }
 
-    /// Serves one request. Never fails: every error becomes a response.
-    pub async fn handle(
+    /// Serves one request, phase by phase: where it goes, Harbor's answer, the completed write
+    /// recorded, the answer shaped for the client. Never fails: every error becomes a response.
+    pub(crate) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         conn: Connection,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let (mut parts, incoming) = req.into_parts();
+        let (parts, incoming) = req.into_parts();
         if parts.method == Method::OPTIONS && parts.uri.path() == "*" {
             return Ok(options_asterisk());
         }
         let route = Route::classify(parts.uri.path());
-        // What the client's origin is worked out from, if a response needs it.
-        let client_host = parts.headers.get(http::header::HOST).cloned();
         let log = Arc::new(RequestLog::new(&parts.method, &route, self.metrics.clone()));
-        // The client's URI, kept for recognising completed writes (a refcounted clone).
-        let client_uri = parts.uri.clone();
-
-        let found = match self.destination(&parts.method, &route, &parts.uri) {
-            Err(_) if matches!(route, Route::ForeignToken { .. }) && self.learn_realms().await => {
-                self.destination(&parts.method, &route, &parts.uri)
-            }
-            found => found,
+        let client = ClientRequest {
+            method: parts.method.clone(),
+            // A refcounted clone: recognising completed writes needs its query.
+            uri: parts.uri.clone(),
+            // What the client's origin is worked out from, if a response needs it.
+            host: parts.headers.get(http::header::HOST).cloned(),
+            conn,
         };
-        let (destination, uri) = match found {
-            Ok(found) => found,
+        let (request, end_rx) = match self
+            .upstream_request(parts, incoming, &route, &client, &log)
+            .await
+        {
+            Ok(prepared) => prepared,
             Err(error) => return Ok(log.answer(error)),
         };
-        let host = if destination == self.upstream {
-            self.upstream_host.clone()
-        } else {
-            match http::HeaderValue::from_str(&destination.authority()) {
-                Ok(v) => v,
-                Err(_) => return Ok(log.answer(OciError::bad_gateway("invalid token realm host"))),
-            }
-        };
-        headers::prepare_request(&mut parts.headers, &host, conn.peer.ip(), conn.scheme);
-        let (end_tx, end_rx) = watch::channel(false);
-        let request_body = Tracked::new(incoming, log.bytes_in.clone())
-            .idle_timeout(self.body_idle_timeout)
-            .signal_end(end_tx);
-        let method = parts.method.clone();
-        parts.uri = uri;
-        parts.version = Version::HTTP_11;
-        let request = Request::from_parts(parts, body::boxed(request_body));
-
         let response = match self.send(request, end_rx).await {
             Ok(response) => response,
             Err(error) => return Ok(log.answer(error)),
         };
         log.upstream_answered();
-        let status = response.status();
-        let (mut parts, upstream_body) = response.into_parts();
+        if let Err(error) = self.record_write(&client, &route, &response).await {
+            return Ok(log.answer(error));
+        }
+        Ok(self.respond(response, &client, log))
+    }
 
-        if let (Some(tee), Some(write)) = (
+    /// The request as it goes upstream: to Harbor or a relayed realm, its headers prepared,
+    /// its body tracked, with a signal for when its last byte has gone.
+    async fn upstream_request(
+        &self,
+        mut parts: http::request::Parts,
+        incoming: Incoming,
+        route: &Route,
+        client: &ClientRequest,
+        log: &RequestLog,
+    ) -> Result<(Request<ProxyBody>, watch::Receiver<bool>), OciError> {
+        let found = match self.destination(&parts.method, route, &parts.uri) {
+            Err(_) if matches!(route, Route::ForeignToken { .. }) && self.learn_realms().await => {
+                self.destination(&parts.method, route, &parts.uri)
+            }
+            found => found,
+        };
+        let (destination, uri) = found?;
+        let host = if destination == self.upstream {
+            self.upstream_host.clone()
+        } else {
+            http::HeaderValue::from_str(&destination.authority())
+                .map_err(|_| OciError::bad_gateway("invalid token realm host"))?
+        };
+        headers::prepare_request(
+            &mut parts.headers,
+            &host,
+            client.conn.peer.ip(),
+            client.conn.scheme,
+        );
+        let (end_tx, end_rx) = watch::channel(false);
+        let body = Tracked::new(incoming, log.bytes_in.clone())
+            .idle_timeout(self.body_idle_timeout)
+            .signal_end(end_tx);
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        Ok((Request::from_parts(parts, body::boxed(body)), end_rx))
+    }
+
+    /// Records a write Harbor answered as completed, durably, before the client hears of it.
+    /// If it cannot be recorded, Harbor has the content but the mirror would never learn of it:
+    /// the client is told to retry rather than given a success regtee cannot keep its promise
+    /// about.
+    async fn record_write(
+        &self,
+        client: &ClientRequest,
+        route: &Route,
+        response: &Response<Incoming>,
+    ) -> Result<(), OciError> {
+        let (Some(tee), Some(write)) = (
             &self.tee,
-            route::completed_write(&method, &route, client_uri.query(), status, &parts.headers),
-        ) && let Err(e) = tee.record(&write).await
-        {
-            // Harbor has the content but the mirror would never learn of it: make the client
-            // retry rather than report a success regtee cannot keep its promise about.
+            route::completed_write(
+                &client.method,
+                route,
+                client.uri.query(),
+                response.status(),
+                response.headers(),
+            ),
+        ) else {
+            return Ok(());
+        };
+        tee.record(&write).await.map_err(|e| {
             tracing::error!(
                 error = %e,
                 repository = %write.repository(),
                 "could not record a completed push for mirroring; the client was told to retry. Check the state directory's disk, or the queue database the error names"
             );
-            return Ok(log.answer(OciError::unavailable(
+            OciError::unavailable(
                 "the registry accepted the push but regtee could not record it for mirroring; retry the push",
-            )));
-        }
+            )
+        })
+    }
 
+    /// Harbor's answer as the client gets it: URLs that would send it around regtee rewritten
+    /// to the origin it used, its body streamed, counted and cut when it stalls.
+    fn respond(
+        &self,
+        response: Response<Incoming>,
+        client: &ClientRequest,
+        log: Arc<RequestLog>,
+    ) -> Response<ProxyBody> {
+        let status = response.status();
+        let (mut parts, upstream_body) = response.into_parts();
         if let Some(https) =
-            crate::origin::redirect_to_https(status, &parts.headers, &self.upstream, &client_uri)
+            crate::origin::redirect_to_https(status, &parts.headers, &self.upstream, &client.uri)
         {
-            return Ok(log.answer(self.upgrade_redirect(&https)));
+            return log.answer(self.upgrade_redirect(&https));
         }
         let relay = self
             .relay
@@ -236,8 +287,12 @@ impl Proxy {
             None => RealmRewrite::SameOriginOnly,
         };
         if headers::may_point_back(&parts.headers) {
-            let public =
-                headers::public_origin(conn.scheme, &client_uri, client_host.as_ref(), conn.local);
+            let public = headers::public_origin(
+                client.conn.scheme,
+                &client.uri,
+                client.host.as_ref(),
+                client.conn.local,
+            );
             let rebase = headers::Rebase {
                 upstream: &self.upstream,
                 public: &public,
@@ -252,10 +307,7 @@ impl Proxy {
             .hold(log);
         // Timed apart from polling too: an HTTP/2 client that never opens its window is never
         // polled for, and would hold the upstream connection as long as it stays.
-        Ok(Response::from_parts(
-            parts,
-            Watched::body(body, self.body_idle_timeout),
-        ))
+        Response::from_parts(parts, Watched::body(body, self.body_idle_timeout))
     }
 
     /// A relay id this process never handed out: another replica did (or this process before a
@@ -438,6 +490,14 @@ fn options_asterisk() -> Response<ProxyBody> {
         .headers_mut()
         .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(0));
     response
+}
+
+/// What a response is shaped for: the client's request as it arrived.
+struct ClientRequest {
+    method: Method,
+    uri: Uri,
+    host: Option<http::HeaderValue>,
+    conn: Connection,
 }
 
 /// One request's facts; the log line (and metrics) are written when the response body is done.

@@ -13,7 +13,7 @@ use crate::oci::names::{self, NameError, Reference, RepositoryName};
 
 /// What a request addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// `/v2/`: the API version check and the login probe.
     Base,
     /// `/v2/_catalog`.
@@ -71,7 +71,7 @@ pub enum Route {
 
 /// Why a distribution request is refused before it reaches the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InvalidName {
+pub(crate) struct InvalidName {
     /// The spec's error code for a write: `NAME_INVALID`, `TAG_INVALID` or `DIGEST_INVALID`.
     pub code: ErrorCode,
     /// What a read is answered, when not `code`: what the registry says of a name or a manifest
@@ -103,7 +103,7 @@ impl InvalidName {
     /// The answer: a read (`GET`, `HEAD`) of something that cannot exist is not found, as the
     /// registry would say (the OCI conformance suite expects 404 for
     /// `.INVALID_MANIFEST_NAME`); a write is refused as invalid, with 400.
-    pub fn status_and_code(&self, method: &Method) -> (StatusCode, ErrorCode) {
+    pub(crate) fn status_and_code(&self, method: &Method) -> (StatusCode, ErrorCode) {
         match &self.unknown {
             Some(unknown) if matches!(*method, Method::GET | Method::HEAD) => {
                 (StatusCode::NOT_FOUND, unknown.clone())
@@ -130,11 +130,11 @@ impl Endpoint {
 }
 
 /// The path prefix of token realms that regtee relays.
-pub const FOREIGN_TOKEN_PREFIX: &str = "/_regtee/token/";
+pub(crate) const FOREIGN_TOKEN_PREFIX: &str = "/_regtee/token/";
 
 impl Route {
     /// Classifies a request path (without query), as the registry will see it: percent-decoded.
-    pub fn classify(path: &str) -> Route {
+    pub(crate) fn classify(path: &str) -> Route {
         if let Some(id) = path.strip_prefix(FOREIGN_TOKEN_PREFIX) {
             return Route::ForeignToken { id: id.to_string() };
         }
@@ -162,7 +162,7 @@ impl Route {
     }
 
     /// A short stable label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Route::Base => "base",
             Route::Catalog => "catalog",
@@ -179,7 +179,7 @@ impl Route {
     }
 
     /// The repository a request is about, if any.
-    pub fn repository(&self) -> Option<&RepositoryName> {
+    pub(crate) fn repository(&self) -> Option<&RepositoryName> {
         match self {
             Route::Tags { name }
             | Route::Manifest { name, .. }
@@ -266,7 +266,7 @@ fn query_param(query: Option<&str>, key: &str) -> Option<String> {
 ///
 /// Only success statuses the spec assigns to completion count: 201 for stored content, 202
 /// for deletes. Chunk PATCHes and upload starts (202) are not completions.
-pub fn completed_write(
+pub(crate) fn completed_write(
     method: &Method,
     route: &Route,
     query: Option<&str>,

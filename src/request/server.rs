@@ -28,7 +28,7 @@ use crate::throttle::Throttle;
 
 /// Limits that apply to every connection of a listener.
 #[derive(Clone, Copy, Debug)]
-pub struct ConnectionLimits {
+pub(crate) struct ConnectionLimits {
     /// Longest wait for a request head (and for a TLS handshake); also ends idle keep-alives.
     pub header_read_timeout: Duration,
     /// How long in-flight requests may continue after shutdown begins.
@@ -39,7 +39,7 @@ pub struct ConnectionLimits {
 }
 
 /// Serves `listener` until `cancel` fires, then drains.
-pub async fn serve<S, F>(
+pub(crate) async fn serve<S, F>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     limits: ConnectionLimits,
@@ -355,13 +355,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
 }
 
 /// Binds a TCP listener, naming the address in the error.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
 /// Wraps a rustls config as an acceptor.
-pub fn acceptor(config: rustls::ServerConfig) -> TlsAcceptor {
+pub(crate) fn acceptor(config: rustls::ServerConfig) -> TlsAcceptor {
     TlsAcceptor::from(Arc::new(config))
 }

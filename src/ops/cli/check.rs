@@ -59,123 +59,142 @@ async fn ping(client: &RegistryClient) -> Result<(), RegistryError> {
     client.ping().await
 }
 
+impl CheckLine {
+    fn ok(what: impl Into<String>, detail: impl Into<String>) -> CheckLine {
+        CheckLine {
+            ok: true,
+            what: what.into(),
+            detail: detail.into(),
+            hint: None,
+        }
+    }
+
+    fn failed(what: impl Into<String>, detail: impl Into<String>, hint: String) -> CheckLine {
+        CheckLine {
+            ok: false,
+            what: what.into(),
+            detail: detail.into(),
+            hint: Some(hint),
+        }
+    }
+}
+
 /// `regtee check`: validates the config and tests every endpoint. Exit 1 when a check fails.
 pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32, CliError> {
     crate::tls::install_crypto_provider();
-    let mut lines = vec![CheckLine {
-        ok: true,
-        what: "config".into(),
-        detail: format!(
+    let mut lines = vec![CheckLine::ok(
+        "config",
+        format!(
             "{} is valid ({} target(s))",
             config_path.display(),
             config.targets.len()
         ),
-        hint: None,
-    }];
+    )];
     if let Some(database) = &config.state.database {
-        let what = format!("queue database {}", database.shown);
-        let opened = crate::queue::Queue::open_state(&config.state).await;
-        let healthy = match opened {
-            Ok(queue) => queue.health().await,
-            Err(e) => Err(e),
-        };
-        lines.push(match healthy {
-            Ok(()) => CheckLine {
-                ok: true,
-                what,
-                detail: "connected; a write transaction commits".into(),
-                hint: None,
-            },
-            Err(e) => CheckLine {
-                ok: false,
-                what,
-                detail: e.to_string(),
-                hint: Some("check [state] database (host, port, database, user), the password in database_password_env / _file or PGPASSWORD, and that the role may create tables in that database".into()),
-            },
-        });
+        lines.push(check_database(config, &database.shown).await);
     }
     let upstream = RegistryClient::new(&config.upstream.endpoint)?;
     let up = &config.upstream.endpoint;
-    match ping(&upstream).await {
-        Ok(()) => lines.push(CheckLine {
-            ok: true,
-            what: format!("upstream {}", up.origin),
-            detail: connection_ok(up, &upstream),
-            hint: None,
-        }),
-        Err(e) => lines.push(CheckLine {
-            ok: false,
-            what: format!("upstream {}", up.origin),
-            detail: e.kind.to_string(),
-            hint: Some(hint(&e, "[upstream]", None)),
-        }),
-    }
+    lines.push(match ping(&upstream).await {
+        Ok(()) => CheckLine::ok(
+            format!("upstream {}", up.origin),
+            connection_ok(up, &upstream),
+        ),
+        Err(e) => CheckLine::failed(
+            format!("upstream {}", up.origin),
+            e.kind.to_string(),
+            hint(&e, "[upstream]", None),
+        ),
+    });
     for target in &config.targets {
-        let key = format!("[[targets]] \"{}\"", target.endpoint.name);
-        let name = &target.endpoint.name;
-        let client = RegistryClient::new(&target.endpoint)?;
-        let what = format!("target {name} {}", target.endpoint.origin);
-        if let Err(e) = ping(&client).await {
-            lines.push(CheckLine {
-                ok: false,
-                what,
-                detail: e.kind.to_string(),
-                hint: Some(hint(&e, &key, None)),
-            });
-            continue;
-        }
-        lines.push(CheckLine {
-            ok: true,
+        lines.extend(check_target(target, &upstream).await?);
+    }
+    Ok(report(&lines))
+}
+
+/// The queue's database: it connects, and a write commits.
+async fn check_database(config: &Config, shown: &str) -> CheckLine {
+    let what = format!("queue database {shown}");
+    let healthy = match crate::queue::Queue::open_state(&config.state).await {
+        Ok(queue) => queue.health().await,
+        Err(e) => Err(e),
+    };
+    match healthy {
+        Ok(()) => CheckLine::ok(what, "connected; a write transaction commits"),
+        Err(e) => CheckLine::failed(
             what,
-            detail: connection_ok(&target.endpoint, &client),
-            hint: None,
-        });
-        let mut namespaces: Vec<String> = target
-            .policy
-            .mapped_projects()
-            .map(|p| target.policy.target_namespace(p).to_string())
-            .collect();
-        if namespaces.is_empty()
-            && let Ok(projects) = backfill::projects_for(&upstream, target).await
-        {
-            namespaces = projects
-                .iter()
-                .map(|p| target.policy.target_namespace(p).to_string())
-                .collect();
-        }
-        namespaces.sort();
-        namespaces.dedup();
-        if namespaces.is_empty() {
-            lines.push(CheckLine {
-                ok: true,
-                what: format!("target {name} namespaces"),
-                detail: "none mapped and Harbor lists no projects yet: nothing to check".into(),
-                hint: None,
-            });
-        }
-        for ns in namespaces.iter().take(20) {
-            let what = format!("target {name} namespace {ns}");
+            e.to_string(),
+            "check [state] database (host, port, database, user), the password in database_password_env / _file or PGPASSWORD, and that the role may create tables in that database".into(),
+        ),
+    }
+}
+
+/// One target: reachable with its login, and each namespace regtee will write to accepts
+/// pushes (the mapped ones, else those of Harbor's projects; at most 20).
+async fn check_target(
+    target: &crate::config::TargetConfig,
+    upstream: &RegistryClient,
+) -> Result<Vec<CheckLine>, CliError> {
+    let key = format!("[[targets]] \"{}\"", target.endpoint.name);
+    let name = &target.endpoint.name;
+    let client = RegistryClient::new(&target.endpoint)?;
+    let what = format!("target {name} {}", target.endpoint.origin);
+    if let Err(e) = ping(&client).await {
+        return Ok(vec![CheckLine::failed(
+            what,
+            e.kind.to_string(),
+            hint(&e, &key, None),
+        )]);
+    }
+    let mut lines = vec![CheckLine::ok(
+        what,
+        connection_ok(&target.endpoint, &client),
+    )];
+    let namespaces = namespaces_of(target, upstream).await;
+    if namespaces.is_empty() {
+        lines.push(CheckLine::ok(
+            format!("target {name} namespaces"),
+            "none mapped and Harbor lists no projects yet: nothing to check",
+        ));
+    }
+    for ns in namespaces.iter().take(20) {
+        let what = format!("target {name} namespace {ns}");
+        lines.push(
             match client.check_push(&format!("{ns}/regtee-check")).await {
-                Ok(()) => lines.push(CheckLine {
-                    ok: true,
-                    what,
-                    detail: "exists and accepts pushes".into(),
-                    hint: None,
-                }),
+                Ok(()) => CheckLine::ok(what, "exists and accepts pushes"),
                 Err(mut e) => {
                     // Its credentials were just accepted: a refusal here is about the namespace.
                     if let ErrorKind::Unauthorized(m) = &e.kind {
                         e.kind = ErrorKind::Denied(m.clone());
                     }
-                    lines.push(CheckLine {
-                        ok: false,
-                        what,
-                        detail: e.kind.to_string(),
-                        hint: Some(hint(&e, &key, Some(ns))),
-                    });
+                    CheckLine::failed(what, e.kind.to_string(), hint(&e, &key, Some(ns)))
                 }
-            }
-        }
+            },
+        );
     }
-    Ok(report(&lines))
+    Ok(lines)
+}
+
+/// The namespaces a target receives: the mapped ones, else Harbor's projects under their
+/// names there; sorted, once each.
+async fn namespaces_of(
+    target: &crate::config::TargetConfig,
+    upstream: &RegistryClient,
+) -> Vec<String> {
+    let mut namespaces: Vec<String> = target
+        .policy
+        .mapped_projects()
+        .map(|p| target.policy.target_namespace(p).to_string())
+        .collect();
+    if namespaces.is_empty()
+        && let Ok(projects) = backfill::projects_for(upstream, target).await
+    {
+        namespaces = projects
+            .iter()
+            .map(|p| target.policy.target_namespace(p).to_string())
+            .collect();
+    }
+    namespaces.sort();
+    namespaces.dedup();
+    namespaces
 }

@@ -36,7 +36,7 @@ fn print_json<T: Serialize>(value: &T) {
 }
 
 /// A duration like `3m 12s` for people.
-pub fn human_age(ms: i64) -> String {
+pub(crate) fn human_age(ms: i64) -> String {
     let secs = (ms / 1000).max(0) as u64;
     match secs {
         0..=59 => format!("{secs}s"),
