@@ -112,6 +112,17 @@ fn wake_workers(waker: &Notify) {
     waker.notify_one();
 }
 
+/// Wakes workers when dropped: at the end of an enqueue, however it ends.
+struct WakeOnDrop(Vec<Arc<Notify>>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        for waker in &self.0 {
+            wake_workers(waker);
+        }
+    }
+}
+
 /// The workers' notifiers, one per target, shared with the stores (PostgreSQL wakes them on
 /// other replicas' jobs).
 #[derive(Clone, Default)]
@@ -275,19 +286,19 @@ impl Queue {
     /// finished job re-arms that job. Returns how many were armed.
     ///
     /// Once called, the jobs are committed even if the caller's future is dropped (a client
-    /// hanging up mid-push): the work runs to completion on a task of its own, workers woken.
+    /// hanging up mid-push, after Harbor took it): the work runs to its end on a task of its
+    /// own, and the targets' workers are woken however it ends (a spurious wake costs one empty
+    /// claim).
     pub(crate) async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
         if jobs.is_empty() {
             return Ok(0);
         }
-        let wakers: Vec<Arc<Notify>> = jobs.iter().map(|j| self.waker(&j.target)).collect();
+        let wake = WakeOnDrop(jobs.iter().map(|j| self.waker(&j.target)).collect());
         let store = self.store.clone();
         tokio::spawn(async move {
-            let armed = within(&*store, store.enqueue(jobs, now_ms())).await?;
-            for waker in &wakers {
-                wake_workers(waker);
-            }
-            Ok(armed)
+            let armed = within(&*store, store.enqueue(jobs, now_ms())).await;
+            drop(wake);
+            armed
         })
         .await?
     }
