@@ -5,19 +5,22 @@
 //!  client ──► request::server ──► request::proxy ───────────────► Harbor (upstream)
 //!                                   │ completed write (mirror::tee::Write)   ▲
 //!                                   ▼                                        │ reads back
-//!                      mirror::tee ──► mirror::queue (SQLite) ──► mirror::worker ──► targets
-//!                                            ▲                    (registry client)
+//!                      mirror::tee ──► queue (SQLite, or ──► mirror::worker ──► targets
+//!                                            ▲   PostgreSQL)   (registry client)
 //!        ops: admin API, CLI, backfill ──────┘  status, metrics, retry, webhooks
 //! ```
 //!
-//! Two paths, kept apart, in two folders. The **request path** (`request/`: server, proxy,
-//! route, headers; with `body`) streams every request to Harbor and back; when Harbor answers a
-//! completed write it asks the tee to record jobs, durably, before the client sees the answer.
-//! The **mirror path** (`mirror/`: tee, queue, worker, copy) claims jobs and copies content with
-//! the registry client (`registry/`) in dependency order, verifying digests, retrying until done
-//! or clearly impossible. The operator's side (`ops/`: admin, backfill, webhooks, metrics, cli)
-//! feeds and observes the queue. `oci/` holds the specs' vocabulary (digests, names, manifests,
-//! error codes), checked.
+//! Two paths, kept apart, in two folders, with the durable queue between them. The **request
+//! path** (`request/`: server, proxy, route, headers; with `body`) streams every request to
+//! Harbor and back; when Harbor answers a completed write it asks the tee to record jobs,
+//! durably, before the client sees the answer. The **queue** (`queue/`) keeps one contract on
+//! SQLite (one instance) and PostgreSQL (several replicas). The **mirror path** (`mirror/`: tee,
+//! worker, copy) claims jobs and copies content with the registry client (`registry/`) in
+//! dependency order, verifying digests, retrying until done or clearly impossible. The
+//! operator's side (`ops/`: admin, backfill, webhooks, cli) feeds and observes the queue.
+//! `config/` is plain data; `oci/` holds the specs' vocabulary (digests, names, manifests, error
+//! codes), checked. Every import points down, and inside the crate everything is `pub(crate)`:
+//! what is public below is what the binary, the tests and the benches use.
 //!
 //! [`Instance::start`] wires everything from a [`config::Config`]; [`run`] adds a shutdown signal.
 

@@ -186,8 +186,8 @@ pub struct UpstreamConfig {
 /// The state directory.
 #[derive(Clone, Debug)]
 pub struct StateConfig {
-    /// Holds the queue database (SQLite) and the lock that keeps two servers on one directory
-    /// apart.
+    /// Holds the lock that keeps two servers on one directory apart, and the queue's SQLite
+    /// file unless `database` names a PostgreSQL one.
     pub dir: PathBuf,
     /// How long finished jobs stay queryable.
     pub retention: Duration,
