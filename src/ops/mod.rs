@@ -1,5 +1,5 @@
 //! The operator's side: the admin API and its webhooks, backfills and comparisons, the
-//! command line, certificates, the demo and the log writer.
+//! command line, certificates and the log writer.
 
 pub(crate) mod admin;
 pub(crate) mod backfill;
