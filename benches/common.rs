@@ -16,6 +16,7 @@ use http_body_util::StreamBody;
 use hyper::body::Frame;
 use regtee::body::ProxyBody;
 use regtee::http_client::HttpClient;
+use regtee::local_process::LocalProcess;
 
 /// A work directory in memory (`/dev/shm`) where the machine has it, for registry storage:
 /// docker-registry syncs every blob it writes, and the disk's flushes would be the figure
@@ -176,4 +177,100 @@ pub fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     (field(11) + field(12)) / ticks
+}
+
+/// nginx in front of `upstream` on `port`, one worker, configured as a registry proxy should be;
+/// logging each request to `dir/access.log` when `access_log`.
+pub fn start_nginx(dir: &Path, port: u16, upstream: &str, access_log: bool) -> (LocalProcess, u32) {
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {log};\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  upstream registry {{ server {up}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    client_max_body_size 0;\n    chunked_transfer_encoding on;\n    location / {{\n      proxy_pass http://registry;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $http_host;\n      proxy_request_buffering off;\n      proxy_buffering off;\n      proxy_read_timeout 900;\n    }}\n  }}\n}}\n",
+            pid = dir.join("nginx.pid").display(),
+            log = if access_log { dir.join("access.log").display().to_string() } else { "off".to_string() },
+            err = dir.join("error.log").display(),
+            tmp = dir.join("tmp").display(),
+            up = upstream.trim_start_matches("http://"),
+        ),
+    )
+    .unwrap();
+    let mut command = std::process::Command::new("nginx");
+    command
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = LocalProcess::spawn(command).expect("nginx is installed (nginx-light)");
+    let master = child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let worker = loop {
+        if let Some(worker) = children_of(master).first() {
+            break *worker;
+        }
+        assert!(Instant::now() < deadline, "nginx started no worker");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (child, worker)
+}
+
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            && let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r)
+            && rest.split_whitespace().nth(1) == Some(&pid.to_string())
+        {
+            found.push(p);
+        }
+    }
+    found
+}
+
+/// An OCI layout of one image (`image`) of random layers, for skopeo.
+pub fn write_layout(dir: &Path, layers: usize, layer_bytes: usize) {
+    use regtee::oci::digest::Digest;
+    let image = regtee::local_registry::sample_image(&vec![layer_bytes; layers]);
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    for blob in std::iter::once(&image.config)
+        .chain(image.layers.iter())
+        .chain(std::iter::once(&image.manifest))
+    {
+        let d = Digest::sha256_of(blob);
+        std::fs::write(dir.join("blobs/sha256").join(d.hex()), blob).unwrap();
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": image.digest.to_string(),
+        "size": image.manifest.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "image"},
+    }]});
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+}
+
+/// `skopeo copy` with `args`; the time it took.
+pub fn skopeo(args: &[String]) -> Duration {
+    let started = Instant::now();
+    let out = std::process::Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--quiet", "--retry-times=0"])
+        .args(args)
+        .output()
+        .expect("skopeo is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed()
 }

@@ -14,12 +14,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use regtee::local_process::LocalProcess;
 use regtee::local_registry::{LocalRegistry, RegistryOptions, free_port};
 
 const MIB: usize = 1024 * 1024;
@@ -59,99 +57,6 @@ fn median_latency(v: &[(Duration, Duration)]) -> (Duration, Duration) {
     p50.sort();
     p99.sort();
     (p50[p50.len() / 2], p99[p99.len() / 2])
-}
-
-/// nginx in front of `upstream` on `port`, one worker, configured as a registry proxy should be.
-fn start_nginx(dir: &Path, port: u16, upstream: &str) -> (LocalProcess, u32) {
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  upstream registry {{ server {up}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    client_max_body_size 0;\n    chunked_transfer_encoding on;\n    location / {{\n      proxy_pass http://registry;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $http_host;\n      proxy_request_buffering off;\n      proxy_buffering off;\n      proxy_read_timeout 900;\n    }}\n  }}\n}}\n",
-            pid = dir.join("nginx.pid").display(),
-            err = dir.join("error.log").display(),
-            tmp = dir.join("tmp").display(),
-            up = upstream.trim_start_matches("http://"),
-        ),
-    )
-    .unwrap();
-    let mut command = std::process::Command::new("nginx");
-    command
-        .arg("-c")
-        .arg(&conf)
-        .arg("-p")
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let child = LocalProcess::spawn(command).expect("nginx is installed (nginx-light)");
-    let master = child.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let worker = loop {
-        if let Some(worker) = children_of(master).first() {
-            break *worker;
-        }
-        assert!(Instant::now() < deadline, "nginx started no worker");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (child, worker)
-}
-
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(p) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat"))
-            && let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r)
-            && rest.split_whitespace().nth(1) == Some(&pid.to_string())
-        {
-            found.push(p);
-        }
-    }
-    found
-}
-
-/// A 16-layer OCI layout for skopeo, written once.
-fn write_layout(dir: &Path) {
-    use regtee::oci::digest::Digest;
-    let image = regtee::local_registry::sample_image(&[LAYER_MIB * MIB; LAYERS]);
-    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    for blob in std::iter::once(&image.config)
-        .chain(image.layers.iter())
-        .chain(std::iter::once(&image.manifest))
-    {
-        let d = Digest::sha256_of(blob);
-        std::fs::write(dir.join("blobs/sha256").join(d.hex()), blob).unwrap();
-    }
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": image.digest.to_string(),
-        "size": image.manifest.len(),
-        "annotations": {"org.opencontainers.image.ref.name": "image"},
-    }]});
-    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
-}
-
-fn skopeo(args: &[String]) -> Duration {
-    let started = Instant::now();
-    let out = std::process::Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--quiet", "--retry-times=0"])
-        .args(args)
-        .output()
-        .expect("skopeo is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    started.elapsed()
 }
 
 async fn head_latencies(base: &str, connections: usize, requests: usize) -> (Duration, Duration) {
@@ -194,8 +99,12 @@ async fn main() {
     let regtee = RegteeProcess::serve(&spec, work.path(), "regtee").await;
     let port = spec.listen_addr().port();
     let nginx_port = free_port().unwrap();
-    let (mut nginx, nginx_worker) =
-        start_nginx(&work.path().join("nginx"), nginx_port, &registry.url());
+    let (mut nginx, nginx_worker) = start_nginx(
+        &work.path().join("nginx"),
+        nginx_port,
+        &registry.url(),
+        false,
+    );
     wait_listening(([127, 0, 0, 1], nginx_port).into()).await;
     let endpoints = [
         Endpoint {
@@ -250,7 +159,7 @@ async fn main() {
     .unwrap();
     assert_eq!(client.request(put).await.unwrap().status(), 201);
     let layout = work.path().join("layout");
-    write_layout(&layout);
+    write_layout(&layout, LAYERS, LAYER_MIB * MIB);
 
     let mut samples: Vec<Samples> = endpoints.iter().map(|_| Samples::default()).collect();
     let connections = [1, 8, 64];

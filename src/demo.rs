@@ -3,7 +3,7 @@
 //! A first run should show the point of regtee without a Harbor at hand: two real distribution
 //! registries (Debian's `docker-registry`, started by [`crate::local_registry`]) play Harbor and
 //! the cloud, an image is pushed through regtee, and it appears on the cloud side with the same
-//! digest.
+//! digest. Then it is pulled twice through regtee: the second pull comes from regtee's cache.
 
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,8 @@ name = "cloud"
 url = "{cloud}"
 namespaces = {{ library = "mirror" }}
 retry_max = "2s"
+[cache]
+max_size = "1GiB"
 "#,
         harbor = harbor.url(),
         cloud = cloud.url(),
@@ -119,6 +121,19 @@ retry_max = "2s"
         in_harbor.map(|h| h.digest.to_string()).unwrap_or_default()
     );
 
+    println!("3. pulling library/hello:1.0 through regtee, twice ...");
+    for round in ["first ", "second"] {
+        let started = Instant::now();
+        let bytes = pull_image(&through_regtee, "library/hello", "1.0", &image).await?;
+        println!("   {round} pull: {bytes} bytes in {:?}", started.elapsed());
+    }
+    println!("4. regtee status (the second pull read nothing from Harbor: see the cache's hits):");
+    let config = crate::config::Config::parse(&config_text, &config_path, &|_| None)?;
+    if let Err(e) = crate::ops::cli::status(&config, false).await {
+        println!("   (status unavailable: {e})");
+    }
+    println!();
+
     println!("To point regtee at your own Harbor:");
     println!("  cp regtee.example.toml regtee.toml   # set [upstream] url and your [[targets]]");
     println!("  cargo run --release -- check --config regtee.toml");
@@ -139,4 +154,38 @@ retry_max = "2s"
         return Err(DemoError::DigestsDiffer);
     }
     Ok(())
+}
+
+/// Pulls `image` (pushed as `repository:tag`) with regtee's own client: the manifest by tag,
+/// every blob by digest, each checked; returns the bytes read.
+async fn pull_image(
+    client: &crate::registry::RegistryClient,
+    repository: &str,
+    tag: &str,
+    image: &crate::local_registry::SampleImage,
+) -> Result<u64, DemoError> {
+    use http_body_util::BodyExt as _;
+    let manifest = client
+        .get_manifest(repository, tag)
+        .await?
+        .ok_or(DemoError::DigestsDiffer)?;
+    if manifest.digest != image.digest {
+        return Err(DemoError::DigestsDiffer);
+    }
+    let mut bytes = manifest.bytes.len() as u64;
+    for blob in image.layers.iter().chain([&image.config]) {
+        let digest = crate::oci::digest::Digest::sha256_of(blob);
+        let stream = client.get_blob(repository, &digest).await?;
+        let got = stream
+            .body
+            .collect()
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .to_bytes();
+        if got != *blob {
+            return Err(DemoError::DigestsDiffer);
+        }
+        bytes += got.len() as u64;
+    }
+    Ok(bytes)
 }

@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::request::server::ConnectionLimits;
-use crate::{metrics, mirror, ops, queue, registry, request, tls};
+use crate::{cache, metrics, mirror, ops, queue, registry, request, tls, token_check};
 
 /// Why regtee could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +31,13 @@ pub enum StartError {
     Registry(#[from] registry::RegistryError),
     /// The proxy toward Harbor could not be built.
     #[error(transparent)]
-    Proxy(#[from] request::proxy::ProxyError),
+    Proxy(#[from] request::upstream::UpstreamError),
+    /// The cache directory is unusable.
+    #[error(transparent)]
+    Cache(#[from] cache::CacheError),
+    /// `[upstream] token_certificate` cannot be read.
+    #[error(transparent)]
+    TokenTrust(#[from] token_check::TokenTrustError),
 }
 
 /// A running regtee: its bound addresses and the handles that stop it.
@@ -113,24 +119,37 @@ struct Parts {
     mirror: Arc<mirror::Mirror>,
     backfiller: Arc<ops::backfill::Backfiller>,
     metrics: Arc<metrics::Metrics>,
+    cache: Option<cache::Cache>,
 }
 
 impl Parts {
-    fn build(config: &Config, queue: &Arc<queue::Queue>) -> Result<Parts, StartError> {
+    fn build(
+        config: &Config,
+        queue: &Arc<queue::Queue>,
+        tasks: &TaskTracker,
+    ) -> Result<Parts, StartError> {
         let metrics = Arc::new(metrics::Metrics::new());
         let tee = Arc::new(mirror::tee::Tee::new(queue.clone(), &config.targets));
-        let proxy = Arc::new(request::proxy::Proxy::new(
-            &config.proxy,
-            &config.upstream,
-            Some(tee.clone()),
-            Some(metrics.clone()),
-        )?);
         let upstream = Arc::new(registry::RegistryClient::new(&config.upstream.endpoint)?);
         let mirror = Arc::new(mirror::Mirror::new(
             queue.clone(),
             upstream.clone(),
             &config.targets,
             metrics.clone(),
+        )?);
+        let read_path = match &config.cache {
+            Some(settings) => Some(Arc::new(read_path(
+                config, settings, &mirror, &metrics, tasks,
+            )?)),
+            None => None,
+        };
+        let cache = read_path.as_ref().map(|r| r.cache().clone());
+        let proxy = Arc::new(request::proxy::Proxy::new(
+            &config.proxy,
+            &config.upstream,
+            Some(tee.clone()),
+            Some(metrics.clone()),
+            read_path,
         )?);
         let backfiller = Arc::new(ops::backfill::Backfiller {
             upstream,
@@ -142,8 +161,47 @@ impl Parts {
             mirror,
             backfiller,
             metrics,
+            cache,
         })
     }
+}
+
+/// The pull-through cache and what decides who may read from it.
+fn read_path(
+    config: &Config,
+    settings: &crate::config::CacheConfig,
+    mirror: &mirror::Mirror,
+    metrics: &Arc<metrics::Metrics>,
+    tasks: &TaskTracker,
+) -> Result<request::read::ReadPath, StartError> {
+    let cache = cache::Cache::open(
+        &settings.dir,
+        settings.max_size,
+        metrics.clone(),
+        tasks.clone(),
+    )?;
+    let trust = match &config.upstream.token_trust {
+        Some(t) => Some(token_check::TokenTrust::load(
+            &t.certificate,
+            &t.issuer,
+            &t.service,
+        )?),
+        None => None,
+    };
+    let stats = cache.stats();
+    tracing::info!(
+        dir = %settings.dir.display(),
+        entries = stats.entries,
+        bytes = stats.size_bytes,
+        token_check = trust.is_some(),
+        "pull-through cache open"
+    );
+    Ok(request::read::ReadPath::new(
+        cache,
+        trust,
+        settings,
+        mirror.targets(),
+    ))
 }
 
 impl Instance {
@@ -155,9 +213,9 @@ impl Instance {
         let queue = open_queue(&config).await?;
         let listeners = Listeners::bind(&config).await?;
         let [http_addr, https_addr, admin_addr] = listeners.addresses();
-        let parts = Parts::build(&config, &queue)?;
-        let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let parts = Parts::build(&config, &queue, &tasks)?;
+        let cancel = CancellationToken::new();
         spawn_all(&config, listeners, parts, queue, &tasks, &cancel);
         tasks.close();
         let shown =
@@ -230,6 +288,7 @@ fn spawn_all(
             queue,
             parts.backfiller,
             parts.metrics,
+            parts.cache,
             tasks.clone(),
             cancel.clone(),
         ));

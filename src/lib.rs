@@ -26,7 +26,8 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
-// The two paths and the operator's side: internal.
+// The two paths, the cache pulls read from, and the operator's side: internal.
+mod cache;
 mod metrics;
 mod mirror;
 mod ops;
@@ -54,6 +55,7 @@ mod error;
 mod redact;
 mod stall;
 mod throttle;
+mod token_check;
 mod wait_limit;
 
 // A running regtee, and the whole of it on one machine.

@@ -75,6 +75,17 @@ struct OutcomeLabels {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheReadLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
@@ -96,6 +107,37 @@ pub(crate) struct Metrics {
     failures: Family<FailureLabels, Counter>,
     mirrored_bytes: Family<TargetLabels, Counter>,
     outcomes: Family<OutcomeLabels, Counter>,
+    cache_reads: Family<CacheReadLabels, Counter>,
+    cache_bytes: Family<SourceLabels, Counter>,
+    cache_evictions: Counter,
+    cache_verification_failures: Counter,
+    cache_fallback_reads: Family<SourceLabels, Counter>,
+    cache_size: Gauge,
+    cache_entries: Gauge,
+}
+
+/// How a read the pull-through cache handles was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CacheRead {
+    /// From a verified copy on disk.
+    Hit,
+    /// From Harbor, filling the cache.
+    Miss,
+    /// From another client's fill in progress: no read of Harbor of its own.
+    Coalesced,
+    /// While Harbor could not answer: from the cache or a target.
+    Fallback,
+}
+
+impl CacheRead {
+    fn label(self) -> &'static str {
+        match self {
+            CacheRead::Hit => "hit",
+            CacheRead::Miss => "miss",
+            CacheRead::Coalesced => "coalesced",
+            CacheRead::Fallback => "fallback",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -164,6 +206,48 @@ impl Metrics {
             "Jobs that reached a final state, by target, kind and outcome",
             outcomes.clone(),
         );
+        let cache_reads = Family::<CacheReadLabels, Counter>::default();
+        registry.register(
+            "cache_reads",
+            "Reads the pull-through cache handled, by kind (blob, manifest) and result (hit, miss, coalesced, fallback)",
+            cache_reads.clone(),
+        );
+        let cache_bytes = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "cache_served_bytes",
+            "Bytes of cached reads' bodies, by where they came from (cache, harbor, or a target's name)",
+            cache_bytes.clone(),
+        );
+        let cache_evictions = Counter::default();
+        registry.register(
+            "cache_evictions",
+            "Entries evicted to keep the cache under max_size",
+            cache_evictions.clone(),
+        );
+        let cache_verification_failures = Counter::default();
+        registry.register(
+            "cache_verification_failures",
+            "Contents whose bytes did not match their digest (from Harbor, a target, or a damaged file); never served whole, never kept",
+            cache_verification_failures.clone(),
+        );
+        let cache_fallback_reads = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "cache_fallback_reads",
+            "Reads served while Harbor could not answer, by source (cache, or a target's name)",
+            cache_fallback_reads.clone(),
+        );
+        let cache_size = Gauge::default();
+        registry.register(
+            "cache_size_bytes",
+            "Bytes the cache's entries take",
+            cache_size.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Entries in the cache",
+            cache_entries.clone(),
+        );
         let direction = |d| {
             bytes
                 .get_or_create(&DirectionLabels { direction: d })
@@ -181,7 +265,59 @@ impl Metrics {
             failures,
             mirrored_bytes,
             outcomes,
+            cache_reads,
+            cache_bytes,
+            cache_evictions,
+            cache_verification_failures,
+            cache_fallback_reads,
+            cache_size,
+            cache_entries,
         }
+    }
+
+    /// A read the cache handled.
+    pub(crate) fn observe_cache_read(&self, manifest: bool, how: CacheRead) {
+        let kind = if manifest { "manifest" } else { "blob" };
+        self.cache_reads
+            .get_or_create(&CacheReadLabels {
+                kind,
+                result: how.label(),
+            })
+            .inc();
+    }
+
+    /// Body bytes of a cached read, from `source` (`cache`, `harbor`, or a target's name).
+    pub(crate) fn observe_cache_bytes(&self, source: &str, bytes: u64) {
+        self.cache_bytes
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+            })
+            .inc_by(bytes);
+    }
+
+    /// Entries evicted.
+    pub(crate) fn observe_evictions(&self, n: u64) {
+        self.cache_evictions.inc_by(n);
+    }
+
+    /// Bytes that did not match their digest.
+    pub(crate) fn observe_verification_failure(&self) {
+        self.cache_verification_failures.inc();
+    }
+
+    /// A read served while Harbor could not answer, from `source`.
+    pub(crate) fn observe_fallback(&self, source: &str) {
+        self.cache_fallback_reads
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+            })
+            .inc();
+    }
+
+    /// The cache's size, for the gauges.
+    pub(crate) fn set_cache_size(&self, bytes: u64, entries: u64) {
+        self.cache_size.set(bytes as i64);
+        self.cache_entries.set(entries as i64);
     }
 
     /// Called once per proxied request when its response is done.

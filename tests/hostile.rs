@@ -1,11 +1,11 @@
 //! Hostile input and faults, each from a hostile test run against an earlier regtee: a push a
 //! client saw succeed is never lost, a secret is never printed, and nothing hangs or spins.
 
-use std::path::Path;
 use std::time::Duration;
 
 use regtee::local_registry::{push_blobs, sample_image};
 
+use crate::support::disk::SmallDisk;
 use crate::support::fault::{Fault, FaultFront};
 use crate::support::layout::Layout;
 use crate::support::*;
@@ -587,48 +587,6 @@ async fn a_huge_chunk_minimum_is_refused_and_chunks_stream_in_bounded_memory() {
         peak_kib < 48 * 1024,
         "peak RSS {peak_kib} KiB while 64 MiB chunks streamed"
     );
-}
-
-/// A tmpfs of `size` at `dir`, unmounted on drop.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &Path, size: &str) -> SmallDisk {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root: {}",
-            text(&out)
-        );
-        SmallDisk(dir.to_path_buf())
-    }
-
-    /// Takes all the space left.
-    fn fill(&self) {
-        let _ = std::fs::remove_file(self.0.join("filler"));
-        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
-        use std::io::Write as _;
-        let block = vec![0u8; 64 * 1024];
-        while f.write_all(&block).is_ok() {}
-        let small = vec![0u8; 512];
-        while f.write_all(&small).is_ok() {}
-        let _ = f.sync_all();
-    }
-
-    fn free(&self) {
-        std::fs::remove_file(self.0.join("filler")).unwrap();
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

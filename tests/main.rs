@@ -4,6 +4,7 @@
 mod support;
 
 mod bounds;
+mod cache;
 mod clouds;
 mod credentials;
 mod deploy;

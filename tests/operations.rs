@@ -504,3 +504,22 @@ async fn check_reports_a_wrong_password_and_a_missing_namespace_with_hints() {
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert_says(&out, "listen_port");
 }
+
+#[test]
+fn the_demo_mirrors_a_push_and_serves_the_second_pull_from_the_cache() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regtee"))
+        .args(["demo", "--exit"])
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("(same digest)"), "{said}");
+    let cache_line = said
+        .lines()
+        .find(|l| l.starts_with("cache: "))
+        .unwrap_or_else(|| panic!("a cache line in {said}"));
+    assert!(
+        cache_line.contains("5 hits, 5 misses"),
+        "the second pull, manifest and four blobs, came from the cache: {cache_line}"
+    );
+}

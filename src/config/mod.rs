@@ -146,6 +146,32 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// Log format and level.
     pub log: LogConfig,
+    /// The pull-through cache, if any.
+    pub cache: Option<CacheConfig>,
+}
+
+/// `[cache]`: pulls served from verified copies on local disk.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// The most bytes the cached entries may take; least recently used ones go first.
+    pub max_size: u64,
+    /// Where they are kept.
+    pub dir: PathBuf,
+    /// Targets to read from when Harbor cannot answer, in order.
+    pub fallback_targets: Vec<String>,
+}
+
+/// How Harbor's registry trusts the tokens of Harbor's token service: what regtee checks a
+/// client's Bearer token against to authorize reads Harbor cannot be asked about.
+#[derive(Clone, Debug)]
+pub struct TokenTrustConfig {
+    /// The certificates Harbor's registry trusts (Harbor's `root.crt`, distribution's
+    /// `rootcertbundle`).
+    pub certificate: PathBuf,
+    /// The tokens' `iss`.
+    pub issuer: String,
+    /// The tokens' `aud` (distribution's `service`).
+    pub service: String,
 }
 
 /// The client-facing side.
@@ -181,6 +207,8 @@ pub struct UpstreamConfig {
     pub endpoint: Endpoint,
     /// Send token requests for realms on other origins through regtee.
     pub rewrite_token_realm: bool,
+    /// Checking clients' tokens locally, as Harbor's registry does.
+    pub token_trust: Option<TokenTrustConfig>,
 }
 
 /// The state directory.

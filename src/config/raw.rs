@@ -23,6 +23,16 @@ pub(super) struct RawConfig {
     pub(super) log: RawLog,
     #[serde(default)]
     pub(super) targets: Vec<RawTarget>,
+    pub(super) cache: Option<RawCache>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    pub(super) max_size: Option<bytesize::ByteSize>,
+    pub(super) dir: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) fallback_targets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -64,6 +74,9 @@ pub(super) struct RawUpstream {
     pub(super) max_bytes_per_second: Option<u64>,
     pub(super) max_requests_per_second: Option<u32>,
     pub(super) rewrite_token_realm: Option<bool>,
+    pub(super) token_certificate: Option<PathBuf>,
+    pub(super) token_issuer: Option<String>,
+    pub(super) token_service: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

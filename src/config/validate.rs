@@ -160,6 +160,10 @@ impl Validator<'_> {
             format: raw.log.format.unwrap_or(LogFormat::Text),
             level: raw.log.level.unwrap_or_else(|| "info".to_string()),
         };
+        let cache = match raw.cache {
+            Some(c) => self.cache(c, &state, &targets)?,
+            None => None,
+        };
         Ok(Config {
             proxy,
             upstream,
@@ -168,7 +172,44 @@ impl Validator<'_> {
             webhook_secret,
             targets,
             log,
+            cache,
         })
+    }
+
+    /// `[cache]`: none without a size; its directory under the state directory by default;
+    /// fallback targets must be configured targets.
+    fn cache(
+        &self,
+        raw: RawCache,
+        state: &StateConfig,
+        targets: &[TargetConfig],
+    ) -> Result<Option<CacheConfig>, ConfigError> {
+        let max_size = raw.max_size.map_or(0, |s| s.as_u64());
+        if max_size == 0 {
+            if !raw.fallback_targets.is_empty() {
+                return Err(self.invalid(
+                    "cache.fallback_targets",
+                    "fallback reads come from the cache's verified copies: set cache.max_size",
+                ));
+            }
+            return Ok(None);
+        }
+        for (i, name) in raw.fallback_targets.iter().enumerate() {
+            if !targets.iter().any(|t| &t.endpoint.name == name) {
+                return Err(self.invalid(
+                    format!("cache.fallback_targets[{i}]"),
+                    format!("no target named `{name}` in [[targets]]"),
+                ));
+            }
+        }
+        Ok(Some(CacheConfig {
+            max_size,
+            dir: raw
+                .dir
+                .map(|d| self.resolve_path(&d))
+                .unwrap_or_else(|| state.dir.join("cache")),
+            fallback_targets: raw.fallback_targets,
+        }))
     }
 
     fn proxy(&self, raw: RawProxy) -> Result<ProxyConfig, ConfigError> {
@@ -351,6 +392,26 @@ impl Validator<'_> {
                 )?,
             },
             rewrite_token_realm: raw.rewrite_token_realm.unwrap_or(true),
+            token_trust: match raw.token_certificate {
+                Some(certificate) => Some(TokenTrustConfig {
+                    certificate: self
+                        .ca_file("upstream.token_certificate", Some(certificate))?
+                        .unwrap_or_default(),
+                    issuer: raw
+                        .token_issuer
+                        .unwrap_or_else(|| "harbor-token-issuer".to_string()),
+                    service: raw
+                        .token_service
+                        .unwrap_or_else(|| "harbor-registry".to_string()),
+                }),
+                None if raw.token_issuer.is_some() || raw.token_service.is_some() => {
+                    return Err(self.invalid(
+                        "upstream.token_certificate",
+                        "token_issuer and token_service are checked against tokens only with the certificate they are signed under: set token_certificate",
+                    ));
+                }
+                None => None,
+            },
         })
     }
 

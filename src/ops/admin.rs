@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::read_limited;
 use crate::body::{self, ProxyBody};
+use crate::cache::{Cache, CacheStats};
 use crate::config::{Config, Secret};
 use crate::metrics::Metrics;
 use crate::oci::names::{RepositoryName, Tag};
@@ -39,13 +40,20 @@ pub(crate) struct Status {
     /// The replicas sharing a PostgreSQL queue (empty with SQLite).
     #[serde(default)]
     pub replicas: Vec<crate::queue::Replica>,
+    /// The pull-through cache's figures, from a running regtee with `[cache]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStats>,
     /// When this was computed (ms).
     pub now: i64,
 }
 
 impl Status {
     /// Reads the status from the queue; `targets` are the configured target names.
-    pub(crate) async fn gather(queue: &Queue, targets: &[String]) -> Result<Status, QueueError> {
+    pub(crate) async fn gather(
+        queue: &Queue,
+        targets: &[String],
+        cache: Option<&Cache>,
+    ) -> Result<Status, QueueError> {
         Ok(Status {
             targets: queue.counts(targets).await?,
             recent_failures: queue
@@ -56,6 +64,7 @@ impl Status {
                 })
                 .await?,
             replicas: queue.replicas().await?,
+            cache: cache.map(Cache::stats),
             now: now_ms(),
         })
     }
@@ -124,6 +133,7 @@ pub(crate) struct Admin {
     /// Harbor, the targets and the tee: what backfills, comparisons and webhooks need.
     backfiller: Arc<Backfiller>,
     metrics: Arc<Metrics>,
+    cache: Option<Cache>,
     backfills: Arc<BackfillRuns>,
     cancel: CancellationToken,
 }
@@ -171,6 +181,7 @@ impl Admin {
         queue: Arc<Queue>,
         backfiller: Arc<Backfiller>,
         metrics: Arc<Metrics>,
+        cache: Option<Cache>,
         tasks: TaskTracker,
         cancel: CancellationToken,
     ) -> Admin {
@@ -186,6 +197,7 @@ impl Admin {
             queue,
             backfiller,
             metrics,
+            cache,
             cancel,
         }
     }
@@ -320,6 +332,10 @@ impl Admin {
             .counts(&self.target_names())
             .await
             .unwrap_or_default();
+        if let Some(cache) = &self.cache {
+            let stats = cache.stats();
+            self.metrics.set_cache_size(stats.size_bytes, stats.entries);
+        }
         text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -328,7 +344,7 @@ impl Admin {
     }
 
     async fn status(&self) -> Answer {
-        match Status::gather(&self.queue, &self.target_names()).await {
+        match Status::gather(&self.queue, &self.target_names(), self.cache.as_ref()).await {
             Ok(s) => json(StatusCode::OK, &s),
             Err(e) => queue_unavailable(&e),
         }

@@ -4,5 +4,7 @@
 
 pub(crate) mod headers;
 pub(crate) mod proxy;
+pub(crate) mod read;
 pub(crate) mod route;
 pub(crate) mod server;
+pub(crate) mod upstream;

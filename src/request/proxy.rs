@@ -6,7 +6,6 @@
 //! Harbor cannot be reached, 504 when it does not answer in time.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,26 +17,16 @@ use tokio::sync::watch;
 
 use crate::body::{self, ProxyBody, Tracked, Watched};
 use crate::config::{ProxyConfig, UpstreamConfig};
-use crate::error::{OciError, error_chain};
-use crate::http_client::{self, HttpClient, SendError};
+use crate::error::OciError;
 use crate::mirror::tee::Tee;
 use crate::oci::error_code::ErrorCode;
-use crate::origin::{Origin, Scheme};
+use crate::origin::Origin;
 use crate::request::headers::{self, RealmRewrite};
+use crate::request::read::{Ask, Read, ReadPath};
 use crate::request::route::{self, FOREIGN_TOKEN_PREFIX, Route};
+use crate::request::server::Connection;
+use crate::request::upstream::{Upstream, UpstreamError};
 use crate::throttle::Throttle;
-use crate::tls::TlsFailure;
-
-/// Facts about the client connection a request arrived on.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Connection {
-    /// Which listener: decides the scheme of rewritten URLs.
-    pub scheme: Scheme,
-    /// The client's address, for `X-Forwarded-For`.
-    pub peer: SocketAddr,
-    /// Our address, the fallback public origin when a request has no `Host`.
-    pub local: SocketAddr,
-}
 
 /// Token realms on other origins that upstream challenges named, so clients that can reach only
 /// regtee can still log in. Only realms the upstream advertised can be relayed to: regtee is not
@@ -92,30 +81,15 @@ impl RealmRelay {
 
 /// The request path's state: one per process, shared by every connection.
 pub(crate) struct Proxy {
-    upstream: Origin,
-    /// The upstream as request URIs and `Host` need it, built once.
-    upstream_scheme: http::uri::Scheme,
-    upstream_authority: http::uri::Authority,
-    upstream_host: http::HeaderValue,
-    client: HttpClient,
-    response_timeout: Duration,
+    upstream: Arc<Upstream>,
     body_idle_timeout: Duration,
+    /// Pulls served through the cache, when it is configured.
+    read_path: Option<Arc<ReadPath>>,
     relay: Option<RealmRelay>,
     /// Made-up relay ids cost Harbor at most one challenge a second.
     learning: Throttle,
     tee: Option<Arc<Tee>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
-}
-
-/// Why the proxy cannot be built.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    /// The upstream URL cannot be sent as a request's authority or `Host`.
-    #[error("[upstream] url {0}: not usable as a request authority")]
-    UpstreamAuthority(String),
-    /// The client toward Harbor could not be built (its TLS settings).
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
 }
 
 impl Proxy {
@@ -125,26 +99,12 @@ impl Proxy {
         upstream: &UpstreamConfig,
         tee: Option<Arc<Tee>>,
         metrics: Option<Arc<crate::metrics::Metrics>>,
-    ) -> Result<Proxy, ProxyError> {
-        let e = &upstream.endpoint;
-        let authority = e.origin.authority();
-        let invalid = || ProxyError::UpstreamAuthority(e.origin.to_string());
+        read_path: Option<Arc<ReadPath>>,
+    ) -> Result<Proxy, UpstreamError> {
         Ok(Proxy {
-            upstream: e.origin.clone(),
-            upstream_scheme: match e.origin.scheme() {
-                Scheme::Http => http::uri::Scheme::HTTP,
-                Scheme::Https => http::uri::Scheme::HTTPS,
-            },
-            upstream_authority: authority.parse().map_err(|_| invalid())?,
-            upstream_host: http::HeaderValue::from_str(&authority).map_err(|_| invalid())?,
-            client: http_client::build(
-                &e.tls,
-                e.connect_timeout,
-                e.pool_idle_timeout,
-                proxy.body_idle_timeout,
-            )?,
-            response_timeout: e.response_timeout,
+            upstream: Arc::new(Upstream::new(upstream, proxy.body_idle_timeout)?),
             body_idle_timeout: proxy.body_idle_timeout,
+            read_path,
             relay: upstream.rewrite_token_realm.then(RealmRelay::default),
             learning: Throttle::new(Duration::from_secs(1)),
             tee,
@@ -173,6 +133,22 @@ impl Proxy {
             host: parts.headers.get(http::header::HOST).cloned(),
             conn,
         };
+        if let Some(read_path) = &self.read_path {
+            let ask = Ask {
+                method: &parts.method,
+                headers: &parts.headers,
+                conn: &client.conn,
+            };
+            match read_path.read(&self.upstream, &route, &ask).await {
+                Read::Forward => {}
+                Read::Answer(answer) => return Ok(log.served(answer, self.body_idle_timeout)),
+                Read::Harbor(answer) => {
+                    log.upstream_answered();
+                    return Ok(self.respond(answer, &client, log));
+                }
+                Read::Error(error) => return Ok(log.answer(error)),
+            }
+        }
         let (request, end_rx) = match self
             .upstream_request(parts, incoming, &route, &client, &log)
             .await
@@ -180,7 +156,7 @@ impl Proxy {
             Ok(prepared) => prepared,
             Err(error) => return Ok(log.answer(error)),
         };
-        let response = match self.send(request, end_rx).await {
+        let response = match self.upstream.send(request, end_rx).await {
             Ok(response) => response,
             Err(error) => return Ok(log.answer(error)),
         };
@@ -208,8 +184,8 @@ impl Proxy {
             found => found,
         };
         let (destination, uri) = found?;
-        let host = if destination == self.upstream {
-            self.upstream_host.clone()
+        let host = if destination == self.upstream.origin {
+            self.upstream.host.clone()
         } else {
             http::HeaderValue::from_str(&destination.authority())
                 .map_err(|_| OciError::bad_gateway("invalid token realm host"))?
@@ -265,17 +241,24 @@ impl Proxy {
 
     /// Harbor's answer as the client gets it: URLs that would send it around regtee rewritten
     /// to the origin it used, its body streamed, counted and cut when it stalls.
-    fn respond(
+    fn respond<B>(
         &self,
-        response: Response<Incoming>,
+        response: Response<B>,
         client: &ClientRequest,
         log: Arc<RequestLog>,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<body::BoxError>,
+    {
         let status = response.status();
         let (mut parts, upstream_body) = response.into_parts();
-        if let Some(https) =
-            crate::origin::redirect_to_https(status, &parts.headers, &self.upstream, &client.uri)
-        {
+        if let Some(https) = crate::origin::redirect_to_https(
+            status,
+            &parts.headers,
+            &self.upstream.origin,
+            &client.uri,
+        ) {
             return log.answer(self.upgrade_redirect(&https));
         }
         let relay = self
@@ -294,7 +277,7 @@ impl Proxy {
                 client.conn.local,
             );
             let rebase = headers::Rebase {
-                upstream: &self.upstream,
+                upstream: &self.upstream.origin,
                 public: &public,
             };
             headers::rewrite_response(&mut parts.headers, &rebase, realms);
@@ -321,17 +304,19 @@ impl Proxy {
         if self.learning.allow().is_none() {
             return false;
         }
-        let Ok(uri) = self.on_upstream(http::uri::PathAndQuery::from_static("/v2/")) else {
+        let Ok(uri) = self
+            .upstream
+            .uri(http::uri::PathAndQuery::from_static("/v2/"))
+        else {
             return false;
         };
         let Ok(request) = Request::get(uri)
-            .header(http::header::HOST, self.upstream_host.clone())
+            .header(http::header::HOST, self.upstream.host.clone())
             .body(body::empty())
         else {
             return false;
         };
-        let answer = tokio::time::timeout(self.response_timeout, self.client.request(request));
-        let Ok(Ok(response)) = answer.await else {
+        let Ok(response) = self.upstream.send_bodyless(request).await else {
             return false;
         };
         let mut learned = false;
@@ -341,24 +326,12 @@ impl Proxy {
                 continue;
             };
             if let Some(realm) = challenge.param("realm")
-                && !self.upstream.same_authority(&origin)
+                && !self.upstream.origin.same_authority(&origin)
             {
                 learned |= relay.register(realm).is_some();
             }
         }
         learned
-    }
-
-    /// `path` on the upstream, from the parts built once at start.
-    fn on_upstream(
-        &self,
-        path: http::uri::PathAndQuery,
-    ) -> Result<Uri, http::uri::InvalidUriParts> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.upstream_scheme.clone());
-        parts.authority = Some(self.upstream_authority.clone());
-        parts.path_and_query = Some(path);
-        Uri::from_parts(parts)
     }
 
     /// Where a request goes: Harbor, or a relayed token realm.
@@ -398,66 +371,14 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let target = self.on_upstream(path).map_err(|_| {
+        let target = self.upstream.uri(path).map_err(|_| {
             OciError::new(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::Unsupported,
                 "invalid request path",
             )
         })?;
-        Ok((self.upstream.clone(), target))
-    }
-
-    /// Sends upstream, turning failures into regtee's own error answers.
-    async fn send(
-        &self,
-        request: Request<ProxyBody>,
-        body_sent: watch::Receiver<bool>,
-    ) -> Result<Response<Incoming>, OciError> {
-        match http_client::send_with_deadline(
-            &self.client,
-            request,
-            body_sent,
-            self.response_timeout,
-        )
-        .await
-        {
-            Ok(response) => Ok(response),
-            Err(SendError::Failed(e)) => Err(self.explain(&e)),
-            Err(SendError::Timeout) => Err(OciError::gateway_timeout(format!(
-                "upstream {} did not answer within {:?}",
-                self.upstream, self.response_timeout
-            ))),
-        }
-    }
-
-    fn explain(&self, error: &hyper_util::client::legacy::Error) -> OciError {
-        let chain = error_chain(error);
-        if crate::error::find::<body::IdleTimeout>(error).is_some() {
-            return OciError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                ErrorCode::Unavailable,
-                format!("request body stalled: {chain}"),
-            );
-        }
-        if let Some(tls) = TlsFailure::find(error) {
-            return OciError::bad_gateway(format!(
-                "TLS to upstream {} failed: {tls}: {}",
-                self.upstream,
-                tls.fix("[upstream]")
-            ));
-        }
-        let timed_out = crate::error::timed_out(error);
-        let message = if error.is_connect() {
-            format!("cannot reach upstream {}: {chain}", self.upstream)
-        } else {
-            format!("upstream {} failed: {chain}", self.upstream)
-        };
-        if timed_out {
-            OciError::gateway_timeout(message)
-        } else {
-            OciError::bad_gateway(message)
-        }
+        Ok((self.upstream.origin.clone(), target))
     }
 }
 
@@ -468,7 +389,7 @@ impl Proxy {
     fn upgrade_redirect(&self, https: &Origin) -> OciError {
         let message = format!(
             "upstream {} redirects to {https}: Harbor serves HTTPS only; set [upstream] url = \"{https}\" in regtee's config (and ca_file if its CA is private)",
-            self.upstream
+            self.upstream.origin
         );
         if let Some(held_back) = UPGRADE_REDIRECT.allow() {
             tracing::error!(held_back, "{message}");
@@ -530,6 +451,18 @@ impl RequestLog {
 
     fn upstream_answered(&self) {
         let _ = self.upstream_latency.set(self.started.elapsed());
+    }
+
+    /// Answers with content the read path served: counted, logged when done, its body cut if
+    /// it stalls (even when nobody polls it).
+    fn served(self: Arc<Self>, answer: Response<ProxyBody>, idle: Duration) -> Response<ProxyBody> {
+        self.status
+            .store(answer.status().as_u16(), Ordering::Relaxed);
+        let (parts, b) = answer.into_parts();
+        let b = Tracked::new(b, self.bytes_out.clone())
+            .idle_timeout(idle)
+            .hold(self);
+        Response::from_parts(parts, Watched::body(b, idle))
     }
 
     /// Answers with regtee's own error; the log line is written when the response is dropped.

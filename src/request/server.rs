@@ -22,9 +22,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
 use crate::origin::Scheme;
-use crate::request::proxy::Connection;
 use crate::stall::WriteStall;
 use crate::throttle::Throttle;
+
+/// Facts about the client connection a request arrived on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Connection {
+    /// Which listener: decides the scheme of rewritten URLs.
+    pub scheme: Scheme,
+    /// The client's address, for `X-Forwarded-For`.
+    pub peer: SocketAddr,
+    /// Our address, the fallback public origin when a request has no `Host`.
+    pub local: SocketAddr,
+}
 
 /// Limits that apply to every connection of a listener.
 #[derive(Clone, Copy, Debug)]

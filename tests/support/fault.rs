@@ -46,6 +46,9 @@ pub enum Fault {
     TagsLinkToThemselves,
     /// Answer every blob `GET` with a body that never ends and states no length.
     EndlessBlobs,
+    /// Send every blob `GET`'s body with its first byte changed: the stated length, other
+    /// bytes (a storage backend that returns damaged content).
+    CorruptBlobs,
 }
 
 pub(super) struct State {
@@ -271,6 +274,24 @@ impl State {
                     parts,
                     regtee::body::boxed(http_body_util::StreamBody::new(endless)),
                 )
+            }
+            Fault::CorruptBlobs
+                if method == http::Method::GET
+                    && parts.status == StatusCode::OK
+                    && target_path.contains("/blobs/sha") =>
+            {
+                let mut first = true;
+                let corrupted = body.map_frame(move |frame| match frame.into_data() {
+                    Ok(data) if first && !data.is_empty() => {
+                        first = false;
+                        let mut bytes = data.to_vec();
+                        bytes[0] ^= 0xff;
+                        Frame::data(Bytes::from(bytes))
+                    }
+                    Ok(data) => Frame::data(data),
+                    Err(frame) => frame,
+                });
+                Response::from_parts(parts, regtee::body::boxed(corrupted))
             }
             Fault::ChunkMinLength(n) if parts.status == StatusCode::ACCEPTED => {
                 if parts.headers.contains_key("docker-upload-uuid") && method == http::Method::POST

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod disk;
 pub mod docker;
 pub mod fault;
 pub mod harbor;

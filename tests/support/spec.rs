@@ -80,6 +80,8 @@ pub struct ConfigSpec {
     /// The queue in PostgreSQL: its URL and the role's password, and `[state]` lines to add.
     pub database: Option<(String, String)>,
     pub state_extra: String,
+    /// The `[cache]` section's lines, when there is one.
+    pub cache: Option<String>,
 }
 
 impl ConfigSpec {
@@ -99,6 +101,7 @@ impl ConfigSpec {
             cloud_password: CLOUD_PASSWORD.into(),
             database: None,
             state_extra: String::new(),
+            cache: None,
         }
     }
 
@@ -181,6 +184,9 @@ impl ConfigSpec {
         }
         if self.webhook_secret.is_some() {
             s.push_str("[webhooks]\nsecret_env = \"REGTEE_WEBHOOK_SECRET\"\n");
+        }
+        if let Some(lines) = &self.cache {
+            s.push_str(&format!("[cache]\n{lines}"));
         }
         for t in &self.targets {
             let login = t.login.clone().unwrap_or_else(|| {

@@ -77,7 +77,7 @@ pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
                 .iter()
                 .map(|t| t.endpoint.name.clone())
                 .collect();
-            Status::gather(&queue, &names).await?
+            Status::gather(&queue, &names, None).await?
         }
     };
     if as_json {
@@ -116,6 +116,21 @@ pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
                 human_age(status.now - r.heartbeat_at)
             );
         }
+    }
+    if let Some(cache) = &status.cache {
+        println!(
+            "\ncache: {} in {} entries (max {}), {} hits, {} misses, hit ratio {:.2}",
+            bytesize::ByteSize(cache.size_bytes),
+            cache.entries,
+            if cache.max_size_bytes == 0 {
+                "none".to_string()
+            } else {
+                bytesize::ByteSize(cache.max_size_bytes).to_string()
+            },
+            cache.hits,
+            cache.misses,
+            cache.hit_ratio
+        );
     }
     if !status.recent_failures.is_empty() {
         println!("\nrecent failures (retry with `regtee retry --failed` once fixed):");
