@@ -120,6 +120,7 @@ struct Parts {
     backfiller: Arc<ops::backfill::Backfiller>,
     metrics: Arc<metrics::Metrics>,
     cache: Option<cache::Cache>,
+    primary: tokio::sync::watch::Receiver<queue::PrimaryRecord>,
 }
 
 impl Parts {
@@ -127,6 +128,7 @@ impl Parts {
         config: &Config,
         queue: &Arc<queue::Queue>,
         tasks: &TaskTracker,
+        primary: tokio::sync::watch::Receiver<queue::PrimaryRecord>,
     ) -> Result<Parts, StartError> {
         let metrics = Arc::new(metrics::Metrics::new());
         let tee = Arc::new(mirror::tee::Tee::new(queue.clone(), &config.targets));
@@ -134,6 +136,7 @@ impl Parts {
         let mirror = Arc::new(mirror::Mirror::new(
             queue.clone(),
             upstream.clone(),
+            &config.upstream,
             &config.targets,
             metrics.clone(),
         )?);
@@ -144,12 +147,19 @@ impl Parts {
             None => None,
         };
         let cache = read_path.as_ref().map(|r| r.cache().clone());
+        let primary_path = request::primary::PrimaryPath::new(
+            primary.clone(),
+            mirror.clone(),
+            token_trust(config)?,
+            Some(tee.clone()),
+        );
         let proxy = Arc::new(request::proxy::Proxy::new(
             &config.proxy,
             &config.upstream,
             Some(tee.clone()),
             Some(metrics.clone()),
             read_path,
+            Some(Arc::new(primary_path)),
         )?);
         let backfiller = Arc::new(ops::backfill::Backfiller {
             upstream,
@@ -162,8 +172,21 @@ impl Parts {
             backfiller,
             metrics,
             cache,
+            primary,
         })
     }
+}
+
+/// Harbor's token certificate, when configured: clients' tokens checked as Harbor checks them.
+fn token_trust(config: &Config) -> Result<Option<token_check::TokenTrust>, StartError> {
+    Ok(match &config.upstream.token_trust {
+        Some(t) => Some(token_check::TokenTrust::load(
+            &t.certificate,
+            &t.issuer,
+            &t.service,
+        )?),
+        None => None,
+    })
 }
 
 /// The pull-through cache and what decides who may read from it.
@@ -180,14 +203,7 @@ fn read_path(
         metrics.clone(),
         tasks.clone(),
     )?;
-    let trust = match &config.upstream.token_trust {
-        Some(t) => Some(token_check::TokenTrust::load(
-            &t.certificate,
-            &t.issuer,
-            &t.service,
-        )?),
-        None => None,
-    };
+    let trust = token_trust(config)?;
     let stats = cache.stats();
     tracing::info!(
         dir = %settings.dir.display(),
@@ -214,8 +230,10 @@ impl Instance {
         let listeners = Listeners::bind(&config).await?;
         let [http_addr, https_addr, admin_addr] = listeners.addresses();
         let tasks = TaskTracker::new();
-        let parts = Parts::build(&config, &queue, &tasks)?;
+        let (primary_tx, primary) = tokio::sync::watch::channel(queue.primary().await?);
+        let parts = Parts::build(&config, &queue, &tasks, primary)?;
         let cancel = CancellationToken::new();
+        queue::spawn_primary_follower(&tasks, &cancel, queue.clone(), primary_tx);
         spawn_all(&config, listeners, parts, queue, &tasks, &cancel);
         tasks.close();
         let shown =
@@ -285,10 +303,13 @@ fn spawn_all(
     if let Some(listener) = listeners.admin {
         let admin = Arc::new(ops::admin::Admin::new(
             config,
-            queue,
-            parts.backfiller,
-            parts.metrics,
-            parts.cache,
+            ops::admin::AdminParts {
+                queue,
+                backfiller: parts.backfiller,
+                metrics: parts.metrics,
+                cache: parts.cache,
+                serving: parts.primary,
+            },
             tasks.clone(),
             cancel.clone(),
         ));

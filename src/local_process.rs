@@ -128,7 +128,8 @@ mod watchdog {
 
     /// Once stdin closes: asks the listed groups to stop (SIGTERM: PostgreSQL removes its
     /// shared memory, dockerd stops containerd), kills what is left after 2 s, waits (at most
-    /// 10 s) until they are gone, then deletes the listed directories and its own. Terminal
+    /// 10 s) until they are gone, then deletes the listed directories (unmounting what was
+    /// left mounted below them first) and its own. Terminal
     /// signals are ignored: Ctrl-C on a test run reaches that run's group, and the watchdog must
     /// outlive it.
     const SCRIPT: &str = r#"trap '' INT TERM HUP QUIT
@@ -154,10 +155,17 @@ alive() {
   return 1
 }
 wait_gone() { local n=0; while (( n < $1 )) && alive; do n=$((n+1)); sleep 0.05; done; }
+# What a dead daemon left mounted below a directory (dockerd's netns of a host-network
+# container, its data root's bind mount), deepest first: rm cannot delete a mount point.
+unmount_below() {
+  local m
+  while read -r _ m _; do [[ $m == "$1"/* ]] && echo "$m"; done < /proc/mounts |
+    sort -r | while read -r m; do umount -l -- "$m" 2>/dev/null; done
+}
 load
 signal -TERM; wait_gone 40
 signal -KILL; wait_gone 200
-for d in "${dirs[@]}"; do rm -rf -- "$d"; done
+for d in "${dirs[@]}"; do unmount_below "$d"; rm -rf -- "$d"; done
 rm -rf -- "$dir""#;
 
     struct Watchdog {

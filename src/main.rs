@@ -112,6 +112,22 @@ enum Command {
     },
     /// Validate the config and test Harbor and every target.
     Check,
+    /// Switch the registry clients are served from: a target (`--to tcr`), or back to Harbor
+    /// (`--to upstream`); refused while they differ or jobs toward it are unfinished.
+    Cutover {
+        /// `upstream` or a target's name.
+        #[arg(long, required_unless_present = "status")]
+        to: Option<String>,
+        /// Switch although the gate refuses (it says so in the log).
+        #[arg(long, requires = "to")]
+        force: bool,
+        /// Show the primary, since when, switched by whom.
+        #[arg(long, conflicts_with = "to")]
+        status: bool,
+    },
+    /// Exit 0 when the server of this config answers /healthz on its admin listener (for
+    /// container health checks).
+    Health,
 }
 
 #[derive(Subcommand)]
@@ -311,6 +327,15 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 regtee::cli::diff(&c, projects, json).await
             })
             .await
+        }
+        Command::Cutover { to, force, .. } => {
+            with_config(&path, |c| async move {
+                regtee::cli::cutover(&c, to, force).await
+            })
+            .await
+        }
+        Command::Health => {
+            with_queue_config(&path, |c| async move { regtee::cli::health(&c).await }).await
         }
         Command::Check => {
             let shown = path.clone();

@@ -82,6 +82,11 @@ struct CacheReadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrimaryLabels {
+    primary: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabels {
     source: String,
 }
@@ -114,6 +119,7 @@ pub(crate) struct Metrics {
     cache_fallback_reads: Family<SourceLabels, Counter>,
     cache_size: Gauge,
     cache_entries: Gauge,
+    primary: Family<PrimaryLabels, Gauge>,
 }
 
 /// How a read the pull-through cache handles was served.
@@ -248,6 +254,12 @@ impl Metrics {
             "Entries in the cache",
             cache_entries.clone(),
         );
+        let primary = Family::<PrimaryLabels, Gauge>::default();
+        registry.register(
+            "primary_since_seconds",
+            "The registry clients are served from (upstream: Harbor, or a target), and since when (Unix time; 0 from the start)",
+            primary.clone(),
+        );
         let direction = |d| {
             bytes
                 .get_or_create(&DirectionLabels { direction: d })
@@ -272,7 +284,18 @@ impl Metrics {
             cache_fallback_reads,
             cache_size,
             cache_entries,
+            primary,
         }
+    }
+
+    /// The primary: one series, the current one.
+    pub(crate) fn set_primary(&self, name: &str, since_ms: i64) {
+        self.primary.clear();
+        self.primary
+            .get_or_create(&PrimaryLabels {
+                primary: name.to_string(),
+            })
+            .set(since_ms / 1000);
     }
 
     /// A read the cache handled.

@@ -196,6 +196,19 @@ impl TokenTrust {
         action: &str,
         now: SystemTime,
     ) -> Verdict {
+        self.check_access(authorization, "repository", repository, action, now)
+    }
+
+    /// What the `Authorization` value says of `action` on the resource `kind`/`name` at `now`
+    /// (`repository`/`library/app`, or `registry`/`catalog` for the catalog).
+    pub(crate) fn check_access(
+        &self,
+        authorization: Option<&str>,
+        kind: &str,
+        name: &str,
+        action: &str,
+        now: SystemTime,
+    ) -> Verdict {
         let Some(token) = authorization
             .and_then(|a| a.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
@@ -208,9 +221,7 @@ impl TokenTrust {
             Err(why) => return Verdict::Invalid(why),
         };
         let granted = claims.access.iter().any(|a| {
-            a.kind == "repository"
-                && a.name == repository
-                && a.actions.iter().any(|x| x == action || x == "*")
+            a.kind == kind && a.name == name && a.actions.iter().any(|x| x == action || x == "*")
         });
         if !granted {
             return Verdict::Denies;

@@ -72,9 +72,18 @@ impl Cloud {
         crate::support::layout::Layout::open(&self.world.work.path().join("layout"))
     }
 
-    /// Every job so far succeeded on its first attempt.
+    /// Every job so far succeeded on its first attempt. A job's outcome is recorded a moment
+    /// after its manifest is on the target: it is waited for, not assumed.
     async fn assert_no_job_retried(&self) {
-        let page = admin_get(&self.world.regtee, "/api/v1/jobs").await;
+        let page = wait_until("every job to end", Duration::from_secs(30), || async {
+            let page = admin_get(&self.world.regtee, "/api/v1/jobs").await;
+            let ended = page["jobs"]
+                .as_array()?
+                .iter()
+                .all(|j| j["state"] != "running" && j["state"] != "pending");
+            ended.then_some(page)
+        })
+        .await;
         for job in page["jobs"].as_array().unwrap() {
             assert_eq!(job["state"], "done", "{job}");
             assert_eq!(job["attempts"], 1, "{job}");

@@ -19,11 +19,12 @@ mod swr;
 mod validate;
 
 use raw::RawConfig;
+use validate::DEFAULT_MAX_CHUNK_SIZE;
 use validate::Validator;
 
 pub use policy::{TargetPolicy, TargetPolicyError};
 #[cfg(test)]
-use validate::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CHUNK_SIZE};
+use validate::DEFAULT_IDLE_TIMEOUT;
 
 use crate::origin::Origin;
 pub use crate::tls::ClientTls;
@@ -209,6 +210,27 @@ pub struct UpstreamConfig {
     pub rewrite_token_realm: bool,
     /// Checking clients' tokens locally, as Harbor's registry does.
     pub token_trust: Option<TokenTrustConfig>,
+}
+
+impl UpstreamConfig {
+    /// Harbor as the destination of what is mirrored back from a target that is the primary:
+    /// every repository under its own name, regtee's Harbor login (which then needs push
+    /// rights), the default pace of a target.
+    pub fn as_destination(&self) -> TargetConfig {
+        TargetConfig {
+            endpoint: self.endpoint.clone(),
+            policy: TargetPolicy::identity(),
+            overwrite: true,
+            delete: true,
+            concurrency: 4,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            max_attempts: 0,
+            upload_chunk_size: 0,
+            max_chunk_size: DEFAULT_MAX_CHUNK_SIZE,
+            reconcile_interval: None,
+        }
+    }
 }
 
 /// The state directory.

@@ -84,6 +84,19 @@ impl TargetPolicy {
         })
     }
 
+    /// Every repository and tag, under its own name: Harbor as a destination (mirroring back
+    /// from a target that is the primary).
+    pub fn identity() -> TargetPolicy {
+        let every = ["**".to_string()];
+        TargetPolicy {
+            namespaces: BTreeMap::new(),
+            include: glob_set("include", &every).unwrap_or_else(|_| GlobSet::empty()),
+            exclude: GlobSet::empty(),
+            tags: glob_set("tags", &every).unwrap_or_else(|_| GlobSet::empty()),
+            every_tag: true,
+        }
+    }
+
     /// Whether pushes to this Harbor repository go to the target.
     pub fn wants_repository(&self, repository: &str) -> bool {
         self.include.is_match(repository) && !self.exclude.is_match(repository)
@@ -111,6 +124,24 @@ impl TargetPolicy {
             (Some(ns), None) => ns.clone(),
             (None, _) => repository.to_string(),
         }
+    }
+
+    /// The Harbor repository a repository of the target stands for ([`Self::target_repository`]
+    /// undone); `None` for a name no Harbor repository lands on.
+    pub fn harbor_repository(&self, target: &str) -> Option<String> {
+        for (project, namespace) in &self.namespaces {
+            if target == namespace {
+                return Some(project.clone());
+            }
+            if let Some(rest) = target
+                .strip_prefix(namespace.as_str())
+                .and_then(|r| r.strip_prefix('/'))
+            {
+                return Some(format!("{project}/{rest}"));
+            }
+        }
+        let project = target.split('/').next()?;
+        (!self.namespaces.contains_key(project)).then(|| target.to_string())
     }
 
     /// The target namespace a Harbor project lands in.
@@ -171,6 +202,41 @@ mod tests {
         assert_eq!(p.target_repository("library/a/b"), "prod-lib/a/b");
         assert_eq!(p.target_repository("other/nginx"), "other/nginx");
         assert_eq!(p.target_repository("librarything/x"), "librarything/x");
+    }
+
+    #[test]
+    fn a_target_name_maps_back_to_harbors_or_to_none() {
+        let p = policy(&["**"], &[], &["**"]);
+        assert_eq!(
+            p.harbor_repository("prod-lib/nginx").as_deref(),
+            Some("library/nginx")
+        );
+        assert_eq!(
+            p.harbor_repository("prod-lib/a/b").as_deref(),
+            Some("library/a/b")
+        );
+        assert_eq!(
+            p.harbor_repository("other/nginx").as_deref(),
+            Some("other/nginx")
+        );
+        assert_eq!(
+            p.harbor_repository("prod-libx/y").as_deref(),
+            Some("prod-libx/y")
+        );
+        assert_eq!(
+            p.harbor_repository("library/nginx"),
+            None,
+            "library lands elsewhere"
+        );
+        for name in ["library/nginx", "library/a/b", "other/x"] {
+            assert_eq!(
+                p.harbor_repository(&p.target_repository(name)).as_deref(),
+                Some(name)
+            );
+        }
+        let identity = TargetPolicy::identity();
+        assert!(identity.wants_repository("a/b/c") && identity.wants_tag("v1"));
+        assert_eq!(identity.target_repository("library/x"), "library/x");
     }
 
     #[test]

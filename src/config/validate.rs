@@ -553,6 +553,12 @@ impl Validator<'_> {
                 "use letters, digits, `-` and `_` only (it appears in metrics and URLs)",
             ));
         }
+        if raw.name == "upstream" {
+            return Err(self.invalid(
+                key("name"),
+                "`upstream` names Harbor (as the primary, and where a primary target mirrors back to): choose another name",
+            ));
+        }
         let origin = self.origin(&key("url"), &raw.url)?;
         let credentials = self.target_credentials(i, &raw)?;
         let login = self.login_source(

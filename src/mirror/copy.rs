@@ -68,13 +68,22 @@ impl Subject {
 
 /// Why a job did not succeed.
 #[derive(Debug)]
-pub(super) enum JobError {
+pub(crate) enum JobError {
     /// A registry said no or could not be reached.
     Registry(RegistryError),
     /// The content itself is wrong; retrying cannot help.
     Invalid(String),
     /// regtee itself failed (a panic, caught).
     Internal(String),
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Registry(e) => write!(f, "{e}"),
+            JobError::Invalid(m) | JobError::Internal(m) => f.write_str(m),
+        }
+    }
 }
 
 impl From<RegistryError> for JobError {
@@ -123,6 +132,28 @@ impl Mirror {
             target_digest: Some(digest.to_string()),
             note: how.to_string(),
         })
+    }
+
+    /// Copies a blob Harbor has just accepted to `target` now, before its client hears of it:
+    /// an upload Harbor opened before a target became the primary, whose manifest the client
+    /// is about to push to that target.
+    pub(crate) async fn carry_over_blob(
+        &self,
+        target: &Target,
+        repository: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<(), JobError> {
+        let target_repo = target.config.policy.target_repository(repository.as_str());
+        self.ensure_blob(
+            target,
+            repository.as_str(),
+            &target_repo,
+            digest,
+            None,
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Makes sure the target repository has the blob. Returns how. `size` is the descriptor's,
@@ -213,21 +244,22 @@ impl Mirror {
         size: Option<u64>,
         session: Option<Session>,
     ) -> Result<(), JobError> {
-        let blob = self.upstream.get_blob(source_repo, digest).await?;
+        let source = self.source.client();
+        let source_repo = &self.source.repository(source_repo);
+        let blob = source.get_blob(source_repo, digest).await?;
         // Every stream from another server is cut at the size regtee knows (the image spec:
         // content whose length differs "SHOULD NOT be trusted"): the descriptor's, else the
         // answer's, else what Harbor says on a HEAD. A body without any is never streamed
         // unbounded into a target.
         let size = match size.or(blob.size) {
             Some(size) => size,
-            None => self
-                .upstream
+            None => source
                 .blob_length(source_repo, digest)
                 .await?
                 .ok_or_else(|| {
-                    JobError::from(self.upstream.protocol_error(
+                    JobError::from(source.protocol_error(
                         &format!("GET blob {source_repo}@{digest}"),
-                        "Harbor states no length for the blob, neither in its answer nor on a HEAD",
+                        "the source states no length for the blob, neither in its answer nor on a HEAD",
                     ))
                 })?,
         };
@@ -235,13 +267,7 @@ impl Mirror {
         // A resumed upload reads the rest from Harbor again; the target checks the whole
         // blob's digest when the upload closes.
         let reopen: Reopen<'_> = Box::new(move |from| {
-            Box::pin(async move {
-                Ok(self
-                    .upstream
-                    .get_blob_from(source_repo, digest, from)
-                    .await?
-                    .body)
-            })
+            Box::pin(async move { Ok(source.get_blob_from(source_repo, digest, from).await?.body) })
         });
         let upload = Upload {
             size: Some(size),
@@ -290,9 +316,15 @@ impl Mirror {
                 return Err(JobError::Invalid("job names neither tag nor digest".into()));
             }
         };
-        let Some(fetched) = self.upstream.get_manifest(repo, &reference).await? else {
+        let Some(fetched) = self
+            .source
+            .client()
+            .get_manifest(&self.source.repository(repo), &reference)
+            .await?
+        else {
             return Ok(Success::Skipped(format!(
-                "gone from Harbor: {repo}:{reference} was deleted after it was pushed"
+                "gone from {}: {repo}:{reference} was deleted after it was pushed",
+                self.source.shown()
             )));
         };
         // Everything it references first: the long part, done without holding the tag.
@@ -330,7 +362,11 @@ impl Mirror {
             .tag_locks
             .lock(format!("{}\n{target_repo}\n{tag}", target.name()))
             .await;
-        let current = self.upstream.manifest_head(repo, tag.as_str()).await?;
+        let current = self
+            .source
+            .client()
+            .manifest_head(&self.source.repository(repo), tag.as_str())
+            .await?;
         if current.as_ref().map(|h| &h.digest) != Some(&fetched.digest) {
             let stored = self
                 .put_manifest(target, repo, target_repo, None, fetched, refs, 0)
@@ -544,8 +580,9 @@ impl Mirror {
             // The subject goes first when Harbor has it; a dangling subject is allowed by the spec.
             let digest = parse_digest(Some(&subject.digest))?;
             if self
-                .upstream
-                .manifest_head(repo, digest.as_str())
+                .source
+                .client()
+                .manifest_head(&self.source.repository(repo), digest.as_str())
                 .await?
                 .is_some()
             {
@@ -576,12 +613,14 @@ impl Mirror {
                 return Ok(());
             }
             let fetched = self
-                .upstream
-                .get_manifest(repo, digest.as_str())
+                .source
+                .client()
+                .get_manifest(&self.source.repository(repo), digest.as_str())
                 .await?
                 .ok_or_else(|| {
                     JobError::Invalid(format!(
-                        "{repo} references {digest}, which Harbor does not have"
+                        "{repo} references {digest}, which {} does not have",
+                        self.source.shown()
                     ))
                 })?;
             self.store_manifest(target, repo, target_repo, &fetched, depth)

@@ -13,43 +13,95 @@ mod worker;
 
 use std::sync::Arc;
 
-use crate::config::TargetConfig;
+use crate::config::{TargetConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::registry::{RegistryClient, RegistryError};
 use locks::KeyedLocks;
 use target::Target;
 
-/// The mirror: targets, the queue they work from, and Harbor to read from.
+/// Where a job's content is read from: Harbor, or a target that was the primary (where the
+/// content lives under the target's names).
+#[derive(Clone)]
+enum Source {
+    Harbor(Arc<RegistryClient>),
+    Target(Arc<Target>),
+}
+
+impl Source {
+    fn client(&self) -> &RegistryClient {
+        match self {
+            Source::Harbor(client) => client,
+            Source::Target(target) => &target.client,
+        }
+    }
+
+    /// `repository` (Harbor's name) as the source names it.
+    fn repository(&self, repository: &str) -> String {
+        match self {
+            Source::Harbor(_) => repository.to_string(),
+            Source::Target(target) => target.config.policy.target_repository(repository),
+        }
+    }
+
+    /// Says what the source is, in notes: "Harbor" or the target's name.
+    fn shown(&self) -> &str {
+        match self {
+            Source::Harbor(_) => "Harbor",
+            Source::Target(target) => target.name(),
+        }
+    }
+}
+
+/// The mirror: targets, the queue they work from, and where to read from.
 pub(crate) struct Mirror {
     queue: Arc<Queue>,
-    upstream: Arc<RegistryClient>,
+    source: Source,
     targets: Vec<Arc<Target>>,
+    /// Harbor, as the destination of what is mirrored back from a primary target.
+    harbor: Arc<Target>,
     metrics: Arc<Metrics>,
-    blob_locks: KeyedLocks,
-    tag_locks: KeyedLocks,
+    blob_locks: Arc<KeyedLocks>,
+    tag_locks: Arc<KeyedLocks>,
 }
 
 impl Mirror {
-    /// Builds clients for every target.
+    /// Builds clients for every target, and for Harbor as a destination.
     pub(crate) fn new(
         queue: Arc<Queue>,
         upstream: Arc<RegistryClient>,
+        upstream_config: &UpstreamConfig,
         targets: &[TargetConfig],
         metrics: Arc<Metrics>,
     ) -> Result<Mirror, RegistryError> {
         Ok(Mirror {
             queue,
-            upstream,
+            source: Source::Harbor(upstream),
             targets: Target::all(targets)?,
+            harbor: Target::one(upstream_config.as_destination())?,
             metrics,
-            blob_locks: KeyedLocks::default(),
-            tag_locks: KeyedLocks::default(),
+            blob_locks: Arc::default(),
+            tag_locks: Arc::default(),
         })
     }
 
     /// The targets, in configuration order.
     pub(crate) fn targets(&self) -> &[Arc<Target>] {
         &self.targets
+    }
+
+    /// This mirror reading from the target `name` instead (a job written there while it was
+    /// the primary); the locks are shared.
+    fn reading_from(&self, name: &str) -> Option<Mirror> {
+        let target = self.targets.iter().find(|t| t.name() == name)?;
+        Some(Mirror {
+            queue: self.queue.clone(),
+            source: Source::Target(target.clone()),
+            targets: self.targets.clone(),
+            harbor: self.harbor.clone(),
+            metrics: self.metrics.clone(),
+            blob_locks: self.blob_locks.clone(),
+            tag_locks: self.tag_locks.clone(),
+        })
     }
 }

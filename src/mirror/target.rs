@@ -48,6 +48,15 @@ impl Target {
             .collect()
     }
 
+    /// A client for one registry as a destination.
+    pub(crate) fn one(config: TargetConfig) -> Result<Arc<Target>, RegistryError> {
+        Ok(Arc::new(Target {
+            client: RegistryClient::new(&config.endpoint)?,
+            config,
+            workers_alive: AtomicUsize::new(0),
+        }))
+    }
+
     /// The target's name.
     pub(crate) fn name(&self) -> &str {
         &self.config.endpoint.name

@@ -50,7 +50,7 @@ use crate::config::TargetConfig;
 use crate::config::TargetPolicy;
 use crate::oci::digest::Digest;
 use crate::oci::names::{Reference, RepositoryName, Tag};
-use crate::queue::{JobKind, JobOrigin, NewJob, Queue, QueueError};
+use crate::queue::{JobKind, JobOrigin, NewJob, Queue, QueueError, UPSTREAM};
 
 /// One target's rules, as far as creating jobs is concerned.
 #[derive(Clone, Debug)]
@@ -87,53 +87,48 @@ impl Tee {
         }
     }
 
-    /// The jobs a write creates: for each target whose filters take it (only the target named
-    /// `only`, when given: a backfill of one target).
+    /// The jobs a write Harbor accepted creates: for each target whose filters take it (only the
+    /// target named `only`, when given: a backfill of one target).
     pub(crate) fn jobs_for(
         &self,
         write: &Write,
         origin: JobOrigin,
         only: Option<&str>,
     ) -> Vec<NewJob> {
-        let repository = write.repository();
-        self.targets
+        let destinations = self
+            .targets
             .iter()
-            .filter(|t| only.is_none_or(|name| name == t.name))
-            .filter(|t| t.policy.wants_repository(repository.as_str()))
-            .filter_map(|t| {
-                let job = |kind, tag: Option<&Tag>, digest: Option<&Digest>, from| NewJob {
-                    target: t.name.clone(),
-                    kind,
-                    repository: repository.clone(),
-                    tag: tag.cloned(),
-                    digest: digest.cloned(),
-                    mount_from: from,
-                    origin,
-                };
-                match write {
-                    // With a tag filter the blob may belong to an image this target never
-                    // gets; its manifest job copies the blobs it needs instead.
-                    Write::Blob { .. } if !t.policy.takes_every_tag() => None,
-                    Write::Blob {
-                        digest,
-                        mounted_from,
-                        ..
-                    } => Some(job(JobKind::Blob, None, Some(digest), mounted_from.clone())),
-                    Write::Manifest { tag, digest, .. } => {
-                        if tag
-                            .as_ref()
-                            .is_some_and(|tag| !t.policy.wants_tag(tag.as_str()))
-                        {
-                            return None;
-                        }
-                        Some(job(JobKind::Manifest, tag.as_ref(), digest.as_ref(), None))
-                    }
-                    Write::ManifestDeleted { reference, .. } => t
-                        .delete
-                        .then(|| job(JobKind::Delete, reference.tag(), reference.digest(), None)),
-                }
-            })
-            .collect()
+            .filter(|t| only.is_none_or(|name| name == t.name));
+        jobs_to(destinations, write, origin, None)
+    }
+
+    /// The jobs a write on the primary target `primary` creates: Harbor (mirrored back, deletes
+    /// when the primary propagates them) and every other target whose filters take it, each
+    /// copying from `primary`.
+    pub(crate) fn jobs_from_primary(&self, write: &Write, primary: &str) -> Vec<NewJob> {
+        let Some(source) = self.targets.iter().find(|t| t.name == primary) else {
+            return Vec::new();
+        };
+        let harbor = Rules {
+            name: UPSTREAM.to_string(),
+            policy: TargetPolicy::identity(),
+            delete: source.delete,
+        };
+        let destinations =
+            std::iter::once(&harbor).chain(self.targets.iter().filter(|t| t.name != primary));
+        jobs_to(destinations, write, JobOrigin::Push, Some(primary))
+    }
+
+    /// Records a write on the primary target; returns once it is durable.
+    pub(crate) async fn record_from_primary(
+        &self,
+        write: &Write,
+        primary: &str,
+    ) -> Result<(), QueueError> {
+        self.queue
+            .enqueue(self.jobs_from_primary(write, primary))
+            .await
+            .map(|_| ())
     }
 
     /// Queues jobs made by [`Tee::jobs_for`] (a backfill batches them); returns how many were
@@ -162,6 +157,55 @@ impl Tee {
             .collect();
         self.queue.enqueue(jobs).await
     }
+}
+
+/// The jobs `write` creates for each of `destinations` whose filters take it, copying from
+/// `source` (a target's name; `None`: Harbor).
+fn jobs_to<'a>(
+    destinations: impl Iterator<Item = &'a Rules>,
+    write: &Write,
+    origin: JobOrigin,
+    source: Option<&str>,
+) -> Vec<NewJob> {
+    let repository = write.repository();
+    destinations
+        .filter(|t| t.policy.wants_repository(repository.as_str()))
+        .filter_map(|t| {
+            let job = |kind, tag: Option<&Tag>, digest: Option<&Digest>, from| NewJob {
+                target: t.name.clone(),
+                kind,
+                repository: repository.clone(),
+                tag: tag.cloned(),
+                digest: digest.cloned(),
+                mount_from: from,
+                origin,
+                source: source.map(str::to_string),
+            };
+            match write {
+                // With a tag filter the blob may belong to an image this target never gets; its
+                // manifest job copies the blobs it needs instead. From a primary target the
+                // manifest's job carries its blobs too.
+                Write::Blob { .. } if !t.policy.takes_every_tag() || source.is_some() => None,
+                Write::Blob {
+                    digest,
+                    mounted_from,
+                    ..
+                } => Some(job(JobKind::Blob, None, Some(digest), mounted_from.clone())),
+                Write::Manifest { tag, digest, .. } => {
+                    if tag
+                        .as_ref()
+                        .is_some_and(|tag| !t.policy.wants_tag(tag.as_str()))
+                    {
+                        return None;
+                    }
+                    Some(job(JobKind::Manifest, tag.as_ref(), digest.as_ref(), None))
+                }
+                Write::ManifestDeleted { reference, .. } => t
+                    .delete
+                    .then(|| job(JobKind::Delete, reference.tag(), reference.digest(), None)),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -21,7 +21,8 @@ static UNRECORDED: Throttle = Throttle::new(Duration::from_secs(60));
 static UNREADABLE: Throttle = Throttle::new(Duration::from_secs(30));
 
 impl Mirror {
-    /// Starts `concurrency` workers per target. When `cancel` fires they take no new job and
+    /// Starts `concurrency` workers per target, and for Harbor as the destination of what a
+    /// primary target's writes mirror back. When `cancel` fires they take no new job and
     /// give the job in hand up to `grace` to finish; what is still running then goes back to
     /// the queue.
     pub(crate) fn spawn_workers(
@@ -30,7 +31,7 @@ impl Mirror {
         cancel: &CancellationToken,
         grace: Duration,
     ) {
-        for target in &self.targets {
+        for target in self.targets.iter().chain(std::iter::once(&self.harbor)) {
             for _ in 0..target.config.concurrency {
                 let alive = Alive::enter(target.clone());
                 tasks.spawn(self.clone().work(alive, cancel.clone(), grace));
@@ -185,10 +186,22 @@ impl Mirror {
 
     async fn execute(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
         let subject = Subject::of(job)?;
+        let elsewhere;
+        let mirror = match job.source.as_deref() {
+            None => self,
+            Some(name) => {
+                elsewhere = self.reading_from(name).ok_or_else(|| {
+                    JobError::Invalid(format!(
+                        "it copies from target {name}, which is no longer configured"
+                    ))
+                })?;
+                &elsewhere
+            }
+        };
         match job.kind {
-            JobKind::Blob => self.blob_job(target, &subject).await,
-            JobKind::Manifest => self.manifest_job(target, &subject).await,
-            JobKind::Delete => self.delete_job(target, &subject).await,
+            JobKind::Blob => mirror.blob_job(target, &subject).await,
+            JobKind::Manifest => mirror.manifest_job(target, &subject).await,
+            JobKind::Delete => mirror.delete_job(target, &subject).await,
         }
     }
 

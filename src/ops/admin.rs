@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tokio::sync::watch;
+
 use crate::body::read_limited;
 use crate::body::{self, ProxyBody};
 use crate::cache::{Cache, CacheStats};
@@ -23,8 +25,11 @@ use crate::metrics::Metrics;
 use crate::oci::names::{RepositoryName, Tag};
 use crate::ops::backfill::{self, BackfillRequest, Backfiller, TagRow};
 use crate::ops::backfill_runs::BackfillRuns;
+use crate::ops::cutover::{Cutover, Switched};
 use crate::ops::webhooks;
-use crate::queue::{Job, JobFilter, JobOrigin, JobState, Queue, QueueError, TargetCounts, now_ms};
+use crate::queue::{
+    Job, JobFilter, JobOrigin, JobState, PrimaryRecord, Queue, QueueError, TargetCounts, now_ms,
+};
 use crate::registry::ErrorKind;
 
 /// The largest webhook or API request body accepted.
@@ -43,6 +48,12 @@ pub(crate) struct Status {
     /// The pull-through cache's figures, from a running regtee with `[cache]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheStats>,
+    /// The registry clients are served from, since when, switched by whom (as recorded).
+    #[serde(default)]
+    pub primary: PrimaryRecord,
+    /// What this replica serves from now (it follows the record within a second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<PrimaryRecord>,
     /// When this was computed (ms).
     pub now: i64,
 }
@@ -65,6 +76,8 @@ impl Status {
                 .await?,
             replicas: queue.replicas().await?,
             cache: cache.map(Cache::stats),
+            primary: queue.primary().await?,
+            serving: None,
             now: now_ms(),
         })
     }
@@ -112,6 +125,28 @@ pub(crate) struct RepositoryStatus {
     pub invalid_tags: Vec<String>,
 }
 
+/// `PUT /api/v1/primary` body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct PrimaryBody {
+    /// `upstream` (Harbor) or a target's name.
+    pub primary: String,
+    /// Switch although the gate refuses.
+    #[serde(default)]
+    pub force: bool,
+    /// Who asks, for the record (`regtee cutover` sends the user it runs as).
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+/// `PUT /api/v1/primary` refused by the gate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct PrimaryRefused {
+    /// Why, in a sentence.
+    pub error: String,
+    /// What stands in the way, one line each.
+    pub blocking: Vec<String>,
+}
+
 /// `POST /api/v1/backfills` body.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct BackfillBody {
@@ -136,6 +171,10 @@ pub(crate) struct Admin {
     cache: Option<Cache>,
     backfills: Arc<BackfillRuns>,
     cancel: CancellationToken,
+    /// Whether `[upstream] token_certificate` is set: a target can be the primary only then.
+    checks_tokens: bool,
+    /// What this process serves from now.
+    serving: watch::Receiver<PrimaryRecord>,
 }
 
 type Answer = Response<ProxyBody>;
@@ -174,17 +213,31 @@ fn query_map(query: Option<&str>) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The running parts the admin API shows and steers.
+pub(crate) struct AdminParts {
+    pub(crate) queue: Arc<Queue>,
+    pub(crate) backfiller: Arc<Backfiller>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) cache: Option<Cache>,
+    /// What this process serves from now.
+    pub(crate) serving: watch::Receiver<PrimaryRecord>,
+}
+
 impl Admin {
     /// Wires the API to the running parts.
     pub(crate) fn new(
         config: &Config,
-        queue: Arc<Queue>,
-        backfiller: Arc<Backfiller>,
-        metrics: Arc<Metrics>,
-        cache: Option<Cache>,
+        parts: AdminParts,
         tasks: TaskTracker,
         cancel: CancellationToken,
     ) -> Admin {
+        let AdminParts {
+            queue,
+            backfiller,
+            metrics,
+            cache,
+            serving,
+        } = parts;
         Admin {
             token: config.admin.as_ref().and_then(|a| a.token.clone()),
             webhook_secret: config.webhook_secret.clone(),
@@ -199,6 +252,8 @@ impl Admin {
             metrics,
             cache,
             cancel,
+            checks_tokens: config.upstream.token_trust.is_some(),
+            serving,
         }
     }
 
@@ -267,6 +322,11 @@ impl Admin {
             {
                 self.repository_status(&rest.join("/")).await
             }
+            (&Method::GET, ["api", "v1", "primary"]) => match self.queue.primary().await {
+                Ok(record) => json(StatusCode::OK, &record),
+                Err(e) => queue_unavailable(&e),
+            },
+            (&Method::PUT, ["api", "v1", "primary"]) => self.switch_primary(req).await,
             (&Method::POST, ["api", "v1", "backfills"]) => self.start_backfill(req).await,
             (&Method::GET, ["api", "v1", "backfills"]) => self.list_backfills().await,
             (&Method::GET, ["api", "v1", "backfills", id]) => self.backfill(id).await,
@@ -336,6 +396,10 @@ impl Admin {
             let stats = cache.stats();
             self.metrics.set_cache_size(stats.size_bytes, stats.entries);
         }
+        if let Ok(record) = self.queue.primary().await {
+            self.metrics
+                .set_primary(record.primary.name(), record.since);
+        }
         text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -345,7 +409,10 @@ impl Admin {
 
     async fn status(&self) -> Answer {
         match Status::gather(&self.queue, &self.target_names(), self.cache.as_ref()).await {
-            Ok(s) => json(StatusCode::OK, &s),
+            Ok(mut s) => {
+                s.serving = Some(self.serving.borrow().clone());
+                json(StatusCode::OK, &s)
+            }
             Err(e) => queue_unavailable(&e),
         }
     }
@@ -442,6 +509,53 @@ impl Admin {
                 invalid_tags: skipped,
             },
         )
+    }
+
+    async fn switch_primary(&self, req: Request<Incoming>) -> Answer {
+        let bytes = match read_limited(req.into_body(), MAX_REQUEST_BODY).await {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, crate::error::error_chain(&*e)),
+        };
+        let body: PrimaryBody = match serde_json::from_slice(&bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "expected {{\"primary\": \"upstream\" or a target, \"force\"?: bool}}: {e}"
+                    ),
+                );
+            }
+        };
+        let by: String = body
+            .by
+            .as_deref()
+            .unwrap_or("admin API")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(100)
+            .collect();
+        let cutover = Cutover {
+            queue: &self.queue,
+            upstream: &self.backfiller.upstream,
+            targets: &self.backfiller.targets,
+            checks_tokens: self.checks_tokens,
+        };
+        match cutover.switch(&body.primary, body.force, &by).await {
+            Ok(Switched::Done(record)) => json(StatusCode::OK, &record),
+            Ok(Switched::Refused(blocking)) => json(
+                StatusCode::CONFLICT,
+                &PrimaryRefused {
+                    error: format!(
+                        "{} cannot become the primary yet: {} thing(s) stand in the way (force to switch anyway)",
+                        body.primary,
+                        blocking.len()
+                    ),
+                    blocking,
+                },
+            ),
+            Err(message) => error(StatusCode::BAD_REQUEST, message),
+        }
     }
 
     async fn start_backfill(&self, req: Request<Incoming>) -> Answer {

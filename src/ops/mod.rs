@@ -6,5 +6,6 @@ pub(crate) mod backfill;
 pub(crate) mod backfill_runs;
 pub mod certs;
 pub mod cli;
+pub(crate) mod cutover;
 pub mod log_writer;
 pub(crate) mod webhooks;

@@ -261,6 +261,9 @@ pub(crate) struct NewJob {
     pub mount_from: Option<RepositoryName>,
     /// Why the job exists.
     pub origin: JobOrigin,
+    /// Where to copy from: a target's name, when the write happened there (the primary was a
+    /// target); `None` for Harbor.
+    pub source: Option<String>,
 }
 
 /// A job as stored.
@@ -300,6 +303,9 @@ pub(crate) struct Job {
     pub error_class: Option<ErrorClass>,
     /// The digest the target reported.
     pub target_digest: Option<String>,
+    /// Where it copies from: a target's name, or `None` for Harbor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// One attempt at a job.

@@ -17,6 +17,7 @@
 mod job;
 mod lifecycle;
 mod postgres;
+mod primary;
 mod sqlite;
 pub(crate) mod state_lock;
 mod store;
@@ -33,6 +34,7 @@ pub(crate) use job::{
     Attempt, ErrorClass, Job, JobKind, JobOrigin, NewJob, Outcome, Replica, TargetCounts,
 };
 pub use job::{JobFilter, JobState};
+pub(crate) use primary::{Primary, PrimaryRecord, UPSTREAM};
 use store::{BlobHome, Coordination, Store};
 
 /// The database could not do what was asked.
@@ -95,6 +97,9 @@ pub enum QueueError {
         /// `deleted` or `replaced`.
         what: &'static str,
     },
+    /// Something in the database regtee wrote cannot be read back.
+    #[error("job queue database: {0}")]
+    Corrupt(String),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -429,6 +434,27 @@ impl Queue {
             .await
     }
 
+    /// The primary as recorded (Harbor when nothing was ever switched). A record regtee cannot
+    /// read is an error: serving from a guess would send clients to the wrong registry.
+    pub(crate) async fn primary(&self) -> Result<PrimaryRecord, QueueError> {
+        match self.within(self.store.setting(primary::SETTING)).await? {
+            None => Ok(PrimaryRecord::default()),
+            Some(text) => serde_json::from_str(&text).map_err(|e| QueueError::Corrupt(format!(
+                "the recorded primary is not readable ({e}); set it again with regtee cutover --to"
+            ))),
+        }
+    }
+
+    /// Records a new primary; every replica follows within a second.
+    pub(crate) async fn set_primary(&self, record: &PrimaryRecord) -> Result<(), QueueError> {
+        let text = serde_json::to_string(record).unwrap_or_default();
+        self.within(
+            self.store
+                .put_setting(primary::SETTING, &text, record.since),
+        )
+        .await
+    }
+
     /// Whether someone asked backfill `id` to stop.
     pub(crate) async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError> {
         self.within(self.store.backfill_cancel_requested(id)).await
@@ -545,6 +571,49 @@ pub(crate) fn spawn_retention(
                     tracing::info!(jobs = n, ?retention, "purged finished jobs past retention")
                 }
                 Ok(Some(Err(e))) | Err(e) => tracing::warn!(error = %e, "could not purge old jobs"),
+            }
+        }
+    });
+}
+
+/// Follows the primary recorded in the queue's database: every replica sees a switch within
+/// half a second, and logs it once.
+pub(crate) fn spawn_primary_follower(
+    tasks: &tokio_util::task::TaskTracker,
+    cancel: &tokio_util::sync::CancellationToken,
+    queue: Arc<Queue>,
+    current: tokio::sync::watch::Sender<PrimaryRecord>,
+) {
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        let unreadable = crate::throttle::Throttle::new(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            match queue.primary().await {
+                Ok(record) => {
+                    current.send_if_modified(|known| {
+                        if *known == record {
+                            return false;
+                        }
+                        tracing::warn!(
+                            primary = record.primary.name(),
+                            by = %record.by,
+                            forced = record.forced,
+                            "the primary changed: clients' requests are now carried out on {}",
+                            record.primary.name()
+                        );
+                        *known = record;
+                        true
+                    });
+                }
+                Err(e) => {
+                    if let Some(held_back) = unreadable.allow() {
+                        tracing::error!(error = %e, held_back, "cannot read the primary from the queue database; serving from the one known last");
+                    }
+                }
             }
         }
     });

@@ -117,6 +117,12 @@ pub(crate) trait Store: Send + Sync {
     /// Whether someone asked backfill `id` to stop.
     async fn backfill_cancel_requested(&self, id: i64) -> Result<bool, QueueError>;
 
+    /// A setting every process sharing the store reads (the primary), if it was ever written.
+    async fn setting(&self, name: &str) -> Result<Option<String>, QueueError>;
+
+    /// Writes a setting.
+    async fn put_setting(&self, name: &str, value: &str, now: i64) -> Result<(), QueueError>;
+
     /// Everything, for a migration.
     async fn export(&self) -> Result<Exported, QueueError>;
 

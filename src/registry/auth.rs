@@ -72,7 +72,7 @@ fn bearer_header(token: &str) -> HeaderValue {
 }
 
 impl RegistryClient {
-    fn known_challenge(&self) -> Option<Challenge> {
+    pub(super) fn known_challenge(&self) -> Option<Challenge> {
         self.challenge
             .read()
             .unwrap_or_else(|p| p.into_inner())

@@ -429,6 +429,29 @@ impl RegistryClient {
         resolve(&self.origin.join("/").ok()?, location)
     }
 
+    /// Carries a client's request out as regtee on this registry (a target that is the
+    /// primary): `path_and_query` on its own origin, regtee's credentials for `scopes`, the
+    /// answer as it comes. A streamed body can be sent once only, so the challenge is learned
+    /// first (`GET /v2/`) when none is known yet.
+    pub(crate) async fn relay(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: HeaderMap,
+        body: RequestBody,
+        scopes: Vec<String>,
+    ) -> Result<Response<Incoming>, RegistryError> {
+        let path = path_and_query.split('?').next().unwrap_or_default();
+        let op = format!("{method} {path}");
+        if matches!(body, RequestBody::Stream(_)) && self.known_challenge().is_none() {
+            self.ping().await?;
+        }
+        let mut call = self.request(method, path_and_query, &op)?.body(body);
+        call.headers = headers;
+        call.scopes = scopes;
+        self.send(call).await
+    }
+
     /// `GET /v2/` with credentials: proves reachability, TLS and authentication.
     pub(crate) async fn ping(&self) -> Result<(), RegistryError> {
         let op = "GET /v2/";
@@ -475,7 +498,7 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// Resolves a possibly relative URL against `base`.
-fn resolve(base: &Uri, reference: &str) -> Option<Uri> {
+pub(crate) fn resolve(base: &Uri, reference: &str) -> Option<Uri> {
     let base = url::Url::parse(&base.to_string()).ok()?;
     base.join(reference).ok()?.as_str().parse().ok()
 }

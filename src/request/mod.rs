@@ -3,6 +3,7 @@
 //! answers a completed write; nothing else happens inline.
 
 pub(crate) mod headers;
+pub(crate) mod primary;
 pub(crate) mod proxy;
 pub(crate) mod read;
 pub(crate) mod route;

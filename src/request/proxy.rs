@@ -22,6 +22,7 @@ use crate::mirror::tee::Tee;
 use crate::oci::error_code::ErrorCode;
 use crate::origin::Origin;
 use crate::request::headers::{self, RealmRewrite};
+use crate::request::primary::{OnPrimary, PrimaryPath, Reach};
 use crate::request::read::{Ask, Read, ReadPath};
 use crate::request::route::{self, FOREIGN_TOKEN_PREFIX, Route};
 use crate::request::server::Connection;
@@ -85,6 +86,8 @@ pub(crate) struct Proxy {
     body_idle_timeout: Duration,
     /// Pulls served through the cache, when it is configured.
     read_path: Option<Arc<ReadPath>>,
+    /// Requests carried out on a target while it is the primary.
+    primary: Option<Arc<PrimaryPath>>,
     relay: Option<RealmRelay>,
     /// Made-up relay ids cost Harbor at most one challenge a second.
     learning: Throttle,
@@ -100,11 +103,13 @@ impl Proxy {
         tee: Option<Arc<Tee>>,
         metrics: Option<Arc<crate::metrics::Metrics>>,
         read_path: Option<Arc<ReadPath>>,
+        primary: Option<Arc<PrimaryPath>>,
     ) -> Result<Proxy, UpstreamError> {
         Ok(Proxy {
             upstream: Arc::new(Upstream::new(upstream, proxy.body_idle_timeout)?),
             body_idle_timeout: proxy.body_idle_timeout,
             read_path,
+            primary,
             relay: upstream.rewrite_token_realm.then(RealmRelay::default),
             learning: Throttle::new(Duration::from_secs(1)),
             tee,
@@ -133,6 +138,32 @@ impl Proxy {
             host: parts.headers.get(http::header::HOST).cloned(),
             conn,
         };
+        if let Some(primary) = &self.primary
+            && let Some(target) = primary.serving(&route, &parts)
+        {
+            let public = headers::public_origin(
+                client.conn.scheme,
+                &client.uri,
+                client.host.as_ref(),
+                client.conn.local,
+            );
+            let reach = Reach {
+                public: &public,
+                upstream: &self.upstream,
+                conn: &client.conn,
+            };
+            let served = primary
+                .serve(&target, parts, incoming, &route, &reach)
+                .await;
+            return Ok(match served {
+                OnPrimary::Answer(answer) => log.served(answer, self.body_idle_timeout),
+                OnPrimary::Refused(answer) => {
+                    log.upstream_answered();
+                    self.respond(answer, &client, log)
+                }
+                OnPrimary::Error(error) => log.answer(error),
+            });
+        }
         if let Some(read_path) = &self.read_path {
             let ask = Ask {
                 method: &parts.method,
@@ -162,6 +193,13 @@ impl Proxy {
         };
         log.upstream_answered();
         if let Err(error) = self.record_write(&client, &route, &response).await {
+            return Ok(log.answer(error));
+        }
+        if let Some(primary) = &self.primary
+            && let Err(error) = primary
+                .carry_over(&client.method, &route, client.uri.query(), &response)
+                .await
+        {
             return Ok(log.answer(error));
         }
         Ok(self.respond(response, &client, log))

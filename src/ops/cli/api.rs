@@ -74,7 +74,7 @@ pub(super) struct AdminClient {
 }
 
 impl AdminClient {
-    fn new(admin: &AdminConfig) -> Result<AdminClient, CliError> {
+    pub(super) fn new(admin: &AdminConfig) -> Result<AdminClient, CliError> {
         let mut addr = admin.listen;
         if addr.ip().is_unspecified() {
             addr.set_ip([127, 0, 0, 1].into());
@@ -89,6 +89,58 @@ impl AdminClient {
                 Duration::from_secs(30),
             )?,
         })
+    }
+
+    /// `method path` with a JSON body; the status and the body, whatever the status (for
+    /// answers whose refusals carry more than a message).
+    pub(super) async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, bytes::Bytes), CliError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.expose()));
+        }
+        let request = request
+            .body(body::full(body))
+            .map_err(|e| CliError::AdminAnswer(e.into()))?;
+        let response =
+            self.http
+                .request(request)
+                .await
+                .map_err(|source| CliError::AdminUnreachable {
+                    base: self.base.clone(),
+                    source,
+                })?;
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(CliError::AdminToken);
+        }
+        let bytes = read_limited(response.into_body(), 16 * 1024 * 1024)
+            .await
+            .map_err(CliError::AdminAnswer)?;
+        Ok((status, bytes))
+    }
+
+    /// The status of a bare `GET path` (a probe: `/healthz`), its body discarded.
+    pub(super) async fn probe(&self, path: &str) -> Result<StatusCode, CliError> {
+        let request = Request::get(format!("{}{path}", self.base))
+            .body(body::empty())
+            .map_err(|e| CliError::AdminAnswer(e.into()))?;
+        let response =
+            self.http
+                .request(request)
+                .await
+                .map_err(|source| CliError::AdminUnreachable {
+                    base: self.base.clone(),
+                    source,
+                })?;
+        Ok(response.status())
     }
 
     pub(super) async fn call<T: DeserializeOwned>(

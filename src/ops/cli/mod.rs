@@ -17,13 +17,14 @@ use crate::config::Config;
 use crate::mirror::target::Target;
 use crate::mirror::tee::Tee;
 use crate::oci::digest::Digest;
-use crate::ops::admin::{BackfillBody, JobPage, Status};
+use crate::ops::admin::{BackfillBody, JobPage, PrimaryBody, PrimaryRefused, Status};
 use crate::ops::backfill::{
     self, BackfillRequest, BackfillState, Backfiller, Progress, ProjectEvent, TagRow, TagStatus,
 };
-use crate::queue::{Job, JobFilter, JobOrigin, Queue, now_ms};
+use crate::ops::cutover::{Cutover, Switched};
+use crate::queue::{Job, JobFilter, JobOrigin, PrimaryRecord, Queue, now_ms};
 use crate::registry::RegistryClient;
-use api::{Backend, backend};
+use api::{AdminClient, Backend, backend};
 
 pub use api::CliError;
 pub use check::check;
@@ -62,6 +63,113 @@ fn job_subject(job: &Job) -> String {
         (None, Some(d)) => format!("{}@{}", job.repository, short_digest(Some(d))),
         (None, None) => job.repository.clone(),
     }
+}
+
+/// `regtee health`: whether the server this config describes answers its liveness probe
+/// (`/healthz` on the admin listener); 0 when it does, 1 when not. For container health checks,
+/// where no curl is at hand.
+pub async fn health(config: &Config) -> Result<i32, CliError> {
+    let admin = config
+        .admin
+        .as_ref()
+        .ok_or_else(|| CliError::NoAdmin(config.state.dir.clone()))?;
+    let status = AdminClient::new(admin)?.probe("/healthz").await?;
+    println!("healthz: {status}");
+    Ok(if status == http::StatusCode::OK { 0 } else { 1 })
+}
+
+/// `regtee cutover`: shows the primary (`to` absent), or switches it to `to` (`upstream` or a
+/// target) unless the gate refuses (exit 1, with what stands in the way); `force` switches
+/// anyway. Through the running server's admin API, or the queue itself when none runs.
+pub async fn cutover(config: &Config, to: Option<String>, force: bool) -> Result<i32, CliError> {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "someone".into());
+    let by = format!("{user} (regtee cutover)");
+    let outcome = match (backend(config).await?, to) {
+        (Backend::Api(api), None) => {
+            Switched::Done(api.call(Method::GET, "/api/v1/primary", None).await?)
+        }
+        (Backend::Local(queue), None) => Switched::Done(queue.primary().await?),
+        (Backend::Api(api), Some(to)) => {
+            let body = serde_json::to_vec(&PrimaryBody {
+                primary: to,
+                force,
+                by: Some(by),
+            })
+            .unwrap_or_default();
+            let (status, bytes) = api.call_raw(Method::PUT, "/api/v1/primary", body).await?;
+            match status {
+                http::StatusCode::OK => Switched::Done(
+                    serde_json::from_slice(&bytes).map_err(|e| CliError::AdminAnswer(e.into()))?,
+                ),
+                http::StatusCode::CONFLICT => {
+                    let refused: PrimaryRefused = serde_json::from_slice(&bytes)
+                        .map_err(|e| CliError::AdminAnswer(e.into()))?;
+                    Switched::Refused(refused.blocking)
+                }
+                status => {
+                    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                        .ok()
+                        .and_then(|v| v["error"].as_str().map(str::to_string))
+                        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                    return Err(CliError::Admin { status, message });
+                }
+            }
+        }
+        (Backend::Local(queue), Some(to)) => {
+            let upstream = RegistryClient::new(&config.upstream.endpoint)?;
+            let targets = Target::all(&config.targets)?;
+            Cutover {
+                queue: &queue,
+                upstream: &upstream,
+                targets: &targets,
+                checks_tokens: config.upstream.token_trust.is_some(),
+            }
+            .switch(&to, force, &by)
+            .await
+            .map_err(CliError::Refused)?
+        }
+    };
+    match outcome {
+        Switched::Done(record) => {
+            println!("{}", describe_primary(&record));
+            Ok(0)
+        }
+        Switched::Refused(blocking) => {
+            println!(
+                "refused: the switch would serve clients from a registry that is not in step yet:"
+            );
+            for line in &blocking {
+                println!("  {line}");
+            }
+            println!(
+                "wait for the mirror (regtee status, regtee diff), or switch anyway with --force"
+            );
+            Ok(1)
+        }
+    }
+}
+
+/// `primary: tcr since 2026-12-07T14:00:00Z, switched by ...`.
+fn describe_primary(record: &PrimaryRecord) -> String {
+    let since = match record.since {
+        0 => "from the start".to_string(),
+        ms => format!(
+            "since {}",
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+            )
+        ),
+    };
+    let by = match record.by.as_str() {
+        "" => String::new(),
+        by => format!(
+            ", switched by {by}{}",
+            if record.forced { " with --force" } else { "" }
+        ),
+    };
+    format!("primary: {} {since}{by}", record.primary.name())
 }
 
 /// `regtee status`.
@@ -116,6 +224,9 @@ pub async fn status(config: &Config, as_json: bool) -> Result<i32, CliError> {
                 human_age(status.now - r.heartbeat_at)
             );
         }
+    }
+    if status.primary != PrimaryRecord::default() {
+        println!("\n{}", describe_primary(&status.primary));
     }
     if let Some(cache) = &status.cache {
         println!(

@@ -223,6 +223,7 @@ impl PgStore {
         let digest = job.digest.as_ref().map_or("", |d| d.as_str());
         let mount_from = job.mount_from.as_ref().map_or("", |m| m.as_str());
         let origin = job.origin.as_str();
+        let source = job.source.as_deref().unwrap_or("");
         let select = tx
             .prepare_cached(&format!(
                 "SELECT id, {STANDING_COLUMNS} FROM jobs WHERE target = $1 AND kind = $2 \
@@ -238,8 +239,8 @@ impl PgStore {
                 let inserted = in_transaction(
                     tx,
                     "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
-                                       state, created_at, updated_at, next_attempt_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9) \
+                                       state, created_at, updated_at, next_attempt_at, source) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9, $10) \
                      ON CONFLICT (target, kind, repository, tag, digest) DO NOTHING",
                     &[
                         &job.target,
@@ -251,6 +252,7 @@ impl PgStore {
                         &origin,
                         &fresh.state.as_str(),
                         &now,
+                        &source,
                     ],
                 )
                 .await?;
@@ -270,9 +272,9 @@ impl PgStore {
                     write_standing(tx, id, next).await?;
                     in_transaction(
                         tx,
-                        "UPDATE jobs SET origin = $2, mount_from = $3, created_at = $4 \
-                         WHERE id = $1",
-                        &[&id, &origin, &mount_from, &now],
+                        "UPDATE jobs SET origin = $2, mount_from = $3, created_at = $4, \
+                         source = $5 WHERE id = $1",
+                        &[&id, &origin, &mount_from, &now, &source],
                     )
                     .await?;
                 }
@@ -663,6 +665,27 @@ impl Store for PgStore {
         Ok(!rows.is_empty())
     }
 
+    async fn setting(&self, name: &str) -> Result<Option<String>, QueueError> {
+        let rows = self
+            .query("SELECT value FROM settings WHERE name = $1", &[&name])
+            .await?;
+        rows.first()
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn put_setting(&self, name: &str, value: &str, now: i64) -> Result<(), QueueError> {
+        self.execute(
+            "INSERT INTO settings (name, value, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, \
+             updated_at = excluded.updated_at",
+            &[&name, &value, &now],
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn export(&self) -> Result<Exported, QueueError> {
         let pg = |e| self.error(e);
         let rows = self
@@ -673,7 +696,7 @@ impl Store for PgStore {
             .await?;
         let jobs = rows
             .iter()
-            .map(|r| Ok((job_from_row(r)?, r.try_get::<_, Option<i64>>(17)?)))
+            .map(|r| Ok((job_from_row(r)?, r.try_get::<_, Option<i64>>(18)?)))
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()
             .map_err(pg)?;
         let rows = self

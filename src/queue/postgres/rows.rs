@@ -32,6 +32,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_owner     TEXT NOT NULL DEFAULT '',
     lease_until     BIGINT NOT NULL DEFAULT 0
 );
+-- Where a job copies from, when not Harbor: a target that was the primary.
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS settings (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_identity ON jobs(target, kind, repository, tag, digest);
 -- A claim's order, id included: without it every claim sorts all the jobs due at once.
 DROP INDEX IF EXISTS jobs_due;
@@ -82,7 +89,8 @@ CREATE TABLE IF NOT EXISTS backfill_cancels (
 "#;
 
 pub(super) const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
-     attempts, created_at, updated_at, next_attempt_at, finished_at, detail, error_class, target_digest";
+     attempts, created_at, updated_at, next_attempt_at, finished_at, detail, error_class, target_digest, \
+     source";
 
 /// The columns of [`Standing`], in its order.
 pub(super) const STANDING_COLUMNS: &str = "state, attempts, next_attempt_at, started_at, finished_at, \
@@ -111,6 +119,7 @@ pub(super) fn job_from_row(row: &Row) -> Result<Job, tokio_postgres::Error> {
         detail: row.try_get(14)?,
         error_class: ErrorClass::parse(row.try_get(15)?),
         target_digest: non_empty(row.try_get(16)?),
+        source: non_empty(row.try_get(17)?),
     })
 }
 
@@ -217,8 +226,9 @@ pub(super) async fn import_job(
         .prepare_cached(
             "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
                  state, attempts, created_at, updated_at, next_attempt_at, started_at, \
-                 finished_at, detail, error_class, target_digest) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                 finished_at, detail, error_class, target_digest, source) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                 $18) \
              ON CONFLICT (target, kind, repository, tag, digest) DO NOTHING RETURNING id",
         )
         .await?;
@@ -243,6 +253,7 @@ pub(super) async fn import_job(
                 &job.detail,
                 &job.error_class.map_or("", ErrorClass::as_str),
                 &job.target_digest.as_deref().unwrap_or(""),
+                &job.source.as_deref().unwrap_or(""),
             ],
         )
         .await?;

@@ -138,8 +138,8 @@ fn arrive(tx: &Transaction<'_>, job: &NewJob, now: i64) -> rusqlite::Result<bool
         let fresh = Standing::new(now);
         tx.prepare_cached(
             "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, origin, \
-                               state, created_at, updated_at, next_attempt_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9)",
+                               state, created_at, updated_at, next_attempt_at, source) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10)",
         )?
         .execute(params![
             job.target,
@@ -151,6 +151,7 @@ fn arrive(tx: &Transaction<'_>, job: &NewJob, now: i64) -> rusqlite::Result<bool
             job.origin.as_str(),
             fresh.state.as_str(),
             now,
+            job.source.as_deref().unwrap_or(""),
         ])?;
         return Ok(true);
     };
@@ -161,9 +162,16 @@ fn arrive(tx: &Transaction<'_>, job: &NewJob, now: i64) -> rusqlite::Result<bool
         Arrival::Rearmed(next) => {
             write_standing(tx, id, next)?;
             tx.prepare_cached(
-                "UPDATE jobs SET origin = ?2, mount_from = ?3, created_at = ?4 WHERE id = ?1",
+                "UPDATE jobs SET origin = ?2, mount_from = ?3, created_at = ?4, source = ?5 \
+                 WHERE id = ?1",
             )?
-            .execute(params![id, job.origin.as_str(), mount_from, now])?;
+            .execute(params![
+                id,
+                job.origin.as_str(),
+                mount_from,
+                now,
+                job.source.as_deref().unwrap_or("")
+            ])?;
         }
     }
     Ok(arrival.arms())
@@ -526,13 +534,40 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn setting(&self, name: &str) -> Result<Option<String>, QueueError> {
+        let name = name.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT value FROM settings WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_setting(&self, name: &str, value: &str, now: i64) -> Result<(), QueueError> {
+        let (name, value) = (name.to_string(), value.to_string());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO settings (name, value, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, \
+                 updated_at = excluded.updated_at",
+                params![name, value, now],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     async fn export(&self) -> Result<Exported, QueueError> {
         self.with(|c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {JOB_COLUMNS}, started_at FROM jobs ORDER BY id"
             ))?;
             let jobs = stmt
-                .query_map([], |r| Ok((job_from_row(r)?, r.get::<_, Option<i64>>(17)?)))?
+                .query_map([], |r| Ok((job_from_row(r)?, r.get::<_, Option<i64>>(18)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut stmt = c.prepare(
                 "SELECT job_id, started_at, finished_at, result, detail FROM attempts ORDER BY rowid",
@@ -586,9 +621,9 @@ impl Store for SqliteStore {
                     .prepare_cached(
                         "INSERT INTO jobs (target, kind, repository, tag, digest, mount_from, \
                              origin, state, attempts, created_at, updated_at, next_attempt_at, \
-                             started_at, finished_at, detail, error_class, target_digest) \
+                             started_at, finished_at, detail, error_class, target_digest, source) \
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, \
-                             ?15, ?16, ?17) \
+                             ?15, ?16, ?17, ?18) \
                          ON CONFLICT (target, kind, repository, tag, digest) DO NOTHING",
                     )?
                     .execute(params![
@@ -609,6 +644,7 @@ impl Store for SqliteStore {
                         job.detail,
                         job.error_class.map_or("", ErrorClass::as_str),
                         job.target_digest.as_deref().unwrap_or(""),
+                        job.source.as_deref().unwrap_or(""),
                     ])?;
                 if added > 0 {
                     new_ids.insert(job.id, tx.last_insert_rowid());

@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS backfills (
     progress    TEXT NOT NULL,
     updated_at  INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS backfill_cancels (
     id           INTEGER PRIMARY KEY,
     requested_at INTEGER NOT NULL
@@ -68,14 +73,17 @@ CREATE TABLE IF NOT EXISTS backfill_cancels (
 
 /// Columns added after the first release, with their definitions; added to older databases at
 /// open.
-pub(super) const ADDED_COLUMNS: [(&str, &str); 1] = [
+pub(super) const ADDED_COLUMNS: [(&str, &str); 2] = [
     // Set when the same write arrives while the job runs: it runs again once it ends, so what it
     // copies is never older than the last push.
     ("rearm", "INTEGER NOT NULL DEFAULT 0"),
+    // Where the job copies from, when not Harbor: a target that was the primary.
+    ("source", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 pub(super) const JOB_COLUMNS: &str = "id, target, kind, repository, tag, digest, mount_from, origin, state, \
-     attempts, created_at, updated_at, next_attempt_at, finished_at, detail, error_class, target_digest";
+     attempts, created_at, updated_at, next_attempt_at, finished_at, detail, error_class, target_digest, \
+     source";
 
 /// The columns of [`Standing`], in its order.
 pub(super) const STANDING_COLUMNS: &str = "state, attempts, next_attempt_at, started_at, finished_at, \
@@ -104,6 +112,7 @@ pub(super) fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         detail: row.get(14)?,
         error_class: ErrorClass::parse(&row.get::<_, String>(15)?),
         target_digest: non_empty(row.get(16)?),
+        source: non_empty(row.get(17)?),
     })
 }
 

@@ -25,6 +25,7 @@ fn job(target: &str, tag: &str, d: &str) -> NewJob {
         digest: Some(digest(d)),
         mount_from: None,
         origin: JobOrigin::Push,
+        source: None,
     }
 }
 
@@ -109,6 +110,7 @@ on_every_store!(
     backfills_are_saved_listed_and_cancelled,
     everything_migrates_into_either_store_once,
     health_commits_a_write,
+    the_primary_and_a_jobs_source_are_kept,
 );
 
 /// What a push seen twice, a push seen while its job runs, and a push seen after its job
@@ -539,4 +541,38 @@ async fn everything_migrates_into_either_store_once(q: &Queue) {
 async fn health_commits_a_write(q: &Queue) {
     q.health().await.unwrap();
     q.health().await.unwrap();
+}
+
+async fn the_primary_and_a_jobs_source_are_kept(q: &Queue) {
+    assert_eq!(
+        q.primary().await.unwrap(),
+        PrimaryRecord::default(),
+        "Harbor at first"
+    );
+    let record = PrimaryRecord {
+        primary: Primary::Target("tcr".into()),
+        since: 1_700_000_000_000,
+        by: "ops".into(),
+        forced: true,
+    };
+    q.set_primary(&record).await.unwrap();
+    assert_eq!(q.primary().await.unwrap(), record);
+    let back = PrimaryRecord {
+        primary: Primary::Upstream,
+        since: 1_700_000_100_000,
+        by: "ops".into(),
+        forced: false,
+    };
+    q.set_primary(&back).await.unwrap();
+    assert_eq!(q.primary().await.unwrap(), back);
+
+    let mut from_target = job("upstream", "v1", "d1");
+    from_target.source = Some("tcr".into());
+    q.enqueue(vec![from_target, job("other", "v1", "d1")])
+        .await
+        .unwrap();
+    let claimed = q.claim("upstream").await.unwrap().unwrap();
+    assert_eq!(claimed.source.as_deref(), Some("tcr"));
+    let claimed = q.claim("other").await.unwrap().unwrap();
+    assert_eq!(claimed.source, None, "Harbor's");
 }
