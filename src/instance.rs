@@ -301,7 +301,7 @@ fn spawn_all(
     queue::spawn_retention(tasks, cancel, queue.clone(), config.state.retention);
     queue::spawn_lease_keeper(tasks, cancel, queue.clone());
     if let Some(listener) = listeners.admin {
-        let admin = Arc::new(ops::admin::Admin::new(
+        let admin = ops::admin::Admin::new(
             config,
             ops::admin::AdminParts {
                 queue,
@@ -312,7 +312,7 @@ fn spawn_all(
             },
             tasks.clone(),
             cancel.clone(),
-        ));
+        );
         tasks.spawn(request::server::serve(
             listener,
             None,

@@ -120,6 +120,7 @@ pub(crate) struct Metrics {
     cache_size: Gauge,
     cache_entries: Gauge,
     primary: Family<PrimaryLabels, Gauge>,
+    ready: Gauge,
 }
 
 /// How a read the pull-through cache handles was served.
@@ -254,6 +255,12 @@ impl Metrics {
             "Entries in the cache",
             cache_entries.clone(),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while this process is ready (/readyz answers 200), 0 while it is not",
+            ready.clone(),
+        );
         let primary = Family::<PrimaryLabels, Gauge>::default();
         registry.register(
             "primary_since_seconds",
@@ -285,7 +292,22 @@ impl Metrics {
             cache_size,
             cache_entries,
             primary,
+            ready,
         }
+    }
+
+    /// Blob bytes copied to `target` since this process started.
+    pub(crate) fn mirrored_bytes(&self, target: &str) -> u64 {
+        self.mirrored_bytes
+            .get_or_create(&TargetLabels {
+                target: target.to_string(),
+            })
+            .get()
+    }
+
+    /// Whether this process is ready (`/readyz`), for alerting on a replica that is not.
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     /// The primary: one series, the current one.

@@ -15,5 +15,6 @@ mod hostile;
 mod install;
 mod mirror;
 mod operations;
+mod operator;
 mod proxy;
 mod replicas;

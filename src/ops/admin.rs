@@ -4,6 +4,8 @@
 //! configured every request needs it, except the webhook endpoints, which check the webhook
 //! secret instead (Harbor can send only one `Authorization` header).
 
+mod operator;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use crate::oci::names::{RepositoryName, Tag};
 use crate::ops::backfill::{self, BackfillRequest, Backfiller, TagRow};
 use crate::ops::backfill_runs::BackfillRuns;
 use crate::ops::cutover::{Cutover, Switched};
+use crate::ops::page::{History, Sessions};
 use crate::ops::webhooks;
 use crate::queue::{
     Job, JobFilter, JobOrigin, JobState, PrimaryRecord, Queue, QueueError, TargetCounts, now_ms,
@@ -175,6 +178,11 @@ pub(crate) struct Admin {
     checks_tokens: bool,
     /// What this process serves from now.
     serving: watch::Receiver<PrimaryRecord>,
+    /// The page's sign-ins and its forms' anti-forgery token.
+    sessions: Sessions,
+    /// The page's chart.
+    history: Arc<History>,
+    tasks: TaskTracker,
 }
 
 type Answer = Response<ProxyBody>;
@@ -230,7 +238,7 @@ impl Admin {
         parts: AdminParts,
         tasks: TaskTracker,
         cancel: CancellationToken,
-    ) -> Admin {
+    ) -> Arc<Admin> {
         let AdminParts {
             queue,
             backfiller,
@@ -238,13 +246,14 @@ impl Admin {
             cache,
             serving,
         } = parts;
-        Admin {
+        let history = Arc::new(History::default());
+        let admin = Arc::new(Admin {
             token: config.admin.as_ref().and_then(|a| a.token.clone()),
             webhook_secret: config.webhook_secret.clone(),
             backfills: Arc::new(BackfillRuns::new(
                 queue.clone(),
                 backfiller.clone(),
-                tasks,
+                tasks.clone(),
                 cancel.clone(),
             )),
             queue,
@@ -254,7 +263,12 @@ impl Admin {
             cancel,
             checks_tokens: config.upstream.token_trust.is_some(),
             serving,
-        }
+            sessions: Sessions::new(),
+            history: history.clone(),
+            tasks,
+        });
+        operator::spawn_sampler(admin.clone(), history);
+        admin
     }
 
     /// Serves one admin request. With a token set, everything needs it but webhooks (which
@@ -266,6 +280,9 @@ impl Admin {
     ) -> Result<Answer, Infallible> {
         let path = req.uri().path().to_string();
         let is_webhook = path.starts_with("/api/v1/webhooks/");
+        if operator::is_page(&path) {
+            return Ok(self.page(req, &path).await);
+        }
         let Some(token) = &self.token else {
             return Ok(self.route(req, &path).await);
         };
@@ -396,6 +413,8 @@ impl Admin {
             let stats = cache.stats();
             self.metrics.set_cache_size(stats.size_bytes, stats.entries);
         }
+        let ready = self.ready().await.status().is_success();
+        self.metrics.set_ready(ready);
         if let Ok(record) = self.queue.primary().await {
             self.metrics
                 .set_primary(record.primary.name(), record.since);

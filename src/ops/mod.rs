@@ -8,4 +8,5 @@ pub mod certs;
 pub mod cli;
 pub(crate) mod cutover;
 pub mod log_writer;
+pub(crate) mod page;
 pub(crate) mod webhooks;

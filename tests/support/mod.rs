@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod disk;
 pub mod docker;
 pub mod fault;
