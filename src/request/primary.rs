@@ -430,16 +430,36 @@ impl PrimaryPath {
 
     /// The target and its own session path a session named by regtee stands for.
     fn session_of(&self, path: &str) -> Option<(Arc<Target>, String)> {
-        let id = path.rsplit('/').next()?.strip_prefix(SESSION_PREFIX)?;
-        let (name, encoded) = id.split_once('.')?;
+        let (name, own) = decode_session(path)?;
         let target = self.targets.iter().find(|t| t.name() == name)?.clone();
-        let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(encoded)
-            .ok()?;
-        let own = String::from_utf8(decoded).ok()?;
-        // Only a session path of the target's, for a repository the client's route names.
-        own.starts_with("/v2/").then_some((target, own))
+        Some((target, own))
     }
+}
+
+/// `regtee.<target>.<base64url of the target's session path>` from a request path: the target's
+/// name and the path. The name is outside input like the rest: it is checked against the route
+/// before anything is sent (`own_session`).
+fn decode_session(path: &str) -> Option<(String, String)> {
+    let id = path.rsplit('/').next()?.strip_prefix(SESSION_PREFIX)?;
+    let (name, encoded) = id.split_once('.')?;
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .ok()?;
+    Some((name.to_string(), String::from_utf8(decoded).ok()?))
+}
+
+/// A session path only if it is one of `target_repository`'s uploads: the client's token was
+/// checked for the repository its request names, so a session of any other repository (a
+/// crafted id) is unknown, never carried out with regtee's credentials.
+fn own_session(own: &str, target_repository: &str) -> Option<String> {
+    let prefix = format!("/v2/{target_repository}/blobs/uploads/");
+    let session = own.strip_prefix(&prefix)?;
+    let id = session.split('?').next().unwrap_or_default();
+    let valid = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=' | '+'));
+    valid.then(|| own.to_string())
 }
 
 /// The `Authorization` value, if readable.
@@ -553,9 +573,9 @@ fn target_path(
     };
     let mapped = |name: &crate::oci::names::RepositoryName| policy.target_repository(name.as_str());
     Some(match route {
-        Route::Upload { .. } => {
+        Route::Upload { name } => {
             let (_, own) = path.session_of(uri.path())?;
-            with_query(own, query)
+            with_query(own_session(&own, &mapped(name))?, query)
         }
         Route::Catalog => with_query("/v2/_catalog".into(), query),
         Route::Tags { name } => with_query(format!("/v2/{}/tags/list", mapped(name)), query),
@@ -707,4 +727,35 @@ fn catalog_names(bytes: &[u8], target: &Target) -> Bytes {
         .unwrap_or_default();
     catalog["repositories"] = serde_json::Value::Array(names);
     Bytes::from(catalog.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(own: &str) -> String {
+        format!(
+            "/v2/library/app/blobs/uploads/{SESSION_PREFIX}tcr.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(own)
+        )
+    }
+
+    #[test]
+    fn a_session_id_stands_only_for_an_upload_of_the_route_s_repository() {
+        let own = "/v2/mirror-lib/app/blobs/uploads/5f0c-aa?_state=x";
+        let (target, decoded) = decode_session(&named(own)).unwrap();
+        assert_eq!((target.as_str(), decoded.as_str()), ("tcr", own));
+        assert_eq!(own_session(own, "mirror-lib/app").as_deref(), Some(own));
+        for crafted in [
+            "/v2/secret/app/blobs/uploads/5f0c",
+            "/v2/mirror-lib/app/blobs/uploads/",
+            "/v2/mirror-lib/app/blobs/uploads/../../other/blobs/uploads/x",
+            "/v2/mirror-lib/app/manifests/latest",
+        ] {
+            let (_, decoded) = decode_session(&named(crafted)).unwrap();
+            assert_eq!(own_session(&decoded, "mirror-lib/app"), None, "{crafted}");
+        }
+        assert!(decode_session("/v2/library/app/blobs/uploads/5f0c-aa").is_none());
+        assert!(decode_session("/v2/library/app/blobs/uploads/regtee.tcr.!!").is_none());
+    }
 }
