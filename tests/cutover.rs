@@ -176,6 +176,25 @@ async fn a_switch_serves_clients_from_the_target_with_harbors_logins_and_a_rollb
     layout.tag(&b, "b");
     layout.tag(&p, "p");
 
+    // `regtee check` says whether regtee's Harbor login can take what is mirrored back.
+    let check = tokio::task::block_in_place(|| regtee_cli(&c.config, &c.spec, &["check"]));
+    assert_says(
+        &check,
+        "upstream push rights (mirroring back from a primary target): regtee's login may push to all",
+    );
+    let pull_only = c.work.path().join("pull-only.toml");
+    std::fs::write(&pull_only, c.spec.toml().replace(ROBOT_USER, "puller")).unwrap();
+    let check = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_regtee"))
+            .args(["check", "--config"])
+            .arg(&pull_only)
+            .envs(c.spec.env())
+            .env("REGTEE_UPSTREAM_PASSWORD", "puller-password")
+            .output()
+            .unwrap()
+    });
+    assert_says(&check, "regtee's login may not push to library");
+
     // Before: a push through regtee reaches Harbor and the target.
     push_layout_ok(&layout.dir, "a", &host, "library/a:1", Tls::Off);
     wait_for_manifest(&c.target(), "mirror-lib/a", "1", &a.digest).await;

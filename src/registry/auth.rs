@@ -117,6 +117,50 @@ impl RegistryClient {
         Ok(Some(header))
     }
 
+    /// The actions a token this registry's token service issues regtee for `repository` grants
+    /// (its `access` claim, read without verifying: only to tell an operator what regtee's login
+    /// may do). `None` where no readable token is issued (Basic auth, opaque tokens). Learns the
+    /// challenge first (`GET /v2/`).
+    pub(crate) async fn granted_actions(
+        &self,
+        repository: &str,
+        wanted: &str,
+    ) -> Result<Option<Vec<String>>, RegistryError> {
+        use base64::Engine as _;
+        self.ping().await?;
+        let scope = format!("repository:{repository}:{wanted}");
+        let Some(header) = self
+            .authorization(&[scope], "GET token (check)", true)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let claims = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|token| token.split('.').nth(1))
+            .and_then(|b| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(b.trim_end_matches('='))
+                    .ok()
+            })
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        let Some(claims) = claims else {
+            return Ok(None);
+        };
+        Ok(Some(
+            claims["access"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["type"] == "repository" && a["name"] == repository)
+                .flat_map(|a| a["actions"].as_array().cloned().unwrap_or_default())
+                .filter_map(|a| a.as_str().map(str::to_string))
+                .collect(),
+        ))
+    }
+
     /// Asks the challenge's realm for a token (Docker token authentication specification:
     /// `service`, `account`, one `scope` per scope, Basic credentials; or, for an identity
     /// token, the OAuth2 refresh-token grant of the Docker token spec's "OAuth2" section).

@@ -109,7 +109,59 @@ pub async fn check(config: &Config, config_path: &std::path::Path) -> Result<i32
     for target in &config.targets {
         lines.extend(check_target(target, &upstream).await?);
     }
+    if config.upstream.token_trust.is_some() {
+        lines.push(check_push_back(config, &upstream).await);
+    }
     Ok(report(&lines))
+}
+
+/// With `token_certificate` set a target can become the primary, and its writes are then
+/// mirrored back to Harbor with `[upstream]`'s login: it needs push on every project.
+async fn check_push_back(config: &Config, upstream: &RegistryClient) -> CheckLine {
+    let what = "upstream push rights (mirroring back from a primary target)";
+    // Every project Harbor lists; a login that may not list them is asked about the projects
+    // the targets' namespace mappings name.
+    let mapped: Vec<String> = config
+        .targets
+        .iter()
+        .flat_map(|t| t.policy.mapped_projects().map(str::to_string))
+        .collect();
+    let projects = match backfill::all_projects(upstream).await {
+        Ok(p) => p,
+        Err(_) if !mapped.is_empty() => mapped,
+        Err(e) => return CheckLine::failed(what, e.kind.to_string(), hint(&e, "[upstream]", None)),
+    };
+    let mut refused = Vec::new();
+    for project in projects.iter().take(50) {
+        match upstream
+            .granted_actions(&format!("{project}/regtee-check"), "pull,push")
+            .await
+        {
+            Ok(Some(actions)) if actions.iter().any(|a| a == "push" || a == "*") => {}
+            Ok(Some(_)) => refused.push(project.clone()),
+            Ok(None) => {
+                return CheckLine::ok(what, "Harbor issues no readable token: not checked");
+            }
+            Err(e) => {
+                return CheckLine::failed(what, e.kind.to_string(), hint(&e, "[upstream]", None));
+            }
+        }
+    }
+    if refused.is_empty() {
+        CheckLine::ok(
+            what,
+            format!(
+                "regtee's login may push to all {} project(s)",
+                projects.len().min(50)
+            ),
+        )
+    } else {
+        CheckLine::failed(
+            what,
+            format!("regtee's login may not push to {}", refused.join(", ")),
+            "give regtee's robot account push on these projects before a cutover: what clients push to the primary target is mirrored back with it".into(),
+        )
+    }
 }
 
 /// The queue's database: it connects, and a write commits.
