@@ -109,6 +109,8 @@ pub(crate) struct Metrics {
     jobs: Family<TargetStateLabels, Gauge>,
     oldest_pending: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     mirror_lag: Family<TargetLabels, Histogram, fn() -> Histogram>,
+    lag_waiting: Family<TargetLabels, Histogram, fn() -> Histogram>,
+    lag_copying: Family<TargetLabels, Histogram, fn() -> Histogram>,
     failures: Family<FailureLabels, Counter>,
     mirrored_bytes: Family<TargetLabels, Counter>,
     outcomes: Family<OutcomeLabels, Counter>,
@@ -194,6 +196,20 @@ impl Metrics {
             "mirror_lag_seconds",
             "From the push being acknowledged by Harbor to the manifest being on the target",
             mirror_lag.clone(),
+        );
+        let lag_waiting: Family<TargetLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(lag_histogram);
+        registry.register(
+            "mirror_lag_waiting_seconds",
+            "The part of the mirror lag a manifest's job spent waiting for a worker (queued, or backing off after a failed attempt): too few workers, or a target that refuses",
+            lag_waiting.clone(),
+        );
+        let lag_copying: Family<TargetLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(lag_histogram);
+        registry.register(
+            "mirror_lag_copying_seconds",
+            "The part of the mirror lag spent in the attempt that copied the manifest: a slow target or a slow read from Harbor",
+            lag_copying.clone(),
         );
         let failures = Family::<FailureLabels, Counter>::default();
         registry.register(
@@ -281,6 +297,8 @@ impl Metrics {
             jobs,
             oldest_pending,
             mirror_lag,
+            lag_waiting,
+            lag_copying,
             failures,
             mirrored_bytes,
             outcomes,
@@ -392,12 +410,21 @@ impl Metrics {
     }
 
     /// A manifest reached a target; `lag` runs from Harbor's acknowledgement.
-    pub(crate) fn observe_mirror_lag(&self, target: &str, lag: Duration) {
+    /// A manifest pushed live reached `target`: `waiting` of its lag before the attempt that
+    /// copied it began, `copying` in that attempt.
+    pub(crate) fn observe_mirror_lag(&self, target: &str, waiting: Duration, copying: Duration) {
+        let labels = TargetLabels {
+            target: target.to_string(),
+        };
         self.mirror_lag
-            .get_or_create(&TargetLabels {
-                target: target.to_string(),
-            })
-            .observe(lag.as_secs_f64());
+            .get_or_create(&labels)
+            .observe((waiting + copying).as_secs_f64());
+        self.lag_waiting
+            .get_or_create(&labels)
+            .observe(waiting.as_secs_f64());
+        self.lag_copying
+            .get_or_create(&labels)
+            .observe(copying.as_secs_f64());
     }
 
     /// An attempt failed with an error of class `reason`.
@@ -485,7 +512,11 @@ mod tests {
             0,
             Some(Duration::from_millis(3)),
         );
-        m.observe_mirror_lag("tcr", Duration::from_millis(800));
+        m.observe_mirror_lag(
+            "tcr",
+            Duration::from_millis(600),
+            Duration::from_millis(200),
+        );
         let text = m.render(
             &[TargetCounts {
                 target: "tcr".into(),
@@ -502,6 +533,9 @@ mod tests {
         assert!(text.contains(r#"regtee_jobs{target="tcr",state="pending"} 2"#));
         assert!(text.contains(r#"regtee_oldest_pending_job_age_seconds{target="tcr"} 10.0"#));
         assert!(text.contains("regtee_mirror_lag_seconds_count{target=\"tcr\"} 1"));
+        assert!(text.contains("regtee_mirror_lag_seconds_sum{target=\"tcr\"} 0.8"));
+        assert!(text.contains("regtee_mirror_lag_waiting_seconds_sum{target=\"tcr\"} 0.6"));
+        assert!(text.contains("regtee_mirror_lag_copying_seconds_sum{target=\"tcr\"} 0.2"));
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -131,6 +131,7 @@ impl Mirror {
     async fn attempt(&self, target: &Target, job: &Job) -> Outcome {
         use futures_util::FutureExt as _;
         let what = describe(job);
+        let started = now_ms();
         let result = std::panic::AssertUnwindSafe(self.execute(target, job))
             .catch_unwind()
             .await
@@ -148,9 +149,12 @@ impl Mirror {
                 note,
             }) => {
                 if job.kind == JobKind::Manifest && job.origin.is_live() {
-                    let lag = (now_ms() - job.created_at).max(0) as u64;
-                    self.metrics
-                        .observe_mirror_lag(target.name(), Duration::from_millis(lag));
+                    let ms = |from: i64, to: i64| Duration::from_millis((to - from).max(0) as u64);
+                    self.metrics.observe_mirror_lag(
+                        target.name(),
+                        ms(job.created_at, started),
+                        ms(started, now_ms()),
+                    );
                 }
                 self.metrics
                     .observe_outcome(target.name(), job.kind.as_str(), "done");

@@ -346,7 +346,7 @@ impl Admin {
             (&Method::PUT, ["api", "v1", "primary"]) => self.switch_primary(req).await,
             (&Method::POST, ["api", "v1", "backfills"]) => self.start_backfill(req).await,
             (&Method::GET, ["api", "v1", "backfills"]) => self.list_backfills().await,
-            (&Method::GET, ["api", "v1", "backfills", id]) => self.backfill(id).await,
+            (&Method::GET, ["api", "v1", "backfills", id]) => self.backfill(id, &query).await,
             (&Method::POST, ["api", "v1", "backfills", id, "cancel"]) => {
                 self.cancel_backfill(id).await
             }
@@ -620,11 +620,18 @@ impl Admin {
         json(StatusCode::OK, &self.backfills.list().await)
     }
 
-    async fn backfill(&self, id: &str) -> Answer {
+    /// One backfill; with `wait=SECONDS` (at most 30), once it ends or after that long.
+    async fn backfill(&self, id: &str, q: &BTreeMap<String, String>) -> Answer {
         let Ok(number) = id.parse::<u64>() else {
             return error(StatusCode::NOT_FOUND, format!("no backfill {id}"));
         };
-        match self.backfills.get(number).await {
+        let wait = q
+            .get("wait")
+            .and_then(|w| w.parse::<u64>().ok())
+            .map_or(std::time::Duration::ZERO, |s| {
+                std::time::Duration::from_secs(s.min(30))
+            });
+        match self.backfills.wait(number, wait).await {
             Ok(Some(p)) => json(StatusCode::OK, &p),
             Ok(None) => error(StatusCode::NOT_FOUND, format!("no backfill {id}")),
             Err(e) => queue_unavailable(&e),

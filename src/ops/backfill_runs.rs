@@ -24,6 +24,8 @@ pub(crate) struct BackfillRuns {
     local: Mutex<BTreeMap<u64, LocalRun>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    /// Told when a backfill of this replica ends: who waits for one hears of it at once.
+    ended: tokio::sync::Notify,
 }
 
 /// A backfill running on this replica: its progress, and what stops it.
@@ -47,6 +49,7 @@ impl BackfillRuns {
             local: Mutex::new(BTreeMap::new()),
             tasks,
             cancel,
+            ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -159,6 +162,7 @@ impl BackfillRuns {
                 p.errors.insert(0, why);
             }
         }
+        self.ended.notify_waiters();
         self.save_end(id, &progress).await;
     }
 
@@ -190,6 +194,33 @@ impl BackfillRuns {
         let p = snapshot(progress);
         let running = p.state == BackfillState::Running;
         self.queue.save_backfill(id, to_json(&p), running).await
+    }
+
+    /// Backfill `id` once it has ended, or as it stands after `up_to`: a command line waiting
+    /// for the end hears of it at once instead of polling. One running on another replica is
+    /// looked at again every second.
+    pub(crate) async fn wait(
+        &self,
+        id: u64,
+        up_to: Duration,
+    ) -> Result<Option<Progress>, QueueError> {
+        let deadline = tokio::time::Instant::now() + up_to;
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let progress = self.get(id).await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match &progress {
+                Some(p) if p.state == BackfillState::Running && !left.is_zero() => {}
+                _ => return Ok(progress),
+            }
+            tokio::select! {
+                () = ended => {}
+                () = tokio::time::sleep(left.min(Duration::from_secs(1))) => {}
+                () = self.cancel.cancelled() => return Ok(progress),
+            }
+        }
     }
 
     /// The newest backfills of every replica, newest first. If the database cannot be read,

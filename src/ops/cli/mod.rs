@@ -427,11 +427,12 @@ pub async fn sync(
                 "backfill {} started on the server (`regtee sync --cancel {}` stops it)",
                 started.id, started.id
             );
+            // The server answers once the backfill ends, or after a second with its progress.
             loop {
                 let p: Progress = api
                     .call(
                         Method::GET,
-                        &format!("/api/v1/backfills/{}", started.id),
+                        &format!("/api/v1/backfills/{}?wait=1", started.id),
                         None,
                     )
                     .await?;
@@ -440,7 +441,6 @@ pub async fn sync(
                     bar.finish_and_clear();
                     break summarize(&p, false);
                 }
-                tokio::time::sleep(Duration::from_millis(300)).await;
             }
         }
         Backend::Local(queue) => {
