@@ -129,6 +129,75 @@ async fn blobs_are_copied_as_soon_as_their_upload_completes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_whose_blobs_are_there_is_not_held_behind_other_pushes_blob_jobs() {
+    // One worker, held on the first push's first layer while a second push queues its jobs.
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    let front = crate::support::fault::FaultFront::start(&cloud.url()).await;
+    let spec = ConfigSpec::new(&harbor, &work.path().join("state"))
+        .target(TargetSpec::at("tcr", &front.url()).with("concurrency = 1"));
+    let regtee = Regtee::start(&spec).await;
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let held = layout.image(&[120_000], "amd64");
+    let second = layout.image(&[100_000, 90_000, 80_000], "arm64");
+    layout.tag(&held, "held");
+    layout.tag(&second, "second");
+    let held_layer: Digest = held.layers()[0].parse().unwrap();
+    front.set(crate::support::fault::Fault::Hold(
+        held_layer.hex().to_string(),
+    ));
+    push_layout_ok(
+        &layout.dir,
+        "held",
+        &regtee.host(),
+        "library/held:1",
+        Tls::Off,
+    );
+    wait_until("the worker held", Duration::from_secs(30), || async {
+        (front.held() > 0).then_some(())
+    })
+    .await;
+    push_layout_ok(
+        &layout.dir,
+        "second",
+        &regtee.host(),
+        "library/second:1",
+        Tls::Off,
+    );
+    front.release();
+    wait_for_manifest(
+        &cloud.client(CLOUD_USER, CLOUD_PASSWORD),
+        "library/second",
+        "1",
+        &second.digest,
+    )
+    .await;
+    let jobs = wait_until(
+        "the second push's jobs done",
+        Duration::from_secs(30),
+        || async {
+            let page = admin_get(&regtee, "/api/v1/jobs?repository=library/second").await;
+            let jobs = page["jobs"].as_array()?.clone();
+            (jobs.len() == 5 && jobs.iter().all(|j| j["state"] == "done")).then_some(jobs)
+        },
+    )
+    .await;
+    let mut first_attempts = Vec::new();
+    for job in &jobs {
+        let detail = admin_get(&regtee, &format!("/api/v1/jobs/{}", job["id"])).await;
+        let started = detail["attempts"][0]["started_at"].as_i64().unwrap();
+        first_attempts.push((started, job["kind"].as_str().unwrap().to_string()));
+    }
+    first_attempts.sort();
+    assert_eq!(
+        first_attempts[0].1, "manifest",
+        "the manifest went before its push's queued blob jobs: {first_attempts:?}"
+    );
+    regtee.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn repository_and_tag_filters_decide_what_is_mirrored() {
     let world = World::start(
         &["library", "team"],

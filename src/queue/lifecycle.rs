@@ -15,6 +15,12 @@ pub(crate) const FORGETTABLE: [JobState; 2] = [JobState::Done, JobState::Skipped
 /// The states of a job not finished yet.
 pub(crate) const UNFINISHED: [JobState; 2] = [JobState::Pending, JobState::Running];
 
+/// Which due job a worker takes first: manifests and deletes (in the order they became due)
+/// before blobs. A manifest's job copies its blobs itself, so a blob job only saves time when a
+/// worker is free; a manifest never waits behind the blob jobs of other pushes. The same in
+/// every store, with an index on exactly this order.
+pub(crate) const CLAIM_ORDER: &str = "(kind = 'blob'), next_attempt_at, id";
+
 /// Where a job stands: the columns of its row that its events change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Standing {

@@ -22,7 +22,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::job::{Attempt, AttemptResult, Job, JobFilter, JobState, NewJob, Outcome, StateCount};
-use super::lifecycle::{self, Arrival, Standing};
+use super::lifecycle::{self, Arrival, CLAIM_ORDER, Standing};
 use super::store::{BlobHome, Exported, Imported, Store};
 use super::{BackfillRecord, QueueError, Wakers, now_ms};
 use crate::config::DatabaseConfig;
@@ -338,7 +338,7 @@ impl Store for PgStore {
                     "UPDATE jobs SET state = $5, attempts = attempts + 1, \
                          updated_at = $2, started_at = $2, lease_owner = $3, lease_until = $4 \
                      WHERE id = (SELECT id FROM jobs WHERE target = $1 AND state = $6 \
-                                 AND next_attempt_at <= $2 ORDER BY next_attempt_at, id LIMIT 1 \
+                                 AND next_attempt_at <= $2 ORDER BY {CLAIM_ORDER} LIMIT 1 \
                                  FOR UPDATE SKIP LOCKED) \
                      RETURNING {JOB_COLUMNS}"
                 ),

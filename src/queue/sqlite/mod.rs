@@ -15,7 +15,7 @@ use super::job::{
     Attempt, AttemptResult, ErrorClass, Job, JobFilter, JobState, NewJob, Outcome, Replica,
     StateCount,
 };
-use super::lifecycle::{self, Arrival, Standing};
+use super::lifecycle::{self, Arrival, CLAIM_ORDER, Standing};
 use super::store::{BlobHome, Coordination, Exported, Imported, Store, Turn};
 use super::{BackfillRecord, QueueError};
 use rows::{
@@ -223,7 +223,7 @@ impl Store for SqliteStore {
             let due = tx
                 .prepare_cached(&format!(
                     "SELECT id, {STANDING_COLUMNS} FROM jobs WHERE target = ?1 AND state = ?2 \
-                     AND next_attempt_at <= ?3 ORDER BY next_attempt_at, id LIMIT 1"
+                     AND next_attempt_at <= ?3 ORDER BY {CLAIM_ORDER} LIMIT 1"
                 ))?
                 .query_row(params![target, JobState::Pending.as_str(), now], |r| {
                     Ok((r.get::<_, i64>(0)?, standing_from_row(r, 1)?))

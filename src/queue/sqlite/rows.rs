@@ -32,6 +32,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_identity ON jobs(target, kind, repository
 -- A claim's order, id included: without it every claim sorts all the jobs due at once.
 DROP INDEX IF EXISTS jobs_due;
 CREATE INDEX IF NOT EXISTS jobs_due_in_order ON jobs(target, state, next_attempt_at, id);
+-- The claim's order (CLAIM_ORDER), so a claim reads one entry.
+CREATE INDEX IF NOT EXISTS jobs_due_blobs_last ON jobs(target, state, kind = 'blob', next_attempt_at, id);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, finished_at);
 CREATE INDEX IF NOT EXISTS jobs_repository ON jobs(repository);
 CREATE TABLE IF NOT EXISTS attempts (

@@ -111,6 +111,7 @@ on_every_store!(
     everything_migrates_into_either_store_once,
     health_commits_a_write,
     the_primary_and_a_jobs_source_are_kept,
+    manifests_are_claimed_before_blobs,
 );
 
 /// What a push seen twice, a push seen while its job runs, and a push seen after its job
@@ -575,4 +576,26 @@ async fn the_primary_and_a_jobs_source_are_kept(q: &Queue) {
     assert_eq!(claimed.source.as_deref(), Some("tcr"));
     let claimed = q.claim("other").await.unwrap().unwrap();
     assert_eq!(claimed.source, None, "Harbor's");
+}
+
+async fn manifests_are_claimed_before_blobs(q: &Queue) {
+    let blob = |d: &str| NewJob {
+        kind: JobKind::Blob,
+        tag: None,
+        ..job("tcr", "x", d)
+    };
+    // Blob jobs of one push, then the manifest of another: the manifest goes first, then the
+    // blobs in the order they came.
+    q.enqueue(vec![blob("b1"), blob("b2")]).await.unwrap();
+    q.enqueue(vec![job("tcr", "v1", "m1")]).await.unwrap();
+    q.enqueue(vec![blob("b3")]).await.unwrap();
+    let mut order = Vec::new();
+    while let Some(claimed) = q.claim("tcr").await.unwrap() {
+        order.push(claimed.digest.unwrap_or_default());
+    }
+    let expected: Vec<String> = ["m1", "b1", "b2", "b3"]
+        .iter()
+        .map(|d| digest(d).to_string())
+        .collect();
+    assert_eq!(order, expected);
 }
