@@ -523,3 +523,76 @@ fn the_demo_mirrors_a_push_and_serves_the_second_pull_from_the_cache() {
         "the second pull, manifest and four blobs, came from the cache: {cache_line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recheck_of_an_in_sync_project_asks_each_side_once_per_tag() {
+    use crate::support::fault::FaultFront;
+    let work = tempfile::tempdir().unwrap();
+    let harbor = start_harbor(&work.path().join("harbor")).await;
+    let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
+    let front = FaultFront::start(&cloud.url()).await;
+    let spec = ConfigSpec::new(&harbor, &work.path().join("state"))
+        .target(TargetSpec::at("tcr", &front.url()));
+    let regtee = Regtee::start(&spec).await;
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let imgs = images(&mut layout, 3);
+    let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
+    for (i, image) in imgs.iter().enumerate() {
+        for tag in ["1", "2"] {
+            let repo_tag = format!("library/r{i}:{tag}");
+            push_layout_ok(
+                &layout.dir,
+                &format!("i{i}"),
+                &regtee.host(),
+                &repo_tag,
+                Tls::Off,
+            );
+            wait_for_manifest(&target, &format!("library/r{i}"), tag, &image.digest).await;
+        }
+    }
+    let tags = 6;
+
+    // What Harbor's nginx and the target's front see of one re-check, nothing else running.
+    let harbor_heads = || {
+        harbor
+            .front
+            .as_ref()
+            .unwrap()
+            .access_log()
+            .lines()
+            .filter(|l| l.contains("\"HEAD /v2/library/r") && l.contains("/manifests/"))
+            .count()
+    };
+    let (heads_before, target_before) = (harbor_heads(), front.requests());
+    let (status, body) = http_request(
+        &regtee.admin_url("/api/v1/backfills"),
+        "POST",
+        Some(br#"{"project":"library","dry_run":true}"#.to_vec()),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let progress = admin_get(&regtee, &format!("/api/v1/backfills/{id}?wait=30")).await;
+    assert_eq!(progress["state"], "finished", "{progress}");
+    assert_eq!(progress["in_sync"], tags, "{progress}");
+    let heads = wait_until(
+        "Harbor's log of the re-check",
+        Duration::from_secs(10),
+        || async {
+            let n = harbor_heads() - heads_before;
+            (n >= tags).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(heads, tags, "one manifest HEAD per tag on Harbor");
+    let on_target = front.requests() - target_before;
+    // One HEAD per tag, and at most the version check that learns the target's challenge.
+    assert!(
+        (tags..=tags + 1).contains(&(on_target as usize)),
+        "{on_target} requests to the target for {tags} tags"
+    );
+    regtee.stop().await;
+}
