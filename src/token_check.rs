@@ -209,11 +209,7 @@ impl TokenTrust {
         action: &str,
         now: SystemTime,
     ) -> Verdict {
-        let Some(token) = authorization
-            .and_then(|a| a.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim())
-        else {
+        let Some(token) = bearer(authorization) else {
             return Verdict::Invalid("no Bearer token".into());
         };
         let claims = match self.verified_claims(token, now) {
@@ -236,10 +232,7 @@ impl TokenTrust {
     /// which needs a valid token and no particular access (distribution's token
     /// `accessController.Authorized` with no access items).
     pub(crate) fn accepts(&self, authorization: Option<&str>, now: SystemTime) -> bool {
-        authorization
-            .and_then(|a| a.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .is_some_and(|(_, token)| self.verified_claims(token.trim(), now).is_ok())
+        bearer(authorization).is_some_and(|token| self.verified_claims(token, now).is_ok())
     }
 
     /// The claims of a token whose signature, issuer, audience and times hold.
@@ -338,6 +331,14 @@ impl TokenTrust {
 
 /// When a token says it expires, without checking it: only to shorten how long a decision made
 /// with it is remembered, never to grant anything.
+/// The token of a `Bearer` `Authorization` value.
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    authorization
+        .and_then(|a| a.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+}
+
 pub(crate) fn unverified_expiry(authorization: &str) -> Option<SystemTime> {
     let token = authorization.split_once(' ')?.1.trim();
     let body = token.split('.').nth(1)?;

@@ -48,6 +48,7 @@ use std::sync::Arc;
 
 use crate::config::TargetConfig;
 use crate::config::TargetPolicy;
+use crate::error::OciError;
 use crate::oci::digest::Digest;
 use crate::oci::names::{Reference, RepositoryName, Tag};
 use crate::queue::{JobKind, JobOrigin, NewJob, Queue, QueueError, UPSTREAM};
@@ -119,29 +120,35 @@ impl Tee {
         jobs_to(destinations, write, JobOrigin::Push, Some(primary))
     }
 
-    /// Records a write on the primary target; returns once it is durable.
-    pub(crate) async fn record_from_primary(
-        &self,
-        write: &Write,
-        primary: &str,
-    ) -> Result<(), QueueError> {
-        self.queue
-            .enqueue(self.jobs_from_primary(write, primary))
-            .await
-            .map(|_| ())
-    }
-
     /// Queues jobs made by [`Tee::jobs_for`] (a backfill batches them); returns how many were
     /// armed.
     pub(crate) async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<usize, QueueError> {
         self.queue.enqueue(jobs).await
     }
 
-    /// Records a write seen on the wire; returns once it is durable.
-    pub(crate) async fn record(&self, write: &Write) -> Result<(), QueueError> {
-        self.record_all(std::slice::from_ref(write), JobOrigin::Push, None)
-            .await
-            .map(|_| ())
+    /// Records a write seen on the wire, on Harbor or (`primary`) on the target serving
+    /// clients; returns once it is durable. If it cannot be, the registry has the content but
+    /// the mirror would never learn of it: the client is told to retry (503) rather than given a
+    /// success regtee cannot keep its promise about.
+    pub(crate) async fn record_before_answer(
+        &self,
+        write: &Write,
+        primary: Option<&str>,
+    ) -> Result<(), OciError> {
+        let jobs = match primary {
+            None => self.jobs_for(write, JobOrigin::Push, None),
+            Some(target) => self.jobs_from_primary(write, target),
+        };
+        self.queue.enqueue(jobs).await.map(|_| ()).map_err(|e| {
+            tracing::error!(
+                error = %e,
+                repository = %write.repository(),
+                "could not record a completed push for mirroring; the client was told to retry. Check the state directory's disk, or the queue database the error names"
+            );
+            OciError::unavailable(
+                "the registry accepted the push but regtee could not record it for mirroring; retry the push",
+            )
+        })
     }
 
     /// Records writes from any origin in one transaction; returns how many jobs were armed.

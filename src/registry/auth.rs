@@ -120,14 +120,16 @@ impl RegistryClient {
     /// The actions a token this registry's token service issues regtee for `repository` grants
     /// (its `access` claim, read without verifying: only to tell an operator what regtee's login
     /// may do). `None` where no readable token is issued (Basic auth, opaque tokens). Learns the
-    /// challenge first (`GET /v2/`).
+    /// challenge first (`GET /v2/`) if no request did yet.
     pub(crate) async fn granted_actions(
         &self,
         repository: &str,
         wanted: &str,
     ) -> Result<Option<Vec<String>>, RegistryError> {
         use base64::Engine as _;
-        self.ping().await?;
+        if self.known_challenge().is_none() {
+            self.ping().await?;
+        }
         let scope = format!("repository:{repository}:{wanted}");
         let Some(header) = self
             .authorization(&[scope], "GET token (check)", true)

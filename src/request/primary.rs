@@ -117,27 +117,21 @@ impl PrimaryPath {
     /// A blob upload Harbor completed while a target is the primary (a session Harbor opened
     /// before the switch): the blob is copied to the primary before the client hears of it, so
     /// the manifest the client pushes next, to the primary, finds it there.
-    pub(crate) async fn carry_over(
-        &self,
-        method: &Method,
-        route: &Route,
-        query: Option<&str>,
-        response: &Response<Incoming>,
-    ) -> Result<(), OciError> {
-        let Some(primary) = self.current.borrow().primary.target().map(str::to_string) else {
+    pub(crate) async fn carry_over(&self, write: &Write) -> Result<(), OciError> {
+        let Write::Blob {
+            repository, digest, ..
+        } = write
+        else {
             return Ok(());
         };
-        let Some(Write::Blob {
-            repository, digest, ..
-        }) = route::completed_write(method, route, query, response.status(), response.headers())
-        else {
+        let Some(primary) = self.current.borrow().primary.target().map(str::to_string) else {
             return Ok(());
         };
         let Some(target) = self.targets.iter().find(|t| t.name() == primary) else {
             return Ok(());
         };
         self.mirror
-            .carry_over_blob(target, &repository, &digest)
+            .carry_over_blob(target, repository, digest)
             .await
             .map_err(|e| {
                 OciError::unavailable(format!(
@@ -188,7 +182,7 @@ impl PrimaryPath {
             conn,
         } = *reach;
         if let Route::Base = route {
-            return OnPrimary::Answer(version_check());
+            return OnPrimary::Answer(super::version_check_passed());
         }
         let Some(trust) = &self.trust else {
             return OnPrimary::Error(OciError::unavailable(format!(
@@ -254,12 +248,9 @@ impl PrimaryPath {
                 status,
                 response.headers(),
             ),
-        ) && let Err(e) = tee.record_from_primary(&write, target.name()).await
+        ) && let Err(error) = tee.record_before_answer(&write, Some(target.name())).await
         {
-            tracing::error!(error = %e, repository = %write.repository(), "could not record a completed push on the primary target for mirroring back; the client was told to retry. Check the state directory's disk, or the queue database the error names");
-            return OnPrimary::Error(OciError::unavailable(
-                "the registry accepted the push but regtee could not record it for mirroring; retry the push",
-            ));
+            return OnPrimary::Error(error);
         }
         OnPrimary::Answer(
             self.harbor_names(target, route, &parts.method, response, public)
@@ -467,20 +458,6 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-}
-
-/// `GET /v2/` answered as the registry answers a valid token.
-fn version_check() -> Response<ProxyBody> {
-    let mut answer = Response::new(body::full(Bytes::from_static(b"{}")));
-    answer.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    answer.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
-    answer
 }
 
 /// What the client's token must grant: distribution's token authorization by method.

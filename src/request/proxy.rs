@@ -192,15 +192,25 @@ impl Proxy {
             Err(error) => return Ok(log.answer(error)),
         };
         log.upstream_answered();
-        if let Err(error) = self.record_write(&client, &route, &response).await {
-            return Ok(log.answer(error));
-        }
-        if let Some(primary) = &self.primary
-            && let Err(error) = primary
-                .carry_over(&client.method, &route, client.uri.query(), &response)
-                .await
-        {
-            return Ok(log.answer(error));
+        // A completed write is durable (and, when a target is the primary, its blob there)
+        // before the client hears of it.
+        if let Some(write) = route::completed_write(
+            &client.method,
+            &route,
+            client.uri.query(),
+            response.status(),
+            response.headers(),
+        ) {
+            if let Some(tee) = &self.tee
+                && let Err(error) = tee.record_before_answer(&write, None).await
+            {
+                return Ok(log.answer(error));
+            }
+            if let Some(primary) = &self.primary
+                && let Err(error) = primary.carry_over(&write).await
+            {
+                return Ok(log.answer(error));
+            }
         }
         Ok(self.respond(response, &client, log))
     }
@@ -241,40 +251,6 @@ impl Proxy {
         parts.uri = uri;
         parts.version = Version::HTTP_11;
         Ok((Request::from_parts(parts, body::boxed(body)), end_rx))
-    }
-
-    /// Records a write Harbor answered as completed, durably, before the client hears of it.
-    /// If it cannot be recorded, Harbor has the content but the mirror would never learn of it:
-    /// the client is told to retry rather than given a success regtee cannot keep its promise
-    /// about.
-    async fn record_write(
-        &self,
-        client: &ClientRequest,
-        route: &Route,
-        response: &Response<Incoming>,
-    ) -> Result<(), OciError> {
-        let (Some(tee), Some(write)) = (
-            &self.tee,
-            route::completed_write(
-                &client.method,
-                route,
-                client.uri.query(),
-                response.status(),
-                response.headers(),
-            ),
-        ) else {
-            return Ok(());
-        };
-        tee.record(&write).await.map_err(|e| {
-            tracing::error!(
-                error = %e,
-                repository = %write.repository(),
-                "could not record a completed push for mirroring; the client was told to retry. Check the state directory's disk, or the queue database the error names"
-            );
-            OciError::unavailable(
-                "the registry accepted the push but regtee could not record it for mirroring; retry the push",
-            )
-        })
     }
 
     /// Harbor's answer as the client gets it: URLs that would send it around regtee rewritten

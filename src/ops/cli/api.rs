@@ -91,64 +91,14 @@ impl AdminClient {
         })
     }
 
-    /// `method path` with a JSON body; the status and the body, whatever the status (for
-    /// answers whose refusals carry more than a message).
+    /// `method path` with a JSON body, as the token allows; the status and the body, whatever
+    /// the status (for answers whose refusals carry more than a message).
     pub(super) async fn call_raw(
         &self,
         method: Method,
         path: &str,
-        body: Vec<u8>,
-    ) -> Result<(StatusCode, bytes::Bytes), CliError> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header(header::CONTENT_TYPE, "application/json");
-        if let Some(token) = &self.token {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.expose()));
-        }
-        let request = request
-            .body(body::full(body))
-            .map_err(|e| CliError::AdminAnswer(e.into()))?;
-        let response =
-            self.http
-                .request(request)
-                .await
-                .map_err(|source| CliError::AdminUnreachable {
-                    base: self.base.clone(),
-                    source,
-                })?;
-        let status = response.status();
-        if status == StatusCode::UNAUTHORIZED {
-            return Err(CliError::AdminToken);
-        }
-        let bytes = read_limited(response.into_body(), 16 * 1024 * 1024)
-            .await
-            .map_err(CliError::AdminAnswer)?;
-        Ok((status, bytes))
-    }
-
-    /// The status of a bare `GET path` (a probe: `/healthz`), its body discarded.
-    pub(super) async fn probe(&self, path: &str) -> Result<StatusCode, CliError> {
-        let request = Request::get(format!("{}{path}", self.base))
-            .body(body::empty())
-            .map_err(|e| CliError::AdminAnswer(e.into()))?;
-        let response =
-            self.http
-                .request(request)
-                .await
-                .map_err(|source| CliError::AdminUnreachable {
-                    base: self.base.clone(),
-                    source,
-                })?;
-        Ok(response.status())
-    }
-
-    pub(super) async fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<T, CliError> {
+    ) -> Result<(StatusCode, bytes::Bytes), CliError> {
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
@@ -168,21 +118,41 @@ impl AdminClient {
                     source,
                 })?;
         let status = response.status();
-        let bytes = read_limited(response.into_body(), 64 * 1024 * 1024)
-            .await
-            .map_err(CliError::AdminAnswer)?;
         if status == StatusCode::UNAUTHORIZED {
             return Err(CliError::AdminToken);
         }
+        let bytes = read_limited(response.into_body(), 64 * 1024 * 1024)
+            .await
+            .map_err(CliError::AdminAnswer)?;
+        Ok((status, bytes))
+    }
+
+    /// The status of a bare `GET path` (a probe: `/healthz`), its body discarded.
+    pub(super) async fn probe(&self, path: &str) -> Result<StatusCode, CliError> {
+        Ok(self.call_raw(Method::GET, path, None).await?.0)
+    }
+
+    pub(super) async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, CliError> {
+        let (status, bytes) = self.call_raw(method, path, body).await?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(CliError::Admin { status, message });
+            return Err(refusal(status, &bytes));
         }
         serde_json::from_slice(&bytes).map_err(|e| CliError::AdminAnswer(e.into()))
     }
+}
+
+/// The admin API's refusal: its `error` message, else its body.
+pub(super) fn refusal(status: StatusCode, bytes: &[u8]) -> CliError {
+    let message = serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned());
+    CliError::Admin { status, message }
 }
 
 /// Where the CLI gets its answers.

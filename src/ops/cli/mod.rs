@@ -98,7 +98,9 @@ pub async fn cutover(config: &Config, to: Option<String>, force: bool) -> Result
                 by: Some(by),
             })
             .unwrap_or_default();
-            let (status, bytes) = api.call_raw(Method::PUT, "/api/v1/primary", body).await?;
+            let (status, bytes) = api
+                .call_raw(Method::PUT, "/api/v1/primary", Some(body))
+                .await?;
             match status {
                 http::StatusCode::OK => Switched::Done(
                     serde_json::from_slice(&bytes).map_err(|e| CliError::AdminAnswer(e.into()))?,
@@ -108,13 +110,7 @@ pub async fn cutover(config: &Config, to: Option<String>, force: bool) -> Result
                         .map_err(|e| CliError::AdminAnswer(e.into()))?;
                     Switched::Refused(refused.blocking)
                 }
-                status => {
-                    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                        .ok()
-                        .and_then(|v| v["error"].as_str().map(str::to_string))
-                        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-                    return Err(CliError::Admin { status, message });
-                }
+                status => return Err(api::refusal(status, &bytes)),
             }
         }
         (Backend::Local(queue), Some(to)) => {

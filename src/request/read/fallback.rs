@@ -4,7 +4,7 @@
 //! whose token grants `pull` on the repository, checked locally (`authorize`); one log line per
 //! ten seconds, however many reads.
 
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{Response, StatusCode};
 
 use super::{Ask, Read, ReadPath, Upstream, content};
@@ -40,17 +40,7 @@ impl ReadPath {
             Err(error) => error,
         };
         if self.authorization.accepts_locally(ask) {
-            let mut answer = Response::new(body::full(bytes::Bytes::from_static(b"{}")));
-            let headers = answer.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            headers.insert(
-                "docker-distribution-api-version",
-                HeaderValue::from_static("registry/2.0"),
-            );
-            return Read::Answer(answer);
+            return Read::Answer(crate::request::version_check_passed());
         }
         let Some(challenge) = self.last_challenge() else {
             return Read::Error(error);
