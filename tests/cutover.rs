@@ -502,3 +502,51 @@ async fn a_second_replica_follows_the_switch_without_a_restart() {
     first.stop().await;
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_that_echoes_regtees_credentials_in_an_error_shows_the_client_none() {
+    use crate::support::fault::{Fault, FaultFront};
+    let c = cut(None).await;
+    let front = FaultFront::start(&c.cloud.url()).await;
+    let mut spec = ConfigSpec::new(&c.harbor, &c.work.path().join("state-echo"))
+        .target(TargetSpec::at("tcr", &front.url()));
+    spec.upstream_extra = c.spec.upstream_extra.clone();
+    let regtee = Regtee::start(&spec).await;
+    let (status, body) = http_request(
+        &regtee.admin_url("/api/v1/primary"),
+        "PUT",
+        Some(br#"{"primary":"tcr","force":true}"#.to_vec()),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    serving(&regtee, "tcr").await;
+
+    // The target answers writes with a 500 that quotes the Authorization it got: regtee's.
+    front.set(Fault::EchoAuthorization);
+    let token = c
+        .harbor
+        .token(
+            DEV_USER,
+            DEV_PASSWORD,
+            &["repository:library/echo:pull,push"],
+        )
+        .await;
+    let (status, body) = http_request(
+        &format!("http://{}/v2/library/echo/blobs/uploads/", regtee.host()),
+        "POST",
+        None,
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("internal error"),
+        "the target's error, passed on: {body}"
+    );
+    assert!(
+        !body.contains("eyJ") && !body.contains(CLOUD_PASSWORD),
+        "regtee's credential for the target stays with regtee: {body}"
+    );
+    regtee.stop().await;
+}

@@ -313,9 +313,13 @@ impl PrimaryPath {
                 answer.headers_mut().append(header::LINK, v);
             }
         }
-        let rewrite = *method == Method::GET
-            && (matches!(route, Route::Tags { .. } | Route::Catalog)
-                || (parts.status.is_client_error() && names.differ()));
+        // An error's text is read too: the target answered regtee, not the client, and may echo
+        // regtee's own credentials there (debug pages do), which the client must never see.
+        let failed = parts.status.is_client_error() || parts.status.is_server_error();
+        let rewrite = *method != Method::HEAD
+            && (failed
+                || (*method == Method::GET
+                    && matches!(route, Route::Tags { .. } | Route::Catalog)));
         if !rewrite {
             *answer.body_mut() = body::boxed(incoming);
             return answer;
@@ -328,7 +332,9 @@ impl PrimaryPath {
         let bytes = match route {
             Route::Catalog if parts.status.is_success() => catalog_names(&bytes, target),
             Route::Tags { .. } if parts.status.is_success() => names.tag_list(&bytes),
-            _ => names.in_text(&bytes),
+            _ => Bytes::from(crate::redact::scrub(&String::from_utf8_lossy(
+                &names.in_text(&bytes),
+            ))),
         };
         answer
             .headers_mut()
