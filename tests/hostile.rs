@@ -614,6 +614,17 @@ async fn a_full_state_disk_refuses_pushes_and_parks_workers_without_spinning() {
     regtee::local_registry::push_image(&through, "library/full", "1", &held)
         .await
         .unwrap();
+    // Every job of the push claimed first: a claim is a write, and one racing the fill would
+    // leave the manifest unclaimed until space comes back (the test saw that in CI).
+    wait_until(
+        "the push's jobs in hand",
+        Duration::from_secs(30),
+        || async {
+            let jobs = jobs_of(&regtee, "library/full").await;
+            (!jobs.is_empty() && jobs.iter().all(|j| j["state"] != "pending")).then_some(())
+        },
+    )
+    .await;
     disk.fill();
 
     // A new push: Harbor takes it, regtee cannot record it, the client is told to retry.
