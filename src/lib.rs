@@ -31,6 +31,7 @@ mod cache;
 mod metrics;
 mod mirror;
 mod ops;
+mod provision;
 mod queue;
 mod request;
 

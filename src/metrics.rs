@@ -69,6 +69,12 @@ struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CreationLabels {
+    target: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     target: String,
     kind: String,
@@ -112,6 +118,7 @@ pub(crate) struct Metrics {
     lag_waiting: Family<TargetLabels, Histogram, fn() -> Histogram>,
     lag_copying: Family<TargetLabels, Histogram, fn() -> Histogram>,
     failures: Family<FailureLabels, Counter>,
+    creations: Family<CreationLabels, Counter>,
     mirrored_bytes: Family<TargetLabels, Counter>,
     outcomes: Family<OutcomeLabels, Counter>,
     cache_reads: Family<CacheReadLabels, Counter>,
@@ -217,6 +224,12 @@ impl Metrics {
             "Failed mirror attempts by target and reason class (retried or final)",
             failures.clone(),
         );
+        let creations = Family::<CreationLabels, Counter>::default();
+        registry.register(
+            "target_creations",
+            "Namespaces and repositories regtee created on targets through their cloud's API (create_missing)",
+            creations.clone(),
+        );
         let mirrored_bytes = Family::<TargetLabels, Counter>::default();
         registry.register(
             "mirrored_bytes",
@@ -300,6 +313,7 @@ impl Metrics {
             lag_waiting,
             lag_copying,
             failures,
+            creations,
             mirrored_bytes,
             outcomes,
             cache_reads,
@@ -433,6 +447,20 @@ impl Metrics {
             .get_or_create(&FailureLabels {
                 target: target.to_string(),
                 reason: reason.as_str().to_string(),
+            })
+            .inc();
+    }
+
+    /// A namespace or repository created on a target.
+    pub(crate) fn count_creation(&self, target: &str, creation: &crate::provision::Creation) {
+        let kind = match creation {
+            crate::provision::Creation::Namespace(_) => "namespace",
+            crate::provision::Creation::Repository(_) => "repository",
+        };
+        self.creations
+            .get_or_create(&CreationLabels {
+                target: target.to_string(),
+                kind: kind.to_string(),
             })
             .inc();
     }

@@ -229,6 +229,7 @@ impl UpstreamConfig {
             upload_chunk_size: 0,
             max_chunk_size: DEFAULT_MAX_CHUNK_SIZE,
             reconcile_interval: None,
+            create: None,
         }
     }
 }
@@ -328,6 +329,89 @@ pub struct TargetConfig {
     pub max_chunk_size: u64,
     /// Compare Harbor with this target this often, catching pushes that went around regtee.
     pub reconcile_interval: Option<Duration>,
+    /// What regtee creates through the cloud's own API when the registry says it is missing.
+    pub create: Option<CreateConfig>,
+}
+
+/// `create_missing`: what a target may lack that regtee creates before writing to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CreateMissing {
+    /// The first path segment of a repository: a TCR or SWR namespace (organization), a
+    /// Harbor project.
+    Namespaces,
+    /// Each repository (ECR, where every repository is created before its first push).
+    Repositories,
+}
+
+/// `provider`: whose management API creates what is missing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    /// Tencent Cloud TCR Enterprise (TC3-HMAC-SHA256 signed API 2019-09-24).
+    Tcr,
+    /// Huawei Cloud SWR (SDK-HMAC-SHA256 signed API v2).
+    Swr,
+    /// Amazon ECR (SigV4 signed JSON 1.1 API).
+    Ecr,
+    /// Harbor as a target (its REST API v2.0, with the target's own login).
+    Harbor,
+}
+
+impl Provider {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Tcr => "tcr",
+            Provider::Swr => "swr",
+            Provider::Ecr => "ecr",
+            Provider::Harbor => "harbor",
+        }
+    }
+}
+
+/// Where the API's credentials come from.
+#[derive(Clone, Debug)]
+pub enum ApiKeys {
+    /// An access key pair from the config (`access_key`, `secret_key`): TCR's SecretId and
+    /// SecretKey, SWR's AK/SK, AWS's access key id and secret.
+    Pair {
+        /// Identifies the key; secret too, since it names the account.
+        access_key: Secret,
+        /// Signs requests; never sent.
+        secret_key: Secret,
+    },
+    /// AWS's usual chain on this host, read at each call: `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`), else the shared credentials file
+    /// (`AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`, profile `AWS_PROFILE`).
+    AwsChain,
+    /// The target's own username and password (Harbor's API takes the registry login).
+    TargetLogin(Credentials),
+}
+
+/// `create_missing` with the provider API it uses.
+#[derive(Clone, Debug)]
+pub struct CreateConfig {
+    /// Namespaces or repositories.
+    pub what: CreateMissing,
+    /// Whose API.
+    pub provider: Provider,
+    /// The API's endpoint: credentials go there and nowhere else.
+    pub api: Origin,
+    /// How to verify the API endpoint's certificate.
+    pub api_tls: ClientTls,
+    /// The cloud region (TCR's `X-TC-Region`, SWR's and ECR's endpoint and signing scope).
+    pub region: String,
+    /// TCR's instance id (`tcr-...`), ECR's registry (account) id.
+    pub registry_id: Option<String>,
+    /// SWR's project id (`X-Project-Id`), where the account needs one.
+    pub project_id: Option<String>,
+    /// The API's credentials.
+    pub keys: ApiKeys,
+    /// ECR: create repositories with `imageTagMutability = IMMUTABLE`.
+    pub immutable_tags: bool,
+    /// ECR: scan images on push.
+    pub scan_on_push: bool,
 }
 
 /// Which side of regtee a registry is on: it decides whose configuration a fix names.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{LogFormat, TargetAuth};
+use super::{CreateMissing, LogFormat, Provider, TargetAuth};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,4 +168,12 @@ pub(super) struct RawTarget {
     pub(super) max_chunk_size: Option<u64>,
     pub(super) max_bytes_per_second: Option<u64>,
     pub(super) max_requests_per_second: Option<u32>,
+    pub(super) create_missing: Option<CreateMissing>,
+    pub(super) provider: Option<Provider>,
+    pub(super) api_url: Option<String>,
+    pub(super) api_ca_file: Option<PathBuf>,
+    pub(super) registry_id: Option<String>,
+    pub(super) project_id: Option<String>,
+    pub(super) immutable_tags: Option<bool>,
+    pub(super) scan_on_push: Option<bool>,
 }

@@ -561,6 +561,7 @@ impl Validator<'_> {
         }
         let origin = self.origin(&key("url"), &raw.url)?;
         let credentials = self.target_credentials(i, &raw)?;
+        let create = self.target_create(i, &raw, &origin, credentials.as_ref())?;
         let login = self.login_source(
             &format!("targets[{i}]"),
             credentials,
@@ -601,7 +602,153 @@ impl Validator<'_> {
             upload_chunk_size: raw.upload_chunk_size.unwrap_or(0),
             max_chunk_size: raw.max_chunk_size.unwrap_or(DEFAULT_MAX_CHUNK_SIZE),
             reconcile_interval: raw.reconcile_interval,
+            create,
         })
+    }
+
+    /// `create_missing` and the provider API it needs: each provider creates one kind of
+    /// thing, and needs its region, ids and keys.
+    fn target_create(
+        &self,
+        i: usize,
+        raw: &RawTarget,
+        target: &Origin,
+        login: Option<&Credentials>,
+    ) -> Result<Option<CreateConfig>, ConfigError> {
+        let key = |k: &str| format!("targets[{i}].{k}");
+        let Some(what) = raw.create_missing else {
+            let stray = [
+                ("provider", raw.provider.is_some()),
+                ("api_url", raw.api_url.is_some()),
+                ("registry_id", raw.registry_id.is_some()),
+                ("immutable_tags", raw.immutable_tags.is_some()),
+                ("scan_on_push", raw.scan_on_push.is_some()),
+            ];
+            return match stray.iter().find(|(_, set)| *set) {
+                Some((name, _)) => Err(self.invalid(
+                    key(name),
+                    "only used with create_missing = \"namespaces\" or \"repositories\"",
+                )),
+                None => Ok(None),
+            };
+        };
+        let provider = raw.provider.ok_or_else(|| {
+            self.invalid(
+                key("provider"),
+                "create_missing needs provider = \"tcr\", \"swr\", \"ecr\" or \"harbor\"",
+            )
+        })?;
+        let expected = match provider {
+            Provider::Ecr => CreateMissing::Repositories,
+            Provider::Tcr | Provider::Swr | Provider::Harbor => CreateMissing::Namespaces,
+        };
+        if what != expected {
+            return Err(self.invalid(
+                key("create_missing"),
+                match provider {
+                    Provider::Ecr => "ECR has no namespaces: use create_missing = \"repositories\"",
+                    _ => "this provider creates namespaces, and repositories appear with their first push: use create_missing = \"namespaces\"",
+                },
+            ));
+        }
+        let region = match (provider, raw.region.as_deref()) {
+            (Provider::Harbor, region) => region.unwrap_or_default().to_string(),
+            (_, Some(region)) if is_region(region) => region.to_string(),
+            (_, Some(region)) => {
+                return Err(self.invalid(
+                    key("region"),
+                    format!("`{region}` is not a region like ap-guangzhou, cn-north-4 or us-east-1"),
+                ));
+            }
+            (_, None) => {
+                return Err(self.invalid(
+                    key("region"),
+                    format!("provider = \"{}\" needs the region", provider.as_str()),
+                ));
+            }
+        };
+        if provider == Provider::Tcr && raw.registry_id.is_none() {
+            return Err(self.invalid(
+                key("registry_id"),
+                "provider = \"tcr\" needs the instance id (registry_id = \"tcr-...\")",
+            ));
+        }
+        for (name, value) in [("registry_id", &raw.registry_id), ("project_id", &raw.project_id)] {
+            if let Some(v) = value
+                && (v.is_empty()
+                    || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+            {
+                return Err(self.invalid(key(name), "use letters, digits, `-` and `_` only"));
+            }
+        }
+        let api = match raw.api_url.as_deref() {
+            Some(url) => self.origin(&key("api_url"), url)?,
+            None => match provider {
+                Provider::Tcr => self.origin(&key("api_url"), "https://tcr.tencentcloudapi.com")?,
+                Provider::Swr => self.origin(
+                    &key("api_url"),
+                    &format!("https://swr-api.{region}.myhuaweicloud.com"),
+                )?,
+                Provider::Ecr => self.origin(
+                    &key("api_url"),
+                    &format!("https://api.ecr.{region}.amazonaws.com"),
+                )?,
+                Provider::Harbor => target.clone(),
+            },
+        };
+        let keys = match provider {
+            Provider::Harbor => ApiKeys::TargetLogin(login.cloned().ok_or_else(|| {
+                self.invalid(
+                    key("username"),
+                    "provider = \"harbor\" calls Harbor's API with the target's username and password(_env/_file)",
+                )
+            })?),
+            _ => {
+                let access_key = self.secret(SecretSource {
+                    key: &key("access_key"),
+                    inline: raw.access_key.as_deref(),
+                    env: raw.access_key_env.as_deref(),
+                    file: raw.access_key_file.as_deref(),
+                })?;
+                let secret_key = self.secret(SecretSource {
+                    key: &key("secret_key"),
+                    inline: raw.secret_key.as_deref(),
+                    env: raw.secret_key_env.as_deref(),
+                    file: raw.secret_key_file.as_deref(),
+                })?;
+                match (access_key, secret_key) {
+                    (Some(access_key), Some(secret_key)) => ApiKeys::Pair {
+                        access_key,
+                        secret_key,
+                    },
+                    (None, None) if provider == Provider::Ecr => ApiKeys::AwsChain,
+                    _ => {
+                        return Err(self.invalid(
+                            key("access_key"),
+                            format!(
+                                "provider = \"{}\" needs the API key pair: access_key(_env/_file) and secret_key(_env/_file)",
+                                provider.as_str()
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        Ok(Some(CreateConfig {
+            what,
+            provider,
+            api,
+            api_tls: ClientTls {
+                ca_file: self.ca_file(&key("api_ca_file"), raw.api_ca_file.clone())?,
+                insecure_skip_verify: false,
+            },
+            region,
+            registry_id: raw.registry_id.clone(),
+            project_id: raw.project_id.clone(),
+            keys,
+            immutable_tags: raw.immutable_tags.unwrap_or(false),
+            scan_on_push: raw.scan_on_push.unwrap_or(false),
+        }))
     }
 
     /// A target's login as written: a username and password, or SWR's access key pair, from
@@ -724,4 +871,13 @@ fn split_sslmode(url: &str) -> (String, Option<String>) {
     } else {
         (format!("{base}?{}", rest.join("&")), mode)
     }
+}
+
+/// A cloud region's name: lowercase letters, digits and `-` (it becomes part of a host name).
+fn is_region(region: &str) -> bool {
+    !region.is_empty()
+        && region.len() <= 32
+        && region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }

@@ -75,12 +75,15 @@ pub(crate) enum JobError {
     Invalid(String),
     /// regtee itself failed (a panic, caught).
     Internal(String),
+    /// The target lacked a namespace or repository, and its cloud's API did not create it.
+    Create(crate::provision::ApiError),
 }
 
 impl std::fmt::Display for JobError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             JobError::Registry(e) => write!(f, "{e}"),
+            JobError::Create(e) => write!(f, "{e}"),
             JobError::Invalid(m) | JobError::Internal(m) => f.write_str(m),
         }
     }

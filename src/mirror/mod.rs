@@ -6,6 +6,7 @@
 //! workers, so a target that is down delays only its own jobs.
 
 mod copy;
+mod create;
 mod locks;
 pub(crate) mod target;
 pub(crate) mod tee;
@@ -63,6 +64,8 @@ pub(crate) struct Mirror {
     metrics: Arc<Metrics>,
     blob_locks: Arc<KeyedLocks>,
     tag_locks: Arc<KeyedLocks>,
+    /// One creation of a missing namespace or repository at a time, per name.
+    create_locks: Arc<KeyedLocks>,
 }
 
 impl Mirror {
@@ -82,6 +85,7 @@ impl Mirror {
             metrics,
             blob_locks: Arc::default(),
             tag_locks: Arc::default(),
+            create_locks: Arc::default(),
         })
     }
 
@@ -102,6 +106,7 @@ impl Mirror {
             metrics: self.metrics.clone(),
             blob_locks: self.blob_locks.clone(),
             tag_locks: self.tag_locks.clone(),
+            create_locks: self.create_locks.clone(),
         })
     }
 }

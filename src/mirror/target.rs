@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::TargetConfig;
-use crate::registry::{RegistryClient, RegistryError};
+use crate::provision::Provisioner;
+use crate::registry::{ErrorKind, RegistryClient, RegistryError};
 
 /// One target: its rules and its client.
 pub(crate) struct Target {
@@ -13,6 +14,8 @@ pub(crate) struct Target {
     pub config: TargetConfig,
     /// Talks to it.
     pub client: RegistryClient,
+    /// Creates what it lacks through its cloud's API (`create_missing`).
+    pub provisioner: Option<Provisioner>,
     /// Workers of this target running now (readiness: all of them should be).
     workers_alive: AtomicUsize,
 }
@@ -38,20 +41,21 @@ impl Target {
     pub(crate) fn all(configs: &[TargetConfig]) -> Result<Vec<Arc<Target>>, RegistryError> {
         configs
             .iter()
-            .map(|config| {
-                Ok(Arc::new(Target {
-                    client: RegistryClient::new(&config.endpoint)?,
-                    config: config.clone(),
-                    workers_alive: AtomicUsize::new(0),
-                }))
-            })
+            .map(|config| Target::one(config.clone()))
             .collect()
     }
 
     /// A client for one registry as a destination.
     pub(crate) fn one(config: TargetConfig) -> Result<Arc<Target>, RegistryError> {
+        let provisioner = Provisioner::of(&config).map_err(|e| RegistryError {
+            registry: config.endpoint.name.clone(),
+            side: config.endpoint.side,
+            operation: "configure TLS toward the cloud API (api_ca_file)".into(),
+            kind: ErrorKind::Unreachable(e.to_string()),
+        })?;
         Ok(Arc::new(Target {
             client: RegistryClient::new(&config.endpoint)?,
+            provisioner,
             config,
             workers_alive: AtomicUsize::new(0),
         }))

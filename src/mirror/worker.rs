@@ -188,7 +188,23 @@ impl Mirror {
         }
     }
 
+    /// Runs the job; when the target refused it for want of a namespace or repository that
+    /// regtee may create, has it created and runs the job once more.
     async fn execute(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
+        let first = self.execute_once(target, job).await;
+        let (Err(JobError::Registry(e)), Some(provisioner)) = (&first, &target.provisioner) else {
+            return first;
+        };
+        if !super::create::may_be_missing(e) {
+            return first;
+        }
+        match self.create_missing(target, provisioner, job).await {
+            Ok(_) => self.execute_once(target, job).await,
+            Err(api) => Err(JobError::Create(api)),
+        }
+    }
+
+    async fn execute_once(&self, target: &Target, job: &Job) -> Result<Success, JobError> {
         let subject = Subject::of(job)?;
         let elsewhere;
         let mirror = match job.source.as_deref() {
@@ -220,6 +236,7 @@ impl Mirror {
                     _ => None,
                 },
             ),
+            JobError::Create(e) => (e.retryable(), api_error_class(e), e.to_string(), None),
             JobError::Invalid(m) => (false, ErrorClass::Invalid, m.clone(), None),
             JobError::Internal(m) => (
                 false,
@@ -255,6 +272,13 @@ impl Mirror {
                 job.attempts
             ),
             JobError::Registry(e) => with_fix(e, target, job),
+            JobError::Create(e) => {
+                let section = format!("[[targets]] \"{}\"", target.name());
+                match target.provisioner.as_ref().and_then(|p| p.fix(e, &section)) {
+                    Some(fix) => format!("{e}: {fix}, then `regtee retry --failed`"),
+                    None => message,
+                }
+            }
             JobError::Invalid(_) | JobError::Internal(_) => message,
         };
         self.metrics
@@ -309,6 +333,21 @@ pub(super) fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duratio
     let half = ceiling / 2;
     let jitter_ms = rand::random_range(0..=half.as_millis().max(1) as u64);
     half + Duration::from_millis(jitter_ms)
+}
+
+/// The class a failed call to a cloud's API is counted and shown under.
+fn api_error_class(e: &crate::provision::ApiError) -> ErrorClass {
+    use crate::provision::ApiErrorKind as K;
+    match e.kind {
+        K::Unreachable(_) => ErrorClass::Unreachable,
+        K::Timeout => ErrorClass::Timeout,
+        K::Credentials(_) => ErrorClass::Auth,
+        K::Denied(_) => ErrorClass::Denied,
+        K::Throttled(_) => ErrorClass::RateLimited,
+        K::Server(_) => ErrorClass::Server,
+        K::Rejected(_) => ErrorClass::Rejected,
+        K::Protocol(_) => ErrorClass::Protocol,
+    }
 }
 
 /// The class a registry failure is counted and shown under.
