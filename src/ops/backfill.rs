@@ -138,6 +138,10 @@ pub(crate) struct Progress {
     pub failed: usize,
     /// The first errors, for people.
     pub errors: Vec<String>,
+    /// In a dry run: what targets with `create_missing` lack and regtee would create there
+    /// (`namespace prod-lib on tcr`), as their cloud's API says now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub would_create: Vec<String>,
     /// Start time (ms).
     pub started_at: i64,
     /// End time (ms).
@@ -330,6 +334,36 @@ pub(crate) struct Backfiller {
 }
 
 impl Backfiller {
+    /// What the targets with `create_missing` lack, of what these writes need: each creation
+    /// once, as the cloud's API answers now (an API that cannot answer is named instead).
+    async fn would_create(
+        &self,
+        targets: &[Arc<Target>],
+        unwritten: &std::collections::BTreeSet<(String, String)>,
+    ) -> Vec<String> {
+        let mut asked = std::collections::BTreeSet::new();
+        let mut lines = Vec::new();
+        for (name, repository) in unwritten {
+            let Some(p) = targets
+                .iter()
+                .find(|t| t.name() == name)
+                .and_then(|t| t.provisioner.as_ref())
+            else {
+                continue;
+            };
+            let creation = p.creation_for(repository);
+            if !asked.insert((name.clone(), creation.clone())) {
+                continue;
+            }
+            match p.exists(&creation).await {
+                Ok(true) => {}
+                Ok(false) => lines.push(format!("{creation} on {name}")),
+                Err(e) => lines.push(format!("{creation} on {name}, if missing: {e}")),
+            }
+        }
+        lines
+    }
+
     /// Runs a backfill: compares, then queues a manifest job for each tag a target lacks or
     /// holds with another digest (unless `overwrite = false`). `progress` is updated as it goes.
     pub(crate) async fn run(&self, request: &BackfillRequest, progress: &Mutex<Progress>) {
@@ -340,6 +374,8 @@ impl Backfiller {
             .cloned()
             .collect();
         let mut jobs = Vec::new();
+        // (target, repository there) that a dry run asks the cloud's API about.
+        let mut unwritten = std::collections::BTreeSet::new();
         let result = compare_project(&self.upstream, &targets, &request.project, |event| {
             let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
             match event {
@@ -358,6 +394,14 @@ impl Backfiller {
                         digest: row.harbor.clone(),
                     };
                     for view in &row.targets {
+                        if request.dry_run
+                            && matches!(
+                                view.status,
+                                TagStatus::Missing | TagStatus::Different | TagStatus::Error
+                            )
+                        {
+                            unwritten.insert((view.target.clone(), view.repository.clone()));
+                        }
                         match view.status {
                             TagStatus::InSync => p.in_sync += 1,
                             TagStatus::Missing | TagStatus::Different => {
@@ -382,6 +426,13 @@ impl Backfiller {
             }
         })
         .await;
+        if request.dry_run {
+            let would_create = self.would_create(&targets, &unwritten).await;
+            progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .would_create = would_create;
+        }
         let enqueued = if request.dry_run {
             Ok(0)
         } else {

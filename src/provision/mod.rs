@@ -26,7 +26,7 @@ use api::ApiClient;
 const KNOWN_FOR: Duration = Duration::from_secs(10);
 
 /// A namespace or repository on a target, under the target's names.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Creation {
     Namespace(String),
     Repository(String),

@@ -202,6 +202,17 @@ async fn check_target(
         what,
         connection_ok(&target.endpoint, &client),
     )];
+    let provisioner = crate::provision::Provisioner::of(target)?;
+    if let Some(p) = &provisioner {
+        let what = format!("target {name} create_missing ({} API)", p.provider().as_str());
+        lines.push(match p.check().await {
+            Ok(detail) => CheckLine::ok(what, detail),
+            Err(e) => {
+                let fix = p.fix(&e, &key).unwrap_or_else(|| "try again later".into());
+                CheckLine::failed(what, e.to_string(), fix)
+            }
+        });
+    }
     let namespaces = namespaces_of(target, upstream).await;
     if namespaces.is_empty() {
         lines.push(CheckLine::ok(
@@ -219,12 +230,38 @@ async fn check_target(
                     if let ErrorKind::Unauthorized(m) = &e.kind {
                         e.kind = ErrorKind::Denied(m.clone());
                     }
-                    CheckLine::failed(what, e.kind.to_string(), hint(&e, &key, Some(ns)))
+                    match created_on_demand(provisioner.as_ref(), ns).await {
+                        Some(detail) => CheckLine::ok(what, detail),
+                        None => CheckLine::failed(what, e.kind.to_string(), hint(&e, &key, Some(ns))),
+                    }
                 }
             },
         );
     }
     Ok(lines)
+}
+
+/// When a namespace refuses the probe push and the target has `create_missing`: what regtee
+/// will do about it, if the cloud's API says the namespace (or the probe repository) is absent.
+async fn created_on_demand(
+    provisioner: Option<&crate::provision::Provisioner>,
+    namespace: &str,
+) -> Option<String> {
+    let p = provisioner?;
+    let creation = p.creation_for(&format!("{namespace}/regtee-check"));
+    match p.exists(&creation).await {
+        Ok(false) => Some(match creation {
+            crate::provision::Creation::Namespace(_) => format!(
+                "does not exist yet: regtee creates it through the {} API before its first push (create_missing)",
+                p.provider().as_str()
+            ),
+            crate::provision::Creation::Repository(_) => format!(
+                "its repositories are created through the {} API before their first push (create_missing)",
+                p.provider().as_str()
+            ),
+        }),
+        _ => None,
+    }
 }
 
 /// The namespaces a target receives: the mapped ones, else Harbor's projects under their

@@ -383,6 +383,9 @@ fn summarize(p: &Progress, local: bool) -> i32 {
         p.skipped,
         p.failed
     );
+    for c in &p.would_create {
+        println!("  would create {c} (create_missing)");
+    }
     for e in &p.errors {
         println!("  error: {e}");
     }
