@@ -6,6 +6,7 @@ mod support;
 mod bounds;
 mod cache;
 mod clouds;
+mod create;
 mod credentials;
 mod cutover;
 mod deploy;

@@ -657,7 +657,9 @@ impl Validator<'_> {
             (_, Some(region)) => {
                 return Err(self.invalid(
                     key("region"),
-                    format!("`{region}` is not a region like ap-guangzhou, cn-north-4 or us-east-1"),
+                    format!(
+                        "`{region}` is not a region like ap-guangzhou, cn-north-4 or us-east-1"
+                    ),
                 ));
             }
             (_, None) => {
@@ -673,10 +675,15 @@ impl Validator<'_> {
                 "provider = \"tcr\" needs the instance id (registry_id = \"tcr-...\")",
             ));
         }
-        for (name, value) in [("registry_id", &raw.registry_id), ("project_id", &raw.project_id)] {
+        for (name, value) in [
+            ("registry_id", &raw.registry_id),
+            ("project_id", &raw.project_id),
+        ] {
             if let Some(v) = value
                 && (v.is_empty()
-                    || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
             {
                 return Err(self.invalid(key(name), "use letters, digits, `-` and `_` only"));
             }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::Method;
 use serde_json::json;
 
-use super::api::{ApiClient, ApiError, ApiErrorKind, Answer, shown};
+use super::api::{Answer, ApiClient, ApiError, ApiErrorKind, shown};
 use crate::config::{ApiKeys, Provider, Secret};
 
 const TARGET_PREFIX: &str = "AmazonEC2ContainerRegistry_V20150921";
@@ -121,8 +121,13 @@ impl Ecr {
             "regtee",
         )
         .into();
-        let signing_failed =
-            |e: &dyn std::fmt::Display| ApiError::new(Provider::Ecr, operation, ApiErrorKind::Protocol(format!("cannot sign: {e}")));
+        let signing_failed = |e: &dyn std::fmt::Display| {
+            ApiError::new(
+                Provider::Ecr,
+                operation,
+                ApiErrorKind::Protocol(format!("cannot sign: {e}")),
+            )
+        };
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
@@ -194,9 +199,13 @@ impl Ecr {
         if let Some(id) = &self.registry_id {
             body["registryId"] = json!(id);
         }
-        self.call("CreateRepository", &format!("CreateRepository {name}"), body)
-            .await
-            .map(drop)
+        self.call(
+            "CreateRepository",
+            &format!("CreateRepository {name}"),
+            body,
+        )
+        .await
+        .map(drop)
     }
 
     /// A read-only call that proves the key: one repository of the registry.
@@ -290,10 +299,7 @@ mod tests {
         assert_eq!(chain(env).unwrap().id.expose(), "AKIAENV");
         let file = "[default]\naws_access_key_id = AKIADEFAULT\naws_secret_access_key = d\n\n[ci]\naws_access_key_id=AKIACI\naws_secret_access_key=c\naws_session_token = t\n";
         let ci = shared_file_profile(file, "ci").unwrap();
-        assert_eq!(
-            (ci.id.expose(), ci.secret.expose()),
-            ("AKIACI", "c")
-        );
+        assert_eq!((ci.id.expose(), ci.secret.expose()), ("AKIACI", "c"));
         assert_eq!(ci.session_token.unwrap().expose(), "t");
         assert!(shared_file_profile(file, "missing").is_none());
     }

@@ -6,7 +6,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
-use super::api::{ApiClient, ApiError, ApiErrorKind, Answer, shown};
+use super::api::{Answer, ApiClient, ApiError, ApiErrorKind, shown};
 use crate::config::{Credentials, Provider};
 
 /// A Harbor's API.

@@ -268,7 +268,9 @@ impl Provisioner {
                 format!("check api_url (or region) in {section}, DNS and firewalls from this host")
             }
             ApiErrorKind::Rejected(_) => match self.provider {
-                Provider::Tcr => format!("check registry_id (the tcr-... instance id) and region in {section}"),
+                Provider::Tcr => {
+                    format!("check registry_id (the tcr-... instance id) and region in {section}")
+                }
                 Provider::Ecr => format!("check registry_id and region in {section}"),
                 _ => format!("check region and project_id in {section}"),
             },

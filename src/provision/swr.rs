@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 
 use super::api::{
-    ApiClient, ApiError, ApiErrorKind, Answer, canonical_request, hmac_sha256, sha256_hex, shown,
+    Answer, ApiClient, ApiError, ApiErrorKind, canonical_request, hmac_sha256, sha256_hex, shown,
 };
 use crate::config::{Provider, Secret};
 
@@ -31,12 +31,16 @@ pub(crate) fn string_to_sign(canonical_request: &str, sdk_date: &str) -> String 
 
 /// The signature: lowercase hex of HMAC-SHA256 keyed with the secret key.
 pub(crate) fn signature(secret_key: &str, string_to_sign: &str) -> String {
-    hex::encode(hmac_sha256(secret_key.as_bytes(), string_to_sign.as_bytes()))
+    hex::encode(hmac_sha256(
+        secret_key.as_bytes(),
+        string_to_sign.as_bytes(),
+    ))
 }
 
 /// `YYYYMMDDTHHMMSSZ`, UTC.
 fn sdk_date(unix: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let t =
+        time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
         t.year(),
@@ -76,10 +80,7 @@ impl Swr {
             &signed_headers,
             &sha256_hex(payload.as_bytes()),
         );
-        let signature = signature(
-            self.secret_key.expose(),
-            &string_to_sign(&canonical, &date),
-        );
+        let signature = signature(self.secret_key.expose(), &string_to_sign(&canonical, &date));
         let mut headers = vec![(
             "Authorization".to_string(),
             format!(

@@ -8,7 +8,7 @@ use http::Method;
 use serde_json::json;
 
 use super::api::{
-    ApiClient, ApiError, ApiErrorKind, Answer, canonical_request, hmac_sha256, sha256_hex, shown,
+    Answer, ApiClient, ApiError, ApiErrorKind, canonical_request, hmac_sha256, sha256_hex, shown,
     unix_seconds,
 };
 use crate::config::{Provider, Secret};
@@ -51,7 +51,10 @@ pub(crate) fn tc3_signature(
     let key = hmac_sha256(format!("TC3{secret_key}").as_bytes(), date.as_bytes());
     let key = hmac_sha256(&key, service.as_bytes());
     let key = hmac_sha256(&key, b"tc3_request");
-    (hex::encode(hmac_sha256(&key, string_to_sign.as_bytes())), scope)
+    (
+        hex::encode(hmac_sha256(&key, string_to_sign.as_bytes())),
+        scope,
+    )
 }
 
 impl Tcr {
@@ -114,7 +117,10 @@ impl Tcr {
             return Ok(response.clone());
         };
         let code = e["Code"].as_str().unwrap_or_default();
-        let text = shown(&format!("{code}: {}", e["Message"].as_str().unwrap_or_default()));
+        let text = shown(&format!(
+            "{code}: {}",
+            e["Message"].as_str().unwrap_or_default()
+        ));
         // Tencent Cloud API 3.0 common error codes.
         let kind = if code == "AuthFailure.UnauthorizedOperation"
             || code.starts_with("UnauthorizedOperation")
@@ -200,8 +206,12 @@ mod tests {
             sha256_hex(canonical.as_bytes()),
             "5ffe6a04c0664d6b969fab9a13bdab201d63ee709638e2749d62a09ca18d7031"
         );
-        let (signature, scope) =
-            tc3_signature("Gu5t9xGARNpq86cd98joQYCN3*******", 1551113065, "cvm", &canonical);
+        let (signature, scope) = tc3_signature(
+            "Gu5t9xGARNpq86cd98joQYCN3*******",
+            1551113065,
+            "cvm",
+            &canonical,
+        );
         assert_eq!(scope, "2019-02-25/cvm/tc3_request");
         assert_eq!(
             signature,

@@ -139,6 +139,11 @@ impl FaultFront {
     }
 
     /// Creates a repository, for [`Quirk::RepositoriesMustExist`].
+    /// The names that exist for the `...MustExist` quirks, for a cloud API front to share.
+    pub fn existing(&self) -> std::sync::Arc<Mutex<std::collections::BTreeSet<String>>> {
+        self.state.quirks.repositories.clone()
+    }
+
     pub fn create_repository(&self, name: &str) {
         self.state
             .quirks

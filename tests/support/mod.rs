@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod cloud_api;
 pub mod disk;
 pub mod docker;
 pub mod fault;

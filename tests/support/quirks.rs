@@ -35,6 +35,11 @@ pub enum Quirk {
     /// guide's "Pushing a Docker image" creates the repository first). TCR and SWR namespaces
     /// behave alike. Repositories made with `FaultFront::create_repository` exist.
     RepositoriesMustExist,
+    /// Namespaces (TCR, SWR, Harbor projects) must be created before the first push into
+    /// them; a write under one that does not exist is refused the way `refusal` says. Names
+    /// made with `FaultFront::create_repository` (or through a cloud API front sharing
+    /// `FaultFront::existing`) exist.
+    NamespacesMustExist(NamespaceRefusal),
     /// Immutable tags: a manifest PUT that would move an existing tag is refused.
     ImmutableTags(Immutability),
     /// A registry that does not take an artifact type: a manifest whose config media type or
@@ -53,6 +58,20 @@ pub enum Quirk {
     /// a bearer token whose `exp` has passed gets the registry's `401` and challenge, as
     /// distribution answers without its clock leeway.
     TokensExpire,
+}
+
+/// How a registry refuses a write into a namespace that does not exist.
+#[derive(Clone, Copy, Debug)]
+pub enum NamespaceRefusal {
+    /// Harbor 2.x, and TCR Enterprise (Harbor): the project's absence is not told apart from
+    /// a missing permission, `401 UNAUTHORIZED` "unauthorized to access repository: <repo>,
+    /// action: push" (goharbor/harbor#13553, #20544: "You need to create a namespace
+    /// (project) before pushing").
+    Harbor,
+    /// A registry that answers the distribution spec's `403 DENIED` ("requested access to
+    /// the resource is denied"), as SWR's does for an organization the account cannot push
+    /// to; its documentation does not print the exact body.
+    Denied,
 }
 
 /// How a registry refuses to move an immutable tag.
@@ -77,8 +96,9 @@ pub struct QuirkState {
     completed: Mutex<BTreeSet<String>>,
     /// Upload locations opened instead of a mount.
     pub mount_sessions: Mutex<Vec<String>>,
-    /// Repositories that exist, for `RepositoriesMustExist`.
-    pub repositories: Mutex<BTreeSet<String>>,
+    /// Repositories (or namespaces) that exist, for `RepositoriesMustExist` and
+    /// `NamespacesMustExist`; shared with a cloud API front that creates them.
+    pub repositories: std::sync::Arc<Mutex<BTreeSet<String>>>,
     /// PATCHes answered `201`.
     pub early_accepts: AtomicU64,
     /// Closing PUTs refused after an early accept.
@@ -175,6 +195,26 @@ impl State {
                             "The repository with name '{repo}' does not exist in the registry with id '123456789012'"
                         ),
                     );
+                }
+            }
+            Quirk::NamespacesMustExist(refusal) if writes => {
+                if let Some(repo) = repository(&path)
+                    && let Some((namespace, _)) = repo.split_once('/')
+                    && !self.quirks.repositories.lock().unwrap().contains(namespace)
+                {
+                    return match refusal {
+                        NamespaceRefusal::Harbor => {
+                            let message = format!(
+                                "unauthorized to access repository: {repo}, action: push: unauthorized to access repository: {repo}, action: push"
+                            );
+                            errors(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", &message)
+                        }
+                        NamespaceRefusal::Denied => errors(
+                            StatusCode::FORBIDDEN,
+                            "DENIED",
+                            "requested access to the resource is denied",
+                        ),
+                    };
                 }
             }
             Quirk::ImmutableTags(style) if method == Method::PUT => {

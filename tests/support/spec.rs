@@ -64,6 +64,7 @@ impl TargetSpec {
 }
 
 /// Builds a regtee config file for tests.
+#[derive(Clone)]
 pub struct ConfigSpec {
     pub listen: String,
     pub tls: Option<(String, PathBuf, PathBuf)>,
@@ -82,6 +83,8 @@ pub struct ConfigSpec {
     pub state_extra: String,
     /// The `[cache]` section's lines, when there is one.
     pub cache: Option<String>,
+    /// More environment for the secrets the config reads (`*_env`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl ConfigSpec {
@@ -102,6 +105,7 @@ impl ConfigSpec {
             database: None,
             state_extra: String::new(),
             cache: None,
+            extra_env: Vec::new(),
         }
     }
 
@@ -218,6 +222,7 @@ impl ConfigSpec {
         if let Some((_, password)) = &self.database {
             env.push(("REGTEE_DB_PASSWORD".into(), password.clone()));
         }
+        env.extend(self.extra_env.iter().cloned());
         env
     }
 

@@ -204,7 +204,10 @@ async fn check_target(
     )];
     let provisioner = crate::provision::Provisioner::of(target)?;
     if let Some(p) = &provisioner {
-        let what = format!("target {name} create_missing ({} API)", p.provider().as_str());
+        let what = format!(
+            "target {name} create_missing ({} API)",
+            p.provider().as_str()
+        );
         lines.push(match p.check().await {
             Ok(detail) => CheckLine::ok(what, detail),
             Err(e) => {
@@ -232,7 +235,9 @@ async fn check_target(
                     }
                     match created_on_demand(provisioner.as_ref(), ns).await {
                         Some(detail) => CheckLine::ok(what, detail),
-                        None => CheckLine::failed(what, e.kind.to_string(), hint(&e, &key, Some(ns))),
+                        None => {
+                            CheckLine::failed(what, e.kind.to_string(), hint(&e, &key, Some(ns)))
+                        }
                     }
                 }
             },

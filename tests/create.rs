@@ -1,0 +1,360 @@
+//! `create_missing`: a target that lacks a namespace (TCR, SWR) or a repository (ECR) gets it
+//! through its cloud's management API (tests/support/cloud_api.rs, which checks signatures as
+//! the providers document them) in front of a real registry that refuses writes until the
+//! name exists (the fault front's `...MustExist` quirks).
+
+use std::time::Duration;
+
+use crate::support::cloud_api::{CloudApi, Flavor};
+use crate::support::fault::{Fault, FaultFront};
+use crate::support::quirks::{NamespaceRefusal, Quirk};
+use crate::support::*;
+
+const ECR_KEY: &str = "AKIAREGTEETEST000001";
+const ECR_SECRET: &str = "ecr-secret-wJalrXUtnFEMI-regtee";
+const TCR_ID: &str = "AKIDregteetest0000000001";
+const TCR_KEY: &str = "tcr-secret-Gu5t9xGARNpq86cd98-regtee";
+const SWR_AK: &str = "QTWAOYTTINDUT2QVKYUC";
+const SWR_SK: &str = "swr-secret-MFyfvK41ba2giqM7Uio6Pz-regtee";
+
+/// Harbor, a cloud registry behind a fault front with `quirk`, its API front, and the
+/// target's config lines (`namespaces`, `create_missing`, the provider's settings).
+struct Setup {
+    work: tempfile::TempDir,
+    harbor: AuthRegistry,
+    cloud: AuthRegistry,
+    front: FaultFront,
+    api: CloudApi,
+    spec: ConfigSpec,
+}
+
+impl Setup {
+    async fn start(quirk: Quirk, flavor: Flavor, lines: &[String]) -> Setup {
+        let work = tempfile::tempdir().unwrap();
+        let harbor = start_harbor(&work.path().join("harbor")).await;
+        let cloud = start_cloud(&work.path().join("cloud"), &["prod-lib", "team"]).await;
+        let front = FaultFront::start(&cloud.url()).await;
+        front.set(Fault::Quirk(quirk));
+        let api = CloudApi::start(flavor, front.existing()).await;
+        let mut target = TargetSpec::at("cloud", &front.url())
+            .with("namespaces = { library = \"prod-lib\" }")
+            .with(&format!("api_url = \"{}\"", api.url()));
+        for line in lines {
+            target = target.with(line);
+        }
+        let spec = ConfigSpec::new(&harbor, &work.path().join("state")).target(target);
+        Setup {
+            work,
+            harbor,
+            cloud,
+            front,
+            api,
+            spec,
+        }
+    }
+
+    /// Pushes a small new image to `repo_tag` through regtee at `host`; returns it.
+    fn push(
+        &self,
+        host: &str,
+        layout_dir: &str,
+        repo_tag: &str,
+    ) -> crate::support::layout::Written {
+        let dir = self.work.path().join(layout_dir);
+        let mut layout = crate::support::layout::Layout::new(&dir);
+        let image = layout.image(&[20_000], "amd64");
+        layout.tag(&image, "image");
+        push_layout_ok(&dir, "image", host, repo_tag, Tls::Off);
+        image
+    }
+
+    fn target(&self) -> regtee::registry::RegistryClient {
+        self.cloud.client(CLOUD_USER, CLOUD_PASSWORD)
+    }
+}
+
+/// Every job ended `done` on its first attempt: the creation happened inside the attempt.
+async fn assert_all_done_first_time(regtee_admin: &str) {
+    let page = wait_until("every job to end", Duration::from_secs(60), || async {
+        let (_, body) = http_request(
+            &format!("{regtee_admin}/api/v1/jobs?limit=500"),
+            "GET",
+            None,
+            &[],
+        )
+        .await;
+        let page: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let ended = page["jobs"]
+            .as_array()?
+            .iter()
+            .all(|j| j["state"] != "running" && j["state"] != "pending");
+        ended.then_some(page)
+    })
+    .await;
+    for job in page["jobs"].as_array().unwrap() {
+        assert_eq!(job["state"], "done", "{job}");
+        assert_eq!(job["attempts"], 1, "{job}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ecr_repositories_are_created_once_with_the_configured_settings_and_then_left_alone() {
+    let s = Setup::start(
+        Quirk::RepositoriesMustExist,
+        Flavor::Ecr {
+            key_id: ECR_KEY.into(),
+            secret: ECR_SECRET.into(),
+        },
+        &[
+            "create_missing = \"repositories\"".into(),
+            "provider = \"ecr\"".into(),
+            "region = \"eu-west-1\"".into(),
+            format!("access_key = \"{ECR_KEY}\""),
+            format!("secret_key = \"{ECR_SECRET}\""),
+            "immutable_tags = true".into(),
+            "scan_on_push = true".into(),
+        ],
+    )
+    .await;
+    let regtee = Regtee::start(&s.spec).await;
+    let image = s.push(&regtee.host(), "one", "library/app:1");
+    wait_for_manifest(&s.target(), "prod-lib/app", "1", &image.digest).await;
+    assert_all_done_first_time(&regtee.admin_url("")).await;
+    assert_eq!(
+        s.api.calls("CreateRepository"),
+        1,
+        "{:?}",
+        s.api.all_calls()
+    );
+    let settings = s.api.seen.lock().unwrap().settings["prod-lib/app"].clone();
+    assert_eq!(settings["imageTagMutability"], "IMMUTABLE", "{settings}");
+    assert_eq!(
+        settings["imageScanningConfiguration"]["scanOnPush"], true,
+        "{settings}"
+    );
+    assert!(s.api.seen.lock().unwrap().refused.is_empty());
+
+    // The repository exists now: another push there asks the API nothing.
+    let calls = s.api.all_calls().len();
+    let second = s.push(&regtee.host(), "two", "library/app:2");
+    wait_for_manifest(&s.target(), "prod-lib/app", "2", &second.digest).await;
+    assert_all_done_first_time(&regtee.admin_url("")).await;
+    assert_eq!(s.api.all_calls().len(), calls, "{:?}", s.api.all_calls());
+    // The API saw a signature, never the secret, and never the registry's password.
+    for headers in &s.api.seen.lock().unwrap().headers {
+        assert!(
+            !headers.contains(ECR_SECRET) && !headers.contains(CLOUD_PASSWORD),
+            "{headers}"
+        );
+    }
+    regtee.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_pushes_under_one_missing_tcr_namespace_create_it_once_and_log_it_once() {
+    let s = Setup::start(
+        Quirk::NamespacesMustExist(NamespaceRefusal::Harbor),
+        Flavor::Tcr {
+            secret_id: TCR_ID.into(),
+            secret_key: TCR_KEY.into(),
+        },
+        &[
+            "create_missing = \"namespaces\"".into(),
+            "provider = \"tcr\"".into(),
+            "region = \"ap-guangzhou\"".into(),
+            "registry_id = \"tcr-regtee01\"".into(),
+            format!("access_key = \"{TCR_ID}\""),
+            "secret_key_env = \"TCR_API_SECRET\"".into(),
+            "concurrency = 8".into(),
+        ],
+    )
+    .await;
+    let mut spec = s.spec.clone().with_fixed_ports();
+    spec.extra_env
+        .push(("TCR_API_SECRET".into(), TCR_KEY.into()));
+    let config = spec.write(&s.work.path().join("regtee.toml"));
+    let process = RegteeProcess::spawn(&config, &spec, &s.work.path().join("regtee.log"));
+    wait_listening(spec.listen_addr()).await;
+    let host = spec.listen_addr().to_string();
+    let pushed: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let (s, host) = (&s, &host);
+                scope.spawn(move || {
+                    let image = s.push(host, &format!("layout-{i}"), &format!("library/app-{i}:1"));
+                    (i, image)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, image) in &pushed {
+        wait_for_manifest(
+            &s.target(),
+            &format!("prod-lib/app-{i}"),
+            "1",
+            &image.digest,
+        )
+        .await;
+    }
+    assert_eq!(s.api.calls("CreateNamespace"), 1, "{:?}", s.api.all_calls());
+    assert!(s.api.seen.lock().unwrap().refused.is_empty());
+    let log = process.log_text();
+    assert_eq!(
+        log.matches("created namespace prod-lib on cloud").count(),
+        1,
+        "one line per creation:\n{log}"
+    );
+    assert!(!log.contains(TCR_KEY), "the API's secret key is in the log");
+    drop(process);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_api_key_fails_the_job_at_once_naming_the_fix_and_creates_nothing() {
+    let s = Setup::start(
+        Quirk::NamespacesMustExist(NamespaceRefusal::Harbor),
+        Flavor::Tcr {
+            secret_id: TCR_ID.into(),
+            secret_key: TCR_KEY.into(),
+        },
+        &[
+            "create_missing = \"namespaces\"".into(),
+            "provider = \"tcr\"".into(),
+            "region = \"ap-guangzhou\"".into(),
+            "registry_id = \"tcr-regtee01\"".into(),
+            format!("access_key = \"{TCR_ID}\""),
+            "secret_key = \"not-the-secret-key-0042\"".into(),
+        ],
+    )
+    .await;
+    let regtee = Regtee::start(&s.spec).await;
+    s.push(&regtee.host(), "one", "library/app:1");
+    let failed = failed_manifest_job(&regtee, "repository=library/app").await;
+    let detail = failed["detail"].as_str().unwrap();
+    assert_eq!(failed["attempts"], 1, "{failed}");
+    assert!(detail.contains("AuthFailure.SignatureFailure"), "{detail}");
+    assert!(
+        detail.contains("fix access_key and secret_key(_env/_file) in [[targets]] \"cloud\""),
+        "{detail}"
+    );
+    assert!(!detail.contains("not-the-secret-key-0042"), "{detail}");
+    assert_eq!(s.api.calls("CreateNamespace"), 0);
+    assert!(!s.front.existing().lock().unwrap().contains("prod-lib"));
+    regtee.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn swr_organizations_are_created_and_check_and_dry_run_say_what_would_be() {
+    let s = Setup::start(
+        Quirk::NamespacesMustExist(NamespaceRefusal::Denied),
+        Flavor::Swr {
+            access_key: SWR_AK.into(),
+            secret_key: SWR_SK.into(),
+        },
+        &[
+            "create_missing = \"namespaces\"".into(),
+            "provider = \"swr\"".into(),
+            "region = \"cn-north-4\"".into(),
+            format!("access_key = \"{SWR_AK}\""),
+            format!("secret_key = \"{SWR_SK}\""),
+        ],
+    )
+    .await;
+    // An image in Harbor before regtee runs: the dry run compares it with the target.
+    let spec = s.spec.clone().with_fixed_ports();
+    let config = spec.write(&s.work.path().join("regtee.toml"));
+    let image = s.push(&s.harbor.host(), "before", "library/app:1");
+
+    let check = regtee_cli(&config, &spec, &["check"]);
+    assert_says(&check, "create_missing (swr API)");
+    assert_says(&check, "the API key pair works");
+    assert_says(
+        &check,
+        "does not exist yet: regtee creates it through the swr API",
+    );
+    let dry = regtee_cli(&config, &spec, &["sync", "library", "--dry-run"]);
+    assert_says(
+        &dry,
+        "would create namespace prod-lib on cloud (create_missing)",
+    );
+    assert!(!text(&dry).contains(SWR_SK) && !text(&check).contains(SWR_SK));
+    assert_eq!(
+        s.api.calls("POST"),
+        0,
+        "a dry run creates nothing: {:?}",
+        s.api.all_calls()
+    );
+
+    let regtee = Regtee::start(&spec).await;
+    let sync = regtee_cli(&config, &spec, &["sync", "library"]);
+    assert_says(&sync, "1 queued");
+    wait_for_manifest(&s.target(), "prod-lib/app", "1", &image.digest).await;
+    assert_eq!(
+        s.api.calls("POST /v2/manage/namespaces"),
+        1,
+        "{:?}",
+        s.api.all_calls()
+    );
+    assert!(s.api.seen.lock().unwrap().refused.is_empty());
+    regtee.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_on_postgresql_create_a_missing_namespace_once_between_them() {
+    let s = Setup::start(
+        Quirk::NamespacesMustExist(NamespaceRefusal::Denied),
+        Flavor::Swr {
+            access_key: SWR_AK.into(),
+            secret_key: SWR_SK.into(),
+        },
+        &[
+            "create_missing = \"namespaces\"".into(),
+            "provider = \"swr\"".into(),
+            "region = \"cn-north-4\"".into(),
+            format!("access_key = \"{SWR_AK}\""),
+            format!("secret_key = \"{SWR_SK}\""),
+            "concurrency = 8".into(),
+        ],
+    )
+    .await;
+    // Each API answer takes 300 ms: both replicas are inside "is it there? then create" at once.
+    s.api.set_delay(Duration::from_millis(300));
+    let first_spec = s.spec.clone().on_postgres(postgres(), "create_twins");
+    let mut second_spec = first_spec.clone();
+    second_spec.state_dir = s.work.path().join("state-2");
+    let (first, second) = (
+        Regtee::start(&first_spec).await,
+        Regtee::start(&second_spec).await,
+    );
+    let hosts = [first.host(), second.host()];
+    let pushed: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..12)
+            .map(|i| {
+                let (s, host) = (&s, &hosts[i % 2]);
+                scope.spawn(move || {
+                    let image =
+                        s.push(host, &format!("layout-{i}"), &format!("library/twin-{i}:1"));
+                    (i, image)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, image) in &pushed {
+        wait_for_manifest(
+            &s.target(),
+            &format!("prod-lib/twin-{i}"),
+            "1",
+            &image.digest,
+        )
+        .await;
+    }
+    assert_eq!(
+        s.api.calls("POST /v2/manage/namespaces"),
+        1,
+        "{:?}",
+        s.api.all_calls()
+    );
+    first.stop().await;
+    second.stop().await;
+}
