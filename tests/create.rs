@@ -358,3 +358,62 @@ async fn two_replicas_on_postgresql_create_a_missing_namespace_once_between_them
     first.stop().await;
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_harbor_target_gets_its_project_with_the_targets_own_login_and_check_tells_a_non_admin() {
+    let lines = |_: ()| -> Vec<String> {
+        vec![
+            "create_missing = \"namespaces\"".into(),
+            "provider = \"harbor\"".into(),
+        ]
+    };
+    let s = Setup::start(
+        Quirk::NamespacesMustExist(NamespaceRefusal::Harbor),
+        Flavor::Harbor {
+            user: CLOUD_USER.into(),
+            password: CLOUD_PASSWORD.into(),
+            admin: true,
+        },
+        &lines(()),
+    )
+    .await;
+    let spec = s.spec.clone().with_fixed_ports();
+    let config = spec.write(&s.work.path().join("regtee.toml"));
+    assert_says(
+        &regtee_cli(&config, &spec, &["check"]),
+        "this login may create projects (a system admin)",
+    );
+    let regtee = Regtee::start(&spec).await;
+    let image = s.push(&regtee.host(), "one", "library/app:1");
+    wait_for_manifest(&s.target(), "prod-lib/app", "1", &image.digest).await;
+    assert_eq!(
+        s.api.calls("POST /api/v2.0/projects"),
+        1,
+        "{:?}",
+        s.api.all_calls()
+    );
+    regtee.stop().await;
+
+    // A robot-like login that may not create projects: check says so before any push.
+    let robot = Setup::start(
+        Quirk::NamespacesMustExist(NamespaceRefusal::Harbor),
+        Flavor::Harbor {
+            user: CLOUD_USER.into(),
+            password: CLOUD_PASSWORD.into(),
+            admin: false,
+        },
+        &lines(()),
+    )
+    .await;
+    let spec = robot.spec.clone().with_fixed_ports();
+    let config = spec.write(&robot.work.path().join("regtee.toml"));
+    let check = regtee_cli(&config, &spec, &["check"]);
+    assert_says(
+        &check,
+        "only admins may create projects here (project_creation_restriction = adminonly)",
+    );
+    assert_says(
+        &check,
+        "system admin, or set project_creation_restriction to everyone",
+    );
+}

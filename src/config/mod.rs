@@ -901,6 +901,62 @@ max_requests_per_second = 0
     }
 
     #[test]
+    fn create_missing_needs_a_provider_that_creates_that_kind_and_its_settings() {
+        let target = |lines: &str| {
+            parse(&format!(
+                "{MINIMAL}\n[[targets]]\nname = \"t\"\nurl = \"https://t\"\n{lines}"
+            ))
+        };
+        let refused = |lines: &str, key: &str, says: &str| {
+            let err = target(lines).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(says), "{lines}: {err}");
+            assert!(!err.contains("s3cr3t"), "{err}");
+        };
+        refused(
+            "create_missing = \"namespaces\"",
+            "targets[0].provider",
+            "needs provider",
+        );
+        refused(
+            "create_missing = \"namespaces\"\nprovider = \"ecr\"\nregion = \"us-east-1\"",
+            "targets[0].create_missing",
+            "ECR has no namespaces",
+        );
+        refused(
+            "create_missing = \"namespaces\"\nprovider = \"tcr\"\nregion = \"ap-guangzhou\"\naccess_key = \"id\"\nsecret_key = \"s3cr3t\"",
+            "targets[0].registry_id",
+            "instance id",
+        );
+        refused(
+            "create_missing = \"namespaces\"\nprovider = \"swr\"\nregion = \"cn-north-4/../x\"\naccess_key = \"id\"\nsecret_key = \"s3cr3t\"",
+            "targets[0].region",
+            "not a region",
+        );
+        refused(
+            "create_missing = \"namespaces\"\nprovider = \"swr\"\nregion = \"cn-north-4\"\nsecret_key = \"s3cr3t\"",
+            "targets[0].access_key",
+            "API key pair",
+        );
+        refused(
+            "immutable_tags = true",
+            "targets[0].immutable_tags",
+            "only used with create_missing",
+        );
+        let ecr = target("create_missing = \"repositories\"\nprovider = \"ecr\"\nregion = \"eu-west-1\"\nimmutable_tags = true").unwrap();
+        let create = ecr.targets[0].create.as_ref().unwrap();
+        assert_eq!(
+            create.api.to_string(),
+            "https://api.ecr.eu-west-1.amazonaws.com"
+        );
+        assert!(matches!(create.keys, ApiKeys::AwsChain) && create.immutable_tags);
+        let swr = target("create_missing = \"namespaces\"\nprovider = \"swr\"\nregion = \"cn-north-4\"\naccess_key = \"id\"\nsecret_key = \"s3cr3t\"").unwrap();
+        assert_eq!(
+            swr.targets[0].create.as_ref().unwrap().api.to_string(),
+            "https://swr-api.cn-north-4.myhuaweicloud.com"
+        );
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         let env = |name: &str| Some(format!("value-of-{name}"));
         let c = Config::parse(

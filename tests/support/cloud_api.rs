@@ -38,6 +38,12 @@ pub enum Flavor {
         access_key: String,
         secret_key: String,
     },
+    /// Harbor's REST API v2.0 with Basic credentials; `admin` is the login's `sysadmin_flag`.
+    Harbor {
+        user: String,
+        password: String,
+        admin: bool,
+    },
     Ecr {
         key_id: String,
         secret: String,
@@ -213,6 +219,11 @@ impl Front {
                 secret_key,
             } => self.swr(&parts, &body, access_key, secret_key),
             Flavor::Ecr { key_id, secret } => self.ecr(&parts, &body, key_id, secret),
+            Flavor::Harbor {
+                user,
+                password,
+                admin,
+            } => self.harbor(&parts, &body, user, password, *admin),
         }
     }
 
@@ -396,6 +407,90 @@ impl Front {
                 }
             }
             _ => reply(StatusCode::NOT_FOUND, serde_json::json!({})),
+        }
+    }
+
+    /// Harbor 2.x: `HEAD /api/v2.0/projects?project_name=` 200 or 404, `POST /api/v2.0/projects`
+    /// 201 or 409, `GET /users/current`, `GET /systeminfo`; 401 `UNAUTHORIZED` for a wrong login,
+    /// 403 `FORBIDDEN` for a creation a non-admin may not make (Harbor's API reference).
+    fn harbor(
+        &self,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        user: &str,
+        password: &str,
+        admin: bool,
+    ) -> Response<Full<Bytes>> {
+        use base64::Engine as _;
+        let errors = |status: StatusCode, code: &str, message: &str| {
+            reply(
+                status,
+                serde_json::json!({"errors": [{"code": code, "message": message}]}),
+            )
+        };
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        if header(&parts.headers, "authorization") != expected {
+            self.refuse("UNAUTHORIZED");
+            return errors(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "unauthorized");
+        }
+        let path = parts.uri.path();
+        self.record(format!("{} {path}", parts.method));
+        match (parts.method.as_str(), path) {
+            ("HEAD", "/api/v2.0/projects") => {
+                let name = parts
+                    .uri
+                    .query()
+                    .and_then(|q| q.strip_prefix("project_name="))
+                    .unwrap_or_default();
+                let status = if self.existing.lock().unwrap().contains(name) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                reply(status, serde_json::json!({}))
+            }
+            ("POST", "/api/v2.0/projects") => {
+                if !admin {
+                    return errors(
+                        StatusCode::FORBIDDEN,
+                        "FORBIDDEN",
+                        "Only system admin can create project",
+                    );
+                }
+                let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+                if request["metadata"]["public"] != "false" {
+                    return errors(
+                        StatusCode::BAD_REQUEST,
+                        "BAD_REQUEST",
+                        "expected a private project",
+                    );
+                }
+                let name = request["project_name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if self.existing.lock().unwrap().insert(name) {
+                    reply(StatusCode::CREATED, serde_json::json!({}))
+                } else {
+                    errors(
+                        StatusCode::CONFLICT,
+                        "CONFLICT",
+                        "The project named already exists",
+                    )
+                }
+            }
+            ("GET", "/api/v2.0/users/current") => reply(
+                StatusCode::OK,
+                serde_json::json!({"username": user, "sysadmin_flag": admin}),
+            ),
+            ("GET", "/api/v2.0/systeminfo") => reply(
+                StatusCode::OK,
+                serde_json::json!({"project_creation_restriction": "adminonly"}),
+            ),
+            _ => errors(StatusCode::NOT_FOUND, "NOT_FOUND", "not found"),
         }
     }
 
