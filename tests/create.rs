@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::support::cloud_api::{CloudApi, Flavor};
+use crate::support::cloud_api::{CloudApi, Flavor, Imds};
 use crate::support::fault::{Fault, FaultFront};
 use crate::support::quirks::{NamespaceRefusal, Quirk};
 use crate::support::*;
@@ -104,6 +104,7 @@ async fn ecr_repositories_are_created_once_with_the_configured_settings_and_then
         Flavor::Ecr {
             key_id: ECR_KEY.into(),
             secret: ECR_SECRET.into(),
+            session_token: None,
         },
         &[
             "create_missing = \"repositories\"".into(),
@@ -260,9 +261,11 @@ async fn swr_organizations_are_created_and_check_and_dry_run_say_what_would_be()
         ],
     )
     .await;
-    // An image in Harbor before regtee runs: the dry run compares it with the target.
+    // regtee at once on its fixed ports (nothing else takes them meanwhile), and an image
+    // pushed to Harbor around it: the dry run compares it with the target.
     let spec = s.spec.clone().with_fixed_ports();
     let config = spec.write(&s.work.path().join("regtee.toml"));
+    let regtee = Regtee::start(&spec).await;
     let image = s.push(&s.harbor.host(), "before", "library/app:1");
 
     let check = regtee_cli(&config, &spec, &["check"]);
@@ -285,7 +288,6 @@ async fn swr_organizations_are_created_and_check_and_dry_run_say_what_would_be()
         s.api.all_calls()
     );
 
-    let regtee = Regtee::start(&spec).await;
     let sync = regtee_cli(&config, &spec, &["sync", "library"]);
     assert_says(&sync, "1 queued");
     wait_for_manifest(&s.target(), "prod-lib/app", "1", &image.digest).await;
@@ -416,4 +418,70 @@ async fn a_harbor_target_gets_its_project_with_the_targets_own_login_and_check_t
         &check,
         "system admin, or set project_creation_restriction to everyone",
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_key_configured_ecr_takes_the_instance_roles_key_from_imdsv2() {
+    let role_key = (
+        "ASIAREGTEEROLE000001",
+        "role-secret-from-imds-0001",
+        "role-session-token-0001",
+    );
+    let s = Setup::start(
+        Quirk::RepositoriesMustExist,
+        Flavor::Ecr {
+            key_id: role_key.0.into(),
+            secret: role_key.1.into(),
+            session_token: Some(role_key.2.into()),
+        },
+        &[
+            "create_missing = \"repositories\"".into(),
+            "provider = \"ecr\"".into(),
+            "region = \"eu-west-1\"".into(),
+        ],
+    )
+    .await;
+    let imds = Imds::start("regtee-mirror", role_key.0, role_key.1, role_key.2).await;
+    let mut spec = s.spec.clone().with_fixed_ports();
+    // Nothing of this machine's own AWS setup: the chain must reach the instance role.
+    spec.extra_env.extend([
+        ("AWS_ACCESS_KEY_ID".to_string(), String::new()),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), String::new()),
+        (
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI".to_string(),
+            String::new(),
+        ),
+        (
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI".to_string(),
+            String::new(),
+        ),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE".to_string(),
+            s.work.path().join("no-such-file").display().to_string(),
+        ),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT".to_string(), imds.url()),
+    ]);
+    let config = spec.write(&s.work.path().join("regtee.toml"));
+    let process = RegteeProcess::spawn(&config, &spec, &s.work.path().join("regtee.log"));
+    wait_listening(spec.listen_addr()).await;
+    let image = s.push(&spec.listen_addr().to_string(), "one", "library/app:1");
+    wait_for_manifest(&s.target(), "prod-lib/app", "1", &image.digest).await;
+    assert_eq!(
+        s.api.calls("CreateRepository"),
+        1,
+        "{:?}",
+        s.api.all_calls()
+    );
+    assert!(s.api.seen.lock().unwrap().refused.is_empty());
+    assert_eq!(
+        *imds.gets_without_token.lock().unwrap(),
+        0,
+        "IMDSv1-style reads"
+    );
+    let log = process.log_text();
+    assert!(
+        !log.contains(role_key.1) && !log.contains(role_key.2),
+        "{log}"
+    );
+    drop(process);
 }

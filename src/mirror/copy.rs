@@ -515,6 +515,17 @@ impl Mirror {
                     .await?;
                 put(fetched.bytes.clone()).await?
             }
+            // The bytes are Harbor's, checked against their digest: a DIGEST_INVALID here is
+            // distribution reading a blob's link while another upload of that blob rewrites
+            // it (its filesystem driver truncates the file before writing). Once more, later.
+            Err(e) if e.code() == Some(&ErrorCode::DigestInvalid) => {
+                tracing::info!(
+                    target = target.name(),
+                    "target could not read a blob link of {target_repo} (a concurrent upload of the same blob); trying once more: {e}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                put(fetched.bytes.clone()).await?
+            }
             Err(e) if refuses_media_type(&e) => {
                 let kind = match &refs.artifact_type {
                     Some(t) if *t != media_type => format!("{media_type} (artifact type {t})"),

@@ -12,7 +12,8 @@ use http::Method;
 use serde_json::json;
 
 use super::api::{Answer, ApiClient, ApiError, ApiErrorKind, shown};
-use crate::config::{ApiKeys, Provider, Secret};
+use super::aws_credentials::AwsKey;
+use crate::config::{ApiKeys, Provider};
 
 const TARGET_PREFIX: &str = "AmazonEC2ContainerRegistry_V20150921";
 const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
@@ -25,57 +26,12 @@ pub(crate) struct Ecr {
     pub(crate) keys: ApiKeys,
     pub(crate) immutable_tags: bool,
     pub(crate) scan_on_push: bool,
-}
-
-/// An AWS key, as the chain found it.
-struct AwsKey {
-    id: Secret,
-    secret: Secret,
-    session_token: Option<Secret>,
-}
-
-/// The usual chain on this host: the environment, then the shared credentials file.
-fn chain(env: impl Fn(&str) -> Option<String>) -> Option<AwsKey> {
-    let var = |name: &str| env(name).filter(|v| !v.is_empty());
-    if let (Some(id), Some(secret)) = (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
-        return Some(AwsKey {
-            id: Secret::new(id),
-            secret: Secret::new(secret),
-            session_token: var("AWS_SESSION_TOKEN").map(Secret::new),
-        });
-    }
-    let file = var("AWS_SHARED_CREDENTIALS_FILE")
-        .map(std::path::PathBuf::from)
-        .or_else(|| var("HOME").map(|h| std::path::Path::new(&h).join(".aws/credentials")))?;
-    let profile = var("AWS_PROFILE").unwrap_or_else(|| "default".to_string());
-    shared_file_profile(&std::fs::read_to_string(file).ok()?, &profile)
-}
-
-/// One profile of an INI-style shared credentials file.
-fn shared_file_profile(text: &str, profile: &str) -> Option<AwsKey> {
-    let (mut id, mut secret, mut token, mut inside) = (None, None, None, false);
-    for line in text.lines().map(str::trim) {
-        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            inside = section.trim() == profile;
-        } else if inside && let Some((key, value)) = line.split_once('=') {
-            let value = Some(value.trim().to_string());
-            match key.trim() {
-                "aws_access_key_id" => id = value,
-                "aws_secret_access_key" => secret = value,
-                "aws_session_token" => token = value,
-                _ => {}
-            }
-        }
-    }
-    Some(AwsKey {
-        id: Secret::new(id?),
-        secret: Secret::new(secret?),
-        session_token: token.map(Secret::new),
-    })
+    /// Where a key comes from when the config gives none.
+    pub(crate) chain: super::aws_credentials::Chain,
 }
 
 impl Ecr {
-    fn key(&self, operation: &str) -> Result<AwsKey, ApiError> {
+    async fn key(&self, operation: &str) -> Result<AwsKey, ApiError> {
         match &self.keys {
             ApiKeys::Pair {
                 access_key,
@@ -85,14 +41,8 @@ impl Ecr {
                 secret: secret_key.clone(),
                 session_token: None,
             }),
-            _ => chain(|name| std::env::var(name).ok()).ok_or_else(|| {
-                ApiError::new(
-                    Provider::Ecr,
-                    operation,
-                    ApiErrorKind::Credentials(
-                        "no AWS key: set access_key and secret_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a shared credentials file".into(),
-                    ),
-                )
+            _ => self.chain.key().await.map_err(|why| {
+                ApiError::new(Provider::Ecr, operation, ApiErrorKind::Credentials(why))
             }),
         }
     }
@@ -104,7 +54,7 @@ impl Ecr {
         body: serde_json::Value,
     ) -> Result<serde_json::Value, ApiError> {
         let payload = body.to_string();
-        let key = self.key(operation)?;
+        let key = self.key(operation).await?;
         let target = format!("{TARGET_PREFIX}.{action}");
         let host = self.api.host();
         let uri = format!("{}/", self.api.origin);
@@ -287,20 +237,5 @@ mod tests {
             signature,
             "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7"
         );
-    }
-
-    #[test]
-    fn the_chain_reads_the_environment_then_the_named_profile() {
-        let env = |name: &str| match name {
-            "AWS_ACCESS_KEY_ID" => Some("AKIAENV".to_string()),
-            "AWS_SECRET_ACCESS_KEY" => Some("env-secret".to_string()),
-            _ => None,
-        };
-        assert_eq!(chain(env).unwrap().id.expose(), "AKIAENV");
-        let file = "[default]\naws_access_key_id = AKIADEFAULT\naws_secret_access_key = d\n\n[ci]\naws_access_key_id=AKIACI\naws_secret_access_key=c\naws_session_token = t\n";
-        let ci = shared_file_profile(file, "ci").unwrap();
-        assert_eq!((ci.id.expose(), ci.secret.expose()), ("AKIACI", "c"));
-        assert_eq!(ci.session_token.unwrap().expose(), "t");
-        assert!(shared_file_profile(file, "missing").is_none());
     }
 }

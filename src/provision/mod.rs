@@ -7,6 +7,7 @@
 //! callers (the mirror's workers, `regtee check`, a dry-run sync) decide when to ask.
 
 mod api;
+mod aws_credentials;
 mod ecr;
 mod harbor;
 mod swr;
@@ -116,6 +117,7 @@ impl Provisioner {
                 keys: c.keys.clone(),
                 immutable_tags: c.immutable_tags,
                 scan_on_push: c.scan_on_push,
+                chain: Default::default(),
             }),
             Provider::Harbor => Api::Harbor(harbor::Harbor {
                 api: client,

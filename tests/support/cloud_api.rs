@@ -44,9 +44,12 @@ pub enum Flavor {
         password: String,
         admin: bool,
     },
+    /// `session_token`: the key is a role's (from IMDS or a container endpoint), and each
+    /// request must carry its `X-Amz-Security-Token`, signed.
     Ecr {
         key_id: String,
         secret: String,
+        session_token: Option<String>,
     },
 }
 
@@ -218,7 +221,11 @@ impl Front {
                 access_key,
                 secret_key,
             } => self.swr(&parts, &body, access_key, secret_key),
-            Flavor::Ecr { key_id, secret } => self.ecr(&parts, &body, key_id, secret),
+            Flavor::Ecr {
+                key_id,
+                secret,
+                session_token,
+            } => self.ecr(&parts, &body, key_id, secret, session_token.as_deref()),
             Flavor::Harbor {
                 user,
                 password,
@@ -500,6 +507,7 @@ impl Front {
         body: &Bytes,
         key_id: &str,
         secret: &str,
+        session_token: Option<&str>,
     ) -> Response<Full<Bytes>> {
         let error = |kind: &str, message: &str| {
             reply(
@@ -545,6 +553,10 @@ impl Front {
         if fields.get("Signature") != Some(&expected)
             || !scope.ends_with("/ecr/aws4_request")
             || !signed.split(';').any(|h| h == "x-amz-target")
+            || session_token.is_some_and(|t| {
+                header(headers, "x-amz-security-token") != t
+                    || !signed.split(';').any(|h| h == "x-amz-security-token")
+            })
         {
             self.refuse("InvalidSignatureException");
             return error(
@@ -608,5 +620,98 @@ impl Front {
             }
             _ => error("UnknownOperationException", "unknown operation"),
         }
+    }
+}
+
+/// The EC2 instance metadata service, IMDSv2 only ("Use the Instance Metadata Service to
+/// access instance metadata", "Retrieve security credentials from instance metadata" in the
+/// EC2 user guide): `PUT /latest/api/token` with a TTL header gives a session token, which
+/// every `GET` must carry (401 without); the role's name, then its temporary key.
+pub struct Imds {
+    pub addr: SocketAddr,
+    pub gets_without_token: Arc<Mutex<u32>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Imds {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Imds {
+    pub async fn start(role: &str, key_id: &str, secret: &str, session_token: &str) -> Imds {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gets_without_token = Arc::new(Mutex::new(0));
+        let credentials = serde_json::json!({
+            "Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": key_id,
+            "SecretAccessKey": secret, "Token": session_token,
+            "Expiration": "2099-01-01T00:00:00Z", "LastUpdated": "2026-01-01T00:00:00Z",
+        })
+        .to_string();
+        let (role, counter) = (role.to_string(), gets_without_token.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (role, credentials, counter) =
+                    (role.clone(), credentials.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (role, credentials, counter) =
+                            (role.clone(), credentials.clone(), counter.clone());
+                        async move {
+                            let text = |status: StatusCode, body: String| {
+                                Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap()
+                            };
+                            let path = req.uri().path().to_string();
+                            let answer = if req.method() == http::Method::PUT
+                                && path == "/latest/api/token"
+                            {
+                                if req
+                                    .headers()
+                                    .contains_key("x-aws-ec2-metadata-token-ttl-seconds")
+                                {
+                                    text(StatusCode::OK, "imds-session-token".into())
+                                } else {
+                                    text(StatusCode::BAD_REQUEST, String::new())
+                                }
+                            } else if header(req.headers(), "x-aws-ec2-metadata-token")
+                                != "imds-session-token"
+                            {
+                                *counter.lock().unwrap() += 1;
+                                text(StatusCode::UNAUTHORIZED, String::new())
+                            } else if path == "/latest/meta-data/iam/security-credentials/" {
+                                text(StatusCode::OK, role.clone())
+                            } else if path
+                                == format!("/latest/meta-data/iam/security-credentials/{role}")
+                            {
+                                text(StatusCode::OK, credentials)
+                            } else {
+                                text(StatusCode::NOT_FOUND, String::new())
+                            };
+                            Ok::<_, Infallible>(answer)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Imds {
+            addr,
+            gets_without_token,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 }
