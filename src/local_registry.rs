@@ -116,6 +116,11 @@ pub fn free_port() -> std::io::Result<u16> {
 }
 
 impl LocalRegistry {
+    /// The registry process's id (for benchmarks that read its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts a registry storing its data under `dir`, and waits until it answers.
     pub async fn start(dir: &Path, options: RegistryOptions) -> Result<LocalRegistry, LaunchError> {
         let port = match options.port {

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,6 +22,8 @@ use crate::registry::{RegistryClient, RegistryError};
 
 /// HEAD requests in flight at once during a comparison.
 const COMPARE_PARALLELISM: usize = 16;
+/// Repositories whose tag lists are asked for ahead of the comparisons.
+const LISTINGS_AHEAD: usize = 4;
 
 /// One tag as seen on one target.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -267,22 +269,60 @@ pub(crate) async fn compare_project(
         })
         .collect();
     on_progress(ProjectEvent::Repositories(repositories.len()));
-    for repository in &repositories {
-        let tags = match upstream.tags(repository.as_str()).await {
-            Ok(tags) => valid::<Tag>(tags, "tag", &mut on_progress),
-            Err(e) => {
-                on_progress(ProjectEvent::Error(e.to_string()));
-                continue;
-            }
-        };
-        on_progress(ProjectEvent::Tags(tags.len()));
-        let mut rows = stream::iter(tags)
-            .map(|tag: Tag| async move { compare_tag(upstream, targets, repository, &tag).await })
-            .buffer_unordered(COMPARE_PARALLELISM);
-        while let Some(row) = rows.next().await {
-            on_progress(ProjectEvent::Row(row));
+    // Tag listings run a few repositories ahead, and the comparisons of every listed tag share
+    // one pool: a project of many small repositories is not one round trip per repository
+    // after another.
+    let mut unlisted = repositories.iter();
+    let mut listings = futures_util::stream::FuturesOrdered::new();
+    let mut waiting: std::collections::VecDeque<(&RepositoryName, Tag)> = Default::default();
+    let mut unfinished: std::collections::HashMap<&RepositoryName, usize> = Default::default();
+    let mut comparing = futures_util::stream::FuturesUnordered::new();
+    loop {
+        while listings.len() < LISTINGS_AHEAD
+            && let Some(repository) = unlisted.next()
+        {
+            listings.push_back(async move { (repository, upstream.tags(repository.as_str()).await) });
         }
-        on_progress(ProjectEvent::RepositoryDone);
+        while comparing.len() < COMPARE_PARALLELISM
+            && let Some((repository, tag)) = waiting.pop_front()
+        {
+            comparing.push(async move {
+                (
+                    repository,
+                    compare_tag(upstream, targets, repository, &tag).await,
+                )
+            });
+        }
+        if listings.is_empty() && waiting.is_empty() && comparing.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(listed) = listings.next(), if !listings.is_empty() && waiting.len() < COMPARE_PARALLELISM => {
+                match listed {
+                    (repository, Ok(tags)) => {
+                        let tags = valid::<Tag>(tags, "tag", &mut on_progress);
+                        on_progress(ProjectEvent::Tags(tags.len()));
+                        if tags.is_empty() {
+                            on_progress(ProjectEvent::RepositoryDone);
+                        } else {
+                            unfinished.insert(repository, tags.len());
+                            waiting.extend(tags.into_iter().map(|tag| (repository, tag)));
+                        }
+                    }
+                    (_, Err(e)) => on_progress(ProjectEvent::Error(e.to_string())),
+                }
+            }
+            Some((repository, row)) = comparing.next(), if !comparing.is_empty() => {
+                on_progress(ProjectEvent::Row(row));
+                if let Some(left) = unfinished.get_mut(repository) {
+                    *left -= 1;
+                    if *left == 0 {
+                        unfinished.remove(repository);
+                        on_progress(ProjectEvent::RepositoryDone);
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
