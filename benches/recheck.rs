@@ -42,9 +42,14 @@ async fn main() {
         upload(&client, &harbor.url(), &repo, &layer, 1, &digest).await;
         for t in 0..TAGS_PER_REPOSITORY {
             let config = format!(r#"{{"architecture":"amd64","os":"linux","tag":"{r}-{t}"}}"#);
-            let manifest =
-                image_manifest(&client, &harbor.url(), &repo, config.into(), &[(digest.clone(), 512)])
-                    .await;
+            let manifest = image_manifest(
+                &client,
+                &harbor.url(),
+                &repo,
+                config.into(),
+                &[(digest.clone(), 512)],
+            )
+            .await;
             let put = http::Request::put(format!("{}/v2/{repo}/manifests/v{t}", harbor.url()))
                 .header("content-type", "application/vnd.oci.image.manifest.v1+json")
                 .body(regtee::body::full(manifest))
@@ -67,7 +72,10 @@ async fn main() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        (started.elapsed(), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
     sync(&["sync", "proj"]);
     // Wait until every queued copy is done: the re-check then finds everything in sync.

@@ -192,6 +192,18 @@ pub(crate) async fn compare_tag(
     repository: &RepositoryName,
     tag: &Tag,
 ) -> TagRow {
+    compare_tag_knowing(upstream, targets, repository, tag, None).await
+}
+
+/// Compares one tag with each target; Harbor's digest is asked for unless `harbor` says it (a
+/// listing that gave it just now).
+async fn compare_tag_knowing(
+    upstream: &RegistryClient,
+    targets: &[Arc<Target>],
+    repository: &RepositoryName,
+    tag: &Tag,
+    harbor: Option<Digest>,
+) -> TagRow {
     let mut row = TagRow {
         repository: repository.clone(),
         tag: tag.clone(),
@@ -212,13 +224,19 @@ pub(crate) async fn compare_tag(
         };
         (target, target_repo, head)
     });
-    let (harbor, on_targets) = futures_util::future::join(
-        upstream.manifest_head(repository, tag),
-        futures_util::future::join_all(on_targets),
-    )
-    .await;
+    let on_harbor = async {
+        match harbor {
+            Some(digest) => Ok(Some(digest)),
+            None => upstream
+                .manifest_head(repository, tag)
+                .await
+                .map(|head| head.map(|h| h.digest)),
+        }
+    };
+    let (harbor, on_targets) =
+        futures_util::future::join(on_harbor, futures_util::future::join_all(on_targets)).await;
     match harbor {
-        Ok(head) => row.harbor = head.map(|h| h.digest),
+        Ok(digest) => row.harbor = digest,
         Err(e) => {
             row.errors.push(e.to_string());
             return row;
@@ -272,24 +290,30 @@ pub(crate) async fn compare_project(
     // Tag listings run a few repositories ahead, and the comparisons of every listed tag share
     // one pool: a project of many small repositories is not one round trip per repository
     // after another.
+    // Cleared when Harbor's artifact API is not there: plain registries get no further asks.
+    let harbor_api = std::sync::atomic::AtomicBool::new(true);
     let mut unlisted = repositories.iter();
     let mut listings = futures_util::stream::FuturesOrdered::new();
-    let mut waiting: std::collections::VecDeque<(&RepositoryName, Tag)> = Default::default();
+    let mut waiting: std::collections::VecDeque<(&RepositoryName, Tag, Option<Digest>)> =
+        Default::default();
     let mut unfinished: std::collections::HashMap<&RepositoryName, usize> = Default::default();
     let mut comparing = futures_util::stream::FuturesUnordered::new();
     loop {
         while listings.len() < LISTINGS_AHEAD
             && let Some(repository) = unlisted.next()
         {
-            listings.push_back(async move { (repository, upstream.tags(repository.as_str()).await) });
+            let harbor_api = &harbor_api;
+            listings.push_back(async move {
+                (repository, list(upstream, repository, harbor_api).await)
+            });
         }
         while comparing.len() < COMPARE_PARALLELISM
-            && let Some((repository, tag)) = waiting.pop_front()
+            && let Some((repository, tag, harbor)) = waiting.pop_front()
         {
             comparing.push(async move {
                 (
                     repository,
-                    compare_tag(upstream, targets, repository, &tag).await,
+                    compare_tag_knowing(upstream, targets, repository, &tag, harbor).await,
                 )
             });
         }
@@ -299,14 +323,16 @@ pub(crate) async fn compare_project(
         tokio::select! {
             Some(listed) = listings.next(), if !listings.is_empty() && waiting.len() < COMPARE_PARALLELISM => {
                 match listed {
-                    (repository, Ok(tags)) => {
-                        let tags = valid::<Tag>(tags, "tag", &mut on_progress);
+                    (repository, Ok(listed)) => {
+                        let tags = usable(listed, &mut on_progress);
                         on_progress(ProjectEvent::Tags(tags.len()));
                         if tags.is_empty() {
                             on_progress(ProjectEvent::RepositoryDone);
                         } else {
                             unfinished.insert(repository, tags.len());
-                            waiting.extend(tags.into_iter().map(|tag| (repository, tag)));
+                            waiting.extend(
+                                tags.into_iter().map(|(tag, digest)| (repository, tag, digest)),
+                            );
                         }
                     }
                     (_, Err(e)) => on_progress(ProjectEvent::Error(e.to_string())),
@@ -325,6 +351,58 @@ pub(crate) async fn compare_project(
         }
     }
     Ok(())
+}
+
+/// A repository's tags as Harbor lists them: with their digests from Harbor's artifact API
+/// (one request per 100 artifacts), else names only from the registry API (each then needs a
+/// HEAD). Either is Harbor's answer now.
+async fn list(
+    upstream: &RegistryClient,
+    repository: &RepositoryName,
+    harbor_api: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<(String, Option<String>)>, RegistryError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if harbor_api.load(Relaxed) {
+        match upstream.harbor_tag_digests(repository.as_str()).await? {
+            Some(pairs) => {
+                return Ok(pairs.into_iter().map(|(t, d)| (t, Some(d))).collect());
+            }
+            None => harbor_api.store(false, Relaxed),
+        }
+    }
+    Ok(upstream
+        .tags(repository.as_str())
+        .await?
+        .into_iter()
+        .map(|t| (t, None))
+        .collect())
+}
+
+/// The tags (and digests) of a listing regtee can use; each other one is reported as an error.
+fn usable(
+    listed: Vec<(String, Option<String>)>,
+    on_progress: &mut impl FnMut(ProjectEvent),
+) -> Vec<(Tag, Option<Digest>)> {
+    let mut tags = Vec::with_capacity(listed.len());
+    for (tag, digest) in listed {
+        let tag = match tag.parse::<Tag>() {
+            Ok(tag) => tag,
+            Err(e) => {
+                on_progress(ProjectEvent::Error(format!(
+                    "Harbor lists a tag regtee cannot use: {e}"
+                )));
+                continue;
+            }
+        };
+        match digest.map(|d| d.parse::<Digest>()) {
+            None => tags.push((tag, None)),
+            Some(Ok(digest)) => tags.push((tag, Some(digest))),
+            Some(Err(e)) => on_progress(ProjectEvent::Error(format!(
+                "Harbor lists tag {tag} with a digest regtee cannot use: {e}"
+            ))),
+        }
+    }
+    tags
 }
 
 /// The names of a listing that follow the spec's grammar; each other one is reported as an error

@@ -14,6 +14,14 @@ struct Named {
     name: String,
 }
 
+/// An artifact of Harbor's artifact list: its digest and its tags (`with_tag=true`).
+#[derive(Deserialize)]
+struct Artifact {
+    digest: String,
+    #[serde(default)]
+    tags: Option<Vec<Named>>,
+}
+
 /// Harbor's page size limit.
 const PAGE: usize = 100;
 
@@ -41,12 +49,56 @@ impl RegistryClient {
             .await
     }
 
+    /// Every tag of `repository` with its digest, from Harbor's artifact list (a page of 100
+    /// artifacts per request, where the registry API needs a HEAD per tag), or `None` when
+    /// this registry has no such API. Harbor wants the repository's name within the project
+    /// URL-encoded twice ("a/b" as `a%252Fb`, Harbor API v2.0 reference).
+    pub(crate) async fn harbor_tag_digests(
+        &self,
+        repository: &str,
+    ) -> Result<Option<Vec<(String, String)>>, RegistryError> {
+        let Some((project, name)) = repository.split_once('/') else {
+            return Ok(None);
+        };
+        let twice = name.replace('/', "%252F");
+        let artifacts: Option<Vec<Artifact>> = self
+            .harbor_pages(
+                &format!("/api/v2.0/projects/{project}/repositories/{twice}/artifacts"),
+                "with_tag=true&with_label=false&with_scan_overview=false&with_signature=false&with_immutable_status=false&",
+                &format!("list Harbor artifacts of {repository}"),
+            )
+            .await?;
+        Ok(artifacts.map(|artifacts| {
+            artifacts
+                .into_iter()
+                .flat_map(|a| {
+                    let digest = a.digest;
+                    a.tags
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |t| (t.name, digest.clone()))
+                })
+                .collect()
+        }))
+    }
+
     /// The `name` of every item of a paginated Harbor API list (Basic auth, as Harbor's API wants).
     async fn harbor_names(
         &self,
         path: &str,
         op: &str,
     ) -> Result<Option<Vec<String>>, RegistryError> {
+        let items: Option<Vec<Named>> = self.harbor_pages(path, "", op).await?;
+        Ok(items.map(|items| items.into_iter().map(|n| n.name).collect()))
+    }
+
+    /// Every item of a paginated Harbor API list; `None` when the registry has no such API.
+    async fn harbor_pages<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &str,
+        op: &str,
+    ) -> Result<Option<Vec<T>>, RegistryError> {
         let mut names = Vec::new();
         for page in 1..=MAX_PAGES + 1 {
             if page > MAX_PAGES {
@@ -59,7 +111,7 @@ impl RegistryClient {
             }
             let call = self.request(
                 Method::GET,
-                &format!("{path}?page={page}&page_size={PAGE}"),
+                &format!("{path}?{query}page={page}&page_size={PAGE}"),
                 op,
             )?;
             let mut request = http::Request::new(crate::body::empty());
@@ -79,11 +131,11 @@ impl RegistryClient {
                 _ => return Err(self.error_from(response, op).await),
             }
             // Something that answers 200 with other JSON is not Harbor's API.
-            let Ok(batch) = self.read_json::<Vec<Named>>(response, 16 << 20, op).await else {
+            let Ok(batch) = self.read_json::<Vec<T>>(response, 16 << 20, op).await else {
                 return Ok(None);
             };
             let done = batch.len() < PAGE;
-            names.extend(batch.into_iter().map(|r| r.name));
+            names.extend(batch);
             if done {
                 break;
             }

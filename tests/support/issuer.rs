@@ -51,6 +51,10 @@ struct State {
     rng: SystemRandom,
     token_lifetime: AtomicU64,
     rotating: Mutex<BTreeMap<String, Rotating>>,
+    /// The registry this service is Harbor's core for (`/api/v2.0` reads it).
+    registry: Mutex<Option<SocketAddr>>,
+    /// Artifact list requests answered.
+    pub artifact_lists: AtomicU64,
 }
 
 /// A user whose passwords are short-lived tokens, as ECR's (`aws ecr get-login-password`,
@@ -136,6 +140,8 @@ impl TokenIssuer {
             rng,
             token_lifetime: AtomicU64::new(300),
             rotating: Mutex::new(BTreeMap::new()),
+            registry: Mutex::new(None),
+            artifact_lists: AtomicU64::new(0),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -149,7 +155,14 @@ impl TokenIssuer {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(state.answer(req)) }
+                        async move {
+                            let answer = if req.uri().path().starts_with("/api/v2.0/") {
+                                state.harbor_api(req).await
+                            } else {
+                                state.answer(req)
+                            };
+                            Ok::<_, Infallible>(answer)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -207,6 +220,17 @@ impl TokenIssuer {
             .insert(project.to_string());
     }
 
+    /// Serves Harbor's artifact list (`/api/v2.0/projects/.../artifacts`) from `registry`, as
+    /// Harbor's core does behind the same nginx location.
+    pub fn serve_harbor_api_for(&self, registry: SocketAddr) {
+        *self.state.registry.lock().unwrap() = Some(registry);
+    }
+
+    /// Artifact lists answered so far.
+    pub fn artifact_lists(&self) -> u64 {
+        self.state.artifact_lists.load(Ordering::Relaxed)
+    }
+
     pub fn seen(&self) -> Vec<SeenRequest> {
         self.state.seen.lock().unwrap().clone()
     }
@@ -233,7 +257,175 @@ pub fn unix_now() -> u64 {
         .as_secs()
 }
 
+/// Basic credentials of a request, as (user, password).
+fn basic_credentials(req: &Request<Incoming>) -> Option<(String, String)> {
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| {
+            s.split_once(':')
+                .map(|(u, p)| (u.to_string(), p.to_string()))
+        })
+}
+
+fn json_answer(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().unwrap(),
+    );
+    r
+}
+
 impl State {
+    /// Harbor API v2.0 `GET /projects/{project_name}/repositories/{repository_name}/artifacts`
+    /// (`with_tag`, `page`, `page_size`; the repository's name within the project arrives
+    /// URL-encoded once more after nginx decoded it): each artifact with its digest and tags,
+    /// read from the registry with a token of the caller's own rights (Harbor's API reference).
+    async fn harbor_api(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let not_found = || {
+            json_answer(
+                StatusCode::NOT_FOUND,
+                r#"{"errors":[{"code":"NOT_FOUND","message":"not found"}]}"#.into(),
+            )
+        };
+        let Some(registry) = *self.registry.lock().unwrap() else {
+            return not_found();
+        };
+        let path = req.uri().path().to_string();
+        let Some((project, name)) = path
+            .strip_prefix("/api/v2.0/projects/")
+            .and_then(|rest| rest.strip_suffix("/artifacts"))
+            .and_then(|rest| rest.split_once("/repositories/"))
+        else {
+            return not_found();
+        };
+        let name = name.replace("%2F", "/").replace("%2f", "/");
+        let repository = format!("{project}/{name}");
+        let query: BTreeMap<String, String> =
+            url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+                .into_owned()
+                .collect();
+        let page: usize = query
+            .get("page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1)
+            .max(1);
+        let size: usize = query
+            .get("page_size")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(10)
+            .clamp(1, 100);
+        let credentials = basic_credentials(&req);
+        let (status, body) = self.decide(
+            "/service/token",
+            credentials.as_ref(),
+            &[format!("repository:{repository}:pull")],
+        );
+        if status != StatusCode::OK {
+            return json_answer(
+                StatusCode::UNAUTHORIZED,
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"unauthorized"}]}"#.into(),
+            );
+        }
+        let token = serde_json::from_str::<serde_json::Value>(&body).unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if !self.token_grants_pull(&token) {
+            return json_answer(
+                StatusCode::FORBIDDEN,
+                r#"{"errors":[{"code":"FORBIDDEN","message":"forbidden"}]}"#.into(),
+            );
+        }
+        self.artifact_lists.fetch_add(1, Ordering::Relaxed);
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+        let get = |method: http::Method, uri: String, accept: bool| {
+            let mut r = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("authorization", format!("Bearer {token}"));
+            if accept {
+                r = r.header(
+                    "accept",
+                    "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json",
+                );
+            }
+            r.body(http_body_util::Empty::<Bytes>::new()).unwrap()
+        };
+        use http_body_util::BodyExt as _;
+        let listed = client
+            .request(get(
+                http::Method::GET,
+                format!("http://{registry}/v2/{repository}/tags/list"),
+                false,
+            ))
+            .await
+            .unwrap();
+        if listed.status() == StatusCode::NOT_FOUND {
+            return not_found();
+        }
+        let listed = listed.into_body().collect().await.unwrap().to_bytes();
+        let tags: Vec<String> =
+            serde_json::from_slice::<serde_json::Value>(&listed).unwrap()["tags"]
+                .as_array()
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|t| t.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+        let mut artifacts: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for tag in tags {
+            let head = client
+                .request(get(
+                    http::Method::HEAD,
+                    format!("http://{registry}/v2/{repository}/manifests/{tag}"),
+                    true,
+                ))
+                .await
+                .unwrap();
+            if let Some(digest) = head
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|d| d.to_str().ok())
+            {
+                artifacts.entry(digest.to_string()).or_default().push(tag);
+            }
+        }
+        let page: Vec<serde_json::Value> = artifacts
+            .into_iter()
+            .skip((page - 1) * size)
+            .take(size)
+            .map(|(digest, tags)| {
+                serde_json::json!({
+                    "digest": digest,
+                    "tags": tags.iter().map(|t| serde_json::json!({"name": t})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json_answer(StatusCode::OK, serde_json::Value::Array(page).to_string())
+    }
+
+    /// Whether a token this service signed grants `pull` (its `access` claim).
+    fn token_grants_pull(&self, token: &str) -> bool {
+        token
+            .split('.')
+            .nth(1)
+            .and_then(|c| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(c)
+                    .ok()
+            })
+            .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
+            .is_some_and(|claims| claims["access"].to_string().contains("\"pull\""))
+    }
+
     fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let query: Vec<(String, String)> =
             url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())

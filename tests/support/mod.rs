@@ -259,6 +259,8 @@ pub async fn start_harbor_behind(
         .unwrap();
     if let Some(f) = &mut front {
         f.start(registry.addr(), issuer.addr).await;
+        // Behind Harbor's nginx, `/api/` reaches the issuer in core's place.
+        issuer.serve_harbor_api_for(registry.addr());
     }
     AuthRegistry {
         registry,
