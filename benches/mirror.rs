@@ -168,6 +168,7 @@ async fn main() {
 
 /// Runs `skopeo` with plain HTTP on both sides; returns how long it took.
 fn skopeo(args: &[&str]) -> Duration {
+    forget_blob_locations();
     let mut command = std::process::Command::new("skopeo");
     command.args(["--insecure-policy"]).arg(args[0]);
     command.args(["--src-tls-verify=false", "--dest-tls-verify=false"]);

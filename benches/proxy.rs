@@ -3,7 +3,7 @@
 //! off, upstream keep-alive), interleaved in one run, five rounds, medians.
 //!
 //! - push and pull of a 256 MiB blob with regtee's own streaming client;
-//! - push and pull of a 16-layer image (128 MiB) with skopeo;
+//! - push and pull of a 16-layer image (128 MiB) with skopeo, and push of a 1 GiB one (16 x 64 MiB);
 //! - manifest HEAD latency p50/p99 sequentially on one connection, and with 8 and 64 connections;
 //! - CPU-seconds per GiB of each proxy process over the blob transfers (`/proc/<pid>/stat`);
 //! - regtee's peak RSS while a 1 GiB blob streams up and down.
@@ -25,6 +25,7 @@ const ROUNDS: usize = 5;
 const BLOB_MIB: usize = 256;
 const LAYERS: usize = 16;
 const LAYER_MIB: usize = 8;
+const BIG_LAYER_MIB: usize = 64;
 
 /// One way to reach the registry, and the process whose CPU it costs.
 struct Endpoint {
@@ -41,6 +42,7 @@ struct Samples {
     pull: Vec<f64>,
     skopeo_push: Vec<f64>,
     skopeo_pull: Vec<f64>,
+    skopeo_push_gib: Vec<f64>,
     cpu_per_gib: Vec<f64>,
     head: [Vec<(Duration, Duration)>; 3],
 }
@@ -160,6 +162,8 @@ async fn main() {
     assert_eq!(client.request(put).await.unwrap().status(), 201);
     let layout = work.path().join("layout");
     write_layout(&layout, LAYERS, LAYER_MIB * MIB);
+    let big_layout = work.path().join("layout-gib");
+    write_layout(&big_layout, LAYERS, BIG_LAYER_MIB * MIB);
 
     let mut samples: Vec<Samples> = endpoints.iter().map(|_| Samples::default()).collect();
     let connections = [1, 8, 64];
@@ -194,6 +198,13 @@ async fn main() {
             let _ = std::fs::remove_dir_all(&pulled_dir);
             s.skopeo_push.push(mib_per_s(image_bytes, pushed));
             s.skopeo_pull.push(mib_per_s(image_bytes, pulled));
+            let big = skopeo(&[
+                "--dest-tls-verify=false".into(),
+                format!("oci:{}:image", big_layout.display()),
+                format!("docker://{}/{repo}/big:1", e.host),
+            ]);
+            s.skopeo_push_gib
+                .push(mib_per_s((LAYERS * BIG_LAYER_MIB * MIB) as u64, big));
 
             for (i, c) in connections.iter().enumerate() {
                 let requests = if *c == 1 { 2000 } else { 4000 };
@@ -249,6 +260,12 @@ async fn main() {
         "skopeo pull, 16 x 8 MiB layers",
         "MiB/s",
         pick(&|s| median(&s.skopeo_pull)),
+        false,
+    );
+    row(
+        "skopeo push, 16 x 64 MiB layers (1 GiB)",
+        "MiB/s",
+        pick(&|s| median(&s.skopeo_push_gib)),
         false,
     );
     for (i, c) in connections.iter().enumerate() {
