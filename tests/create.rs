@@ -485,3 +485,91 @@ async fn with_no_key_configured_ecr_takes_the_instance_roles_key_from_imdsv2() {
     );
     drop(process);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_api_that_redirects_elsewhere_gets_no_request_followed_and_the_job_names_api_url() {
+    let s = Setup::start(
+        Quirk::NamespacesMustExist(NamespaceRefusal::Harbor),
+        Flavor::Tcr {
+            secret_id: TCR_ID.into(),
+            secret_key: TCR_KEY.into(),
+        },
+        &[
+            "create_missing = \"namespaces\"".into(),
+            "provider = \"tcr\"".into(),
+            "region = \"ap-guangzhou\"".into(),
+            "registry_id = \"tcr-regtee01\"".into(),
+            format!("access_key = \"{TCR_ID}\""),
+            format!("secret_key = \"{TCR_KEY}\""),
+            "max_attempts = 1".into(),
+        ],
+    )
+    .await;
+    let elsewhere = crate::support::recorder::Recorder::start().await;
+    s.api.redirect_to(&format!("http://{}/", elsewhere.addr));
+    let regtee = Regtee::start(&s.spec).await;
+    s.push(&regtee.host(), "one", "library/app:1");
+    let failed = failed_manifest_job(&regtee, "repository=library/app").await;
+    let detail = failed["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("does not follow an API's redirects"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("check api_url (or region) in [[targets]] \"cloud\""),
+        "{detail}"
+    );
+    assert!(s.api.calls("redirected") >= 1);
+    assert!(
+        elsewhere.seen().is_empty(),
+        "the host the API named got: {:?}",
+        elsewhere.seen()
+    );
+    assert!(!s.front.existing().lock().unwrap().contains("prod-lib"));
+    regtee.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_the_api_says_exists_but_the_registry_refuses_fails_once_saying_so() {
+    let s = Setup::start(
+        Quirk::NamespacesMustExist(NamespaceRefusal::Denied),
+        Flavor::Swr {
+            access_key: SWR_AK.into(),
+            secret_key: SWR_SK.into(),
+        },
+        &[
+            "create_missing = \"namespaces\"".into(),
+            "provider = \"swr\"".into(),
+            "region = \"cn-north-4\"".into(),
+            format!("access_key = \"{SWR_AK}\""),
+            format!("secret_key = \"{SWR_SK}\""),
+        ],
+    )
+    .await;
+    // An API whose account sees the organization, while the registry refuses regtee's login
+    // there (another account's organization, or no push rights on it).
+    let elsewhere: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(["prod-lib".to_string()].into()));
+    let api = CloudApi::start(
+        Flavor::Swr {
+            access_key: SWR_AK.into(),
+            secret_key: SWR_SK.into(),
+        },
+        elsewhere,
+    )
+    .await;
+    let mut spec = s.spec.clone();
+    spec.targets[0].extra = spec.targets[0].extra.replace(&s.api.url(), &api.url());
+    let regtee = Regtee::start(&spec).await;
+    s.push(&regtee.host(), "one", "library/app:1");
+    let failed = failed_manifest_job(&regtee, "repository=library/app").await;
+    let detail = failed["detail"].as_str().unwrap();
+    assert_eq!(failed["attempts"], 1, "{failed}");
+    assert!(
+        detail
+            .contains("exists (the swr API says so, create_missing), yet the registry refuses it"),
+        "{detail}"
+    );
+    assert_eq!(api.calls("POST"), 0, "nothing is created over what exists");
+    regtee.stop().await;
+}

@@ -271,6 +271,17 @@ impl Mirror {
                 "{e} (gave up after {} attempts: raise max_attempts, or fix the cause and `regtee retry --failed`)",
                 job.attempts
             ),
+            // The cloud's API made sure it exists, and the registry still says no.
+            JobError::Registry(e)
+                if target.provisioner.is_some() && super::create::may_be_missing(e) =>
+            {
+                let provisioner = target.provisioner.as_ref().map(|p| p.provider().as_str());
+                format!(
+                    "{e}: what the write needs exists (the {} API says so, create_missing), yet the registry refuses it: let regtee's login on {} push there, then `regtee retry --failed`",
+                    provisioner.unwrap_or_default(),
+                    target.name()
+                )
+            }
             JobError::Registry(e) => with_fix(e, target, job),
             JobError::Create(e) => {
                 let section = format!("[[targets]] \"{}\"", target.name());

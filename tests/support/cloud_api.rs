@@ -70,6 +70,7 @@ pub struct Seen {
 pub struct CloudApi {
     pub addr: SocketAddr,
     delay: Arc<Mutex<std::time::Duration>>,
+    redirect: Arc<Mutex<Option<String>>>,
     pub seen: Arc<Mutex<Seen>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -83,6 +84,8 @@ impl Drop for CloudApi {
 struct Front {
     /// How long each answer is held: a slow API, so that callers at once overlap.
     delay: Arc<Mutex<std::time::Duration>>,
+    /// When set, every answer is a `307` to this URL (an endpoint that names another host).
+    redirect: Arc<Mutex<Option<String>>>,
     flavor: Flavor,
     existing: Arc<Mutex<BTreeSet<String>>>,
     seen: Arc<Mutex<Seen>>,
@@ -95,8 +98,10 @@ impl CloudApi {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let delay = Arc::new(Mutex::new(std::time::Duration::ZERO));
+        let redirect = Arc::new(Mutex::new(None));
         let front = Arc::new(Front {
             delay: delay.clone(),
+            redirect: redirect.clone(),
             flavor,
             existing,
             seen: seen.clone(),
@@ -121,6 +126,7 @@ impl CloudApi {
         CloudApi {
             addr,
             delay,
+            redirect,
             seen,
             task,
         }
@@ -128,6 +134,11 @@ impl CloudApi {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Answers every request from now on with a `307` to `url`.
+    pub fn redirect_to(&self, url: &str) {
+        *self.redirect.lock().unwrap() = Some(url.to_string());
     }
 
     /// Holds every answer this long from now on.
@@ -207,6 +218,14 @@ impl Front {
             .unwrap_or_default();
         let delay = *self.delay.lock().unwrap();
         tokio::time::sleep(delay).await;
+        if let Some(url) = self.redirect.lock().unwrap().clone() {
+            self.record("redirected".into());
+            return Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header("location", url)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+        }
         self.seen
             .lock()
             .unwrap()
