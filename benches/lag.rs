@@ -107,7 +107,8 @@ async fn main() {
     let spec = ConfigSpec::at(&harbor.url(), &work.path().join("state"))
         .with_fixed_ports()
         .target(TargetSpec::at("cloud", &cloud.url()).with("concurrency = 4"));
-    let _regtee = RegteeProcess::serve(&spec, work.path(), "regtee").await;
+    let regtee = RegteeProcess::serve(&spec, work.path(), "regtee").await;
+    let pids = [regtee.child.id(), harbor.pid(), cloud.pid(), std::process::id()];
     let proxy = format!("http://{}", spec.listen_addr());
     let admin = format!("http://{}", spec.admin_addr().unwrap());
     println!(
@@ -117,9 +118,14 @@ async fn main() {
         "{:<28} {:>9} {:>9} {:>9} {:>14} {:>14}",
         "", "p50 (ms)", "p99 (ms)", "max (ms)", "waiting p99", "copying p99"
     );
+    let mut busy = Vec::new();
     for (prefix, images, parallel) in [("eight", 16, 8), ("thirtytwo", 32, 32)] {
+        let (cpu_before, started) = (pids.map(cpu_seconds), std::time::Instant::now());
         burst(&proxy, prefix, images, parallel).await;
         let (total, waiting, copying) = lags(&admin, prefix, images).await;
+        let wall = started.elapsed().as_secs_f64();
+        let cpu: Vec<f64> = pids.iter().zip(cpu_before).map(|(p, b)| cpu_seconds(*p) - b).collect();
+        busy.push((images, parallel, wall, cpu));
         println!(
             "{:<28} {:>9} {:>9} {:>9} {:>14} {:>14}",
             format!("{images} images, {parallel} at a time"),
@@ -128,6 +134,17 @@ async fn main() {
             total.last().unwrap(),
             quantile(&waiting, 0.99),
             quantile(&copying, 0.99),
+        );
+    }
+    println!("\nCPU over each burst, from the first push to the last job's end (seconds):");
+    for (images, parallel, wall, cpu) in busy {
+        println!(
+            "{images} images, {parallel} at a time: wall {wall:.2}; regtee {:.2}, Harbor's registry {:.2}, the target's {:.2}, the pushing client {:.2}; {:.2} of 2 cores busy",
+            cpu[0],
+            cpu[1],
+            cpu[2],
+            cpu[3],
+            cpu.iter().sum::<f64>() / wall
         );
     }
 }
