@@ -108,7 +108,12 @@ async fn main() {
         .with_fixed_ports()
         .target(TargetSpec::at("cloud", &cloud.url()).with("concurrency = 4"));
     let regtee = RegteeProcess::serve(&spec, work.path(), "regtee").await;
-    let pids = [regtee.child.id(), harbor.pid(), cloud.pid(), std::process::id()];
+    let pids = [
+        regtee.child.id(),
+        harbor.pid(),
+        cloud.pid(),
+        std::process::id(),
+    ];
     let proxy = format!("http://{}", spec.listen_addr());
     let admin = format!("http://{}", spec.admin_addr().unwrap());
     println!(
@@ -124,7 +129,11 @@ async fn main() {
         burst(&proxy, prefix, images, parallel).await;
         let (total, waiting, copying) = lags(&admin, prefix, images).await;
         let wall = started.elapsed().as_secs_f64();
-        let cpu: Vec<f64> = pids.iter().zip(cpu_before).map(|(p, b)| cpu_seconds(*p) - b).collect();
+        let cpu: Vec<f64> = pids
+            .iter()
+            .zip(cpu_before)
+            .map(|(p, b)| cpu_seconds(*p) - b)
+            .collect();
         busy.push((images, parallel, wall, cpu));
         println!(
             "{:<28} {:>9} {:>9} {:>9} {:>14} {:>14}",
