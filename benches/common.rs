@@ -17,6 +17,7 @@ use hyper::body::Frame;
 use regtee::body::ProxyBody;
 use regtee::http_client::HttpClient;
 use regtee::local_process::LocalProcess;
+use regtee::local_registry::{LocalRegistry, RegistryOptions};
 
 /// A work directory in memory (`/dev/shm`) where the machine has it, for registry storage:
 /// docker-registry syncs every blob it writes, and the disk's flushes would be the figure
@@ -289,4 +290,43 @@ pub fn forget_blob_locations() {
             let _ = std::fs::remove_file(dir.join(file));
         }
     }
+}
+
+/// Starts a backfill of `project` through the admin API and long-polls it (`?wait=`, answered
+/// the moment it ends); its result, which must be `finished`.
+pub async fn backfill(client: &HttpClient, admin: &str, project: &str) -> serde_json::Value {
+    use http_body_util::BodyExt;
+    let json = |resp: http::Response<hyper::body::Incoming>| async move {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    let post = http::Request::post(format!("{admin}/api/v1/backfills"))
+        .header("content-type", "application/json")
+        .body(regtee::body::full(
+            serde_json::json!({"project": project}).to_string(),
+        ))
+        .unwrap();
+    let started = json(client.request(post).await.unwrap()).await;
+    let id = started["id"].as_u64().expect("a backfill id");
+    loop {
+        let get = http::Request::get(format!("{admin}/api/v1/backfills/{id}?wait=5"))
+            .body(regtee::body::empty())
+            .unwrap();
+        let progress = json(client.request(get).await.unwrap()).await;
+        if progress["state"] != "running" {
+            assert_eq!(progress["state"], "finished", "{progress}");
+            return progress;
+        }
+    }
+}
+
+/// Two plain local registries, `harbor` and `cloud`, under `dir`.
+pub async fn harbor_and_cloud(dir: &Path) -> (LocalRegistry, LocalRegistry) {
+    let harbor = LocalRegistry::start(&dir.join("harbor"), RegistryOptions::default())
+        .await
+        .expect("docker-registry is installed");
+    let cloud = LocalRegistry::start(&dir.join("cloud"), RegistryOptions::default())
+        .await
+        .unwrap();
+    (harbor, cloud)
 }

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use regtee::local_registry::{LocalRegistry, RegistryOptions, anonymous_client, sample_image};
+use regtee::local_registry::{anonymous_client, sample_image};
 
 const MIB: usize = 1024 * 1024;
 
@@ -98,12 +98,7 @@ async fn lags(admin: &str, prefix: &str, images: usize) -> (Vec<i64>, Vec<i64>, 
 #[tokio::main]
 async fn main() {
     let work = memory_work_dir();
-    let harbor = LocalRegistry::start(&work.path().join("harbor"), RegistryOptions::default())
-        .await
-        .expect("docker-registry is installed");
-    let cloud = LocalRegistry::start(&work.path().join("cloud"), RegistryOptions::default())
-        .await
-        .unwrap();
+    let (harbor, cloud) = harbor_and_cloud(work.path()).await;
     let spec = ConfigSpec::at(&harbor.url(), &work.path().join("state"))
         .with_fixed_ports()
         .target(TargetSpec::at("cloud", &cloud.url()).with("concurrency = 4"));

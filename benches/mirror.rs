@@ -14,18 +14,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use regtee::local_registry::{LocalRegistry, RegistryOptions, anonymous_client, sample_image};
+use regtee::local_registry::{anonymous_client, sample_image};
 
 #[tokio::main]
 async fn main() {
     regtee::tls::install_crypto_provider();
     let work = tempfile::tempdir().unwrap();
-    let harbor = LocalRegistry::start(&work.path().join("harbor"), RegistryOptions::default())
-        .await
-        .expect("docker-registry is installed");
-    let cloud = LocalRegistry::start(&work.path().join("cloud"), RegistryOptions::default())
-        .await
-        .unwrap();
+    let (harbor, cloud) = harbor_and_cloud(work.path()).await;
     let spec = ConfigSpec::at(&harbor.url(), &work.path().join("state"))
         .with_fixed_ports()
         .target(TargetSpec::at("cloud", &cloud.url()).with("concurrency = 4"));
@@ -201,38 +196,6 @@ async fn put_image(
         .unwrap();
     assert_eq!(client.request(put).await.unwrap().status(), 201);
     digest
-}
-
-/// Starts a backfill of `project` through the admin API and waits for its result.
-async fn backfill(
-    client: &regtee::http_client::HttpClient,
-    admin: &str,
-    project: &str,
-) -> serde_json::Value {
-    use http_body_util::BodyExt;
-    let json = |resp: http::Response<hyper::body::Incoming>| async move {
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
-    };
-    let post = http::Request::post(format!("{admin}/api/v1/backfills"))
-        .header("content-type", "application/json")
-        .body(regtee::body::full(
-            serde_json::json!({"project": project}).to_string(),
-        ))
-        .unwrap();
-    let started = json(client.request(post).await.unwrap()).await;
-    let id = started["id"].as_u64().expect("a backfill id");
-    loop {
-        let get = http::Request::get(format!("{admin}/api/v1/backfills/{id}"))
-            .body(regtee::body::empty())
-            .unwrap();
-        let progress = json(client.request(get).await.unwrap()).await;
-        if progress["state"] != "running" {
-            assert_eq!(progress["state"], "finished", "{progress}");
-            return progress;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 /// Waits until `repo:tag` on `registry` is `digest`.

@@ -11,7 +11,6 @@ mod common;
 use std::time::Instant;
 
 use common::*;
-use regtee::local_registry::{LocalRegistry, RegistryOptions};
 
 const REPOSITORIES: usize = 50;
 const TAGS_PER_REPOSITORY: usize = 2;
@@ -20,12 +19,7 @@ const TAGS_PER_REPOSITORY: usize = 2;
 async fn main() {
     regtee::tls::install_crypto_provider();
     let work = tempfile::tempdir().unwrap();
-    let harbor = LocalRegistry::start(&work.path().join("harbor"), RegistryOptions::default())
-        .await
-        .expect("docker-registry is installed");
-    let cloud = LocalRegistry::start(&work.path().join("cloud"), RegistryOptions::default())
-        .await
-        .unwrap();
+    let (harbor, cloud) = harbor_and_cloud(work.path()).await;
     let spec = ConfigSpec::at(&harbor.url(), &work.path().join("state"))
         .with_fixed_ports()
         .target(TargetSpec::at("cloud", &cloud.url()).with("concurrency = 8"));
@@ -96,7 +90,7 @@ async fn main() {
     runs.sort();
     let median = runs[runs.len() / 2];
     let started = Instant::now();
-    let done = backfill_via_api(&client, &admin, "proj").await;
+    let done = backfill(&client, &admin, "proj").await;
     let server = started.elapsed();
     assert_eq!(done["in_sync"], tags, "{done}");
     println!(
@@ -122,34 +116,4 @@ async fn main() {
     println!(
         "  regsync once (issue 25, same shape, a machine like this): 170 ms; the target is 85 ms"
     );
-}
-
-/// Starts a backfill of `project` and long-polls it to its end.
-async fn backfill_via_api(
-    client: &regtee::http_client::HttpClient,
-    admin: &str,
-    project: &str,
-) -> serde_json::Value {
-    use http_body_util::BodyExt;
-    let json = |resp: http::Response<hyper::body::Incoming>| async move {
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
-    };
-    let post = http::Request::post(format!("{admin}/api/v1/backfills"))
-        .header("content-type", "application/json")
-        .body(regtee::body::full(
-            serde_json::json!({"project": project}).to_string(),
-        ))
-        .unwrap();
-    let started = json(client.request(post).await.unwrap()).await;
-    let id = started["id"].as_u64().expect("a backfill id");
-    loop {
-        let get = http::Request::get(format!("{admin}/api/v1/backfills/{id}?wait=5"))
-            .body(regtee::body::empty())
-            .unwrap();
-        let progress = json(client.request(get).await.unwrap()).await;
-        if progress["state"] != "running" {
-            return progress;
-        }
-    }
 }

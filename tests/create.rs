@@ -17,6 +17,48 @@ const TCR_KEY: &str = "tcr-secret-Gu5t9xGARNpq86cd98-regtee";
 const SWR_AK: &str = "QTWAOYTTINDUT2QVKYUC";
 const SWR_SK: &str = "swr-secret-MFyfvK41ba2giqM7Uio6Pz-regtee";
 
+/// A TCR target's `create_missing` lines (the key's secret half left to `more`), and `more`.
+fn tcr_lines(more: &[&str]) -> Vec<String> {
+    let mut lines = vec![
+        "create_missing = \"namespaces\"".to_string(),
+        "provider = \"tcr\"".into(),
+        "region = \"ap-guangzhou\"".into(),
+        "registry_id = \"tcr-regtee01\"".into(),
+        format!("access_key = \"{TCR_ID}\""),
+    ];
+    lines.extend(more.iter().map(|l| l.to_string()));
+    lines
+}
+
+/// An SWR target's `create_missing` lines with its key pair, and `more`.
+fn swr_lines(more: &[&str]) -> Vec<String> {
+    let mut lines = vec![
+        "create_missing = \"namespaces\"".to_string(),
+        "provider = \"swr\"".into(),
+        "region = \"cn-north-4\"".into(),
+        format!("access_key = \"{SWR_AK}\""),
+        format!("secret_key = \"{SWR_SK}\""),
+    ];
+    lines.extend(more.iter().map(|l| l.to_string()));
+    lines
+}
+
+/// The SWR API front, accepting the test's key pair.
+fn swr_flavor() -> Flavor {
+    Flavor::Swr {
+        access_key: SWR_AK.into(),
+        secret_key: SWR_SK.into(),
+    }
+}
+
+/// The TCR API front, accepting the test's key pair.
+fn tcr_flavor() -> Flavor {
+    Flavor::Tcr {
+        secret_id: TCR_ID.into(),
+        secret_key: TCR_KEY.into(),
+    }
+}
+
 /// Harbor, a cloud registry behind a fault front with `quirk`, its API front, and the
 /// target's config lines (`namespaces`, `create_missing`, the provider's settings).
 struct Setup {
@@ -155,19 +197,8 @@ async fn ecr_repositories_are_created_once_with_the_configured_settings_and_then
 async fn twenty_pushes_under_one_missing_tcr_namespace_create_it_once_and_log_it_once() {
     let s = Setup::start(
         Quirk::NamespacesMustExist(NamespaceRefusal::Harbor),
-        Flavor::Tcr {
-            secret_id: TCR_ID.into(),
-            secret_key: TCR_KEY.into(),
-        },
-        &[
-            "create_missing = \"namespaces\"".into(),
-            "provider = \"tcr\"".into(),
-            "region = \"ap-guangzhou\"".into(),
-            "registry_id = \"tcr-regtee01\"".into(),
-            format!("access_key = \"{TCR_ID}\""),
-            "secret_key_env = \"TCR_API_SECRET\"".into(),
-            "concurrency = 8".into(),
-        ],
+        tcr_flavor(),
+        &tcr_lines(&["secret_key_env = \"TCR_API_SECRET\"", "concurrency = 8"]),
     )
     .await;
     let mut spec = s.spec.clone().with_fixed_ports();
@@ -214,18 +245,8 @@ async fn twenty_pushes_under_one_missing_tcr_namespace_create_it_once_and_log_it
 async fn a_wrong_api_key_fails_the_job_at_once_naming_the_fix_and_creates_nothing() {
     let s = Setup::start(
         Quirk::NamespacesMustExist(NamespaceRefusal::Harbor),
-        Flavor::Tcr {
-            secret_id: TCR_ID.into(),
-            secret_key: TCR_KEY.into(),
-        },
-        &[
-            "create_missing = \"namespaces\"".into(),
-            "provider = \"tcr\"".into(),
-            "region = \"ap-guangzhou\"".into(),
-            "registry_id = \"tcr-regtee01\"".into(),
-            format!("access_key = \"{TCR_ID}\""),
-            "secret_key = \"not-the-secret-key-0042\"".into(),
-        ],
+        tcr_flavor(),
+        &tcr_lines(&["secret_key = \"not-the-secret-key-0042\""]),
     )
     .await;
     let regtee = Regtee::start(&s.spec).await;
@@ -248,17 +269,8 @@ async fn a_wrong_api_key_fails_the_job_at_once_naming_the_fix_and_creates_nothin
 async fn swr_organizations_are_created_and_check_and_dry_run_say_what_would_be() {
     let s = Setup::start(
         Quirk::NamespacesMustExist(NamespaceRefusal::Denied),
-        Flavor::Swr {
-            access_key: SWR_AK.into(),
-            secret_key: SWR_SK.into(),
-        },
-        &[
-            "create_missing = \"namespaces\"".into(),
-            "provider = \"swr\"".into(),
-            "region = \"cn-north-4\"".into(),
-            format!("access_key = \"{SWR_AK}\""),
-            format!("secret_key = \"{SWR_SK}\""),
-        ],
+        swr_flavor(),
+        &swr_lines(&[]),
     )
     .await;
     // regtee at once on its fixed ports (nothing else takes them meanwhile), and an image
@@ -305,18 +317,8 @@ async fn swr_organizations_are_created_and_check_and_dry_run_say_what_would_be()
 async fn two_replicas_on_postgresql_create_a_missing_namespace_once_between_them() {
     let s = Setup::start(
         Quirk::NamespacesMustExist(NamespaceRefusal::Denied),
-        Flavor::Swr {
-            access_key: SWR_AK.into(),
-            secret_key: SWR_SK.into(),
-        },
-        &[
-            "create_missing = \"namespaces\"".into(),
-            "provider = \"swr\"".into(),
-            "region = \"cn-north-4\"".into(),
-            format!("access_key = \"{SWR_AK}\""),
-            format!("secret_key = \"{SWR_SK}\""),
-            "concurrency = 8".into(),
-        ],
+        swr_flavor(),
+        &swr_lines(&["concurrency = 8"]),
     )
     .await;
     // Each API answer takes 300 ms: both replicas are inside "is it there? then create" at once.
@@ -490,19 +492,8 @@ async fn with_no_key_configured_ecr_takes_the_instance_roles_key_from_imdsv2() {
 async fn an_api_that_redirects_elsewhere_gets_no_request_followed_and_the_job_names_api_url() {
     let s = Setup::start(
         Quirk::NamespacesMustExist(NamespaceRefusal::Harbor),
-        Flavor::Tcr {
-            secret_id: TCR_ID.into(),
-            secret_key: TCR_KEY.into(),
-        },
-        &[
-            "create_missing = \"namespaces\"".into(),
-            "provider = \"tcr\"".into(),
-            "region = \"ap-guangzhou\"".into(),
-            "registry_id = \"tcr-regtee01\"".into(),
-            format!("access_key = \"{TCR_ID}\""),
-            format!("secret_key = \"{TCR_KEY}\""),
-            "max_attempts = 1".into(),
-        ],
+        tcr_flavor(),
+        &tcr_lines(&[&format!("secret_key = \"{TCR_KEY}\""), "max_attempts = 1"]),
     )
     .await;
     let elsewhere = crate::support::recorder::Recorder::start().await;
@@ -533,31 +524,15 @@ async fn an_api_that_redirects_elsewhere_gets_no_request_followed_and_the_job_na
 async fn a_namespace_the_api_says_exists_but_the_registry_refuses_fails_once_saying_so() {
     let s = Setup::start(
         Quirk::NamespacesMustExist(NamespaceRefusal::Denied),
-        Flavor::Swr {
-            access_key: SWR_AK.into(),
-            secret_key: SWR_SK.into(),
-        },
-        &[
-            "create_missing = \"namespaces\"".into(),
-            "provider = \"swr\"".into(),
-            "region = \"cn-north-4\"".into(),
-            format!("access_key = \"{SWR_AK}\""),
-            format!("secret_key = \"{SWR_SK}\""),
-        ],
+        swr_flavor(),
+        &swr_lines(&[]),
     )
     .await;
     // An API whose account sees the organization, while the registry refuses regtee's login
     // there (another account's organization, or no push rights on it).
     let elsewhere: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> =
         std::sync::Arc::new(std::sync::Mutex::new(["prod-lib".to_string()].into()));
-    let api = CloudApi::start(
-        Flavor::Swr {
-            access_key: SWR_AK.into(),
-            secret_key: SWR_SK.into(),
-        },
-        elsewhere,
-    )
-    .await;
+    let api = CloudApi::start(swr_flavor(), elsewhere).await;
     let mut spec = s.spec.clone();
     spec.targets[0].extra = spec.targets[0].extra.replace(&s.api.url(), &api.url());
     let regtee = Regtee::start(&spec).await;

@@ -65,6 +65,20 @@ impl std::fmt::Display for ApiErrorKind {
     }
 }
 
+impl ApiErrorKind {
+    /// What an HTTP status says, for APIs that answer errors by status (Harbor's, SWR's and the
+    /// API gateway in front of it): `401` the key, `403` the permission, `429`, `5xx`.
+    pub(crate) fn of_status(status: StatusCode, text: String) -> ApiErrorKind {
+        match status {
+            StatusCode::UNAUTHORIZED => ApiErrorKind::Credentials(text),
+            StatusCode::FORBIDDEN => ApiErrorKind::Denied(text),
+            StatusCode::TOO_MANY_REQUESTS => ApiErrorKind::Throttled(text),
+            s if s.is_server_error() => ApiErrorKind::Server(text),
+            _ => ApiErrorKind::Rejected(text),
+        }
+    }
+}
+
 impl ApiError {
     pub(crate) fn new(provider: Provider, operation: &str, kind: ApiErrorKind) -> ApiError {
         ApiError {

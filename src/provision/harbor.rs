@@ -53,14 +53,11 @@ impl Harbor {
         let json = answer.json();
         let message = json["errors"][0]["message"].as_str().unwrap_or_default();
         let text = shown(&format!("{} {message}", answer.status.as_u16()));
-        let kind = match answer.status {
-            StatusCode::UNAUTHORIZED => ApiErrorKind::Credentials(text),
-            StatusCode::FORBIDDEN => ApiErrorKind::Denied(text),
-            StatusCode::TOO_MANY_REQUESTS => ApiErrorKind::Throttled(text),
-            s if s.is_server_error() => ApiErrorKind::Server(text),
-            _ => ApiErrorKind::Rejected(text),
-        };
-        ApiError::new(Provider::Harbor, operation, kind)
+        ApiError::new(
+            Provider::Harbor,
+            operation,
+            ApiErrorKind::of_status(answer.status, text),
+        )
     }
 
     /// Whether project `name` exists.

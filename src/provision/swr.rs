@@ -110,14 +110,11 @@ impl Swr {
             .or(json["error_msg"].as_str())
             .unwrap_or_default();
         let text = shown(&format!("{} {code}: {message}", answer.status.as_u16()));
-        let kind = match answer.status {
-            StatusCode::UNAUTHORIZED => ApiErrorKind::Credentials(text),
-            StatusCode::FORBIDDEN => ApiErrorKind::Denied(text),
-            StatusCode::TOO_MANY_REQUESTS => ApiErrorKind::Throttled(text),
-            s if s.is_server_error() => ApiErrorKind::Server(text),
-            _ => ApiErrorKind::Rejected(text),
-        };
-        ApiError::new(Provider::Swr, operation, kind)
+        ApiError::new(
+            Provider::Swr,
+            operation,
+            ApiErrorKind::of_status(answer.status, text),
+        )
     }
 
     /// Whether organization `name` exists.

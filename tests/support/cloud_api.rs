@@ -106,22 +106,9 @@ impl CloudApi {
             existing,
             seen: seen.clone(),
         });
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let front = front.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let front = front.clone();
-                        async move { Ok::<_, Infallible>(front.handle(req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = serve(listener, move |req| {
+            let front = front.clone();
+            async move { front.handle(req).await }
         });
         CloudApi {
             addr,
@@ -155,6 +142,31 @@ impl CloudApi {
     pub fn all_calls(&self) -> Vec<String> {
         self.seen.lock().unwrap().calls.clone()
     }
+}
+
+/// Serves every connection on `listener` with `handle`, until the returned task is aborted.
+fn serve<H, F>(listener: tokio::net::TcpListener, handle: H) -> tokio::task::JoinHandle<()>
+where
+    H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let answer = handle(req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
@@ -658,6 +670,44 @@ impl Drop for Imds {
     }
 }
 
+/// What the instance metadata service answers.
+struct ImdsAnswers {
+    role: String,
+    credentials: String,
+    gets_without_token: Arc<Mutex<u32>>,
+}
+
+impl ImdsAnswers {
+    fn answer(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let text = |status: StatusCode, body: String| {
+            Response::builder()
+                .status(status)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
+        };
+        let path = req.uri().path();
+        let roles = "/latest/meta-data/iam/security-credentials/";
+        if req.method() == http::Method::PUT && path == "/latest/api/token" {
+            return match req
+                .headers()
+                .contains_key("x-aws-ec2-metadata-token-ttl-seconds")
+            {
+                true => text(StatusCode::OK, "imds-session-token".into()),
+                false => text(StatusCode::BAD_REQUEST, String::new()),
+            };
+        }
+        if header(req.headers(), "x-aws-ec2-metadata-token") != "imds-session-token" {
+            *self.gets_without_token.lock().unwrap() += 1;
+            return text(StatusCode::UNAUTHORIZED, String::new());
+        }
+        match path.strip_prefix(roles) {
+            Some("") => text(StatusCode::OK, self.role.clone()),
+            Some(role) if role == self.role => text(StatusCode::OK, self.credentials.clone()),
+            _ => text(StatusCode::NOT_FOUND, String::new()),
+        }
+    }
+}
+
 impl Imds {
     pub async fn start(role: &str, key_id: &str, secret: &str, session_token: &str) -> Imds {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -669,59 +719,14 @@ impl Imds {
             "Expiration": "2099-01-01T00:00:00Z", "LastUpdated": "2026-01-01T00:00:00Z",
         })
         .to_string();
-        let (role, counter) = (role.to_string(), gets_without_token.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (role, credentials, counter) =
-                    (role.clone(), credentials.clone(), counter.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (role, credentials, counter) =
-                            (role.clone(), credentials.clone(), counter.clone());
-                        async move {
-                            let text = |status: StatusCode, body: String| {
-                                Response::builder()
-                                    .status(status)
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap()
-                            };
-                            let path = req.uri().path().to_string();
-                            let answer = if req.method() == http::Method::PUT
-                                && path == "/latest/api/token"
-                            {
-                                if req
-                                    .headers()
-                                    .contains_key("x-aws-ec2-metadata-token-ttl-seconds")
-                                {
-                                    text(StatusCode::OK, "imds-session-token".into())
-                                } else {
-                                    text(StatusCode::BAD_REQUEST, String::new())
-                                }
-                            } else if header(req.headers(), "x-aws-ec2-metadata-token")
-                                != "imds-session-token"
-                            {
-                                *counter.lock().unwrap() += 1;
-                                text(StatusCode::UNAUTHORIZED, String::new())
-                            } else if path == "/latest/meta-data/iam/security-credentials/" {
-                                text(StatusCode::OK, role.clone())
-                            } else if path
-                                == format!("/latest/meta-data/iam/security-credentials/{role}")
-                            {
-                                text(StatusCode::OK, credentials)
-                            } else {
-                                text(StatusCode::NOT_FOUND, String::new())
-                            };
-                            Ok::<_, Infallible>(answer)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let answers = Arc::new(ImdsAnswers {
+            role: role.to_string(),
+            credentials,
+            gets_without_token: gets_without_token.clone(),
+        });
+        let task = serve(listener, move |req| {
+            let answers = answers.clone();
+            async move { answers.answer(&req) }
         });
         Imds {
             addr,

@@ -441,17 +441,7 @@ impl State {
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let credentials = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Basic "))
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-            .and_then(|b| String::from_utf8(b).ok())
-            .and_then(|s| {
-                s.split_once(':')
-                    .map(|(u, p)| (u.to_string(), p.to_string()))
-            });
+        let credentials = basic_credentials(&req);
         let (status, body) = self.decide(req.uri().path(), credentials.as_ref(), &scopes);
         self.seen.lock().unwrap().push(SeenRequest {
             account: credentials.map(|(u, _)| u),
@@ -459,13 +449,7 @@ impl State {
             forwarded_for,
             status: status.as_u16(),
         });
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            "application/json".parse().unwrap(),
-        );
-        r
+        json_answer(status, body)
     }
 
     fn decide(
