@@ -525,19 +525,33 @@ fn the_demo_mirrors_a_push_and_serves_the_second_pull_from_the_cache() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_recheck_of_an_in_sync_project_reads_harbor_a_page_at_a_time_and_heads_the_target_once_per_tag()
+async fn a_recheck_of_an_in_sync_project_lists_harbor_and_a_harbor_target_a_page_at_a_time_and_heads_a_plain_target_once_per_tag()
  {
     use crate::support::fault::FaultFront;
     let work = tempfile::tempdir().unwrap();
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
     let front = FaultFront::start(&cloud.url()).await;
+    // A second Harbor as a target, as TCR Enterprise is one: its own nginx, token service and
+    // artifact API, reached with its own login.
+    let harbor_target = start_harbor(&work.path().join("harbor-target")).await;
     let spec = ConfigSpec::new(&harbor, &work.path().join("state"))
-        .target(TargetSpec::at("tcr", &front.url()));
+        .target(TargetSpec::at("tcr", &front.url()))
+        .target(
+            TargetSpec::at("tcr-ee", &harbor_target.url()).login(&format!(
+                "username = \"{DEV_USER}\"\npassword = \"{DEV_PASSWORD}\"\nca_file = \"{}\"\n",
+                harbor_target.ca_file().unwrap().display()
+            )),
+        );
     let regtee = Regtee::start(&spec).await;
     let mut layout = Layout::new(&work.path().join("layout"));
     let imgs = images(&mut layout, 3);
     let target = cloud.client(CLOUD_USER, CLOUD_PASSWORD);
+    // Straight to its registry: the test's own HEADs stay out of the nginx log counted below.
+    let other_target = client_for(
+        &harbor_target.registry.url(),
+        Some((DEV_USER, DEV_PASSWORD)),
+    );
     for (i, image) in imgs.iter().enumerate() {
         for tag in ["1", "2"] {
             let repo_tag = format!("library/r{i}:{tag}");
@@ -549,12 +563,14 @@ async fn a_recheck_of_an_in_sync_project_reads_harbor_a_page_at_a_time_and_heads
                 Tls::Off,
             );
             wait_for_manifest(&target, &format!("library/r{i}"), tag, &image.digest).await;
+            wait_for_manifest(&other_target, &format!("library/r{i}"), tag, &image.digest).await;
         }
     }
     let tags = 6;
 
-    // What Harbor's nginx and the target's front see of one re-check, nothing else running.
-    let harbor_heads = || {
+    // What the two Harbors' nginx and the plain target's front see of one re-check, nothing
+    // else running.
+    let heads = |harbor: &AuthRegistry| {
         harbor
             .front
             .as_ref()
@@ -564,7 +580,7 @@ async fn a_recheck_of_an_in_sync_project_reads_harbor_a_page_at_a_time_and_heads
             .filter(|l| l.contains("\"HEAD /v2/library/r") && l.contains("/manifests/"))
             .count()
     };
-    let artifact_lists = || {
+    let artifact_lists = |harbor: &AuthRegistry| {
         harbor
             .front
             .as_ref()
@@ -578,7 +594,9 @@ async fn a_recheck_of_an_in_sync_project_reads_harbor_a_page_at_a_time_and_heads
             .count()
     };
     let (heads_before, lists_before, target_before) =
-        (harbor_heads(), artifact_lists(), front.requests());
+        (heads(&harbor), artifact_lists(&harbor), front.requests());
+    let (other_heads_before, other_lists_before) =
+        (heads(&harbor_target), artifact_lists(&harbor_target));
     let (status, body) = http_request(
         &regtee.admin_url("/api/v1/backfills"),
         "POST",
@@ -592,29 +610,44 @@ async fn a_recheck_of_an_in_sync_project_reads_harbor_a_page_at_a_time_and_heads
         .unwrap();
     let progress = admin_get(&regtee, &format!("/api/v1/backfills/{id}?wait=30")).await;
     assert_eq!(progress["state"], "finished", "{progress}");
-    assert_eq!(progress["in_sync"], tags, "{progress}");
+    assert_eq!(progress["in_sync"], 2 * tags, "{progress}");
     // Harbor's artifact list gives every tag's digest, a page of 100 artifacts per request:
-    // one request per repository here, and no manifest HEAD.
-    let lists = wait_until(
-        "Harbor's log of the re-check",
-        Duration::from_secs(10),
-        || async {
-            let n = artifact_lists() - lists_before;
-            (n >= imgs.len()).then_some(n)
-        },
-    )
-    .await;
-    assert_eq!(lists, imgs.len(), "one artifact list per repository");
-    assert_eq!(
-        harbor_heads() - heads_before,
-        0,
-        "no manifest HEAD on Harbor"
-    );
+    // one request per repository here, and no manifest HEAD, on either Harbor.
+    for (side, harbor, lists_before, heads_before) in [
+        ("Harbor", &harbor, lists_before, heads_before),
+        (
+            "the Harbor target",
+            &harbor_target,
+            other_lists_before,
+            other_heads_before,
+        ),
+    ] {
+        let lists = wait_until(
+            &format!("{side}'s log of the re-check"),
+            Duration::from_secs(10),
+            || async {
+                let n = artifact_lists(harbor) - lists_before;
+                (n >= imgs.len()).then_some(n)
+            },
+        )
+        .await;
+        assert_eq!(
+            lists,
+            imgs.len(),
+            "one artifact list per repository on {side}"
+        );
+        assert_eq!(
+            heads(harbor) - heads_before,
+            0,
+            "no manifest HEAD on {side}"
+        );
+    }
     let on_target = front.requests() - target_before;
-    // One HEAD per tag, and at most the version check that learns the target's challenge.
+    // The plain target: one HEAD per tag, one artifact list that it answers 404 (it is asked
+    // once), and at most the version check that learns its challenge.
     assert!(
-        (tags..=tags + 1).contains(&(on_target as usize)),
-        "{on_target} requests to the target for {tags} tags"
+        (tags + 1..=tags + 2).contains(&(on_target as usize)),
+        "{on_target} requests to the plain target for {tags} tags"
     );
     regtee.stop().await;
 }

@@ -2,7 +2,7 @@
 //!
 //! One comparison serves four features: `regtee sync` (backfill a project), the periodic
 //! reconcile, `regtee diff` (the cutover report) and the per-repository status API. It uses
-//! HEAD requests only, so a project already in sync finishes fast.
+//! listings and HEAD requests only, so a project already in sync finishes fast.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -192,17 +192,18 @@ pub(crate) async fn compare_tag(
     repository: &RepositoryName,
     tag: &Tag,
 ) -> TagRow {
-    compare_tag_knowing(upstream, targets, repository, tag, None).await
+    compare_tag_knowing(upstream, targets, repository, tag, None, &[]).await
 }
 
-/// Compares one tag with each target; Harbor's digest is asked for unless `harbor` says it (a
-/// listing that gave it just now).
+/// Compares one tag with each target. A side's digest is asked for with a HEAD unless a listing
+/// of that side gave it just now: `harbor` for Harbor, `listed[i]` for `targets[i]`.
 async fn compare_tag_knowing(
     upstream: &RegistryClient,
     targets: &[Arc<Target>],
     repository: &RepositoryName,
     tag: &Tag,
     harbor: Option<Digest>,
+    listed: &[TargetListing],
 ) -> TagRow {
     let mut row = TagRow {
         repository: repository.clone(),
@@ -213,16 +214,23 @@ async fn compare_tag_knowing(
     };
     let (repository, tag) = (repository.as_str(), tag.as_str());
     // Harbor and every target are asked at once: a tag costs one round trip, not 1 + targets.
-    let on_targets = targets.iter().map(|target| async move {
+    let on_targets = targets.iter().enumerate().map(|(i, target)| async move {
         let policy = &target.config.policy;
         let wanted = policy.wants_repository(repository) && policy.wants_tag(tag);
         let target_repo = policy.target_repository(repository);
-        let head = if wanted {
-            Some(target.client.manifest_head(&target_repo, tag).await)
-        } else {
-            None
+        let digest = match listed.get(i).and_then(Option::as_ref) {
+            _ if !wanted => None,
+            // A tag the target's listing leaves out is not there.
+            Some(listing) => Some(Ok(listing.get(tag).cloned())),
+            None => Some(
+                target
+                    .client
+                    .manifest_head(&target_repo, tag)
+                    .await
+                    .map(|head| head.map(|h| h.digest)),
+            ),
         };
-        (target, target_repo, head)
+        (target, target_repo, digest)
     });
     let on_harbor = async {
         match harbor {
@@ -242,17 +250,17 @@ async fn compare_tag_knowing(
             return row;
         }
     }
-    for (target, target_repo, head) in on_targets {
+    for (target, target_repo, digest) in on_targets {
         let mut view = TargetView {
             target: target.name().to_string(),
             repository: target_repo,
             digest: None,
             status: TagStatus::NotMirrored,
         };
-        match head {
+        match digest {
             None => {}
-            Some(Ok(head)) => {
-                view.digest = head.map(|h| h.digest);
+            Some(Ok(digest)) => {
+                view.digest = digest;
                 view.status = match (&view.digest, &row.harbor) {
                     (None, _) => TagStatus::Missing,
                     (Some(t), Some(h)) if t == h => TagStatus::InSync,
@@ -290,30 +298,43 @@ pub(crate) async fn compare_project(
     // Tag listings run a few repositories ahead, and the comparisons of every listed tag share
     // one pool: a project of many small repositories is not one round trip per repository
     // after another.
-    // Cleared when Harbor's artifact API is not there: plain registries get no further asks.
-    let harbor_api = std::sync::atomic::AtomicBool::new(true);
+    // Whether each side serves Harbor's artifact list, learnt from its first listing: a plain
+    // registry is asked once per comparison, not once per repository.
+    let harbor_api = ArtifactApi::default();
+    let target_apis: Vec<ArtifactApi> = targets.iter().map(|_| ArtifactApi::default()).collect();
     let mut unlisted = repositories.iter();
     let mut listings = futures_util::stream::FuturesOrdered::new();
-    let mut waiting: std::collections::VecDeque<(&RepositoryName, Tag, Option<Digest>)> =
-        Default::default();
+    let mut waiting: std::collections::VecDeque<Listed> = Default::default();
     let mut unfinished: std::collections::HashMap<&RepositoryName, usize> = Default::default();
     let mut comparing = futures_util::stream::FuturesUnordered::new();
     loop {
         while listings.len() < LISTINGS_AHEAD
             && let Some(repository) = unlisted.next()
         {
-            let harbor_api = &harbor_api;
+            let (harbor_api, target_apis) = (&harbor_api, &target_apis);
             listings.push_back(async move {
-                (repository, list(upstream, repository, harbor_api).await)
+                // Both sides at once: a repository's listings cost one round trip.
+                let (on_harbor, on_targets) = futures_util::future::join(
+                    list(upstream, repository, harbor_api),
+                    list_targets(targets, target_apis, repository),
+                )
+                .await;
+                (repository, on_harbor, on_targets)
             });
         }
         while comparing.len() < COMPARE_PARALLELISM
-            && let Some((repository, tag, harbor)) = waiting.pop_front()
+            && let Some(Listed {
+                repository,
+                tag,
+                harbor,
+                on_targets,
+            }) = waiting.pop_front()
         {
             comparing.push(async move {
                 (
                     repository,
-                    compare_tag_knowing(upstream, targets, repository, &tag, harbor).await,
+                    compare_tag_knowing(upstream, targets, repository, &tag, harbor, &on_targets)
+                        .await,
                 )
             });
         }
@@ -323,19 +344,23 @@ pub(crate) async fn compare_project(
         tokio::select! {
             Some(listed) = listings.next(), if !listings.is_empty() && waiting.len() < COMPARE_PARALLELISM => {
                 match listed {
-                    (repository, Ok(listed)) => {
+                    (repository, Ok(listed), on_targets) => {
                         let tags = usable(listed, &mut on_progress);
                         on_progress(ProjectEvent::Tags(tags.len()));
                         if tags.is_empty() {
                             on_progress(ProjectEvent::RepositoryDone);
                         } else {
                             unfinished.insert(repository, tags.len());
-                            waiting.extend(
-                                tags.into_iter().map(|(tag, digest)| (repository, tag, digest)),
-                            );
+                            let on_targets = Arc::new(on_targets);
+                            waiting.extend(tags.into_iter().map(|(tag, harbor)| Listed {
+                                repository,
+                                tag,
+                                harbor,
+                                on_targets: on_targets.clone(),
+                            }));
                         }
                     }
-                    (_, Err(e)) => on_progress(ProjectEvent::Error(e.to_string())),
+                    (_, Err(e), _) => on_progress(ProjectEvent::Error(e.to_string())),
                 }
             }
             Some((repository, row)) = comparing.next(), if !comparing.is_empty() => {
@@ -359,16 +384,10 @@ pub(crate) async fn compare_project(
 async fn list(
     upstream: &RegistryClient,
     repository: &RepositoryName,
-    harbor_api: &std::sync::atomic::AtomicBool,
+    harbor_api: &ArtifactApi,
 ) -> Result<Vec<(String, Option<String>)>, RegistryError> {
-    use std::sync::atomic::Ordering::Relaxed;
-    if harbor_api.load(Relaxed) {
-        match upstream.harbor_tag_digests(repository.as_str()).await? {
-            Some(pairs) => {
-                return Ok(pairs.into_iter().map(|(t, d)| (t, Some(d))).collect());
-            }
-            None => harbor_api.store(false, Relaxed),
-        }
+    if let Some(pairs) = harbor_api.list(upstream, repository.as_str()).await? {
+        return Ok(pairs.into_iter().map(|(t, d)| (t, Some(d))).collect());
     }
     Ok(upstream
         .tags(repository.as_str())
@@ -376,6 +395,76 @@ async fn list(
         .into_iter()
         .map(|t| (t, None))
         .collect())
+}
+
+/// A listed tag waiting for its comparison, with what the listings said of it.
+struct Listed<'a> {
+    repository: &'a RepositoryName,
+    tag: Tag,
+    /// Harbor's digest, when Harbor's listing gave it.
+    harbor: Option<Digest>,
+    /// Each target's listing of the repository.
+    on_targets: Arc<Vec<TargetListing>>,
+}
+
+/// Every tag of a repository on one target with its digest, from that target's own listing (a
+/// tag it leaves out is not there); `None` when the target has no such listing, so each tag
+/// takes a HEAD.
+type TargetListing = Option<std::collections::HashMap<String, Digest>>;
+
+/// Whether a registry serves Harbor's artifact list, as its first answer in this comparison
+/// said. Harbor has it, and so does a target that is Harbor (TCR Enterprise is built on it);
+/// a plain registry answers 404 once and is not asked again.
+#[derive(Default)]
+struct ArtifactApi(tokio::sync::OnceCell<bool>);
+
+impl ArtifactApi {
+    /// `repository`'s tags and digests from the artifact list, or `None` without one. The
+    /// first call learns whether there is one while the others wait for its answer.
+    async fn list(
+        &self,
+        client: &RegistryClient,
+        repository: &str,
+    ) -> Result<Option<Vec<(String, String)>>, RegistryError> {
+        let mut first = None;
+        let served = *self
+            .0
+            .get_or_init(|| async {
+                let answer = client.harbor_tag_digests(repository).await;
+                let served = matches!(answer, Ok(Some(_)));
+                first = Some(answer);
+                served
+            })
+            .await;
+        match first {
+            Some(answer) => answer,
+            None if served => client.harbor_tag_digests(repository).await,
+            None => Ok(None),
+        }
+    }
+}
+
+/// Each target's listing of `repository` (mapped to its name there), where the target serves
+/// one. Anything else, an error or an unreadable digest included, leaves that target to HEADs.
+async fn list_targets(
+    targets: &[Arc<Target>],
+    apis: &[ArtifactApi],
+    repository: &RepositoryName,
+) -> Vec<TargetListing> {
+    let listings = targets.iter().zip(apis).map(|(target, api)| async move {
+        let policy = &target.config.policy;
+        if !policy.wants_repository(repository.as_str()) {
+            return None;
+        }
+        let there = policy.target_repository(repository.as_str());
+        let pairs = api.list(&target.client, &there).await.ok()??;
+        // A listing with a digest regtee cannot read is not used at all.
+        pairs
+            .into_iter()
+            .map(|(tag, digest)| Some((tag, digest.parse().ok()?)))
+            .collect()
+    });
+    futures_util::future::join_all(listings).await
 }
 
 /// The tags (and digests) of a listing regtee can use; each other one is reported as an error.
