@@ -183,12 +183,25 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// nginx in front of `upstream` on `port`, one worker, configured as a registry proxy should be;
 /// logging each request to `dir/access.log` when `access_log`.
 pub fn start_nginx(dir: &Path, port: u16, upstream: &str, access_log: bool) -> (LocalProcess, u32) {
+    start_nginx_with_core(dir, port, upstream, None, access_log)
+}
+
+/// As [`start_nginx`], and `/api/` to Harbor's core at `core` when there is one, as Harbor's
+/// nginx routes it.
+pub fn start_nginx_with_core(
+    dir: &Path,
+    port: u16,
+    upstream: &str,
+    core: Option<std::net::SocketAddr>,
+    access_log: bool,
+) -> (LocalProcess, u32) {
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
-            "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {log};\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  upstream registry {{ server {up}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    client_max_body_size 0;\n    chunked_transfer_encoding on;\n    location / {{\n      proxy_pass http://registry;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $http_host;\n      proxy_request_buffering off;\n      proxy_buffering off;\n      proxy_read_timeout 900;\n    }}\n  }}\n}}\n",
+            "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {log};\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  upstream registry {{ server {up}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    client_max_body_size 0;\n    chunked_transfer_encoding on;\n    location / {{\n      proxy_pass http://registry;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $http_host;\n      proxy_request_buffering off;\n      proxy_buffering off;\n      proxy_read_timeout 900;\n    }}\n{core}  }}\n}}\n",
+            core = core.map(|c| format!("    location /api/ {{\n      proxy_pass http://{c};\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n")).unwrap_or_default(),
             pid = dir.join("nginx.pid").display(),
             log = if access_log { dir.join("access.log").display().to_string() } else { "off".to_string() },
             err = dir.join("error.log").display(),
@@ -329,4 +342,166 @@ pub async fn harbor_and_cloud(dir: &Path) -> (LocalRegistry, LocalRegistry) {
         .await
         .unwrap();
     (harbor, cloud)
+}
+
+/// What a Harbor project holds, per repository: each artifact's digest and its tags.
+type Artifacts =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<String>>>;
+
+/// Harbor's core for the benches, behind the same nginx as the registry (`/api/`): it answers
+/// a project's repository list and each repository's artifact list from memory, as Harbor's
+/// core answers them from its database, so the registry does no work for them (Harbor API
+/// v2.0: `GET /projects/{p}/repositories`, `GET /projects/{p}/repositories/{r}/artifacts`
+/// with `page` and `page_size`, at most 100). What it holds is a snapshot of the registry,
+/// taken by [`HarborCore::snapshot`]: Harbor records the same at push time.
+pub struct HarborCore {
+    pub addr: std::net::SocketAddr,
+    artifacts: std::sync::Arc<std::sync::Mutex<Artifacts>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HarborCore {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl HarborCore {
+    pub async fn start() -> HarborCore {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let artifacts = std::sync::Arc::new(std::sync::Mutex::new(Artifacts::new()));
+        let held = artifacts.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let held = held.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let answer = core_answer(&held.lock().unwrap(), &req);
+                        async move { Ok::<_, std::convert::Infallible>(answer) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        HarborCore {
+            addr,
+            artifacts,
+            server,
+        }
+    }
+
+    /// Records what `registry` holds now: every repository's tags and their digests.
+    pub async fn snapshot(&self, client: &HttpClient, registry: &str) {
+        use http_body_util::BodyExt;
+        let get = |url: String| async {
+            let resp = client
+                .request(http::Request::get(url).body(regtee::body::empty()).unwrap())
+                .await
+                .unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        };
+        let names = |v: &serde_json::Value, key: &str| -> Vec<String> {
+            v[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut artifacts = Artifacts::new();
+        let catalog = get(format!("{registry}/v2/_catalog?n=1000")).await;
+        for repository in names(&catalog, "repositories") {
+            let tags = get(format!("{registry}/v2/{repository}/tags/list")).await;
+            let entry = artifacts.entry(repository.clone()).or_default();
+            for tag in names(&tags, "tags") {
+                let head =
+                    http::Request::head(format!("{registry}/v2/{repository}/manifests/{tag}"))
+                        .header("accept", regtee::oci::manifest::ACCEPT_ALL)
+                        .body(regtee::body::empty())
+                        .unwrap();
+                let resp = client.request(head).await.unwrap();
+                let digest = resp.headers()["docker-content-digest"].to_str().unwrap();
+                entry.entry(digest.to_string()).or_default().push(tag);
+            }
+        }
+        *self.artifacts.lock().unwrap() = artifacts;
+    }
+}
+
+/// Harbor core's answer to one API request, from what it holds.
+fn core_answer(
+    artifacts: &Artifacts,
+    req: &http::Request<hyper::body::Incoming>,
+) -> http::Response<http_body_util::Full<Bytes>> {
+    let query: std::collections::BTreeMap<String, String> =
+        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let number = |key: &str, default: usize| {
+        query
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (page, size) = (
+        number("page", 1).max(1),
+        number("page_size", 10).clamp(1, 100),
+    );
+    let path = req.uri().path();
+    let listed: Option<Vec<serde_json::Value>> = path
+        .strip_prefix("/api/v2.0/projects/")
+        .and_then(|rest| match rest.split_once("/repositories") {
+            // The project's repositories, with their full names.
+            Some((project, "")) => Some(
+                artifacts
+                    .keys()
+                    .filter(|r| r.strip_prefix(project).is_some_and(|r| r.starts_with('/')))
+                    .map(|r| serde_json::json!({ "name": r }))
+                    .collect(),
+            ),
+            // A repository's artifacts; its name within the project comes URL-encoded once
+            // more after nginx decoded the path.
+            Some((project, rest)) => {
+                let name = rest.strip_prefix('/')?.strip_suffix("/artifacts")?;
+                let name = name.replace("%2F", "/").replace("%2f", "/");
+                Some(
+                    artifacts
+                        .get(&format!("{project}/{name}"))?
+                        .iter()
+                        .map(|(digest, tags)| {
+                            serde_json::json!({
+                                "digest": digest,
+                                "tags": tags.iter().map(|t| serde_json::json!({"name": t})).collect::<Vec<_>>(),
+                            })
+                        })
+                        .collect(),
+                )
+            }
+            None => None,
+        });
+    let (status, body) = match listed {
+        Some(all) => (
+            200,
+            serde_json::Value::Array(all.into_iter().skip((page - 1) * size).take(size).collect())
+                .to_string(),
+        ),
+        None => (
+            404,
+            r#"{"errors":[{"code":"NOT_FOUND","message":"not found"}]}"#.to_string(),
+        ),
+    };
+    http::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .unwrap()
 }
