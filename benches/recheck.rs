@@ -4,7 +4,7 @@
 //! requests per tag, in two settings:
 //! - two plain local docker-registry instances on loopback, as regsync was measured: each
 //!   side answers a tag's digest only to a HEAD;
-//! - both sides Harbor (the source always is; a target may be, as TCR Enterprise is): the same
+//! - both sides Harbor (the source always is; a target may be, or be built on it, as TCR Enterprise is): the same
 //!   registries behind nginx with Harbor's `/api/` location, where a stand-in for Harbor's core
 //!   answers artifact lists from memory as Harbor's answers them from its database.
 //!

@@ -532,7 +532,7 @@ async fn a_recheck_of_an_in_sync_project_lists_harbor_and_a_harbor_target_a_page
     let harbor = start_harbor(&work.path().join("harbor")).await;
     let cloud = start_cloud(&work.path().join("cloud"), &["library"]).await;
     let front = FaultFront::start(&cloud.url()).await;
-    // A second Harbor as a target, as TCR Enterprise is one: its own nginx, token service and
+    // A second Harbor as a target (TCR Enterprise is built on Harbor): its own nginx, token service and
     // artifact API, reached with its own login.
     let harbor_target = start_harbor(&work.path().join("harbor-target")).await;
     let spec = ConfigSpec::new(&harbor, &work.path().join("state"))

@@ -413,7 +413,8 @@ struct Listed<'a> {
 type TargetListing = Option<std::collections::HashMap<String, Digest>>;
 
 /// Whether a registry serves Harbor's artifact list, as its first answer in this comparison
-/// said. Harbor has it, and so does a target that is Harbor (TCR Enterprise is built on it);
+/// said. Harbor has it, and so does a target that is a Harbor (or built on one, as TCR
+/// Enterprise is, where its instance serves Harbor's API);
 /// a plain registry answers 404 once and is not asked again.
 #[derive(Default)]
 struct ArtifactApi(tokio::sync::OnceCell<bool>);
