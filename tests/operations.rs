@@ -649,5 +649,35 @@ async fn a_recheck_of_an_in_sync_project_lists_harbor_and_a_harbor_target_a_page
         (tags + 1..=tags + 2).contains(&(on_target as usize)),
         "{on_target} requests to the plain target for {tags} tags"
     );
+
+    // A Harbor target whose list gives digests regtee cannot read is not believed: its tags
+    // are HEADed, and still found in sync (nothing queued on its word).
+    harbor_target.issuer.garble_artifact_digests();
+    let other_heads_before = heads(&harbor_target);
+    let (status, body) = http_request(
+        &regtee.admin_url("/api/v1/backfills"),
+        "POST",
+        Some(br#"{"project":"library","dry_run":true}"#.to_vec()),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let progress = admin_get(&regtee, &format!("/api/v1/backfills/{id}?wait=30")).await;
+    assert_eq!(progress["state"], "finished", "{progress}");
+    assert_eq!(progress["in_sync"], 2 * tags, "{progress}");
+    assert_eq!(progress["queued"], 0, "{progress}");
+    let garbled_heads = wait_until(
+        "the Harbor target's log of the HEADs",
+        Duration::from_secs(10),
+        || async {
+            let n = heads(&harbor_target) - other_heads_before;
+            (n >= tags).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(garbled_heads, tags, "one HEAD per tag on the Harbor target");
     regtee.stop().await;
 }

@@ -460,10 +460,14 @@ async fn list_targets(
         let there = policy.target_repository(repository.as_str());
         let pairs = api.list(&target.client, &there).await.ok()??;
         // A listing with a digest regtee cannot read is not used at all.
-        pairs
+        let listing: TargetListing = pairs
             .into_iter()
             .map(|(tag, digest)| Some((tag, digest.parse().ok()?)))
-            .collect()
+            .collect();
+        if listing.is_none() {
+            tracing::warn!(target = %target.name(), repository = %there, "the target's artifact list gives a digest regtee cannot read; its tags are compared by HEAD instead (check the target's Harbor API)");
+        }
+        listing
     });
     futures_util::future::join_all(listings).await
 }

@@ -55,6 +55,8 @@ struct State {
     registry: Mutex<Option<SocketAddr>>,
     /// Artifact list requests answered.
     pub artifact_lists: AtomicU64,
+    /// Artifact lists answer digests no client can read (a hostile or broken Harbor).
+    garbled_digests: std::sync::atomic::AtomicBool,
 }
 
 /// A user whose passwords are short-lived tokens, as ECR's (`aws ecr get-login-password`,
@@ -142,6 +144,7 @@ impl TokenIssuer {
             rotating: Mutex::new(BTreeMap::new()),
             registry: Mutex::new(None),
             artifact_lists: AtomicU64::new(0),
+            garbled_digests: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -227,6 +230,11 @@ impl TokenIssuer {
     }
 
     /// Artifact lists answered so far.
+    /// From now on, artifact lists give each digest garbled.
+    pub fn garble_artifact_digests(&self) {
+        self.state.garbled_digests.store(true, Ordering::Relaxed);
+    }
+
     pub fn artifact_lists(&self) -> u64 {
         self.state.artifact_lists.load(Ordering::Relaxed)
     }
@@ -403,6 +411,11 @@ impl State {
             .skip((page - 1) * size)
             .take(size)
             .map(|(digest, tags)| {
+                let digest = if self.garbled_digests.load(Ordering::Relaxed) {
+                    digest.replace("sha256:", "sha256:../")
+                } else {
+                    digest
+                };
                 serde_json::json!({
                     "digest": digest,
                     "tags": tags.iter().map(|t| serde_json::json!({"name": t})).collect::<Vec<_>>(),
