@@ -420,6 +420,39 @@ async fn a_harbor_target_gets_its_project_with_the_targets_own_login_and_check_t
         &check,
         "system admin, or set project_creation_restriction to everyone",
     );
+
+    // Pushed anyway: the job fails at once naming the fix, and the refusal, which echoes the
+    // login back, reaches neither the job's detail nor the log with the password in it.
+    let process = RegteeProcess::spawn(&config, &spec, &robot.work.path().join("regtee.log"));
+    wait_listening(spec.listen_addr()).await;
+    robot.push(&spec.listen_addr().to_string(), "one", "library/app:1");
+    let admin = format!("http://{}", spec.admin_addr().unwrap());
+    let failed = failed_manifest_job_at(&admin, "repository=library/app").await;
+    let detail = failed["detail"].as_str().unwrap();
+    assert_eq!(failed["attempts"], 1, "{failed}");
+    assert!(
+        detail.contains("Only system admin can create project"),
+        "{detail}"
+    );
+    use base64::Engine as _;
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{CLOUD_USER}:{CLOUD_PASSWORD}"));
+    let log = process.log_text();
+    for (place, text) in [("the job's detail", detail), ("the log", log.as_str())] {
+        assert!(
+            !text.contains(CLOUD_PASSWORD),
+            "the password in {place}:\n{text}"
+        );
+        assert!(
+            !text.contains(&basic),
+            "the Basic credentials in {place}:\n{text}"
+        );
+    }
+    // Each of the push's jobs asks once and is refused (a refusal is not remembered as a
+    // creation); nothing is created.
+    assert!(robot.api.calls("POST /api/v2.0/projects") >= 1);
+    assert!(!robot.front.existing().lock().unwrap().contains("prod-lib"));
+    drop(process);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -492,10 +492,13 @@ impl Front {
             }
             ("POST", "/api/v2.0/projects") => {
                 if !admin {
+                    // Hostile, as some servers are: the refusal echoes the credentials sent.
                     return errors(
                         StatusCode::FORBIDDEN,
                         "FORBIDDEN",
-                        "Only system admin can create project",
+                        &format!(
+                            "Only system admin can create project (you sent {expected}, that is {user}:{password})"
+                        ),
                     );
                 }
                 let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();

@@ -481,9 +481,17 @@ pub fn raw_http_client(
 /// Waits for a failed manifest job among the jobs the admin API lists for `filter` (a query
 /// string such as `repository=library/app`), and returns it.
 pub async fn failed_manifest_job(regtee: &Regtee, filter: &str) -> serde_json::Value {
-    let path = format!("/api/v1/jobs?state=failed&{filter}");
+    failed_manifest_job_at(&regtee.admin_url(""), filter).await
+}
+
+/// [`failed_manifest_job`] of the admin API at `admin` (`http://host:port`), for regtee as a
+/// process.
+pub async fn failed_manifest_job_at(admin: &str, filter: &str) -> serde_json::Value {
+    let url = format!("{admin}/api/v1/jobs?state=failed&{filter}");
     wait_until("a failed manifest job", Duration::from_secs(30), || async {
-        admin_get(regtee, &path).await["jobs"]
+        let (status, body) = http_request(&url, "GET", None, &[]).await;
+        assert_eq!(status, 200, "GET {url}: {body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["jobs"]
             .as_array()
             .unwrap()
             .iter()
