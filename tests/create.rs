@@ -448,9 +448,14 @@ async fn a_harbor_target_gets_its_project_with_the_targets_own_login_and_check_t
             "the Basic credentials in {place}:\n{text}"
         );
     }
-    // Each of the push's jobs asks once and is refused (a refusal is not remembered as a
-    // creation); nothing is created.
-    assert!(robot.api.calls("POST /api/v2.0/projects") >= 1);
+    // One refusal serves every job of the push (remembered as a creation is); nothing is
+    // created.
+    assert_eq!(
+        robot.api.calls("POST /api/v2.0/projects"),
+        1,
+        "{:?}",
+        robot.api.all_calls()
+    );
     assert!(!robot.front.existing().lock().unwrap().contains("prod-lib"));
     drop(process);
 }

@@ -66,6 +66,15 @@ impl std::fmt::Display for ApiErrorKind {
 }
 
 impl ApiErrorKind {
+    /// Whether asking again cannot help until an operator changes something: the key, its
+    /// permission, or the request's settings (not an outage, a timeout or throttling).
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ApiErrorKind::Credentials(_) | ApiErrorKind::Denied(_) | ApiErrorKind::Rejected(_)
+        )
+    }
+
     /// What an HTTP status says, for APIs that answer errors by status (Harbor's, SWR's and the
     /// API gateway in front of it): `401` the key, `403` the permission, `429`, `5xx`.
     pub(crate) fn of_status(status: StatusCode, text: String) -> ApiErrorKind {

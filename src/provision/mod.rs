@@ -22,8 +22,9 @@ pub(crate) use api::{ApiError, ApiErrorKind};
 use crate::config::{ApiKeys, CreateConfig, CreateMissing, Provider, TargetConfig};
 use api::ApiClient;
 
-/// How long a namespace or repository regtee just created or found stays known to exist:
-/// the workers that waited for its creation then skip the API.
+/// How long what the API last said of a namespace or repository stays known: that it exists
+/// (regtee created or found it), or that regtee's key may not make it. The workers that waited
+/// for that answer then skip the API, instead of each asking to be refused again.
 const KNOWN_FOR: Duration = Duration::from_secs(10);
 
 /// A namespace or repository on a target, under the target's names.
@@ -64,8 +65,8 @@ pub(crate) struct Provisioner {
     what: CreateMissing,
     provider: Provider,
     api: Api,
-    /// Recently created or seen, with when.
-    known: DashMap<Creation, Instant>,
+    /// Recently created or seen (`None`), or refused for good (the refusal), with when.
+    known: DashMap<Creation, (Instant, Option<ApiError>)>,
 }
 
 impl Provisioner {
@@ -185,28 +186,41 @@ impl Provisioner {
     /// Makes sure `creation` exists: asks the API, creates it when absent. A creation refused
     /// because another process made it in between counts as existing. Callers run one ensure
     /// per creation at a time (across replicas too); those that waited find it known.
+    /// A refusal of the key or its permission is remembered as long as a creation is.
     pub(crate) async fn ensure(&self, creation: &Creation) -> Result<Ensured, ApiError> {
-        if self
-            .known
-            .get(creation)
-            .is_some_and(|at| at.elapsed() < KNOWN_FOR)
+        if let Some(known) = self.known.get(creation)
+            && known.0.elapsed() < KNOWN_FOR
         {
+            return match &known.1 {
+                None => Ok(Ensured::Existed),
+                Some(refusal) => Err(refusal.clone()),
+            };
+        }
+        self.known.retain(|_, (at, _)| at.elapsed() < KNOWN_FOR);
+        let ensured = self.find_or_create(creation).await;
+        let remembered = match &ensured {
+            Ok(_) => Some(None),
+            Err(e) if e.kind.is_refusal() => Some(Some(e.clone())),
+            Err(_) => None,
+        };
+        if let Some(outcome) = remembered {
+            self.known
+                .insert(creation.clone(), (Instant::now(), outcome));
+        }
+        ensured
+    }
+
+    async fn find_or_create(&self, creation: &Creation) -> Result<Ensured, ApiError> {
+        if self.exists(creation).await? {
             return Ok(Ensured::Existed);
         }
-        self.known.retain(|_, at| at.elapsed() < KNOWN_FOR);
-        let ensured = if self.exists(creation).await? {
-            Ensured::Existed
-        } else {
-            match self.create(creation).await {
-                Ok(()) => Ensured::Created,
-                Err(e) => match self.exists(creation).await {
-                    Ok(true) => Ensured::Existed,
-                    _ => return Err(e),
-                },
-            }
-        };
-        self.known.insert(creation.clone(), Instant::now());
-        Ok(ensured)
+        match self.create(creation).await {
+            Ok(()) => Ok(Ensured::Created),
+            Err(e) => match self.exists(creation).await {
+                Ok(true) => Ok(Ensured::Existed),
+                _ => Err(e),
+            },
+        }
     }
 
     /// What `regtee check` can say about the API's credentials: a read-only call proves them;
