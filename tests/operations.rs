@@ -679,5 +679,35 @@ async fn a_recheck_of_an_in_sync_project_lists_harbor_and_a_harbor_target_a_page
     )
     .await;
     assert_eq!(garbled_heads, tags, "one HEAD per tag on the Harbor target");
+
+    // Harbor's artifact list failing (its core's database away, its registry up): each
+    // repository is listed through the registry API instead, and every tag is still compared.
+    harbor.issuer.fail_artifact_lists();
+    let heads_before = heads(&harbor);
+    let (status, body) = http_request(
+        &regtee.admin_url("/api/v1/backfills"),
+        "POST",
+        Some(br#"{"project":"library","dry_run":true}"#.to_vec()),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let progress = admin_get(&regtee, &format!("/api/v1/backfills/{id}?wait=30")).await;
+    assert_eq!(progress["state"], "finished", "{progress}");
+    assert_eq!(progress["in_sync"], 2 * tags, "{progress}");
+    assert_eq!(progress["failed"], 0, "{progress}");
+    let harbor_heads = wait_until(
+        "Harbor's log of the HEADs",
+        Duration::from_secs(10),
+        || async {
+            let n = heads(&harbor) - heads_before;
+            (n >= tags).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(harbor_heads, tags, "one HEAD per tag on Harbor");
     regtee.stop().await;
 }

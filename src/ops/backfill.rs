@@ -379,15 +379,20 @@ pub(crate) async fn compare_project(
 }
 
 /// A repository's tags as Harbor lists them: with their digests from Harbor's artifact API
-/// (one request per 100 artifacts), else names only from the registry API (each then needs a
-/// HEAD). Either is Harbor's answer now.
+/// (one request per 100 artifacts), else (no such API, or it failed) names only from the
+/// registry API (each then needs a HEAD). Either is Harbor's answer now.
 async fn list(
     upstream: &RegistryClient,
     repository: &RepositoryName,
     harbor_api: &ArtifactApi,
 ) -> Result<Vec<(String, Option<String>)>, RegistryError> {
-    if let Some(pairs) = harbor_api.list(upstream, repository.as_str()).await? {
-        return Ok(pairs.into_iter().map(|(t, d)| (t, Some(d))).collect());
+    match harbor_api.list(upstream, repository.as_str()).await {
+        Ok(Some(pairs)) => return Ok(pairs.into_iter().map(|(t, d)| (t, Some(d))).collect()),
+        Ok(None) => {}
+        // The registry API says the same, and says why if it cannot either.
+        Err(e) => {
+            tracing::debug!(%repository, error = %e, "Harbor's artifact list failed; listing tags instead")
+        }
     }
     Ok(upstream
         .tags(repository.as_str())

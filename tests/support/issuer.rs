@@ -57,6 +57,8 @@ struct State {
     pub artifact_lists: AtomicU64,
     /// Artifact lists answer digests no client can read (a hostile or broken Harbor).
     garbled_digests: std::sync::atomic::AtomicBool,
+    /// Artifact lists answer 500, as Harbor's core does when its database is away.
+    failing_lists: std::sync::atomic::AtomicBool,
 }
 
 /// A user whose passwords are short-lived tokens, as ECR's (`aws ecr get-login-password`,
@@ -145,6 +147,7 @@ impl TokenIssuer {
             registry: Mutex::new(None),
             artifact_lists: AtomicU64::new(0),
             garbled_digests: Default::default(),
+            failing_lists: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -233,6 +236,11 @@ impl TokenIssuer {
     /// From now on, artifact lists give each digest garbled.
     pub fn garble_artifact_digests(&self) {
         self.state.garbled_digests.store(true, Ordering::Relaxed);
+    }
+
+    /// From now on, artifact lists fail with a 500, and the registry API still works.
+    pub fn fail_artifact_lists(&self) {
+        self.state.failing_lists.store(true, Ordering::Relaxed);
     }
 
     pub fn artifact_lists(&self) -> u64 {
@@ -351,6 +359,12 @@ impl State {
             );
         }
         self.artifact_lists.fetch_add(1, Ordering::Relaxed);
+        if self.failing_lists.load(Ordering::Relaxed) {
+            return json_answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"errors":[{"code":"UNKNOWN","message":"internal server error"}]}"#.into(),
+            );
+        }
         let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
             hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
         let get = |method: http::Method, uri: String, accept: bool| {
