@@ -505,3 +505,25 @@ fn core_answer(
         .body(http_body_util::Full::new(Bytes::from(body)))
         .unwrap()
 }
+
+/// Runs `regtee ARGS --config CONFIG` with the spec's environment; how long it took, command
+/// start to exit, and what it printed. It must succeed.
+pub fn regtee_cli(config: &Path, spec: &ConfigSpec, args: &[&str]) -> (Duration, String) {
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_regtee"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .envs(spec.env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}

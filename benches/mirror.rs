@@ -131,19 +131,10 @@ async fn main() {
     let config = work.path().join("regtee.toml");
     let mut cli_runs: Vec<f64> = (0..3)
         .map(|_| {
-            let started = Instant::now();
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_regtee"))
-                .args(["sync", "synced", "--config"])
-                .arg(&config)
-                .envs(spec.env())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            started.elapsed().as_secs_f64() * 1000.0
+            regtee_cli(&config, &spec, &["sync", "synced"])
+                .0
+                .as_secs_f64()
+                * 1000.0
         })
         .collect();
     cli_runs.sort_by(f64::total_cmp);

@@ -56,25 +56,7 @@ async fn measure(
     let regtee = RegteeProcess::serve(&spec, dir, "regtee").await;
     let admin = format!("http://{}", spec.admin_addr().unwrap());
     let config = dir.join("regtee.toml");
-    let sync = |args: &[&str]| {
-        let started = Instant::now();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_regtee"))
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .envs(spec.env())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (
-            started.elapsed(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let sync = |args: &[&str]| regtee_cli(&config, &spec, args);
     sync(&["sync", "proj"]);
     // Wait until every queued copy is done: the re-check then finds everything in sync.
     loop {

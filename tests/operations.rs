@@ -597,19 +597,7 @@ async fn a_recheck_of_an_in_sync_project_lists_harbor_and_a_harbor_target_a_page
         (heads(&harbor), artifact_lists(&harbor), front.requests());
     let (other_heads_before, other_lists_before) =
         (heads(&harbor_target), artifact_lists(&harbor_target));
-    let (status, body) = http_request(
-        &regtee.admin_url("/api/v1/backfills"),
-        "POST",
-        Some(br#"{"project":"library","dry_run":true}"#.to_vec()),
-        &[("content-type", "application/json")],
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
-        .as_u64()
-        .unwrap();
-    let progress = admin_get(&regtee, &format!("/api/v1/backfills/{id}?wait=30")).await;
-    assert_eq!(progress["state"], "finished", "{progress}");
+    let progress = dry_run_backfill(&regtee, "library").await;
     assert_eq!(progress["in_sync"], 2 * tags, "{progress}");
     // Harbor's artifact list gives every tag's digest, a page of 100 artifacts per request:
     // one request per repository here, and no manifest HEAD, on either Harbor.
@@ -654,19 +642,7 @@ async fn a_recheck_of_an_in_sync_project_lists_harbor_and_a_harbor_target_a_page
     // are HEADed, and still found in sync (nothing queued on its word).
     harbor_target.issuer.garble_artifact_digests();
     let other_heads_before = heads(&harbor_target);
-    let (status, body) = http_request(
-        &regtee.admin_url("/api/v1/backfills"),
-        "POST",
-        Some(br#"{"project":"library","dry_run":true}"#.to_vec()),
-        &[("content-type", "application/json")],
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
-        .as_u64()
-        .unwrap();
-    let progress = admin_get(&regtee, &format!("/api/v1/backfills/{id}?wait=30")).await;
-    assert_eq!(progress["state"], "finished", "{progress}");
+    let progress = dry_run_backfill(&regtee, "library").await;
     assert_eq!(progress["in_sync"], 2 * tags, "{progress}");
     assert_eq!(progress["queued"], 0, "{progress}");
     let garbled_heads = wait_until(
@@ -684,19 +660,7 @@ async fn a_recheck_of_an_in_sync_project_lists_harbor_and_a_harbor_target_a_page
     // repository is listed through the registry API instead, and every tag is still compared.
     harbor.issuer.fail_artifact_lists();
     let heads_before = heads(&harbor);
-    let (status, body) = http_request(
-        &regtee.admin_url("/api/v1/backfills"),
-        "POST",
-        Some(br#"{"project":"library","dry_run":true}"#.to_vec()),
-        &[("content-type", "application/json")],
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
-        .as_u64()
-        .unwrap();
-    let progress = admin_get(&regtee, &format!("/api/v1/backfills/{id}?wait=30")).await;
-    assert_eq!(progress["state"], "finished", "{progress}");
+    let progress = dry_run_backfill(&regtee, "library").await;
     assert_eq!(progress["in_sync"], 2 * tags, "{progress}");
     assert_eq!(progress["failed"], 0, "{progress}");
     let harbor_heads = wait_until(

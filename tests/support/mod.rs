@@ -461,6 +461,29 @@ pub async fn admin_get(regtee: &Regtee, path: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Runs a dry-run backfill of `project` through the admin API and returns its result, which
+/// must be `finished`.
+pub async fn dry_run_backfill(regtee: &Regtee, project: &str) -> serde_json::Value {
+    let (status, body) = http_request(
+        &regtee.admin_url("/api/v1/backfills"),
+        "POST",
+        Some(
+            serde_json::json!({"project": project, "dry_run": true})
+                .to_string()
+                .into_bytes(),
+        ),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let progress = admin_get(regtee, &format!("/api/v1/backfills/{id}?wait=30")).await;
+    assert_eq!(progress["state"], "finished", "{progress}");
+    progress
+}
+
 /// A pooled HTTP(S) client for raw requests: trusting `ca`, or any certificate.
 pub fn raw_http_client(
     ca: Option<&Path>,
