@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../tests/support/serve.rs"]
+mod serve;
 #[path = "../tests/support/spec.rs"]
 mod spec;
 pub use spec::*;
@@ -372,22 +374,9 @@ impl HarborCore {
         let addr = listener.local_addr().unwrap();
         let artifacts = std::sync::Arc::new(std::sync::Mutex::new(Artifacts::new()));
         let held = artifacts.clone();
-        let server = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let held = held.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let answer = core_answer(&held.lock().unwrap(), &req);
-                        async move { Ok::<_, std::convert::Infallible>(answer) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let server = serve::serve(listener, move |req| {
+            let answer = core_answer(&held.lock().unwrap(), &req);
+            async move { answer }
         });
         HarborCore {
             addr,

@@ -16,15 +16,14 @@
 //!   `UnrecognizedClientException`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+
+use super::serve::serve;
 use sha2::{Digest as _, Sha256};
 
 /// Which API, with the one key pair it accepts.
@@ -142,31 +141,6 @@ impl CloudApi {
     pub fn all_calls(&self) -> Vec<String> {
         self.seen.lock().unwrap().calls.clone()
     }
-}
-
-/// Serves every connection on `listener` with `handle`, until the returned task is aborted.
-fn serve<H, F>(listener: tokio::net::TcpListener, handle: H) -> tokio::task::JoinHandle<()>
-where
-    H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let answer = handle(req);
-                    async move { Ok::<_, Infallible>(answer.await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    })
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

@@ -11,8 +11,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use regtee::body::{BoxError, ProxyBody};
 
 use super::quirks::{Quirk, QuirkState};
@@ -89,23 +87,7 @@ impl FaultFront {
             quirks: QuirkState::default(),
         });
         let serving = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let state = serving.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(state.handle(req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let task = super::serve::serve(listener, move |req| serving.clone().handle(req));
         FaultFront { addr, state, task }
     }
 

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod nginx;
 pub mod quirks;
 pub mod recorder;
+pub mod serve;
 mod spec;
 
 pub use spec::*;
