@@ -474,6 +474,28 @@ async fn stalled_transfers_are_cut_and_retried_in_both_directions() {
     harbor_front.set(Fault::None);
     wait_for_manifest(&target, "library/slow-harbor", "1", image.digest.as_str()).await;
 
+    // Harbor sending a listing's headers and then nothing: the re-check gives up on it after
+    // idle_timeout and ends, saying so, instead of waiting for ever.
+    harbor_front.set(Fault::StallDownloads { after: 0 });
+    let (status, body) = http_request(
+        &regtee.admin_url("/api/v1/backfills"),
+        "POST",
+        Some(br#"{"project": "library", "dry_run": true}"#.to_vec()),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let ended = admin_get(&regtee, &format!("/api/v1/backfills/{id}?wait=20")).await;
+    assert_eq!(ended["state"], "failed", "{ended}");
+    assert!(
+        ended["errors"].to_string().contains("no progress for 1s"),
+        "{ended}"
+    );
+    harbor_front.set(Fault::None);
+
     // A client that stops reading a response is cut too (it would hold a Harbor connection).
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let big = sample_image(&[32 << 20]);

@@ -7,7 +7,6 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
 
 use super::{Call, ErrorKind, RegistryClient, RegistryError, RequestBody, content_length};
-use crate::body::read_limited;
 use crate::error::error_chain;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{ACCEPT_ALL, MAX_MANIFEST_BYTES};
@@ -117,7 +116,8 @@ impl RegistryClient {
             _ => return Err(self.error_from(response, &op).await),
         }
         let media_type = content_type(response.headers());
-        let bytes = read_limited(response.into_body(), MAX_MANIFEST_BYTES)
+        let bytes = self
+            .read_small(response, MAX_MANIFEST_BYTES)
             .await
             .map_err(|e| self.err(&op, ErrorKind::Transfer(error_chain(&*e))))?;
         let digest = Digest::sha256_of(&bytes);

@@ -368,7 +368,8 @@ impl RegistryClient {
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let bytes = read_limited(response.into_body(), MAX_ERROR_BODY)
+        let bytes = self
+            .read_small(response, MAX_ERROR_BODY)
             .await
             .unwrap_or_default();
         let (code, message) = serde_json::from_slice::<ErrorEnvelope>(&bytes)
@@ -408,6 +409,18 @@ impl RegistryClient {
         };
         self.err(operation, kind)
     }
+    /// A small answer's whole body (JSON, an error, a manifest), at most `limit` bytes, given up
+    /// on once the server sends nothing for `idle_timeout`: a server that sent its headers and
+    /// then stalls must not hold a listing or a job for ever.
+    pub(crate) async fn read_small(
+        &self,
+        response: Response<Incoming>,
+        limit: usize,
+    ) -> Result<Bytes, crate::body::BoxError> {
+        let body = crate::body::Tracked::new(response.into_body(), Default::default())
+            .idle_timeout(self.idle_timeout);
+        read_limited(body, limit).await
+    }
 
     /// Reads a JSON body of at most `limit` bytes.
     async fn read_json<T: serde::de::DeserializeOwned>(
@@ -416,7 +429,8 @@ impl RegistryClient {
         limit: usize,
         operation: &str,
     ) -> Result<T, RegistryError> {
-        let bytes = read_limited(response.into_body(), limit)
+        let bytes = self
+            .read_small(response, limit)
             .await
             .map_err(|e| self.err(operation, ErrorKind::Transfer(error_chain(&*e))))?;
         serde_json::from_slice(&bytes)
